@@ -1,0 +1,228 @@
+"""Engine configuration: EngineConfig = ModelConfig + CacheConfig + SchedulerConfig +
+ParallelConfig + DeviceConfig.
+
+Every sub-config validates itself at construction; a bad value raises `ConfigError` (a
+ValueError) naming the field, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _fail(section: str, name: str, value: object, allowed: str) -> None:
+    raise ConfigError(f"{section}.{name}={value!r} is invalid: {allowed}")
+
+
+def _require_int(section: str, name: str, value: object, lo: int = 1) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < lo:
+        _fail(section, name, value, f"must be an integer >= {lo}")
+
+
+_DTYPES = {
+    "float32": torch.float32,
+    "float": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "half": torch.float16,
+}
+LOAD_FORMATS = ("auto", "safetensors", "dummy")
+HASH_ALGOS = ("sha256", "xxhash")
+SCHEDULING_POLICIES = ("fcfs", "priority")
+
+
+@dataclass
+class ModelConfig:
+    model: str  # local HF folder or hub id
+    tokenizer: str | None = None  # defaults to `model`
+    dtype: str | torch.dtype = "auto"  # auto = the checkpoint's dtype (bf16/fp16/fp32)
+    max_model_len: int | None = None  # None = the model's max_position_embeddings
+    seed: int = 0
+    load_format: str = "auto"
+    revision: str | None = None
+    skip_tokenizer_init: bool = False
+    hf_config: Any = None  # transformers PretrainedConfig; loaded from `model` when None
+    model_path: str | None = field(default=None, repr=False)  # resolved local folder
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model, str) or not self.model:
+            _fail("ModelConfig", "model", self.model, "must be a model folder or hub id")
+        if self.load_format not in LOAD_FORMATS:
+            _fail("ModelConfig", "load_format", self.load_format, f"must be one of {LOAD_FORMATS}")
+        _require_int("ModelConfig", "seed", self.seed, lo=0)
+        if self.hf_config is None:
+            self.model_path, self.hf_config = _load_hf_config(self.model, self.revision)
+        self.tokenizer = self.tokenizer or self.model_path or self.model
+        self.dtype = self._resolve_dtype(self.dtype)
+        self.max_model_len = self._resolve_max_model_len(self.max_model_len)
+
+    @property
+    def derived_max_len(self) -> int:
+        return int(getattr(self.hf_config, "max_position_embeddings", 2048))
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.hf_config.vocab_size)
+
+    def _resolve_dtype(self, dtype: str | torch.dtype) -> torch.dtype:
+        if isinstance(dtype, torch.dtype):
+            if dtype in _DTYPES.values():
+                return dtype
+        elif dtype == "auto":
+            cfg = getattr(self.hf_config, "dtype", None) or getattr(
+                self.hf_config, "torch_dtype", None
+            )
+            cfg = getattr(torch, cfg) if isinstance(cfg, str) else cfg
+            return cfg if cfg in _DTYPES.values() else torch.float32
+        elif dtype in _DTYPES:
+            return _DTYPES[dtype]
+        _fail("ModelConfig", "dtype", dtype, f"must be 'auto' or one of {sorted(_DTYPES)}")
+
+    def _resolve_max_model_len(self, max_model_len: int | None) -> int:
+        limit = self.derived_max_len
+        if max_model_len is None:
+            return limit
+        _require_int("ModelConfig", "max_model_len", max_model_len)
+        if max_model_len > limit:
+            _fail(
+                "ModelConfig", "max_model_len", max_model_len,
+                f"exceeds the model's limit (max_position_embeddings={limit})",
+            )
+        return max_model_len
+
+
+def _load_hf_config(model: str, revision: str | None) -> tuple[str, Any]:
+    from transformers import AutoConfig
+
+    from lmserve.model.loader import resolve_model_path
+
+    model_path = resolve_model_path(model, revision)
+    try:
+        return model_path, AutoConfig.from_pretrained(model_path)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"ModelConfig.model={model!r}: cannot read its config.json: {e}") from e
+
+
+@dataclass
+class CacheConfig:
+    block_size: int = 16  # tokens per KV block
+    gpu_memory_utilization: float = 0.9  # share of GPU memory the engine may use
+    num_gpu_blocks_override: int | None = None  # fixed pool size (tests, debugging)
+    cpu_kvcache_space_gib: float = 4.0  # KV pool size when running on the CPU
+    enable_prefix_caching: bool = True
+    prefix_caching_hash_algo: str = "sha256"  # or "xxhash" (faster, not cryptographic)
+    num_gpu_blocks: int | None = field(default=None, init=False)  # set once the worker sized it
+
+    def __post_init__(self) -> None:
+        bs = self.block_size
+        if not isinstance(bs, int) or isinstance(bs, bool) or bs < 1 or bs & (bs - 1) or bs > 256:
+            _fail("CacheConfig", "block_size", bs, "must be a power of two in [1, 256]")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            _fail("CacheConfig", "gpu_memory_utilization", self.gpu_memory_utilization,
+                  "must be in (0, 1]")
+        if self.num_gpu_blocks_override is not None:
+            _require_int("CacheConfig", "num_gpu_blocks_override", self.num_gpu_blocks_override)
+        if not self.cpu_kvcache_space_gib > 0:
+            _fail("CacheConfig", "cpu_kvcache_space_gib", self.cpu_kvcache_space_gib, "must be > 0")
+        if self.prefix_caching_hash_algo not in HASH_ALGOS:
+            _fail("CacheConfig", "prefix_caching_hash_algo", self.prefix_caching_hash_algo,
+                  f"must be one of {HASH_ALGOS}")
+
+
+@dataclass
+class SchedulerConfig:
+    max_num_seqs: int = 256  # requests running in one step
+    max_num_batched_tokens: int | None = None  # the token budget of one step
+    max_model_len: int = 2048  # copied from ModelConfig by EngineConfig
+    enable_chunked_prefill: bool = True
+    long_prefill_token_threshold: int = 0  # >0: cap one request's prompt tokens per step
+    policy: str = "fcfs"  # or "priority"
+
+    def __post_init__(self) -> None:
+        _require_int("SchedulerConfig", "max_num_seqs", self.max_num_seqs)
+        _require_int("SchedulerConfig", "max_model_len", self.max_model_len)
+        if self.max_num_batched_tokens is None:
+            default = 8192 if self.enable_chunked_prefill else max(8192, self.max_model_len)
+            self.max_num_batched_tokens = default
+        _require_int("SchedulerConfig", "max_num_batched_tokens", self.max_num_batched_tokens)
+        if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
+            _fail("SchedulerConfig", "max_num_batched_tokens", self.max_num_batched_tokens,
+                  f"must be >= max_model_len={self.max_model_len} when chunked prefill is off")
+        _require_int("SchedulerConfig", "long_prefill_token_threshold",
+                     self.long_prefill_token_threshold, lo=0)
+        if self.policy not in SCHEDULING_POLICIES:
+            _fail("SchedulerConfig", "policy", self.policy, f"must be one of {SCHEDULING_POLICIES}")
+
+
+@dataclass
+class ParallelConfig:
+    tensor_parallel_size: int = 1
+
+    def __post_init__(self) -> None:
+        _require_int("ParallelConfig", "tensor_parallel_size", self.tensor_parallel_size)
+        if self.tensor_parallel_size != 1:
+            _fail("ParallelConfig", "tensor_parallel_size", self.tensor_parallel_size,
+                  "only 1 is supported in this release (tensor parallelism is coming)")
+
+
+@dataclass
+class DeviceConfig:
+    device: str = "auto"  # "auto" = cuda when available, else cpu
+
+    def __post_init__(self) -> None:
+        if self.device == "auto":
+            self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        if self.device not in ("cpu", "cuda"):
+            _fail("DeviceConfig", "device", self.device, "must be 'auto', 'cpu' or 'cuda'")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            _fail("DeviceConfig", "device", self.device, "CUDA is not available on this machine")
+
+
+@dataclass
+class EngineConfig:
+    model_config: ModelConfig
+    cache_config: CacheConfig
+    scheduler_config: SchedulerConfig
+    parallel_config: ParallelConfig
+    device_config: DeviceConfig
+
+    @classmethod
+    def from_kwargs(cls, model: str, **kwargs: Any) -> EngineConfig:
+        """Build from `LLM(...)`-style keyword arguments (vLLM's names). Unknown names raise a
+        TypeError listing the accepted ones."""
+        sections = {
+            ModelConfig: {"model": model},
+            CacheConfig: {},
+            SchedulerConfig: {},
+            ParallelConfig: {},
+            DeviceConfig: {},
+        }
+        aliases = {"scheduling_policy": "policy"}
+        for key, value in kwargs.items():
+            name = aliases.get(key, key)
+            target = next((c for c in sections if name in _init_fields(c)), None)
+            if target is None:
+                allowed = sorted(set().union(*(_init_fields(c) for c in sections)) - {"hf_config"})
+                raise TypeError(f"unknown engine argument {key!r}; accepted: {allowed}")
+            sections[target][name] = value
+        model_config = ModelConfig(**sections[ModelConfig])
+        sections[SchedulerConfig]["max_model_len"] = model_config.max_model_len
+        return cls(
+            model_config=model_config,
+            cache_config=CacheConfig(**sections[CacheConfig]),
+            scheduler_config=SchedulerConfig(**sections[SchedulerConfig]),
+            parallel_config=ParallelConfig(**sections[ParallelConfig]),
+            device_config=DeviceConfig(**sections[DeviceConfig]),
+        )
+
+
+def _init_fields(cls: type) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls) if f.init and f.name != "model_path"}

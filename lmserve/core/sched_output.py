@@ -1,0 +1,57 @@
+"""The scheduler's decision for one step, and the runner's answer.
+
+A worker keeps a persistent copy of every running request (its InputBatch). A request is sent
+in full the first time a worker sees it (`NewRequestData`) — and again after a preemption,
+since the worker dropped it — and afterwards only as a diff (`CachedRequestData`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from lmserve.sampling_params import SamplingParams
+
+
+@dataclass(slots=True)
+class NewRequestData:
+    req_id: str
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]  # non-empty only when resuming after a preemption
+    sampling_params: SamplingParams
+    block_ids: list[int]  # all blocks of the request, in token order
+    num_computed_tokens: int  # tokens already in the KV cache (prefix-cache hit)
+
+
+@dataclass(slots=True)
+class CachedRequestData:
+    """Diffs for requests the worker already holds; the lists are parallel to `req_ids`."""
+
+    req_ids: list[str] = field(default_factory=list)
+    new_block_ids: list[list[int]] = field(default_factory=list)  # blocks appended this step
+    num_computed_tokens: list[int] = field(default_factory=list)  # before this step
+
+    @property
+    def num_reqs(self) -> int:
+        return len(self.req_ids)
+
+
+@dataclass(slots=True)
+class SchedulerOutput:
+    scheduled_new_reqs: list[NewRequestData]  # full data, first time a worker sees a request
+    scheduled_cached_reqs: CachedRequestData  # diffs only: new block ids
+    num_scheduled_tokens: dict[str, int]  # req_id -> tokens this step (the whole decision)
+    total_num_scheduled_tokens: int  # sum of the above; <= max_num_batched_tokens
+    finished_req_ids: set[str]  # finished or aborted since the last step: drop them
+    preempted_req_ids: set[str]  # preempted this step: drop them (they come back as new)
+    scheduled_spec_decode_tokens: dict[str, list[int]] = field(default_factory=dict)
+
+    @property
+    def is_empty(self) -> bool:
+        return self.total_num_scheduled_tokens == 0
+
+
+@dataclass(slots=True)
+class ModelRunnerOutput:
+    req_ids: list[str]  # every request scheduled this step, in batch order
+    req_id_to_index: dict[str, int]
+    sampled_token_ids: list[list[int]]  # [] for a request still mid-prompt (chunked prefill)

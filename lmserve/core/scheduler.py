@@ -1,0 +1,325 @@
+"""The token-budget scheduler. There is no prefill or decode phase.
+
+Each step decides `num_scheduled_tokens = {request_id: num_tokens}` under one budget
+(`max_num_batched_tokens`) and `max_num_seqs`. Every request simply moves its
+`num_computed_tokens` toward `num_tokens`; that one rule gives:
+  - decode:            1 token (the last sampled one) per running request;
+  - chunked prefill:   a long prompt takes what is left of the budget, the rest next step;
+  - prefix caching:    a hit starts `num_computed_tokens` at the cached length;
+  - preemption:        when blocks run out, a victim frees its blocks and goes back to waiting
+                       with `num_computed_tokens = 0` (recompute; its cached blocks often hit).
+Running requests are served first, then waiting ones (only in a step with no preemption).
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections import deque
+from collections.abc import Iterable
+
+from lmserve.config import CacheConfig, SchedulerConfig
+from lmserve.core.kv_cache_manager import KVCacheBlocks, KVCacheManager
+from lmserve.core.sched_output import (
+    CachedRequestData,
+    ModelRunnerOutput,
+    NewRequestData,
+    SchedulerOutput,
+)
+from lmserve.engine.messages import EngineCoreOutput
+from lmserve.request import Request, RequestStatus
+
+
+class WaitingQueue:
+    """Waiting requests. fcfs: arrival order, preempted ones back at the front. priority:
+    lowest `priority` value first, then earliest arrival."""
+
+    def __init__(self, policy: str) -> None:
+        self.policy = policy
+        self._fifo: deque[Request] = deque()
+        self._heap: list[tuple[int, float, int, Request]] = []
+        self._tiebreak = itertools.count()
+
+    def add(self, request: Request, front: bool = False) -> None:
+        if self.policy == "priority":
+            key = (request.priority, request.arrival_time, next(self._tiebreak), request)
+            heapq.heappush(self._heap, key)
+        elif front:
+            self._fifo.appendleft(request)
+        else:
+            self._fifo.append(request)
+
+    def peek(self) -> Request:
+        return self._heap[0][3] if self.policy == "priority" else self._fifo[0]
+
+    def pop(self) -> Request:
+        return heapq.heappop(self._heap)[3] if self.policy == "priority" else self._fifo.popleft()
+
+    def remove(self, request: Request) -> None:
+        if self.policy == "priority":
+            self._heap = [e for e in self._heap if e[3] is not request]
+            heapq.heapify(self._heap)
+        else:
+            self._fifo.remove(request)
+
+    def __len__(self) -> int:
+        return len(self._heap) if self.policy == "priority" else len(self._fifo)
+
+    def __iter__(self):
+        return iter([e[3] for e in self._heap] if self.policy == "priority" else self._fifo)
+
+
+class Scheduler:
+    def __init__(
+        self,
+        scheduler_config: SchedulerConfig,
+        cache_config: CacheConfig,
+        num_gpu_blocks: int,
+    ) -> None:
+        self.config = scheduler_config
+        self.max_num_batched_tokens: int = scheduler_config.max_num_batched_tokens
+        self.max_num_seqs = scheduler_config.max_num_seqs
+        self.max_model_len = scheduler_config.max_model_len
+        self.kv_cache_manager = KVCacheManager(
+            num_gpu_blocks=num_gpu_blocks,
+            block_size=cache_config.block_size,
+            max_model_len=scheduler_config.max_model_len,
+            enable_caching=cache_config.enable_prefix_caching,
+            hash_algo=cache_config.prefix_caching_hash_algo,
+        )
+        self.requests: dict[str, Request] = {}
+        self.waiting = WaitingQueue(scheduler_config.policy)
+        self.running: list[Request] = []  # in admission order
+        self.finished_req_ids: set[str] = set()  # since the last schedule()
+        self.num_preemptions = 0  # total, for metrics and tests
+
+    # ---- requests in and out ---------------------------------------------------------------
+    def add_request(self, request: Request) -> None:
+        if request.request_id in self.requests:
+            raise ValueError(f"request id {request.request_id!r} is already in use")
+        self.requests[request.request_id] = request
+        self.waiting.add(request)
+
+    def abort_requests(self, request_ids: Iterable[str]) -> list[Request]:
+        """Abort by id (unknown or finished ids are ignored); frees their blocks."""
+        aborted = []
+        for req_id in request_ids:
+            request = self.requests.get(req_id)
+            if request is None:
+                continue
+            if request.status == RequestStatus.RUNNING:
+                self.running.remove(request)
+            else:
+                self.waiting.remove(request)
+            request.status = RequestStatus.FINISHED_ABORTED
+            self._free_request(request)
+            aborted.append(request)
+        return aborted
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.running) or len(self.waiting) > 0
+
+    def has_finished_requests(self) -> bool:
+        return bool(self.finished_req_ids)
+
+    @property
+    def num_unfinished_requests(self) -> int:
+        return len(self.running) + len(self.waiting)
+
+    # ---- one step ---------------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        step = _StepPlan(self.max_num_batched_tokens)
+        self._schedule_running(step)
+        if not step.preempted:
+            self._schedule_waiting(step)
+        for request in step.scheduled:  # the decision is made: advance progress
+            request.num_computed_tokens += step.num_scheduled_tokens[request.request_id]
+        out = SchedulerOutput(
+            scheduled_new_reqs=step.new_reqs,
+            scheduled_cached_reqs=step.cached_reqs,
+            num_scheduled_tokens=step.num_scheduled_tokens,
+            total_num_scheduled_tokens=self.max_num_batched_tokens - step.budget,
+            finished_req_ids=self.finished_req_ids,
+            preempted_req_ids={r.request_id for r in step.preempted},
+        )
+        self.finished_req_ids = set()
+        return out
+
+    def _num_new_tokens(self, request: Request, num_computed_tokens: int, budget: int) -> int:
+        num_new = request.num_tokens - num_computed_tokens
+        threshold = self.config.long_prefill_token_threshold
+        if 0 < threshold < num_new:
+            num_new = threshold
+        return min(num_new, budget, self.max_model_len - num_computed_tokens)
+
+    def _schedule_running(self, step: _StepPlan) -> None:
+        i = 0
+        while i < len(self.running) and step.budget > 0:
+            request = self.running[i]
+            num_new = self._num_new_tokens(request, request.num_computed_tokens, step.budget)
+            if num_new <= 0:
+                i += 1
+                continue
+            num_preempted = len(step.preempted)
+            new_blocks = self._allocate_or_preempt(request, num_new, step)
+            if new_blocks is None:  # the request itself was preempted
+                continue
+            if len(step.preempted) != num_preempted:  # a victim may have stood before us
+                i = self.running.index(request)
+            step.schedule(request, num_new)
+            step.cached_reqs.req_ids.append(request.request_id)
+            step.cached_reqs.new_block_ids.append(new_blocks.get_block_ids())
+            step.cached_reqs.num_computed_tokens.append(request.num_computed_tokens)
+            i += 1
+
+    def _allocate_or_preempt(
+        self, request: Request, num_new: int, step: _StepPlan
+    ) -> KVCacheBlocks | None:
+        while True:
+            new_blocks = self.kv_cache_manager.allocate_slots(request, num_new)
+            if new_blocks is not None:
+                return new_blocks
+            victim = self._pick_victim()
+            self._preempt(victim, step)
+            if victim is request:
+                return None
+
+    def _pick_victim(self) -> Request:
+        if self.config.policy == "priority":  # lowest priority, then latest arrival
+            return max(self.running, key=lambda r: (r.priority, r.arrival_time))
+        return self.running[-1]  # fcfs: the most recently admitted
+
+    def _preempt(self, request: Request, step: _StepPlan) -> None:
+        self.running.remove(request)
+        step.unschedule(request)
+        self.kv_cache_manager.free(request)
+        request.status = RequestStatus.PREEMPTED
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.add(request, front=True)
+        step.preempted.append(request)
+
+    def _schedule_waiting(self, step: _StepPlan) -> None:
+        kv = self.kv_cache_manager
+        while len(self.waiting) and step.budget > 0 and len(self.running) < self.max_num_seqs:
+            request = self.waiting.peek()
+            computed_blocks, num_hit = kv.get_computed_blocks(request)
+            num_new = self._num_new_tokens(request, num_hit, step.budget)
+            if not self.config.enable_chunked_prefill and num_new < request.num_tokens - num_hit:
+                break  # the whole prompt must fit in one step
+            new_blocks = kv.allocate_slots(request, num_new, num_hit, computed_blocks)
+            if new_blocks is None:
+                break  # no room: wait for running requests to finish
+            self.waiting.pop()
+            self.running.append(request)
+            request.status = RequestStatus.RUNNING
+            request.num_computed_tokens = num_hit
+            if request.num_cached_tokens < 0:
+                request.num_cached_tokens = num_hit
+            step.schedule(request, num_new)
+            step.new_reqs.append(
+                NewRequestData(
+                    req_id=request.request_id,
+                    prompt_token_ids=request.prompt_token_ids,
+                    output_token_ids=request.output_token_ids,
+                    sampling_params=request.sampling_params,
+                    block_ids=kv.get_block_ids(request.request_id),
+                    num_computed_tokens=num_hit,
+                )
+            )
+
+    # ---- after the forward -----------------------------------------------------------------
+    def update_from_output(
+        self, scheduler_output: SchedulerOutput, runner_output: ModelRunnerOutput
+    ) -> list[EngineCoreOutput]:
+        """Append sampled tokens, check stop conditions, free finished requests."""
+        outputs: list[EngineCoreOutput] = []
+        finished: list[Request] = []
+        for req_id in scheduler_output.num_scheduled_tokens:
+            request = self.requests.get(req_id)
+            if request is None or request.status != RequestStatus.RUNNING:
+                continue  # aborted (or preempted) while the step ran
+            self.kv_cache_manager.cache_blocks(request, request.num_computed_tokens)
+            sampled = runner_output.sampled_token_ids[runner_output.req_id_to_index[req_id]]
+            if not sampled:
+                continue  # mid-prompt chunk: nothing sampled yet
+            new_token_ids = self._append_and_check_stop(request, sampled)
+            if request.is_finished:
+                finished.append(request)
+            outputs.append(
+                EngineCoreOutput(
+                    request_id=req_id,
+                    new_token_ids=new_token_ids,
+                    finish_reason=request.status.finish_reason,
+                    stop_reason=request.stop_reason,
+                    num_cached_tokens=max(request.num_cached_tokens, 0),
+                )
+            )
+        if finished:
+            done = {r.request_id for r in finished}
+            self.running = [r for r in self.running if r.request_id not in done]
+            for request in finished:
+                self._free_request(request)
+        return outputs
+
+    def _append_and_check_stop(self, request: Request, sampled: list[int]) -> list[int]:
+        params = request.sampling_params
+        for i, token_id in enumerate(sampled):
+            request.all_token_ids.append(token_id)
+            if self._check_stop(request, token_id, params):
+                return sampled[: i + 1]
+        return sampled
+
+    def _check_stop(self, request: Request, token_id: int, params) -> bool:
+        num_output = request.num_output_tokens
+        if num_output >= request.max_tokens or request.num_tokens >= self.max_model_len:
+            request.status = RequestStatus.FINISHED_LENGTH_CAPPED
+            return True
+        if num_output < params.min_tokens:
+            return False
+        if token_id == request.eos_token_id and not params.ignore_eos:
+            request.status = RequestStatus.FINISHED_STOPPED
+            return True
+        if token_id in params.stop_token_ids:
+            request.status = RequestStatus.FINISHED_STOPPED
+            request.stop_reason = token_id
+            return True
+        return False
+
+    def _free_request(self, request: Request) -> None:
+        self.kv_cache_manager.free(request)
+        self.finished_req_ids.add(request.request_id)
+        del self.requests[request.request_id]
+
+
+class _StepPlan:
+    """What one schedule() call has decided so far."""
+
+    __slots__ = ("budget", "num_scheduled_tokens", "scheduled", "new_reqs", "cached_reqs",
+                 "preempted")
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self.num_scheduled_tokens: dict[str, int] = {}
+        self.scheduled: list[Request] = []
+        self.new_reqs: list[NewRequestData] = []
+        self.cached_reqs = CachedRequestData()
+        self.preempted: list[Request] = []
+
+    def schedule(self, request: Request, num_tokens: int) -> None:
+        self.num_scheduled_tokens[request.request_id] = num_tokens
+        self.scheduled.append(request)
+        self.budget -= num_tokens
+
+    def unschedule(self, request: Request) -> None:
+        """Take back a request preempted after it was scheduled this step (priority policy)."""
+        num_tokens = self.num_scheduled_tokens.pop(request.request_id, None)
+        if num_tokens is None:
+            return
+        self.budget += num_tokens
+        self.scheduled.remove(request)
+        cached = self.cached_reqs
+        idx = cached.req_ids.index(request.request_id)
+        for column in (cached.req_ids, cached.new_block_ids, cached.num_computed_tokens):
+            del column[idx]

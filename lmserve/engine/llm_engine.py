@@ -1,0 +1,88 @@
+"""LLMEngine: the synchronous front-end — tokenize, send to the EngineCore, collect outputs."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any
+
+import msgspec
+
+from lmserve.config import EngineConfig
+from lmserve.engine.core_client import EngineCoreClient
+from lmserve.engine.input_processor import InputProcessor, PromptType
+from lmserve.engine.messages import EngineCoreRequest
+from lmserve.engine.output_processor import OutputProcessor
+from lmserve.outputs import RequestOutput
+from lmserve.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.tokenizer = _load_tokenizer(config)
+        self.input_processor = InputProcessor(config.model_config, self.tokenizer)
+        self.output_processor = OutputProcessor(self.tokenizer)
+        self.engine_core = EngineCoreClient.make_client(config)
+
+    def add_request(
+        self, request_id: str, prompt: PromptType, params: SamplingParams, priority: int = 0
+    ) -> None:
+        """Validate and tokenize (raising ValueError before anything is queued), then enqueue."""
+        self.add_processed_request(*self.input_processor.process(request_id, prompt, params, priority))
+
+    def add_processed_request(self, prompt_text: str | None, request: EngineCoreRequest) -> None:
+        """Enqueue an InputProcessor result as its n samples (one engine request each)."""
+        children = _fan_out(request.request_id, request.sampling_params)
+        self.output_processor.add_request(
+            request.request_id, prompt_text, request.prompt_token_ids, children
+        )
+        for child_id, child_params in children:
+            child = msgspec.structs.replace(
+                request, request_id=child_id, sampling_params=child_params
+            )
+            self.engine_core.add_request(child)
+
+    def abort_request(self, request_ids: list[str]) -> None:
+        self.engine_core.abort_requests(request_ids)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.output_processor.has_unfinished_requests()
+
+    def step(self) -> list[RequestOutput]:
+        """One engine step; returns the user requests that finished in it."""
+        outputs = self.engine_core.get_output()
+        finished, to_abort = self.output_processor.process_outputs(outputs.outputs)
+        if to_abort:
+            self.engine_core.abort_requests(to_abort)
+        return finished
+
+    def shutdown(self) -> None:
+        self.engine_core.shutdown()
+
+
+def _fan_out(request_id: str, params: SamplingParams) -> list[tuple[str, SamplingParams]]:
+    """n > 1: one engine request per sample; seeded samples get seed + index so they differ."""
+    if params.n == 1:
+        return [(request_id, params)]
+    children = []
+    for i in range(params.n):
+        seed = None if params.seed is None else params.seed + i
+        children.append((f"{request_id}#{i}", dataclasses.replace(params, n=1, seed=seed)))
+    return children
+
+
+def _load_tokenizer(config: EngineConfig) -> Any | None:
+    if config.model_config.skip_tokenizer_init:
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(config.model_config.tokenizer)
+    except (OSError, ValueError) as e:
+        raise ValueError(
+            f"cannot load a tokenizer from {config.model_config.tokenizer!r} ({e}); pass "
+            "tokenizer=... or skip_tokenizer_init=True with prompt_token_ids"
+        ) from e

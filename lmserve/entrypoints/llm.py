@@ -1,0 +1,76 @@
+"""LLM: offline batched generation, vLLM's interface."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from lmserve.config import EngineConfig
+from lmserve.engine.input_processor import PromptType
+from lmserve.engine.llm_engine import LLMEngine
+from lmserve.outputs import RequestOutput
+from lmserve.sampling_params import SamplingParams
+
+
+class LLM:
+    """Generate from a batch of prompts with one engine.
+
+        llm = LLM(model="path/or/hub-id", max_num_seqs=64)
+        outs = llm.generate(["Hello"], SamplingParams(max_tokens=32))
+
+    Keyword arguments are vLLM's engine arguments (see `EngineConfig.from_kwargs`).
+    """
+
+    def __init__(self, model: str, **engine_kwargs: Any) -> None:
+        self.config = EngineConfig.from_kwargs(model, **engine_kwargs)
+        self.llm_engine = LLMEngine(self.config)
+        self._request_counter = itertools.count()
+
+    def get_tokenizer(self) -> Any:
+        return self.llm_engine.tokenizer
+
+    def generate(
+        self,
+        prompts: PromptType | Sequence[PromptType],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+        priority: Sequence[int] | None = None,
+    ) -> list[RequestOutput]:
+        """Generate for every prompt; results come back in the order of `prompts`. All prompts
+        are validated before any is queued, so a bad one raises and nothing is lost."""
+        if isinstance(prompts, str | dict):
+            prompts = [prompts]
+        prompts = list(prompts)
+        params = _broadcast("sampling_params", sampling_params or SamplingParams(), len(prompts))
+        priorities = _broadcast("priority", priority if priority is not None else 0, len(prompts))
+        request_ids = [str(next(self._request_counter)) for _ in prompts]
+        engine = self.llm_engine
+        processed = [  # validate and tokenize every prompt before queueing any
+            engine.input_processor.process(req_id, prompt, p, prio)
+            for req_id, prompt, p, prio in zip(request_ids, prompts, params, priorities)
+        ]
+        for prompt_text, request in processed:
+            engine.add_processed_request(prompt_text, request)
+        return self._run_engine(request_ids, use_tqdm)
+
+    def _run_engine(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        engine = self.llm_engine
+        results: dict[str, RequestOutput] = {}
+        with tqdm(total=len(request_ids), desc="Processed prompts", disable=not use_tqdm,
+                  dynamic_ncols=True) as bar:
+            while engine.has_unfinished_requests():
+                for output in engine.step():
+                    results[output.request_id] = output
+                    bar.update(1)
+        return [results[r] for r in request_ids]
+
+
+def _broadcast(name: str, value: Any, n: int) -> list[Any]:
+    if isinstance(value, list | tuple):
+        if len(value) != n:
+            raise ValueError(f"{name} has {len(value)} entries but there are {n} prompts")
+        return list(value)
+    return [value] * n

@@ -1,0 +1,22 @@
+"""One worker in this process (tensor_parallel_size=1)."""
+
+from __future__ import annotations
+
+from lmserve.config import EngineConfig
+from lmserve.core.sched_output import ModelRunnerOutput, SchedulerOutput
+from lmserve.worker.worker import Worker
+
+
+class UniProcExecutor:
+    def __init__(self, config: EngineConfig) -> None:
+        self.worker = Worker(config)
+        self.worker.load_model()
+
+    def determine_num_gpu_blocks(self) -> int:
+        return self.worker.determine_num_gpu_blocks()
+
+    def initialize_kv_cache(self, num_gpu_blocks: int) -> None:
+        self.worker.initialize_kv_cache(num_gpu_blocks)
+
+    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        return self.worker.execute_model(scheduler_output)

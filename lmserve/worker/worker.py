@@ -1,0 +1,69 @@
+"""Worker: owns one device — initialises it, loads the model, sizes and allocates the KV cache,
+and runs the model runner each step."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from lmserve.config import EngineConfig
+from lmserve.core.sched_output import ModelRunnerOutput, SchedulerOutput
+from lmserve.worker.model_runner import ModelRunner
+
+logger = logging.getLogger(__name__)
+
+_GiB = 1 << 30
+
+
+class Worker:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.device = torch.device(config.device_config.device)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        self.model_runner = ModelRunner(config, self.device)
+
+    def load_model(self) -> None:
+        self.model_runner.load_model()
+
+    def determine_num_gpu_blocks(self) -> int:
+        """Blocks that fit: `num_gpu_blocks_override` if set; on CUDA, what remains of
+        `gpu_memory_utilization` × total memory after the weights and a profiling forward;
+        on CPU, `cpu_kvcache_space_gib`."""
+        cache = self.config.cache_config
+        if cache.num_gpu_blocks_override is not None:
+            return cache.num_gpu_blocks_override
+        bytes_per_block = self.model_runner.kv_cache_bytes_per_block()
+        if self.device.type == "cpu":
+            return max(int(cache.cpu_kvcache_space_gib * _GiB) // bytes_per_block, 1)
+        return self._profile_gpu_blocks(bytes_per_block)
+
+    def _profile_gpu_blocks(self, bytes_per_block: int) -> int:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        free, total = torch.cuda.mem_get_info()
+        peak = torch.cuda.max_memory_allocated()  # weights (+ anything allocated so far)
+        budget = total * self.config.cache_config.gpu_memory_utilization
+        used_by_others = total - free - torch.cuda.memory_reserved()
+        available = budget - used_by_others - peak
+        num_blocks = int(available // bytes_per_block)
+        if num_blocks <= 0:
+            raise RuntimeError(
+                f"no GPU memory left for the KV cache: budget {budget / _GiB:.2f} GiB "
+                f"(gpu_memory_utilization={self.config.cache_config.gpu_memory_utilization}), "
+                f"weights and activations {peak / _GiB:.2f} GiB; raise gpu_memory_utilization"
+            )
+        return num_blocks
+
+    def initialize_kv_cache(self, num_gpu_blocks: int) -> None:
+        self.model_runner.initialize_kv_cache(num_gpu_blocks)
+        block_size = self.config.cache_config.block_size
+        logger.info(
+            "KV cache: %d blocks x %d tokens = %d tokens (%.2f GiB) on %s",
+            num_gpu_blocks, block_size, num_gpu_blocks * block_size,
+            num_gpu_blocks * self.model_runner.kv_cache_bytes_per_block() / _GiB, self.device,
+        )
+
+    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        return self.model_runner.execute_model(scheduler_output)

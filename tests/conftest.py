@@ -1,0 +1,28 @@
+"""Shared fixtures: tiny random HF models (built once per session) and their HF references."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """tiny_model_dir(arch, **overrides) -> path; each distinct model is built once."""
+    from tests.tiny_models import make_tiny_model
+
+    built: dict[tuple, str] = {}
+
+    def build(arch: str = "llama", **overrides) -> str:
+        key = (arch, tuple(sorted((k, repr(v)) for k, v in overrides.items())))
+        if key not in built:
+            path = tmp_path_factory.mktemp(f"tiny-{arch}")
+            built[key] = make_tiny_model(path, arch=arch, **overrides)
+        return built[key]
+
+    return build
