@@ -205,7 +205,8 @@ class LlamaForCausalLM(nn.Module):
             try:
                 param.weight_loader(param, loaded_weight, shard_id)
             except ValueError as e:
-                raise ValueError(f"loading {name!r} into {param_name!r}: {e}") from e
+                into = "" if param_name == name else f" into {param_name!r}"
+                raise ValueError(f"loading checkpoint tensor {name!r}{into}: {e}") from e
             shards_loaded.setdefault(param_name, set()).add(shard_id)
         if unexpected:
             raise ValueError(
