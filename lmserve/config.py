@@ -158,6 +158,10 @@ class SchedulerConfig:
                   f"must be >= max_model_len={self.max_model_len} when chunked prefill is off")
         _require_int("SchedulerConfig", "long_prefill_token_threshold",
                      self.long_prefill_token_threshold, lo=0)
+        if self.long_prefill_token_threshold and not self.enable_chunked_prefill:
+            _fail("SchedulerConfig", "long_prefill_token_threshold",
+                  self.long_prefill_token_threshold,
+                  "needs enable_chunked_prefill=True (a capped prompt must be chunked)")
         if self.policy not in SCHEDULING_POLICIES:
             _fail("SchedulerConfig", "policy", self.policy, f"must be one of {SCHEDULING_POLICIES}")
 

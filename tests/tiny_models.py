@@ -186,13 +186,18 @@ class PagedKVHarness:
         num_layers, num_kv_heads, head_dim = get_kv_cache_spec(hf_config)
         shape = (num_blocks, block_size, num_kv_heads, head_dim)
         self.kv_caches = [
-            (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+            (
+                torch.zeros(shape, dtype=dtype, device=device),
+                torch.zeros(shape, dtype=dtype, device=device),
+            )
             for _ in range(num_layers)
         ]  # per layer: 2 x [num_blocks, block_size, num_kv_heads, head_dim]
         self.block_size = block_size
         self.device = torch.device(device)
         self.backend = TorchAttentionBackend()
-        self.free_block_ids = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(0)).tolist()
+        self.free_block_ids = torch.randperm(
+            num_blocks, generator=torch.Generator().manual_seed(0)
+        ).tolist()
         self.block_ids: dict[str, list[int]] = {}
         self.num_computed_tokens: dict[str, int] = {}
 
@@ -209,14 +214,18 @@ class PagedKVHarness:
             while len(blocks) * self.block_size < seq_len:
                 blocks.append(self.free_block_ids.pop())
             for pos in range(start, seq_len):
-                slot_mapping.append(blocks[pos // self.block_size] * self.block_size + pos % self.block_size)
+                slot_mapping.append(
+                    blocks[pos // self.block_size] * self.block_size + pos % self.block_size
+                )
             input_ids += token_ids
             positions += range(start, seq_len)
             query_start_loc.append(query_start_loc[-1] + len(token_ids))
             seq_lens.append(seq_len)
             self.num_computed_tokens[req_id] = seq_len
         max_blocks = max(len(self.block_ids[r]) for r in scheduled)
-        block_tables = [self.block_ids[r] + [0] * (max_blocks - len(self.block_ids[r])) for r in scheduled]
+        block_tables = [
+            self.block_ids[r] + [0] * (max_blocks - len(self.block_ids[r])) for r in scheduled
+        ]
 
         def on_device(values, dtype):
             return torch.tensor(values, dtype=dtype, device=self.device)
@@ -233,7 +242,9 @@ class PagedKVHarness:
             query_start_loc_cpu=query_start_loc,
             seq_lens_cpu=seq_lens,
         )
-        ctx = ForwardContext(attn_metadata=metadata, kv_caches=self.kv_caches, attn_backend=self.backend)
+        ctx = ForwardContext(
+            attn_metadata=metadata, kv_caches=self.kv_caches, attn_backend=self.backend
+        )
         return on_device(input_ids, torch.int64), on_device(positions, torch.int64), ctx
 
     @torch.inference_mode()

@@ -136,9 +136,17 @@ class PrefixCacheStats:
     queries: int = 0  # prompt tokens looked up
     hits: int = 0  # prompt tokens found in the cache
 
+    def record(self, num_tokens: int, num_hit_tokens: int) -> None:
+        self.requests += 1
+        self.queries += num_tokens
+        self.hits += num_hit_tokens
+
     @property
     def hit_rate(self) -> float:
         return self.hits / self.queries if self.queries else 0.0
+
+
+_NO_BLOCKS = KVCacheBlocks()
 
 
 class KVCacheManager:
@@ -186,7 +194,9 @@ class KVCacheManager:
 
     def get_computed_blocks(self, request: Request) -> tuple[KVCacheBlocks, int]:
         """Longest cached prefix of `request`, in whole blocks, and its length in tokens.
-        Does not take references: pass the blocks to `allocate_slots` to claim them.
+        Does not take references (pass the blocks to `allocate_slots` to claim them) and does
+        not count statistics: the caller records a lookup in `prefix_cache_stats` once the
+        request is admitted, so a request that waits for blocks is counted once.
 
         The hit stops short of the last token: its logits must be computed, so a full hit
         still recomputes (at least) the final token.
@@ -201,12 +211,7 @@ class KVCacheManager:
             if block is None:
                 break
             hit.append(block)
-        num_hit_tokens = len(hit) * self.block_size
-        stats = self.prefix_cache_stats
-        stats.requests += 1
-        stats.queries += request.num_tokens
-        stats.hits += num_hit_tokens
-        return KVCacheBlocks(tuple(hit)), num_hit_tokens
+        return KVCacheBlocks(tuple(hit)), len(hit) * self.block_size
 
     # ---- allocation -----------------------------------------------------------------------
     def allocate_slots(
@@ -221,13 +226,18 @@ class KVCacheManager:
         speculative tokens), first claiming `new_computed_blocks` (a prefix hit worth
         `num_new_computed_tokens` tokens). Returns the newly allocated blocks, or None —
         with nothing changed — when the pool cannot supply them."""
-        computed = new_computed_blocks.blocks if new_computed_blocks else ()
-        req_blocks = self.req_to_blocks.setdefault(request.request_id, [])
         num_tokens_need_slot = min(
             request.num_computed_tokens + num_new_computed_tokens + num_new_tokens
             + num_lookahead_tokens,
             self.max_model_len,
         )
+        req_blocks = self.req_to_blocks.get(request.request_id)
+        if req_blocks is not None and not new_computed_blocks:
+            if num_tokens_need_slot <= len(req_blocks) * self.block_size:
+                return _NO_BLOCKS  # fast path: most decode steps fit in the last block
+        else:
+            req_blocks = self.req_to_blocks.setdefault(request.request_id, [])
+        computed = new_computed_blocks.blocks if new_computed_blocks else ()
         num_required = -(-num_tokens_need_slot // self.block_size)
         num_new_blocks = max(num_required - len(req_blocks) - len(computed), 0)
         # A hit on a free (ref 0) block takes it out of the free pool too.
@@ -259,11 +269,13 @@ class KVCacheManager:
         been written) in the prefix cache. Call after the step that computed them."""
         if not self.enable_caching:
             return
+        start = self.num_cached_blocks.get(request.request_id, 0)
+        if num_computed_tokens < (start + 1) * self.block_size:
+            return  # no newly filled block (most decode steps)
         req_blocks = self.req_to_blocks.get(request.request_id)
         if not req_blocks:
             return
         num_full = min(num_computed_tokens // self.block_size, len(req_blocks))
-        start = self.num_cached_blocks.get(request.request_id, 0)
         if num_full <= start:
             return
         self._update_block_hashes(request)

@@ -28,6 +28,7 @@ from lmserve.core.sched_output import (
 )
 from lmserve.engine.messages import EngineCoreOutput
 from lmserve.request import Request, RequestStatus
+from lmserve.sampling_params import SamplingParams
 
 
 class WaitingQueue:
@@ -153,24 +154,21 @@ class Scheduler:
         return min(num_new, budget, self.max_model_len - num_computed_tokens)
 
     def _schedule_running(self, step: _StepPlan) -> None:
-        i = 0
-        while i < len(self.running) and step.budget > 0:
-            request = self.running[i]
+        for request in list(self.running):  # a snapshot: preemption edits self.running
+            if step.budget <= 0:
+                break
+            if request.status != RequestStatus.RUNNING:
+                continue  # preempted as a victim earlier in this step
             num_new = self._num_new_tokens(request, request.num_computed_tokens, step.budget)
             if num_new <= 0:
-                i += 1
                 continue
-            num_preempted = len(step.preempted)
             new_blocks = self._allocate_or_preempt(request, num_new, step)
             if new_blocks is None:  # the request itself was preempted
                 continue
-            if len(step.preempted) != num_preempted:  # a victim may have stood before us
-                i = self.running.index(request)
             step.schedule(request, num_new)
             step.cached_reqs.req_ids.append(request.request_id)
             step.cached_reqs.new_block_ids.append(new_blocks.get_block_ids())
             step.cached_reqs.num_computed_tokens.append(request.num_computed_tokens)
-            i += 1
 
     def _allocate_or_preempt(
         self, request: Request, num_new: int, step: _StepPlan
@@ -212,6 +210,7 @@ class Scheduler:
             if new_blocks is None:
                 break  # no room: wait for running requests to finish
             self.waiting.pop()
+            kv.prefix_cache_stats.record(request.num_tokens, num_hit)
             self.running.append(request)
             request.status = RequestStatus.RUNNING
             request.num_computed_tokens = num_hit
@@ -271,9 +270,10 @@ class Scheduler:
                 return sampled[: i + 1]
         return sampled
 
-    def _check_stop(self, request: Request, token_id: int, params) -> bool:
-        num_output = request.num_output_tokens
-        if num_output >= request.max_tokens or request.num_tokens >= self.max_model_len:
+    def _check_stop(self, request: Request, token_id: int, params: SamplingParams) -> bool:
+        num_tokens = len(request.all_token_ids)
+        num_output = num_tokens - request.num_prompt_tokens
+        if num_output >= request.max_tokens or num_tokens >= self.max_model_len:
             request.status = RequestStatus.FINISHED_LENGTH_CAPPED
             return True
         if num_output < params.min_tokens:

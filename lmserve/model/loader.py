@@ -81,7 +81,9 @@ def load_model(
     if dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"dtype {dtype} is not supported (supported: {SUPPORTED_DTYPES})")
     if load_format not in LOAD_FORMATS:
-        raise ValueError(f"load_format {load_format!r} is not supported (supported: {LOAD_FORMATS})")
+        raise ValueError(
+            f"load_format {load_format!r} is not supported (supported: {LOAD_FORMATS})"
+        )
     model_cls = get_model_class(hf_config)
     device = torch.device(device)
     start = time.perf_counter()

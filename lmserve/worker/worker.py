@@ -21,6 +21,8 @@ class Worker:
         self.config = config
         self.device = torch.device(config.device_config.device)
         if self.device.type == "cuda":
+            if self.device.index is None:
+                self.device = torch.device("cuda", torch.cuda.current_device())
             torch.cuda.set_device(self.device)
         self.model_runner = ModelRunner(config, self.device)
 

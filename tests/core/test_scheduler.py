@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from lmserve.config import CacheConfig, SchedulerConfig
+
+from lmserve.config import CacheConfig, ConfigError, SchedulerConfig
 from lmserve.core.sched_output import ModelRunnerOutput, SchedulerOutput
 from lmserve.core.scheduler import Scheduler
 from lmserve.request import Request, RequestStatus
@@ -268,20 +269,13 @@ def test_without_chunked_prefill_a_prompt_waits_until_it_fits_whole():
     assert h.step().num_scheduled_tokens == {"a": 1, "b": 60}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="long_prefill_token_threshold < prompt length with enable_chunked_prefill=False: "
-    "_num_new_tokens caps the prompt at the threshold, _schedule_waiting then sees it does not "
-    "fit whole and breaks, every step: the request is never admitted (and blocks the queue). "
-    "SchedulerConfig accepts the combination.",
-)
-def test_long_prefill_token_threshold_without_chunked_prefill_still_admits_long_prompts():
-    h = make_harness(
-        enable_chunked_prefill=False, long_prefill_token_threshold=20, max_num_batched_tokens=1024
-    )
-    h.add("a", 100, max_tokens=2)
-    h.run(max_steps=20)
-    assert h.outputs["a"] == expected_tokens("a", 2)
+def test_long_prefill_token_threshold_needs_chunked_prefill():
+    # A capped prompt could never be admitted whole, so the combination is refused up front.
+    with pytest.raises(ConfigError, match="long_prefill_token_threshold=20 .*chunked_prefill"):
+        make_harness(
+            enable_chunked_prefill=False, long_prefill_token_threshold=20,
+            max_num_batched_tokens=1024,
+        )
 
 
 # ---- preemption ------------------------------------------------------------------------------
@@ -365,18 +359,17 @@ def test_priority_ties_preempt_the_latest_arrival():
     assert_no_leaked_blocks(h.scheduler)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Scheduler._schedule_running: when earlier victims were removed from `running` and "
-    "then the request itself is preempted, `continue` keeps the stale index `i` and skips the "
-    "running requests that moved down into the gap",
-)
 def test_priority_preemption_does_not_skip_the_running_requests_after_the_victims():
     # 14 blocks of 4; long prefill chunks of 16 tokens (4 blocks). Running order a, b, c, d with
     # priorities 9, 0, 5, 0. In step 5 c needs 4 blocks with 1 free: a (9) goes, frees 2, still
     # short; then c (5) itself goes. d still fits (1 block, plenty free) and must be scheduled.
-    h = make_harness(num_gpu_blocks=14, block_size=4, policy="priority",
-                     max_num_batched_tokens=64, long_prefill_token_threshold=16)
+    h = make_harness(
+        num_gpu_blocks=14,
+        block_size=4,
+        policy="priority",
+        max_num_batched_tokens=64,
+        long_prefill_token_threshold=16,
+    )
     h.add("a", 4, priority=9, max_tokens=50)
     h.step()
     h.add("b", 4, priority=0, max_tokens=50)
@@ -548,12 +541,6 @@ def test_requests_sharing_a_prefix_while_both_run_share_its_blocks():
     assert_no_leaked_blocks(h.scheduler)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_schedule_waiting calls get_computed_blocks (which counts stats) every step the head "
-    "of the queue is retried, so a request blocked on KV blocks is counted once per step and "
-    "requests/queries/hit_rate are inflated",
-)
 def test_prefix_cache_stats_count_each_request_once_even_if_it_waits_for_blocks():
     h = make_harness(num_gpu_blocks=4, block_size=4)
     h.add("a", list(range(10, 22)), max_tokens=4)  # takes all 4 blocks at its 13th token

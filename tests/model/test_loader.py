@@ -60,9 +60,7 @@ def test_dummy_load_needs_no_checkpoint_and_is_deterministic_by_seed():
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precision_load_gives_half_params_float32_rope_and_close_logits(
-    tiny_model_dir, dtype
-):
+def test_half_precision_load_gives_half_params_float32_rope_and_close_logits(tiny_model_dir, dtype):
     from transformers import AutoModelForCausalLM
 
     path = tiny_model_dir("llama")
@@ -77,7 +75,9 @@ def test_half_precision_load_gives_half_params_float32_rope_and_close_logits(
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
     with torch.no_grad():
         expected = hf(torch.tensor([prompt])).logits[0].float()
-    torch.testing.assert_close(ours, expected, rtol=0.05, atol=0.1)
+    # Half-precision rounding differs with kernel choice; a wrong weight would be off by O(1).
+    scale = expected.abs().max().item()
+    torch.testing.assert_close(ours, expected, rtol=0.0, atol=0.05 * scale)
 
 
 def test_default_dtype_is_restored_when_the_build_fails():

@@ -35,9 +35,7 @@ def test_inv_freq_equals_hf_rope_init(rope_parameters, head_dim):
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-    config = tiny_hf_config(
-        "llama", head_dim=head_dim, rope_parameters=dict(rope_parameters)
-    )
+    config = tiny_hf_config("llama", head_dim=head_dim, rope_parameters=dict(rope_parameters))
     rope_type = rope_parameters["rope_type"]
     if rope_type == "default":
         expected, expected_scaling = LlamaRotaryEmbedding.compute_default_rope_parameters(config)
@@ -66,7 +64,9 @@ def test_legacy_rope_theta_and_rope_scaling_config_is_read():
 def test_legacy_llama3_config_defaults_original_max_positions():
     legacy = SimpleNamespace(
         rope_theta=500000.0,
-        rope_scaling={k: v for k, v in LLAMA3_ROPE.items() if k != "original_max_position_embeddings"},
+        rope_scaling={
+            k: v for k, v in LLAMA3_ROPE.items() if k != "original_max_position_embeddings"
+        },
         max_position_embeddings=64,
     )
     assert get_rope_parameters(legacy)["original_max_position_embeddings"] == 64

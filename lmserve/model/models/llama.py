@@ -167,7 +167,9 @@ class LlamaForCausalLM(nn.Module):
     @classmethod
     def make_layer(cls, hf_config, layer_idx: int) -> LlamaDecoderLayer:
         attention_bias = bool(getattr(hf_config, "attention_bias", False))
-        self_attn = LlamaAttention(hf_config, layer_idx, qkv_bias=attention_bias, o_bias=attention_bias)
+        self_attn = LlamaAttention(
+            hf_config, layer_idx, qkv_bias=attention_bias, o_bias=attention_bias
+        )
         mlp = LlamaMLP(
             hf_config.hidden_size,
             hf_config.intermediate_size,
