@@ -49,6 +49,7 @@ class ModelConfig:
     load_format: str = "auto"
     revision: str | None = None
     skip_tokenizer_init: bool = False
+    enforce_eager: bool = False  # True: never capture CUDA graphs (no effect on CPU)
     hf_config: Any = None  # transformers PretrainedConfig; loaded from `model` when None
     model_path: str | None = field(default=None, repr=False)  # resolved local folder
 

@@ -67,13 +67,15 @@ def _causal_attention(
     else:  # a chunk continuing a cached prefix: query i sits at position seq_len - q_len + i
         q_pos = torch.arange(seq_len - q_len, seq_len, device=q.device)[:, None]
         mask, is_causal = torch.arange(seq_len, device=q.device)[None, :] <= q_pos, False
+    # 4-D inputs, as HF passes them: SDPA picks its kernel by rank, and the same kernel gives
+    # bit-identical logits to HF for a single request.
     out = F.scaled_dot_product_attention(
-        q.transpose(0, 1),  # [num_heads, q_len, hd]
-        k.transpose(0, 1),  # [kv_heads, seq_len, hd]
-        v.transpose(0, 1),
+        q.transpose(0, 1)[None],  # [1, num_heads, q_len, hd]
+        k.transpose(0, 1)[None],  # [1, kv_heads, seq_len, hd]
+        v.transpose(0, 1)[None],
         attn_mask=mask,
         is_causal=is_causal,
         scale=scale,
         enable_gqa=q.shape[1] != k.shape[1],
     )
-    return out.transpose(0, 1)
+    return out[0].transpose(0, 1)

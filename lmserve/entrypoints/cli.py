@@ -33,6 +33,7 @@ BOOL_FLAGS: list[tuple[str, str, bool, str]] = [
     ("enable-prefix-caching", "enable_prefix_caching", True, "reuse KV of shared prefixes"),
     ("enable-chunked-prefill", "enable_chunked_prefill", True, "split long prompts across steps"),
     ("skip-tokenizer-init", "skip_tokenizer_init", False, "token ids only, no tokenizer"),
+    ("enforce-eager", "enforce_eager", False, "never capture CUDA graphs"),
 ]
 
 
