@@ -31,13 +31,21 @@ def tiny_parity(arch: str, tmp: str) -> dict:
     expected = []
     for ids in prompts:
         with torch.no_grad():
-            gen = hf.generate(torch.tensor([ids], device="cuda"), max_new_tokens=MAX_TOKENS,
-                              do_sample=False, pad_token_id=3)
-        expected.append(gen[0, len(ids):].tolist())
-    llm = LLM(path, dtype="float32", device="cuda", max_num_batched_tokens=64,
-              gpu_memory_utilization=0.5)
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
-                        SamplingParams(temperature=0, max_tokens=MAX_TOKENS), use_tqdm=False)
+            gen = hf.generate(
+                torch.tensor([ids], device="cuda"),
+                max_new_tokens=MAX_TOKENS,
+                do_sample=False,
+                pad_token_id=3,
+            )
+        expected.append(gen[0, len(ids) :].tolist())
+    llm = LLM(
+        path, dtype="float32", device="cuda", max_num_batched_tokens=64, gpu_memory_utilization=0.5
+    )
+    outs = llm.generate(
+        [{"prompt_token_ids": p} for p in prompts],
+        SamplingParams(temperature=0, max_tokens=MAX_TOKENS),
+        use_tqdm=False,
+    )
     ours = [o.outputs[0].token_ids for o in outs]
     mismatches = [i for i, (a, b) in enumerate(zip(ours, expected)) if a != b]
     return {"arch": arch, "prompts": len(prompts), "mismatched_prompts": mismatches}
@@ -47,21 +55,39 @@ def dummy_qwen_shape(tmp: str) -> dict:
     from transformers import Qwen2Config
 
     path = os.path.join(tmp, "qwen2.5-0.5b-shape")
-    Qwen2Config(hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-                num_attention_heads=14, num_key_value_heads=2, vocab_size=151936,
-                max_position_embeddings=32768, tie_word_embeddings=True,
-                architectures=["Qwen2ForCausalLM"]).save_pretrained(path)
+    Qwen2Config(
+        hidden_size=896,
+        intermediate_size=4864,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        vocab_size=151936,
+        max_position_embeddings=32768,
+        tie_word_embeddings=True,
+        architectures=["Qwen2ForCausalLM"],
+    ).save_pretrained(path)
     start = time.perf_counter()
-    llm = LLM(path, load_format="dummy", dtype="bfloat16", device="cuda",
-              skip_tokenizer_init=True, max_model_len=4096, gpu_memory_utilization=0.5)
+    llm = LLM(
+        path,
+        load_format="dummy",
+        dtype="bfloat16",
+        device="cuda",
+        skip_tokenizer_init=True,
+        max_model_len=4096,
+        gpu_memory_utilization=0.5,
+    )
     init_s = time.perf_counter() - start
     prompts = [{"prompt_token_ids": list(range(100, 100 + 256))} for _ in range(8)]
     start = time.perf_counter()
-    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=32, ignore_eos=True),
-                        use_tqdm=False)
-    return {"init_s": round(init_s, 2), "generate_s": round(time.perf_counter() - start, 2),
-            "num_gpu_blocks": llm.config.cache_config.num_gpu_blocks,
-            "outputs_complete": all(len(o.outputs[0].token_ids) == 32 for o in outs)}
+    outs = llm.generate(
+        prompts, SamplingParams(temperature=0, max_tokens=32, ignore_eos=True), use_tqdm=False
+    )
+    return {
+        "init_s": round(init_s, 2),
+        "generate_s": round(time.perf_counter() - start, 2),
+        "num_gpu_blocks": llm.config.cache_config.num_gpu_blocks,
+        "outputs_complete": all(len(o.outputs[0].token_ids) == 32 for o in outs),
+    }
 
 
 def main() -> None:

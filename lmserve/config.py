@@ -94,7 +94,9 @@ class ModelConfig:
         _require_int("ModelConfig", "max_model_len", max_model_len)
         if max_model_len > limit:
             _fail(
-                "ModelConfig", "max_model_len", max_model_len,
+                "ModelConfig",
+                "max_model_len",
+                max_model_len,
                 f"exceeds the model's limit (max_position_embeddings={limit})",
             )
         return max_model_len
@@ -127,15 +129,23 @@ class CacheConfig:
         if not isinstance(bs, int) or isinstance(bs, bool) or bs < 1 or bs & (bs - 1) or bs > 256:
             _fail("CacheConfig", "block_size", bs, "must be a power of two in [1, 256]")
         if not 0 < self.gpu_memory_utilization <= 1:
-            _fail("CacheConfig", "gpu_memory_utilization", self.gpu_memory_utilization,
-                  "must be in (0, 1]")
+            _fail(
+                "CacheConfig",
+                "gpu_memory_utilization",
+                self.gpu_memory_utilization,
+                "must be in (0, 1]",
+            )
         if self.num_gpu_blocks_override is not None:
             _require_int("CacheConfig", "num_gpu_blocks_override", self.num_gpu_blocks_override)
         if not self.cpu_kvcache_space_gib > 0:
             _fail("CacheConfig", "cpu_kvcache_space_gib", self.cpu_kvcache_space_gib, "must be > 0")
         if self.prefix_caching_hash_algo not in HASH_ALGOS:
-            _fail("CacheConfig", "prefix_caching_hash_algo", self.prefix_caching_hash_algo,
-                  f"must be one of {HASH_ALGOS}")
+            _fail(
+                "CacheConfig",
+                "prefix_caching_hash_algo",
+                self.prefix_caching_hash_algo,
+                f"must be one of {HASH_ALGOS}",
+            )
 
 
 @dataclass
@@ -155,14 +165,25 @@ class SchedulerConfig:
             self.max_num_batched_tokens = default
         _require_int("SchedulerConfig", "max_num_batched_tokens", self.max_num_batched_tokens)
         if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
-            _fail("SchedulerConfig", "max_num_batched_tokens", self.max_num_batched_tokens,
-                  f"must be >= max_model_len={self.max_model_len} when chunked prefill is off")
-        _require_int("SchedulerConfig", "long_prefill_token_threshold",
-                     self.long_prefill_token_threshold, lo=0)
+            _fail(
+                "SchedulerConfig",
+                "max_num_batched_tokens",
+                self.max_num_batched_tokens,
+                f"must be >= max_model_len={self.max_model_len} when chunked prefill is off",
+            )
+        _require_int(
+            "SchedulerConfig",
+            "long_prefill_token_threshold",
+            self.long_prefill_token_threshold,
+            lo=0,
+        )
         if self.long_prefill_token_threshold and not self.enable_chunked_prefill:
-            _fail("SchedulerConfig", "long_prefill_token_threshold",
-                  self.long_prefill_token_threshold,
-                  "needs enable_chunked_prefill=True (a capped prompt must be chunked)")
+            _fail(
+                "SchedulerConfig",
+                "long_prefill_token_threshold",
+                self.long_prefill_token_threshold,
+                "needs enable_chunked_prefill=True (a capped prompt must be chunked)",
+            )
         if self.policy not in SCHEDULING_POLICIES:
             _fail("SchedulerConfig", "policy", self.policy, f"must be one of {SCHEDULING_POLICIES}")
 
@@ -174,8 +195,12 @@ class ParallelConfig:
     def __post_init__(self) -> None:
         _require_int("ParallelConfig", "tensor_parallel_size", self.tensor_parallel_size)
         if self.tensor_parallel_size != 1:
-            _fail("ParallelConfig", "tensor_parallel_size", self.tensor_parallel_size,
-                  "only 1 is supported in this release (tensor parallelism is coming)")
+            _fail(
+                "ParallelConfig",
+                "tensor_parallel_size",
+                self.tensor_parallel_size,
+                "only 1 is supported in this release (tensor parallelism is coming)",
+            )
 
 
 @dataclass

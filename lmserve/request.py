@@ -42,9 +42,21 @@ class Request:
     """
 
     __slots__ = (
-        "request_id", "prompt_token_ids", "sampling_params", "eos_token_id", "arrival_time",
-        "priority", "cache_salt", "max_tokens", "status", "stop_reason", "all_token_ids",
-        "num_prompt_tokens", "num_computed_tokens", "num_cached_tokens", "num_preemptions",
+        "request_id",
+        "prompt_token_ids",
+        "sampling_params",
+        "eos_token_id",
+        "arrival_time",
+        "priority",
+        "cache_salt",
+        "max_tokens",
+        "status",
+        "stop_reason",
+        "all_token_ids",
+        "num_prompt_tokens",
+        "num_computed_tokens",
+        "num_cached_tokens",
+        "num_preemptions",
         "block_hashes",
     )
 

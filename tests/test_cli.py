@@ -10,10 +10,29 @@ from lmserve.entrypoints.cli import main
 
 
 def test_generate_prints_one_json_line_per_prompt(tiny_model_dir, capsys):
-    rc = main(["generate", tiny_model_dir("llama"), "--prompt", "The small engine",
-               "--prompt", "A farmer", "--max-tokens", "3", "--json", "--quiet",
-               "--device", "cpu", "--dtype", "float32", "--max-num-seqs", "4",
-               "--no-enable-prefix-caching", "--prefix-caching-hash-algo", "xxhash"])
+    rc = main(
+        [
+            "generate",
+            tiny_model_dir("llama"),
+            "--prompt",
+            "The small engine",
+            "--prompt",
+            "A farmer",
+            "--max-tokens",
+            "3",
+            "--json",
+            "--quiet",
+            "--device",
+            "cpu",
+            "--dtype",
+            "float32",
+            "--max-num-seqs",
+            "4",
+            "--no-enable-prefix-caching",
+            "--prefix-caching-hash-algo",
+            "xxhash",
+        ]
+    )
     assert rc == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [line["prompt"] for line in lines] == ["The small engine", "A farmer"]

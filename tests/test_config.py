@@ -20,8 +20,9 @@ def test_max_num_batched_tokens_below_one_is_rejected():
 
 def test_unchunked_budget_must_cover_max_model_len():
     with pytest.raises(ConfigError, match=r"max_num_batched_tokens=512 .*max_model_len=1024"):
-        SchedulerConfig(max_num_batched_tokens=512, max_model_len=1024,
-                        enable_chunked_prefill=False)
+        SchedulerConfig(
+            max_num_batched_tokens=512, max_model_len=1024, enable_chunked_prefill=False
+        )
 
 
 @pytest.mark.parametrize(
@@ -59,8 +60,12 @@ def test_dtype_names_are_checked(tiny_model_dir):
 
 def test_kwargs_land_in_their_sub_configs(tiny_model_dir):
     config = EngineConfig.from_kwargs(
-        tiny_model_dir("llama"), block_size=32, max_num_seqs=7, max_model_len=256,
-        scheduling_policy="priority", dtype="bfloat16",
+        tiny_model_dir("llama"),
+        block_size=32,
+        max_num_seqs=7,
+        max_model_len=256,
+        scheduling_policy="priority",
+        dtype="bfloat16",
     )
     assert config.cache_config.block_size == 32
     assert config.scheduler_config.max_num_seqs == 7

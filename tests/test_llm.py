@@ -18,8 +18,9 @@ def engine_is_idle(llm: LLM) -> bool:
 
 def test_skip_tokenizer_init_generates_from_token_ids(tiny_model_dir):
     llm = LLM(tiny_model_dir("llama"), device="cpu", skip_tokenizer_init=True)
-    out = llm.generate({"prompt_token_ids": [5, 6, 7]}, SamplingParams(max_tokens=4),
-                       use_tqdm=False)
+    out = llm.generate(
+        {"prompt_token_ids": [5, 6, 7]}, SamplingParams(max_tokens=4), use_tqdm=False
+    )
     assert len(out[0].outputs[0].token_ids) == 4
     assert out[0].outputs[0].text == ""
     with pytest.raises(ValueError, match="skip_tokenizer_init"):
@@ -31,20 +32,32 @@ def test_same_seed_gives_same_sample_whatever_else_is_in_the_batch(llm):
     alone = llm.generate({"prompt_token_ids": [10, 11, 12]}, seeded, use_tqdm=False)
     others = SamplingParams(temperature=1.0, max_tokens=10, ignore_eos=True)
     crowd = llm.generate(
-        [{"prompt_token_ids": [40] * 30}, {"prompt_token_ids": [10, 11, 12]},
-         {"prompt_token_ids": [7, 8]}],
-        [others, seeded, others], use_tqdm=False,
+        [
+            {"prompt_token_ids": [40] * 30},
+            {"prompt_token_ids": [10, 11, 12]},
+            {"prompt_token_ids": [7, 8]},
+        ],
+        [others, seeded, others],
+        use_tqdm=False,
     )
     assert crowd[1].outputs[0].token_ids == alone[0].outputs[0].token_ids
 
 
 def test_unseeded_temperature_sampling_differs_from_greedy(llm):
     prompt = {"prompt_token_ids": list(range(20, 40))}
-    greedy = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True),
-                          use_tqdm=False)[0].outputs[0].token_ids
+    greedy = (
+        llm.generate(
+            prompt, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True), use_tqdm=False
+        )[0]
+        .outputs[0]
+        .token_ids
+    )
     hot = [
-        llm.generate(prompt, SamplingParams(temperature=5.0, max_tokens=16, ignore_eos=True),
-                     use_tqdm=False)[0].outputs[0].token_ids
+        llm.generate(
+            prompt, SamplingParams(temperature=5.0, max_tokens=16, ignore_eos=True), use_tqdm=False
+        )[0]
+        .outputs[0]
+        .token_ids
         for _ in range(3)
     ]
     assert any(h != greedy for h in hot)
@@ -57,32 +70,44 @@ def test_outputs_come_back_in_prompt_order(llm):
 
 
 def test_max_tokens_ends_with_length(llm):
-    out = llm.generate("The small engine", SamplingParams(max_tokens=5, ignore_eos=True),
-                       use_tqdm=False)[0].outputs[0]
+    out = llm.generate(
+        "The small engine", SamplingParams(max_tokens=5, ignore_eos=True), use_tqdm=False
+    )[0].outputs[0]
     assert len(out.token_ids) == 5
     assert out.finish_reason == "length"
 
 
 def test_stop_token_id_ends_with_stop_and_reports_it(llm):
     prompt = {"prompt_token_ids": [10, 11, 12]}
-    free = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True),
-                        use_tqdm=False)[0].outputs[0].token_ids
+    free = (
+        llm.generate(
+            prompt, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False
+        )[0]
+        .outputs[0]
+        .token_ids
+    )
     stop_id = free[3]
-    out = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True,
-                                              stop_token_ids=[stop_id]),
-                       use_tqdm=False)[0].outputs[0]
+    out = llm.generate(
+        prompt,
+        SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, stop_token_ids=[stop_id]),
+        use_tqdm=False,
+    )[0].outputs[0]
     assert out.token_ids == free[: free.index(stop_id) + 1]
     assert (out.finish_reason, out.stop_reason) == ("stop", stop_id)
 
 
 def test_stop_string_truncates_text_and_stops_the_request(llm):
     prompt = "A farmer walks"
-    full = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=20, ignore_eos=True),
-                        use_tqdm=False)[0].outputs[0]
+    full = llm.generate(
+        prompt, SamplingParams(temperature=0, max_tokens=20, ignore_eos=True), use_tqdm=False
+    )[0].outputs[0]
     stop = full.text[3:6]
     assert stop.strip(), "the tiny model produced whitespace only; pick another slice"
-    out = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, stop=[stop]),
-                       use_tqdm=False)[0].outputs[0]
+    out = llm.generate(
+        prompt,
+        SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, stop=[stop]),
+        use_tqdm=False,
+    )[0].outputs[0]
     assert out.text == full.text[: full.text.index(stop)]
     assert (out.finish_reason, out.stop_reason) == ("stop", stop)
     assert len(out.token_ids) < 20
@@ -145,7 +170,9 @@ def test_progress_bar_is_shown_when_asked(llm, capsys):
 
 def test_dummy_weights_need_no_checkpoint(tiny_model_dir):
     llm = LLM(tiny_model_dir("qwen3"), load_format="dummy", device="cpu", dtype="bfloat16")
-    out = llm.generate({"prompt_token_ids": [3, 4, 5]}, SamplingParams(max_tokens=3,
-                                                                         ignore_eos=True),
-                       use_tqdm=False)
+    out = llm.generate(
+        {"prompt_token_ids": [3, 4, 5]},
+        SamplingParams(max_tokens=3, ignore_eos=True),
+        use_tqdm=False,
+    )
     assert len(out[0].outputs[0].token_ids) == 3

@@ -227,7 +227,9 @@ class KVCacheManager:
         `num_new_computed_tokens` tokens). Returns the newly allocated blocks, or None —
         with nothing changed — when the pool cannot supply them."""
         num_tokens_need_slot = min(
-            request.num_computed_tokens + num_new_computed_tokens + num_new_tokens
+            request.num_computed_tokens
+            + num_new_computed_tokens
+            + num_new_tokens
             + num_lookahead_tokens,
             self.max_model_len,
         )
@@ -313,4 +315,6 @@ class KVCacheManager:
         for i in range(len(hashes), len(tokens) // bs):
             parent = hashes[i - 1] if i else ROOT_PARENT_HASH
             extra = request.cache_salt.encode() if i == 0 and request.cache_salt else b""
-            hashes.append(hash_block_tokens(self.hash_fn, parent, tokens[i * bs : (i + 1) * bs], extra))
+            hashes.append(
+                hash_block_tokens(self.hash_fn, parent, tokens[i * bs : (i + 1) * bs], extra)
+            )

@@ -296,8 +296,14 @@ class Scheduler:
 class _StepPlan:
     """What one schedule() call has decided so far."""
 
-    __slots__ = ("budget", "num_scheduled_tokens", "scheduled", "new_reqs", "cached_reqs",
-                 "preempted")
+    __slots__ = (
+        "budget",
+        "num_scheduled_tokens",
+        "scheduled",
+        "new_reqs",
+        "cached_reqs",
+        "preempted",
+    )
 
     def __init__(self, budget: int) -> None:
         self.budget = budget

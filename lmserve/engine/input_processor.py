@@ -73,7 +73,9 @@ class InputProcessor:
             )
 
 
-def _eos_token_ids(model_config: ModelConfig, tokenizer: Any | None) -> tuple[int | None, list[int]]:
+def _eos_token_ids(
+    model_config: ModelConfig, tokenizer: Any | None
+) -> tuple[int | None, list[int]]:
     """The primary EOS id, plus any further EOS ids the model declares (treated as stop ids)."""
     ids: list[int] = []
     if tokenizer is not None and tokenizer.eos_token_id is not None:

@@ -31,7 +31,9 @@ class LLMEngine:
         self, request_id: str, prompt: PromptType, params: SamplingParams, priority: int = 0
     ) -> None:
         """Validate and tokenize (raising ValueError before anything is queued), then enqueue."""
-        self.add_processed_request(*self.input_processor.process(request_id, prompt, params, priority))
+        self.add_processed_request(
+            *self.input_processor.process(request_id, prompt, params, priority)
+        )
 
     def add_processed_request(self, prompt_text: str | None, request: EngineCoreRequest) -> None:
         """Enqueue an InputProcessor result as its n samples (one engine request each)."""

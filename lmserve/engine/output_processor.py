@@ -69,8 +69,9 @@ class OutputProcessor:
             sample = self._samples.get(out.request_id)
             if sample is None:
                 continue
-            sample.parent.num_cached_tokens = max(sample.parent.num_cached_tokens,
-                                                  out.num_cached_tokens)
+            sample.parent.num_cached_tokens = max(
+                sample.parent.num_cached_tokens, out.num_cached_tokens
+            )
             sample.token_ids.extend(out.new_token_ids)
             sample.finish_reason, sample.stop_reason = out.finish_reason, out.stop_reason
             if self._detokenize(sample) and out.finish_reason is None:
@@ -86,7 +87,9 @@ class OutputProcessor:
         if self.tokenizer is None:
             return False
         params = sample.params
-        text = self.tokenizer.decode(sample.token_ids, skip_special_tokens=params.skip_special_tokens)
+        text = self.tokenizer.decode(
+            sample.token_ids, skip_special_tokens=params.skip_special_tokens
+        )
         sample.text = text
         for stop in params.stop:
             pos = text.find(stop)

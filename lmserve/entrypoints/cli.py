@@ -15,11 +15,21 @@ ENGINE_FLAGS: list[tuple[str, str, Any, Any, str]] = [
     ("--block-size", "block_size", int, 16, "tokens per KV-cache block (a power of two)"),
     ("--max-num-seqs", "max_num_seqs", int, 256, "requests running in one step"),
     ("--max-num-batched-tokens", "max_num_batched_tokens", int, None, "token budget of one step"),
-    ("--long-prefill-token-threshold", "long_prefill_token_threshold", int, 0,
-     "cap one request's prompt tokens per step (0 = off)"),
+    (
+        "--long-prefill-token-threshold",
+        "long_prefill_token_threshold",
+        int,
+        0,
+        "cap one request's prompt tokens per step (0 = off)",
+    ),
     ("--scheduling-policy", "policy", str, "fcfs", "fcfs | priority"),
-    ("--gpu-memory-utilization", "gpu_memory_utilization", float, 0.9,
-     "share of GPU memory the engine may use"),
+    (
+        "--gpu-memory-utilization",
+        "gpu_memory_utilization",
+        float,
+        0.9,
+        "share of GPU memory the engine may use",
+    ),
     ("--num-gpu-blocks-override", "num_gpu_blocks_override", int, None, "fixed KV pool size"),
     ("--cpu-kvcache-space-gib", "cpu_kvcache_space_gib", float, 4.0, "KV pool size on CPU"),
     ("--prefix-caching-hash-algo", "prefix_caching_hash_algo", str, "sha256", "sha256 | xxhash"),
@@ -42,8 +52,13 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     for flag, dest, typ, default, help_text in ENGINE_FLAGS:
         group.add_argument(flag, dest=dest, type=typ, default=default, help=help_text)
     for name, dest, default, help_text in BOOL_FLAGS:
-        group.add_argument(f"--{name}", dest=dest, action=argparse.BooleanOptionalAction,
-                           default=default, help=help_text)
+        group.add_argument(
+            f"--{name}",
+            dest=dest,
+            action=argparse.BooleanOptionalAction,
+            default=default,
+            help=help_text,
+        )
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -55,15 +70,23 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from lmserve import LLM, SamplingParams
 
     llm = LLM(args.model, **engine_kwargs(args))
-    params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens,
-                            seed=args.sampling_seed)
+    params = SamplingParams(
+        temperature=args.temperature, max_tokens=args.max_tokens, seed=args.sampling_seed
+    )
     prompts = args.prompt or [line.rstrip("\n") for line in sys.stdin if line.strip()]
     for out in llm.generate(prompts, params, use_tqdm=not args.quiet):
         completion = out.outputs[0]
         if args.json:
-            print(json.dumps({"prompt": out.prompt, "text": completion.text,
-                              "token_ids": completion.token_ids,
-                              "finish_reason": completion.finish_reason}))
+            print(
+                json.dumps(
+                    {
+                        "prompt": out.prompt,
+                        "text": completion.text,
+                        "token_ids": completion.token_ids,
+                        "finish_reason": completion.finish_reason,
+                    }
+                )
+            )
         else:
             print(f"{out.prompt!r} -> {completion.text!r}")
     return 0

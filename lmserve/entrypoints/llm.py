@@ -59,8 +59,12 @@ class LLM:
     def _run_engine(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         engine = self.llm_engine
         results: dict[str, RequestOutput] = {}
-        with tqdm(total=len(request_ids), desc="Processed prompts", disable=not use_tqdm,
-                  dynamic_ncols=True) as bar:
+        with tqdm(
+            total=len(request_ids),
+            desc="Processed prompts",
+            disable=not use_tqdm,
+            dynamic_ncols=True,
+        ) as bar:
             while engine.has_unfinished_requests():
                 for output in engine.step():
                     results[output.request_id] = output

@@ -112,8 +112,13 @@ class InputBatch:
         self.token_ids[dst, :n] = self.token_ids[src, :n]
         nb = self.num_blocks[src]
         self.block_table[dst, :nb] = self.block_table[src, :nb]
-        for arr in (self.num_tokens, self.num_prompt_tokens, self.num_computed_tokens,
-                    self.num_blocks, self.temperature):
+        for arr in (
+            self.num_tokens,
+            self.num_prompt_tokens,
+            self.num_computed_tokens,
+            self.num_blocks,
+            self.temperature,
+        ):
             arr[dst] = arr[src]
         if src in self.generators:
             self.generators[dst] = self.generators.pop(src)
@@ -156,8 +161,9 @@ class InputBatch:
             req_rows=rows,
             input_ids=self.token_ids[token_rows, positions].astype(np.int64),
             positions=positions.astype(np.int64),
-            slot_mapping=(self.block_table[token_rows, positions // bs].astype(np.int64) * bs
-                          + positions % bs),
+            slot_mapping=(
+                self.block_table[token_rows, positions // bs].astype(np.int64) * bs + positions % bs
+            ),
             query_start_loc=np.concatenate([[0], cu]).astype(np.int32),
             seq_lens=seq_lens,
             block_tables=self.block_table[rows, :max_blocks],

@@ -63,8 +63,11 @@ class Worker:
         block_size = self.config.cache_config.block_size
         logger.info(
             "KV cache: %d blocks x %d tokens = %d tokens (%.2f GiB) on %s",
-            num_gpu_blocks, block_size, num_gpu_blocks * block_size,
-            num_gpu_blocks * self.model_runner.kv_cache_bytes_per_block() / _GiB, self.device,
+            num_gpu_blocks,
+            block_size,
+            num_gpu_blocks * block_size,
+            num_gpu_blocks * self.model_runner.kv_cache_bytes_per_block() / _GiB,
+            self.device,
         )
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:

@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 
 import pytest
 
-
 from lmserve.config import CacheConfig, ConfigError, SchedulerConfig
 from lmserve.core.sched_output import ModelRunnerOutput, SchedulerOutput
 from lmserve.core.scheduler import Scheduler
@@ -273,7 +272,8 @@ def test_long_prefill_token_threshold_needs_chunked_prefill():
     # A capped prompt could never be admitted whole, so the combination is refused up front.
     with pytest.raises(ConfigError, match="long_prefill_token_threshold=20 .*chunked_prefill"):
         make_harness(
-            enable_chunked_prefill=False, long_prefill_token_threshold=20,
+            enable_chunked_prefill=False,
+            long_prefill_token_threshold=20,
             max_num_batched_tokens=1024,
         )
 

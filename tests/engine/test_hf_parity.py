@@ -35,9 +35,10 @@ def hf_greedy(model_dir: str, prompts: list[list[int]]) -> list[list[int]]:
         outs = []
         for ids in prompts:
             with torch.no_grad():
-                gen = model.generate(torch.tensor([ids]), max_new_tokens=MAX_TOKENS,
-                                     do_sample=False, pad_token_id=3)
-            outs.append(gen[0, len(ids):].tolist())
+                gen = model.generate(
+                    torch.tensor([ids]), max_new_tokens=MAX_TOKENS, do_sample=False, pad_token_id=3
+                )
+            outs.append(gen[0, len(ids) :].tolist())
         _hf_cache[key] = outs
     return _hf_cache[key]
 
@@ -106,8 +107,9 @@ def test_preemption_under_tiny_kv_pool_matches_hf(tiny_model_dir, arch):
     model_dir = tiny_model_dir(arch)
     prompts = make_prompts()
     # 24 blocks x 16 = 384 token slots for ~1,100 prompt tokens: preemption is unavoidable.
-    llm = make_llm(model_dir, num_gpu_blocks_override=24, max_model_len=384,
-                   enable_prefix_caching=False)
+    llm = make_llm(
+        model_dir, num_gpu_blocks_override=24, max_model_len=384, enable_prefix_caching=False
+    )
     _, ours = lmserve_greedy(llm, prompts)
     assert ours == hf_greedy(model_dir, prompts)
     sched = scheduler_of(llm)
@@ -119,8 +121,9 @@ def test_preemption_under_tiny_kv_pool_matches_hf(tiny_model_dir, arch):
 def test_preemption_with_prefix_caching_matches_hf(tiny_model_dir):
     model_dir = tiny_model_dir("llama")
     prompts = make_prompts()
-    llm = make_llm(model_dir, num_gpu_blocks_override=24, max_model_len=384,
-                   max_num_batched_tokens=64)
+    llm = make_llm(
+        model_dir, num_gpu_blocks_override=24, max_model_len=384, max_num_batched_tokens=64
+    )
     _, ours = lmserve_greedy(llm, prompts)
     assert ours == hf_greedy(model_dir, prompts)
     assert scheduler_of(llm).num_preemptions > 0
@@ -132,9 +135,10 @@ def test_text_prompts_match_hf_through_the_tokenizer(tiny_model_dir):
     texts = ["The small engine hums", "A farmer walks to the market with a basket of apples"]
     tokenizer = llm.get_tokenizer()
     ids = [tokenizer.encode(t) for t in texts]
-    outs = llm.generate(texts, SamplingParams(temperature=0, max_tokens=MAX_TOKENS),
-                        use_tqdm=False)
+    outs = llm.generate(texts, SamplingParams(temperature=0, max_tokens=MAX_TOKENS), use_tqdm=False)
     assert [o.prompt_token_ids for o in outs] == ids
     assert [o.outputs[0].token_ids for o in outs] == hf_greedy(model_dir, ids)
-    assert all(o.outputs[0].text == tokenizer.decode(o.outputs[0].token_ids,
-                                                     skip_special_tokens=True) for o in outs)
+    assert all(
+        o.outputs[0].text == tokenizer.decode(o.outputs[0].token_ids, skip_special_tokens=True)
+        for o in outs
+    )

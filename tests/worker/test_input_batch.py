@@ -11,13 +11,15 @@ from lmserve.worker.input_batch import InputBatch
 
 
 def new_req(req_id, prompt, blocks, computed=0, output=(), **params):
-    return NewRequestData(req_id, list(prompt), list(output), SamplingParams(**params),
-                          list(blocks), computed)
+    return NewRequestData(
+        req_id, list(prompt), list(output), SamplingParams(**params), list(blocks), computed
+    )
 
 
 def make_batch(max_reqs=4):
-    return InputBatch(max_num_reqs=max_reqs, max_model_len=64, block_size=4,
-                      device=torch.device("cpu"))
+    return InputBatch(
+        max_num_reqs=max_reqs, max_model_len=64, block_size=4, device=torch.device("cpu")
+    )
 
 
 def test_flat_inputs_for_a_mixed_batch_of_prefill_chunk_and_decode():
@@ -48,8 +50,7 @@ def test_unscheduled_rows_are_left_out_of_the_forward():
 def test_condense_fills_holes_with_the_last_rows():
     batch = make_batch()
     for i, name in enumerate("abcd"):
-        batch.add_request(new_req(name, [i + 1] * (i + 1), blocks=[i], temperature=0.5 * i,
-                                  seed=i))
+        batch.add_request(new_req(name, [i + 1] * (i + 1), blocks=[i], temperature=0.5 * i, seed=i))
     batch.remove_request("a")
     batch.remove_request("c")
     batch.condense()
