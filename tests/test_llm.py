@@ -176,3 +176,20 @@ def test_dummy_weights_need_no_checkpoint(tiny_model_dir):
         use_tqdm=False,
     )
     assert len(out[0].outputs[0].token_ids) == 3
+
+
+def test_n_samples_share_the_prompt_blocks(tiny_model_dir):
+    llm = LLM(tiny_model_dir("llama"), device="cpu", max_model_len=512, block_size=16)
+    engine = llm.llm_engine
+    params = SamplingParams(n=4, temperature=1.0, max_tokens=4, ignore_eos=True)
+    engine.add_request("r", {"prompt_token_ids": list(range(10, 50))}, params)  # 40 tokens
+    engine.step()  # one step admits and prefills all four samples
+    kv = engine.engine_core.engine_core.scheduler.kv_cache_manager
+    tables = [kv.get_block_ids(f"r#{i}") for i in range(4)]
+    # 2 full prompt blocks shared by all four, plus one partial block each: 6, not 12.
+    assert kv.num_gpu_blocks - kv.num_free_blocks == 6
+    assert all(t[:2] == tables[0][:2] for t in tables)
+    assert len({t[2] for t in tables}) == 4
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert kv.num_free_blocks == kv.num_gpu_blocks

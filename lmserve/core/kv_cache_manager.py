@@ -255,20 +255,30 @@ class KVCacheManager:
             self.num_cached_blocks[request.request_id] = len(req_blocks)
         new_blocks = [self._pop_free_block() for _ in range(num_new_blocks)]
         req_blocks.extend(new_blocks)
+        # Hash the blocks this step fills now, not after the forward: a request admitted later
+        # in the same step (e.g. the other n-1 samples of a prompt) then shares them. Safe
+        # because every backend writes a layer's new KV before any query of that layer reads
+        # it; `free(..., num_computed_tokens)` un-hashes them if this step is taken back.
+        self.cache_blocks(
+            request, request.num_computed_tokens + num_new_computed_tokens + num_new_tokens
+        )
         return KVCacheBlocks(tuple(new_blocks))
 
     def _pop_free_block(self) -> KVCacheBlock:
         block = self.free_queue.popleft()
-        if block.block_hash is not None:  # eviction: forget the cached content
-            if self.cached_blocks.get(block.block_hash) is block:
-                del self.cached_blocks[block.block_hash]
-            block.block_hash = None
+        self._forget_hash(block)  # eviction: its cached content is gone
         block.ref_cnt = 1
         return block
 
+    def _forget_hash(self, block: KVCacheBlock) -> None:
+        if block.block_hash is not None:
+            if self.cached_blocks.get(block.block_hash) is block:
+                del self.cached_blocks[block.block_hash]
+            block.block_hash = None
+
     def cache_blocks(self, request: Request, num_computed_tokens: int) -> None:
-        """Register the full blocks among the first `num_computed_tokens` tokens (whose KV has
-        been written) in the prefix cache. Call after the step that computed them."""
+        """Register the full blocks among the first `num_computed_tokens` tokens (whose KV is
+        written by the end of the current step) in the prefix cache."""
         if not self.enable_caching:
             return
         start = self.num_cached_blocks.get(request.request_id, 0)
@@ -281,6 +291,7 @@ class KVCacheManager:
         if num_full <= start:
             return
         self._update_block_hashes(request)
+        num_full = min(num_full, len(request.block_hashes))  # only blocks of known tokens
         for i in range(start, num_full):
             block, block_hash = req_blocks[i], request.block_hashes[i]
             if block.block_hash is None:
@@ -289,11 +300,18 @@ class KVCacheManager:
                 self.cached_blocks.setdefault(block_hash, block)
         self.num_cached_blocks[request.request_id] = num_full
 
-    def free(self, request: Request) -> None:
+    def free(self, request: Request, num_computed_tokens: int | None = None) -> None:
         """Drop the request's references. Blocks reaching ref 0 join the free queue's tail in
-        reverse order, so a request's last blocks (least likely shared) are evicted first."""
+        reverse order, so a request's last blocks (least likely shared) are evicted first.
+
+        `num_computed_tokens`: pass it when taking back a step already scheduled (preemption
+        in the same step): blocks past it were hashed for KV that will never be written, so
+        they lose their hash."""
         blocks = self.req_to_blocks.pop(request.request_id, [])
         self.num_cached_blocks.pop(request.request_id, None)
+        if num_computed_tokens is not None:
+            for block in blocks[num_computed_tokens // self.block_size :]:
+                self._forget_hash(block)
         for block in reversed(blocks):
             block.ref_cnt -= 1
             if block.ref_cnt == 0:

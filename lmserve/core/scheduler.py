@@ -190,7 +190,7 @@ class Scheduler:
     def _preempt(self, request: Request, step: _StepPlan) -> None:
         self.running.remove(request)
         step.unschedule(request)
-        self.kv_cache_manager.free(request)
+        self.kv_cache_manager.free(request, request.num_computed_tokens)
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
         request.num_preemptions += 1
@@ -239,7 +239,6 @@ class Scheduler:
             request = self.requests.get(req_id)
             if request is None or request.status != RequestStatus.RUNNING:
                 continue  # aborted (or preempted) while the step ran
-            self.kv_cache_manager.cache_blocks(request, request.num_computed_tokens)
             sampled = runner_output.sampled_token_ids[runner_output.req_id_to_index[req_id]]
             if not sampled:
                 continue  # mid-prompt chunk: nothing sampled yet

@@ -115,18 +115,30 @@ def test_only_full_blocks_are_hashed():
     assert len(block_hashes(manager, request)) == 3
 
 
-def test_cache_blocks_registers_only_full_computed_blocks_as_chunks_arrive():
-    manager = make_manager()
+def test_allocate_slots_hashes_only_the_full_blocks_each_chunk_fills():
+    manager = make_manager()  # block_size 4
     request = make_request("a", list(range(11)))
-    manager.allocate_slots(request, 11)
-    ids = manager.get_block_ids("a")
-    manager.cache_blocks(request, 3)  # not one full block yet
+    manager.allocate_slots(request, 3)  # chunk 1: tokens 0-2, not one full block yet
     assert manager.cached_blocks == {}
-    manager.cache_blocks(request, 6)  # chunk boundary inside block 1
+    request.num_computed_tokens = 3
+    manager.allocate_slots(request, 3)  # chunk 2: tokens 3-5, block 0 is now full
+    ids = manager.get_block_ids("a")
     assert [b.block_id for b in manager.cached_blocks.values()] == ids[:1]
-    manager.cache_blocks(request, 11)  # the partial third block stays unhashed
+    request.num_computed_tokens = 6
+    manager.allocate_slots(request, 5)  # chunk 3: tokens 6-10, block 1 full, block 2 partial
+    ids = manager.get_block_ids("a")
     assert [b.block_id for b in manager.cached_blocks.values()] == ids[:2]
     assert manager.blocks[ids[2]].block_hash is None
+
+
+def test_freeing_a_step_taken_back_unhashes_the_blocks_it_would_have_filled():
+    manager = make_manager()
+    request = make_request("a", list(range(12)))
+    manager.allocate_slots(request, 8)  # hashes blocks 0 and 1 for this step
+    assert len(manager.cached_blocks) == 2
+    manager.free(request, num_computed_tokens=0)  # the step never ran (preempted)
+    assert manager.cached_blocks == {}
+    assert manager.get_computed_blocks(make_request("b", list(range(12))))[1] == 0
 
 
 def test_cache_salt_changes_every_block_hash():
@@ -324,7 +336,8 @@ def test_evicting_a_cached_block_forgets_its_hash():
     assert set(a_hashes) <= set(manager.cached_blocks)
     manager.allocate_slots(make_request("x", list(range(500, 508))), 8)  # evicts both blocks
     assert not set(a_hashes) & set(manager.cached_blocks)
-    assert all(b.block_hash is None for b in manager.blocks)
+    # What stays hashed is x's own content, in x's blocks.
+    assert {b.block_id for b in manager.cached_blocks.values()} == set(manager.get_block_ids("x"))
     assert manager.get_computed_blocks(make_request("b", list(range(8)) + [1]))[1] == 0
 
 
@@ -346,7 +359,8 @@ def test_duplicate_content_keeps_the_first_cached_block():
     manager.free(b)
     # Evicting every block, duplicates included, leaves no dangling cache entry.
     manager.allocate_slots(make_request("x", list(range(100, 132))), 32)
-    assert manager.cached_blocks == {}
+    assert {b.block_id for b in manager.cached_blocks.values()} == set(manager.get_block_ids("x"))
+    assert not set(a.block_hashes) & set(manager.cached_blocks)
     assert_consistent(manager)
 
 

@@ -1,0 +1,41 @@
+"""Every LMSERVE_* environment variable, typed and documented, in one place.
+
+Read them through this module (`from lmserve import envs; envs.LMSERVE_CACHE_DIR`) so each is
+parsed the same way everywhere; values are read when accessed, not at import.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+
+def _bool(name: str, default: bool) -> Callable[[], bool]:
+    return lambda: os.environ.get(name, "1" if default else "0").strip().lower() in ("1", "true", "yes")
+
+
+def _path(name: str, default: str) -> Callable[[], str]:
+    return lambda: os.path.expanduser(os.environ.get(name, default))
+
+
+ENVIRONMENT_VARIABLES: dict[str, tuple[Callable[[], Any], str]] = {
+    "LMSERVE_CACHE_DIR": (
+        _path("LMSERVE_CACHE_DIR", os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "lmserve")),
+        "where lmserve keeps converted models (GGUF → safetensors) and other caches",
+    ),
+    "LMSERVE_LOGGING_LEVEL": (
+        lambda: os.environ.get("LMSERVE_LOGGING_LEVEL", "INFO").upper(),
+        "log level of the lmserve logger",
+    ),
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in ENVIRONMENT_VARIABLES:
+        return ENVIRONMENT_VARIABLES[name][0]()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return list(ENVIRONMENT_VARIABLES)
