@@ -8,10 +8,13 @@ ValueError) naming the field, the value and what is allowed.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
@@ -34,14 +37,14 @@ _DTYPES = {
     "float16": torch.float16,
     "half": torch.float16,
 }
-LOAD_FORMATS = ("auto", "safetensors", "dummy")
+LOAD_FORMATS = ("auto", "safetensors", "dummy", "gguf")  # gguf: same as auto, for a .gguf file
 HASH_ALGOS = ("sha256", "xxhash")
 SCHEDULING_POLICIES = ("fcfs", "priority")
 
 
 @dataclass
 class ModelConfig:
-    model: str  # local HF folder or hub id
+    model: str | None = None  # local HF folder, hub id or .gguf file; None = the default model
     tokenizer: str | None = None  # defaults to `model`
     dtype: str | torch.dtype = "auto"  # auto = the checkpoint's dtype (bf16/fp16/fp32)
     max_model_len: int | None = None  # None = the model's max_position_embeddings
@@ -54,10 +57,16 @@ class ModelConfig:
     model_path: str | None = field(default=None, repr=False)  # resolved local folder
 
     def __post_init__(self) -> None:
+        if self.model is None:
+            self.model = _default_model()
         if not isinstance(self.model, str) or not self.model:
-            _fail("ModelConfig", "model", self.model, "must be a model folder or hub id")
+            _fail("ModelConfig", "model", self.model, "must be a model folder, hub id or .gguf file")
         if self.load_format not in LOAD_FORMATS:
             _fail("ModelConfig", "load_format", self.load_format, f"must be one of {LOAD_FORMATS}")
+        if self.load_format == "gguf":  # the converted folder then loads like any other
+            if not self.model.lower().endswith(".gguf"):
+                _fail("ModelConfig", "load_format", "gguf", "needs model to be a .gguf file")
+            self.load_format = "auto"
         _require_int("ModelConfig", "seed", self.seed, lo=0)
         if self.hf_config is None:
             self.model_path, self.hf_config = _load_hf_config(self.model, self.revision)
@@ -100,6 +109,17 @@ class ModelConfig:
                 f"exceeds the model's limit (max_position_embeddings={limit})",
             )
         return max_model_len
+
+
+def _default_model() -> str:
+    from lmserve.model.default_model import DEFAULT_MODEL_NAME, default_model_path
+
+    try:
+        path = default_model_path()
+    except FileNotFoundError as e:
+        raise ConfigError(f"ModelConfig.model=None: {e}") from e
+    logger.info("no model given: serving the default model %s (%s)", DEFAULT_MODEL_NAME, path)
+    return path
 
 
 def _load_hf_config(model: str, revision: str | None) -> tuple[str, Any]:

@@ -6,9 +6,16 @@ is allowed, before the request reaches the engine.
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 
 _GREEDY_EPS = 1e-5  # temperature below this is treated as greedy (argmax)
+
+
+class RequestOutputKind(enum.IntEnum):
+    CUMULATIVE = 0  # every update carries everything generated so far
+    DELTA = 1  # every update carries only what is new (streaming)
+    FINAL_ONLY = 2  # one output, when the request finishes (LLM.generate)
 
 
 @dataclass
@@ -33,6 +40,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from lmserve.engine.messages import LogprobsLists
 from lmserve.sampling_params import SamplingParams
 
 
@@ -18,6 +19,7 @@ class NewRequestData:
     prompt_token_ids: list[int]
     output_token_ids: list[int]  # non-empty only when resuming after a preemption
     sampling_params: SamplingParams
+    eos_token_id: int | None  # banned until min_tokens are out
     block_ids: list[int]  # all blocks of the request, in token order
     num_computed_tokens: int  # tokens already in the KV cache (prefix-cache hit)
 
@@ -55,3 +57,7 @@ class ModelRunnerOutput:
     req_ids: list[str]  # every request scheduled this step, in batch order
     req_id_to_index: dict[str, int]
     sampled_token_ids: list[list[int]]  # [] for a request still mid-prompt (chunked prefill)
+    # Parallel to req_ids: logprobs of the sampled tokens, for requests that asked.
+    logprobs: list[LogprobsLists | None] = field(default_factory=list)
+    # req_id -> logprobs of the prompt tokens computed this step (requests that asked).
+    prompt_logprobs: dict[str, LogprobsLists] = field(default_factory=dict)

@@ -223,6 +223,7 @@ class Scheduler:
                     prompt_token_ids=request.prompt_token_ids,
                     output_token_ids=request.output_token_ids,
                     sampling_params=request.sampling_params,
+                    eos_token_id=request.eos_token_id,
                     block_ids=kv.get_block_ids(request.request_id),
                     num_computed_tokens=num_hit,
                 )
@@ -239,16 +240,21 @@ class Scheduler:
             request = self.requests.get(req_id)
             if request is None or request.status != RequestStatus.RUNNING:
                 continue  # aborted (or preempted) while the step ran
-            sampled = runner_output.sampled_token_ids[runner_output.req_id_to_index[req_id]]
-            if not sampled:
-                continue  # mid-prompt chunk: nothing sampled yet
-            new_token_ids = self._append_and_check_stop(request, sampled)
+            index = runner_output.req_id_to_index[req_id]
+            sampled = runner_output.sampled_token_ids[index]
+            prompt_logprobs = runner_output.prompt_logprobs.get(req_id)
+            if not sampled and prompt_logprobs is None:
+                continue  # mid-prompt chunk: nothing to report yet
+            new_token_ids = self._append_and_check_stop(request, sampled) if sampled else []
             if request.is_finished:
                 finished.append(request)
+            logprobs = runner_output.logprobs[index] if runner_output.logprobs else None
             outputs.append(
                 EngineCoreOutput(
                     request_id=req_id,
                     new_token_ids=new_token_ids,
+                    new_logprobs=logprobs,
+                    new_prompt_logprobs=prompt_logprobs,
                     finish_reason=request.status.finish_reason,
                     stop_reason=request.stop_reason,
                     num_cached_tokens=max(request.num_cached_tokens, 0),

@@ -25,6 +25,7 @@ class InputProcessor:
         """(prompt text or None, the engine request). Raises ValueError on bad input."""
         text, token_ids = self._tokenize(prompt)
         self._validate_token_ids(token_ids)
+        self._validate_params_token_ids(params)
         if self.extra_eos_ids and not params.ignore_eos:
             stop_ids = list(dict.fromkeys(params.stop_token_ids + self.extra_eos_ids))
             params = dataclasses.replace(params, stop_token_ids=stop_ids)
@@ -59,6 +60,13 @@ class InputProcessor:
             f"got {type(prompt).__name__}"
         )
 
+    def _validate_params_token_ids(self, params: SamplingParams) -> None:
+        vocab_size = self.model_config.vocab_size
+        for token_id in params.stop_token_ids:
+            _check_vocab("stop_token_ids", token_id, vocab_size)
+        for token_id in params.logit_bias or {}:
+            _check_vocab("logit_bias", token_id, vocab_size)
+
     def _validate_token_ids(self, token_ids: list[int]) -> None:
         if not token_ids:
             raise ValueError("the prompt is empty: it must have at least one token")
@@ -71,6 +79,11 @@ class InputProcessor:
             raise ValueError(
                 f"the prompt has {len(token_ids)} tokens, more than max_model_len={max_len}"
             )
+
+
+def _check_vocab(what: str, token_id: int, vocab_size: int) -> None:
+    if not 0 <= token_id < vocab_size:
+        raise ValueError(f"{what} token id {token_id} is out of range [0, {vocab_size})")
 
 
 def _eos_token_ids(

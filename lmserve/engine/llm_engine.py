@@ -48,18 +48,21 @@ class LLMEngine:
             self.engine_core.add_request(child)
 
     def abort_request(self, request_ids: list[str]) -> None:
-        self.engine_core.abort_requests(request_ids)
+        """Abort user requests (all their samples); unknown ids are ignored."""
+        engine_ids = self.output_processor.abort_requests(request_ids)
+        if engine_ids:
+            self.engine_core.abort_requests(engine_ids)
 
     def has_unfinished_requests(self) -> bool:
         return self.output_processor.has_unfinished_requests()
 
     def step(self) -> list[RequestOutput]:
-        """One engine step; returns the user requests that finished in it."""
+        """One engine step; returns the updates it produced (per each request's output_kind)."""
         outputs = self.engine_core.get_output()
-        finished, to_abort = self.output_processor.process_outputs(outputs.outputs)
-        if to_abort:
+        request_outputs, to_abort = self.output_processor.process_outputs(outputs.outputs)
+        if to_abort:  # stop strings found in the front-end: free the engine's requests
             self.engine_core.abort_requests(to_abort)
-        return finished
+        return request_outputs
 
     def shutdown(self) -> None:
         self.engine_core.shutdown()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Sequence
 from typing import Any
@@ -9,10 +10,11 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from lmserve.config import EngineConfig
+from lmserve.engine.chat import apply_chat_template, validate_conversation
 from lmserve.engine.input_processor import PromptType
 from lmserve.engine.llm_engine import LLMEngine
 from lmserve.outputs import RequestOutput
-from lmserve.sampling_params import SamplingParams
+from lmserve.sampling_params import RequestOutputKind, SamplingParams
 
 
 class LLM:
@@ -24,7 +26,7 @@ class LLM:
     Keyword arguments are vLLM's engine arguments (see `EngineConfig.from_kwargs`).
     """
 
-    def __init__(self, model: str, **engine_kwargs: Any) -> None:
+    def __init__(self, model: str | None = None, **engine_kwargs: Any) -> None:
         self.config = EngineConfig.from_kwargs(model, **engine_kwargs)
         self.llm_engine = LLMEngine(self.config)
         self._request_counter = itertools.count()
@@ -44,7 +46,10 @@ class LLM:
         if isinstance(prompts, str | dict):
             prompts = [prompts]
         prompts = list(prompts)
-        params = _broadcast("sampling_params", sampling_params or SamplingParams(), len(prompts))
+        params = [
+            dataclasses.replace(p, output_kind=RequestOutputKind.FINAL_ONLY)
+            for p in _broadcast("sampling_params", sampling_params or SamplingParams(), len(prompts))
+        ]
         priorities = _broadcast("priority", priority if priority is not None else 0, len(prompts))
         request_ids = [str(next(self._request_counter)) for _ in prompts]
         engine = self.llm_engine
@@ -55,6 +60,27 @@ class LLM:
         for prompt_text, request in processed:
             engine.add_processed_request(prompt_text, request)
         return self._run_engine(request_ids, use_tqdm)
+
+    def chat(
+        self,
+        messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+        chat_template: str | None = None,
+        add_generation_prompt: bool = True,
+    ) -> list[RequestOutput]:
+        """Generate replies to one conversation (a list of {"role", "content"} messages) or to
+        a list of conversations, rendered with the tokenizer's chat template."""
+        conversations = messages if messages and isinstance(messages[0], list) else [messages]
+        tokenizer = self.llm_engine.tokenizer
+        prompts = []
+        for conversation in conversations:
+            validated = validate_conversation(conversation)
+            token_ids = apply_chat_template(
+                tokenizer, validated, chat_template, add_generation_prompt
+            )
+            prompts.append({"prompt_token_ids": token_ids, "prompt": tokenizer.decode(token_ids)})
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 
     def _run_engine(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         engine = self.llm_engine
@@ -67,8 +93,9 @@ class LLM:
         ) as bar:
             while engine.has_unfinished_requests():
                 for output in engine.step():
-                    results[output.request_id] = output
-                    bar.update(1)
+                    if output.finished:
+                        results[output.request_id] = output
+                        bar.update(1)
         return [results[r] for r in request_ids]
 
 

@@ -35,8 +35,13 @@ _SAFETENSORS_INDEX = "model.safetensors.index.json"
 
 
 def resolve_model_path(model: str, revision: str | None = None) -> str:
-    """A local folder is returned as-is; anything else is taken as a Hugging Face Hub id and
-    downloaded into (or found in) the local HF cache."""
+    """A local folder is returned as-is; a .gguf file gives its converted HF folder (converted
+    on first use, then cached: see gguf_loader); anything else is taken as a Hugging Face Hub id
+    and downloaded into (or found in) the local HF cache."""
+    if model.lower().endswith(".gguf") and not os.path.isdir(model):
+        from lmserve.model.gguf_loader import cached_gguf_folder
+
+        return cached_gguf_folder(model)
     if os.path.isdir(model):
         return model
     if model.startswith(("/", "./", "../", "~")) or os.path.exists(model):

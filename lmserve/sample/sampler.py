@@ -1,8 +1,25 @@
 """Batched sampling: one pass over the batch, per-request parameters as tensors.
 
+Order of work for one step (vLLM V1's):
+
+    raw logits ──► log_softmax ──► logprobs (if asked)       <- the RAW model distribution
+        │
+        └─► float32 copy ─► logit_bias ─► banned tokens ─► penalties
+                 │                                            │
+                 │        greedy rows: argmax ◄───────────────┤
+                 │                                            ▼
+                 │        random rows: / temperature ─► min_p ─► top-k ─► top-p ─► race
+                 └─ (no copy at all when no bias/ban/penalty is in use)
+
+Logprobs therefore come from `log_softmax(raw logits)`: bias, bans, penalties, temperature and
+truncation never change them (see lmserve/sample/logprobs.py).
+
 Random sampling uses the exponential-race trick: argmax(p / E) with E ~ Exp(1) draws from p,
 needs no cumulative sum and no device sync, and lets each seeded request draw its noise from its
 own generator, so the same seed gives the same output whatever else is in the batch.
+
+Device syncs: none, except top-k used without top-p in the batch, which reads the batch's largest
+k on the host to size `torch.topk` (see truncation.py).
 """
 
 from __future__ import annotations
@@ -11,38 +28,112 @@ from dataclasses import dataclass
 
 import torch
 
+from lmserve.sample.logprobs import LogprobsTensors, compute_logprobs_tensors, gather_logprobs
+from lmserve.sample.metadata import SamplingMetadata
+from lmserve.sample.penalties import apply_banned_tokens, apply_logit_bias, apply_penalties
+from lmserve.sample.truncation import apply_min_p, apply_top_k_top_p
+
+__all__ = [
+    "LogprobsTensors",
+    "Sampler",
+    "SamplerOutput",
+    "SamplingMetadata",
+    "compute_logprobs_tensors",
+]
+
 
 @dataclass(slots=True)
-class SamplingMetadata:
-    temperature: torch.Tensor  # [num_reqs] float32; 0 rows are greedy
-    all_greedy: bool
-    all_random: bool
-    generators: dict[int, torch.Generator]  # batch row -> its seeded generator
+class SamplerOutput:
+    sampled_token_ids: torch.Tensor  # [num_reqs] int64
+    logprobs: LogprobsTensors | None  # None when metadata.max_num_logprobs is None
 
 
 class Sampler(torch.nn.Module):
+    """Stateless; `forward` never modifies `logits`."""
+
     def forward(
         self,
-        logits: torch.Tensor,  # [num_reqs, vocab_size] float32
+        logits: torch.Tensor,  # [num_reqs, vocab_size] float32, raw model output
+        metadata: SamplingMetadata,
+    ) -> SamplerOutput:
+        raw_logprobs = None  # [num_reqs, vocab_size]
+        if metadata.max_num_logprobs is not None:
+            raw_logprobs = torch.log_softmax(logits, dim=-1, dtype=torch.float32)
+        sampled = self.sample(logits, metadata)
+        if raw_logprobs is None:
+            return SamplerOutput(sampled, None)
+        logprobs = gather_logprobs(raw_logprobs, sampled, metadata.max_num_logprobs)
+        return SamplerOutput(sampled, logprobs)
+
+    def sample(
+        self,
+        logits: torch.Tensor,  # [num_reqs, vocab_size], raw model output; not modified
         metadata: SamplingMetadata,
     ) -> torch.Tensor:  # [num_reqs] int64
-        greedy = logits.argmax(dim=-1)
+        processed = _apply_logit_edits(logits, metadata)  # `logits` itself when there are none
         if metadata.all_greedy:
-            return greedy
-        # Greedy rows get temperature 1 here; their random draw is discarded below.
-        temperature = torch.where(metadata.temperature > 0, metadata.temperature, 1.0)
-        probs = torch.softmax(logits / temperature[:, None], dim=-1)
-        sampled = self._random_sample(probs, metadata.generators)
-        if metadata.all_random:
+            return processed.argmax(dim=-1)
+        greedy = None if metadata.all_random else processed.argmax(dim=-1)  # [num_reqs]
+
+        temperature = metadata.temperature.to(processed.dtype)  # [num_reqs]
+        if not metadata.all_random:
+            # Greedy rows take temperature 1 here; their random draw is discarded below.
+            temperature = torch.where(temperature > 0, temperature, 1.0)
+        if processed is logits:
+            scaled = processed / temperature[:, None]  # the working copy starts here
+        else:
+            scaled = processed.div_(temperature[:, None])
+        _apply_truncation(scaled, metadata)
+        sampled = _exponential_race(scaled.softmax(dim=-1), metadata.generators)
+        if greedy is None:
             return sampled
         return torch.where(metadata.temperature > 0, sampled, greedy)
 
-    @staticmethod
-    def _random_sample(
-        probs: torch.Tensor,  # [num_reqs, vocab_size]
-        generators: dict[int, torch.Generator],
-    ) -> torch.Tensor:  # [num_reqs]
-        noise = torch.empty_like(probs).exponential_()
-        for row, generator in generators.items():
-            noise[row].exponential_(generator=generator)
-        return probs.div_(noise).argmax(dim=-1)
+
+def _apply_logit_edits(logits: torch.Tensor, metadata: SamplingMetadata) -> torch.Tensor:
+    """Bias, bans and penalties on a float32 copy; returns `logits` itself when none is in use."""
+    uses_penalties = (
+        metadata.presence_penalties is not None
+        or metadata.frequency_penalties is not None
+        or metadata.repetition_penalties is not None
+    )
+    if metadata.logit_bias is None and metadata.banned_tokens is None and not uses_penalties:
+        return logits
+    processed = logits.to(torch.float32, copy=True)  # [num_reqs, vocab_size]
+    if metadata.logit_bias is not None:
+        apply_logit_bias(processed, metadata.logit_bias)
+    if metadata.banned_tokens is not None:
+        apply_banned_tokens(processed, metadata.banned_tokens)
+    if uses_penalties:
+        apply_penalties(processed, metadata)
+    return processed
+
+
+def _apply_truncation(
+    logits: torch.Tensor,  # [num_reqs, vocab_size], temperature-scaled; edited in place
+    metadata: SamplingMetadata,
+) -> None:
+    if metadata.min_p is not None:
+        apply_min_p(logits, metadata.min_p)
+    if metadata.top_k is not None or metadata.top_p is not None:
+        apply_top_k_top_p(logits, metadata.top_k, metadata.top_p)
+
+
+def _exponential_race(
+    probs: torch.Tensor,  # [num_reqs, vocab_size], rows sum to 1; overwritten
+    generators: dict[int, torch.Generator],  # row -> the request's seeded generator
+) -> torch.Tensor:  # [num_reqs] int64
+    """argmax(p / E), E ~ Exp(1) i.i.d.: token i wins with probability p_i, without a cumsum.
+
+    Seeded rows draw their whole row of noise from their own generator, so their draw depends
+    only on their generator's state, not on the batch. The loop is over seeded rows, not tokens
+    (one small kernel launch each), and each generator must live on the logits' device.
+    NOTE: torch's CPU exponential_ can return 0 with probability ~2**-53 (pytorch#22557); 0/0
+    would then be NaN, which argmax picks. CUDA's never returns 0. We accept that odds on CPU.
+    """
+    noise = torch.empty_like(probs)  # [num_reqs, vocab_size]
+    if len(generators) < probs.shape[0]:
+        noise.exponential_()
+    for row, generator in generators.items():
+        noise[row].exponential_(generator=generator)
+    return probs.div_(noise).argmax(dim=-1)

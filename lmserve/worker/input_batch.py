@@ -48,6 +48,17 @@ class InputBatch:
         self.block_table = np.zeros((max_num_reqs, max_blocks_per_req), dtype=np.int32)
         self.num_blocks = np.zeros(max_num_reqs, dtype=np.int32)
         self.temperature = np.zeros(max_num_reqs, dtype=np.float32)
+        # Per-row sampling parameters, as arrays so a step gathers them without a Python loop.
+        self.top_k = np.zeros(max_num_reqs, dtype=np.int64)  # 0 = off
+        self.top_p = np.ones(max_num_reqs, dtype=np.float32)
+        self.min_p = np.zeros(max_num_reqs, dtype=np.float32)
+        self.presence_penalty = np.zeros(max_num_reqs, dtype=np.float32)
+        self.frequency_penalty = np.zeros(max_num_reqs, dtype=np.float32)
+        self.repetition_penalty = np.ones(max_num_reqs, dtype=np.float32)
+        self.min_tokens = np.zeros(max_num_reqs, dtype=np.int32)
+        self.num_logprobs = np.full(max_num_reqs, -1, dtype=np.int32)  # -1 = not asked
+        self.eos_token_id = np.full(max_num_reqs, -1, dtype=np.int64)  # -1 = none
+        self.has_logit_bias = np.zeros(max_num_reqs, dtype=bool)
         self.generators: dict[int, torch.Generator] = {}  # row -> seeded generator
         self.sampling_params: list[SamplingParams | None] = [None] * max_num_reqs
         self.req_ids: list[str | None] = [None] * max_num_reqs
@@ -67,6 +78,16 @@ class InputBatch:
         self.append_block_ids(row, new.block_ids)
         params = new.sampling_params
         self.temperature[row] = 0.0 if params.greedy else params.temperature
+        self.top_k[row] = max(params.top_k, 0)
+        self.top_p[row] = params.top_p
+        self.min_p[row] = params.min_p
+        self.presence_penalty[row] = params.presence_penalty
+        self.frequency_penalty[row] = params.frequency_penalty
+        self.repetition_penalty[row] = params.repetition_penalty
+        self.min_tokens[row] = params.min_tokens
+        self.num_logprobs[row] = -1 if params.logprobs is None else params.logprobs
+        self.eos_token_id[row] = -1 if new.eos_token_id is None else new.eos_token_id
+        self.has_logit_bias[row] = bool(params.logit_bias)
         if params.seed is not None and not params.greedy:
             self.generators[row] = torch.Generator(self.device).manual_seed(params.seed)
         self.sampling_params[row] = params
@@ -112,13 +133,7 @@ class InputBatch:
         self.token_ids[dst, :n] = self.token_ids[src, :n]
         nb = self.num_blocks[src]
         self.block_table[dst, :nb] = self.block_table[src, :nb]
-        for arr in (
-            self.num_tokens,
-            self.num_prompt_tokens,
-            self.num_computed_tokens,
-            self.num_blocks,
-            self.temperature,
-        ):
+        for arr in self._per_row_arrays():
             arr[dst] = arr[src]
         if src in self.generators:
             self.generators[dst] = self.generators.pop(src)
@@ -126,6 +141,14 @@ class InputBatch:
         req_id = self.req_ids[src]
         self.req_ids[dst], self.req_ids[src] = req_id, None
         self.req_id_to_index[req_id] = dst
+
+    def _per_row_arrays(self) -> tuple[np.ndarray, ...]:
+        return (
+            self.num_tokens, self.num_prompt_tokens, self.num_computed_tokens, self.num_blocks,
+            self.temperature, self.top_k, self.top_p, self.min_p, self.presence_penalty,
+            self.frequency_penalty, self.repetition_penalty, self.min_tokens,
+            self.num_logprobs, self.eos_token_id, self.has_logit_bias,
+        )  # fmt: skip
 
     def _first_free_row(self) -> int:
         for row in range(self.num_reqs):

@@ -11,8 +11,11 @@ from lmserve.attention import AttentionMetadata, ForwardContext, get_attention_b
 from lmserve.config import EngineConfig
 from lmserve.core.sched_output import ModelRunnerOutput, SchedulerOutput
 from lmserve.model.loader import get_kv_cache_spec, load_model
-from lmserve.sample.sampler import Sampler, SamplingMetadata
+from lmserve.engine.messages import LogprobsLists
+from lmserve.sample.logprobs import LogprobsTensors, compute_logprobs_tensors
+from lmserve.sample.sampler import Sampler, SamplerOutput
 from lmserve.worker.input_batch import FlatInputs, InputBatch
+from lmserve.worker.sampling_inputs import build_sampling_metadata
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +35,7 @@ class ModelRunner:
         )
         self.attn_backend = get_attention_backend(device.type)
         self.sampler = Sampler()
+        self.vocab_size = model_config.vocab_size
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.model: torch.nn.Module | None = None
 
@@ -67,18 +71,26 @@ class ModelRunner:
     @torch.inference_mode()
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         self._update_states(scheduler_output)
-        batch = self.input_batch
         if scheduler_output.is_empty:
             return ModelRunnerOutput(req_ids=[], req_id_to_index={}, sampled_token_ids=[])
-        flat = batch.prepare_inputs(scheduler_output.num_scheduled_tokens)
-        ctx = self._forward_context(flat)
+        flat = self.input_batch.prepare_inputs(scheduler_output.num_scheduled_tokens)
         input_ids = torch.from_numpy(flat.input_ids).to(self.device)
         positions = torch.from_numpy(flat.positions).to(self.device)
-        hidden = self.model(input_ids, positions, ctx)  # [num_tokens, hidden_size]
-        logits_indices = torch.from_numpy(flat.logits_indices).to(self.device)
-        logits = self.model.compute_logits(hidden[logits_indices])  # [num_reqs, vocab]
-        sampled = self.sampler(logits, self._sampling_metadata(flat.req_rows)).cpu().numpy()
-        return self._collect(flat, sampled)
+        hidden = self.model(input_ids, positions, self._forward_context(flat))  # [tokens, hidden]
+        # Only rows that reach their last known token sample; a mid-prompt chunk's logits are
+        # never computed (and its seeded generator never advanced).
+        sampling = flat.completes_known_tokens  # [num_reqs] bool
+        sample_rows = flat.req_rows[sampling]
+        sampler_output = None
+        if len(sample_rows):
+            logits_indices = torch.from_numpy(flat.logits_indices[sampling]).to(self.device)
+            logits = self.model.compute_logits(hidden[logits_indices])  # [num_sampling, vocab]
+            metadata = build_sampling_metadata(
+                self.input_batch, sample_rows, self.vocab_size, self.device
+            )
+            sampler_output = self.sampler(logits, metadata)
+        prompt_logprobs = self._prompt_logprobs(flat, hidden)
+        return self._collect(flat, sample_rows, sampler_output, prompt_logprobs)
 
     def _update_states(self, scheduler_output: SchedulerOutput) -> None:
         batch = self.input_batch
@@ -111,28 +123,70 @@ class ModelRunner:
         )
         return ForwardContext(metadata, self.kv_caches, self.attn_backend)
 
-    def _sampling_metadata(self, rows: np.ndarray) -> SamplingMetadata:
+    def _prompt_logprobs(
+        self, flat: FlatInputs, hidden: torch.Tensor
+    ) -> dict[str, LogprobsLists]:
+        """Logprobs of each scheduled prompt token's successor, for requests that asked.
+        Prompt logprobs requests skip the prefix cache, so every prompt position is computed
+        here, chunk by chunk."""
         batch = self.input_batch
-        temperature = batch.temperature[rows]
-        row_pos = {int(r): i for i, r in enumerate(rows)}
-        generators = {row_pos[r]: g for r, g in batch.generators.items() if r in row_pos}
-        return SamplingMetadata(
-            temperature=torch.from_numpy(temperature).to(self.device),
-            all_greedy=bool((temperature == 0).all()),
-            all_random=bool((temperature > 0).all()),
-            generators=generators,
-        )
+        result: dict[str, LogprobsLists] = {}
+        for i, row in enumerate(flat.req_rows.tolist()):
+            params = batch.sampling_params[row]
+            if params.prompt_logprobs is None:
+                continue
+            start, end = int(flat.query_start_loc[i]), int(flat.query_start_loc[i + 1])
+            first_pos = int(flat.positions[start])
+            num_prompt = int(batch.num_prompt_tokens[row])
+            last_pos = min(first_pos + (end - start), num_prompt - 1)  # exclusive
+            if last_pos <= first_pos:
+                continue
+            targets = torch.from_numpy(
+                batch.token_ids[row, first_pos + 1 : last_pos + 1].astype(np.int64)
+            ).to(self.device)
+            logits = self.model.compute_logits(hidden[start : start + last_pos - first_pos])
+            tensors = compute_logprobs_tensors(logits, targets, params.prompt_logprobs)
+            result[batch.req_ids[row]] = _to_lists(tensors)
+        return result
 
-    def _collect(self, flat: FlatInputs, sampled: np.ndarray) -> ModelRunnerOutput:
-        """Keep samples only of rows that reached their last known token (a mid-prompt chunk's
-        sample is meaningless) and append them to the persistent batch."""
+    def _collect(
+        self,
+        flat: FlatInputs,
+        sample_rows: np.ndarray,
+        sampler_output: SamplerOutput | None,
+        prompt_logprobs: dict[str, LogprobsLists],
+    ) -> ModelRunnerOutput:
+        """Append sampled tokens to the persistent batch; one device->host copy per step."""
         batch = self.input_batch
-        keep = flat.completes_known_tokens
-        batch.append_sampled(flat.req_rows[keep], sampled[keep])
         req_ids = [batch.req_ids[r] for r in flat.req_rows]
-        sampled_token_ids = [[int(t)] if k else [] for t, k in zip(sampled, keep)]
+        sampled_token_ids: list[list[int]] = [[] for _ in req_ids]
+        logprobs: list[LogprobsLists | None] = [None] * len(req_ids)
+        if sampler_output is not None:
+            sampled = sampler_output.sampled_token_ids.cpu().numpy()  # [num_sampling]
+            batch.append_sampled(sample_rows, sampled)
+            positions = np.nonzero(flat.completes_known_tokens)[0]
+            lp = sampler_output.logprobs
+            lp_lists = _to_lists(lp) if lp is not None else None
+            for j, (pos, token) in enumerate(zip(positions.tolist(), sampled.tolist())):
+                sampled_token_ids[pos] = [token]
+                if lp_lists is not None and batch.num_logprobs[sample_rows[j]] >= 0:
+                    logprobs[pos] = _row(lp_lists, j)
         return ModelRunnerOutput(
             req_ids=req_ids,
             req_id_to_index={r: i for i, r in enumerate(req_ids)},
             sampled_token_ids=sampled_token_ids,
+            logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
         )
+
+
+def _to_lists(tensors: LogprobsTensors) -> LogprobsLists:
+    return LogprobsLists(
+        token_ids=tensors.token_ids.tolist(),
+        logprobs=tensors.logprobs.tolist(),
+        ranks=tensors.ranks.tolist(),
+    )
+
+
+def _row(lists: LogprobsLists, j: int) -> LogprobsLists:
+    return LogprobsLists([lists.token_ids[j]], [lists.logprobs[j]], [lists.ranks[j]])

@@ -12,7 +12,13 @@ from lmserve.worker.input_batch import InputBatch
 
 def new_req(req_id, prompt, blocks, computed=0, output=(), **params):
     return NewRequestData(
-        req_id, list(prompt), list(output), SamplingParams(**params), list(blocks), computed
+        req_id=req_id,
+        prompt_token_ids=list(prompt),
+        output_token_ids=list(output),
+        sampling_params=SamplingParams(**params),
+        eos_token_id=2,
+        block_ids=list(blocks),
+        num_computed_tokens=computed,
     )
 
 

@@ -1,0 +1,432 @@
+"""Serve a GGUF file (llama.cpp's format) by converting it, once, into an ordinary HF folder.
+
+    folder = cached_gguf_folder("SmolLM2-135M-Instruct.Q4_1.gguf")  # converts on first use
+    AutoConfig.from_pretrained(folder); AutoTokenizer.from_pretrained(folder)  # plain HF from here
+
+The converted folder holds config.json, generation_config.json, model.safetensors (float32: the
+exact dequantized values, so float32 parity with HF's own GGUF loader holds), the tokenizer files
+with the chat template, and gguf_source.json (written last; it marks the folder complete). It lives
+in `<LMSERVE_CACHE_DIR>/gguf/<stem>-<key>/`, where the key hashes the source file's real path,
+size and mtime and the converter version, so later starts only stat the file.
+
+Cache layout and its guarantees:
+
+    <cache>/gguf/
+        SmolLM2-135M-Instruct.Q4_1-3f9c0a1b2c3d4e5f/      complete: renamed into place last
+        .SmolLM2-135M-Instruct.Q4_1-3f9c0a1b2c3d4e5f.lock  serialises concurrent conversions
+        .tmp-SmolLM2-...-<pid>-<random>/                   a conversion in progress (or crashed)
+
+A conversion writes into a temporary folder and renames it into place, so a crash never leaves a
+half folder under the final name; temporary folders are never read, and stale ones are removed.
+Concurrent starts take an advisory file lock (POSIX), so one converts and the others wait; without
+the lock the rename still keeps the folder whole (the loser discards its copy).
+
+Only the Llama architecture (general.architecture == "llama") is converted; anything else raises.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+# Bump when the converted folder's contents change: older conversions are then ignored.
+CONVERTER_VERSION = 1
+GGUF_CACHE_SUBDIR = "gguf"
+COMPLETE_MARKER = "gguf_source.json"
+# Leftover temporary folders older than this are removed (a conversion takes seconds).
+_STALE_TMP_SECONDS = 3600
+# Storage types we dequantize (all through `gguf.quants.dequantize`, numpy only).
+SUPPORTED_TENSOR_TYPES = frozenset(
+    ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+)  # fmt: skip
+# llama.cpp pre-tokenizers that split every digit off on its own before the GPT-2 regex
+# (llama-vocab.cpp); transformers' GGUF tokenizer conversion drops that first split.
+_DIGIT_SPLIT_PRETOKENIZERS = frozenset(
+    ("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva-7b")
+)
+# llama.cpp tensor name (after "blk.N.") -> HF name (after "model.layers.N.").
+_LAYER_TENSORS = {
+    "attn_norm": "input_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_GLOBAL_TENSORS = {
+    "token_embd": "model.embed_tokens",
+    "output_norm": "model.norm",
+    "output": "lm_head",
+}
+
+
+def is_gguf_file(model: str) -> bool:
+    return model.lower().endswith(".gguf")
+
+
+# ---------------------------------------------------------------------------------------------
+# The cache
+
+
+def cached_gguf_folder(gguf_path: str, cache_dir: str | None = None) -> str:
+    """The converted HF folder for `gguf_path`, converting it on first use.
+
+    cache_dir defaults to `<LMSERVE_CACHE_DIR>/gguf`. Safe to call from several processes at
+    once: exactly one complete folder ends up under the final name.
+    """
+    gguf_path = os.path.realpath(os.path.expanduser(gguf_path))
+    if not os.path.isfile(gguf_path):
+        raise FileNotFoundError(f"GGUF file {gguf_path!r} does not exist")
+    if cache_dir is None:
+        from lmserve import envs
+
+        cache_dir = os.path.join(envs.LMSERVE_CACHE_DIR, GGUF_CACHE_SUBDIR)
+    key = gguf_cache_key(gguf_path)
+    folder = os.path.join(cache_dir, key)
+    if _is_complete(folder):
+        logger.info("GGUF %s: using its converted copy in %s", gguf_path, folder)
+        return folder
+    os.makedirs(cache_dir, exist_ok=True)
+    with _file_lock(os.path.join(cache_dir, f".{key}.lock")):
+        if _is_complete(folder):  # another process converted it while we waited
+            logger.info("GGUF %s: converted by another process into %s", gguf_path, folder)
+            return folder
+        _remove_stale_tmp_dirs(cache_dir, key)
+        tmp = tempfile.mkdtemp(prefix=f".tmp-{key}-{os.getpid()}-", dir=cache_dir)
+        try:
+            convert_gguf_to_hf(gguf_path, tmp)
+            _make_readable(tmp)
+            _publish(tmp, folder)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)  # gone already when the rename succeeded
+    return folder
+
+
+def gguf_cache_key(gguf_path: str) -> str:
+    """`<file stem>-<16 hex digits>`: a hash of the real path, size, mtime and converter version.
+    Cheap (one stat); a file replaced or edited in place gets a new key."""
+    path = os.path.realpath(gguf_path)
+    st = os.stat(path)
+    ident = f"{CONVERTER_VERSION}\0{path}\0{st.st_size}\0{st.st_mtime_ns}"
+    stem = os.path.basename(path)[: -len(".gguf")] if is_gguf_file(path) else os.path.basename(path)
+    return f"{stem}-{hashlib.sha256(ident.encode()).hexdigest()[:16]}"
+
+
+def _is_complete(folder: str) -> bool:
+    return os.path.isfile(os.path.join(folder, COMPLETE_MARKER))
+
+
+def _publish(tmp: str, folder: str) -> None:
+    """Move the finished `tmp` folder to `folder`. A folder already there without the completion
+    marker (copied by hand, damaged) is moved aside first; one with the marker wins."""
+    if os.path.lexists(folder) and not _is_complete(folder):
+        broken = f"{tmp}-broken"
+        os.rename(folder, broken)
+        shutil.rmtree(broken, ignore_errors=True)
+        logger.warning("removed the incomplete converted folder %s", folder)
+    try:
+        os.rename(tmp, folder)
+    except OSError:
+        if not _is_complete(folder):  # someone else's complete folder is fine; anything else not
+            raise
+
+
+def _make_readable(folder: str) -> None:
+    """rwxr-xr-x / rw-r--r--: mkdtemp and safetensors create owner-only folders and files, and a
+    shared cache should be readable by everyone who can read the GGUF."""
+    os.chmod(folder, 0o755)
+    for name in os.listdir(folder):
+        os.chmod(os.path.join(folder, name), 0o644)
+
+
+def _remove_stale_tmp_dirs(cache_dir: str, key: str) -> None:
+    now = time.time()
+    for name in os.listdir(cache_dir):
+        path = os.path.join(cache_dir, name)
+        if name.startswith(f".tmp-{key}-") and os.path.isdir(path):
+            with contextlib.suppress(OSError):
+                if now - os.path.getmtime(path) > _STALE_TMP_SECONDS:
+                    shutil.rmtree(path, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _file_lock(path: str) -> Iterator[None]:
+    """An exclusive advisory lock on `path` (POSIX flock); a no-op where fcntl is missing."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: rely on the atomic rename alone
+        yield
+        return
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+# ---------------------------------------------------------------------------------------------
+# The conversion
+
+
+def convert_gguf_to_hf(gguf_path: str, out_dir: str) -> None:
+    """Write the HF folder for `gguf_path` into the existing folder `out_dir`: config.json,
+    generation_config.json, model.safetensors, tokenizer files, then gguf_source.json."""
+    from gguf import GGUFReader
+    from safetensors.numpy import save_file
+
+    start = time.perf_counter()
+    reader = GGUFReader(gguf_path)
+    tensor_types = Counter(t.tensor_type.name for t in reader.tensors)
+    logger.info(
+        "converting GGUF %s (%d tensors: %s) into an HF folder; this happens once",
+        gguf_path, len(reader.tensors), ", ".join(f"{n} {t}" for t, n in tensor_types.most_common()),
+    )  # fmt: skip
+    for tensor in reader.tensors:  # fail before any slow work
+        if tensor.tensor_type.name not in SUPPORTED_TENSOR_TYPES:
+            raise ValueError(
+                f"GGUF tensor {tensor.name!r} is stored as {tensor.tensor_type.name}, which lmserve "
+                f"cannot dequantize (supported: {sorted(SUPPORTED_TENSOR_TYPES)})"
+            )
+    config = gguf_to_hf_config(reader)
+    config.save_pretrained(out_dir)
+    _generation_config(config).save_pretrained(out_dir)
+    weights = dict(iterate_hf_weights(reader, config))
+    save_file(weights, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+    weights_s = time.perf_counter() - start
+    save_gguf_tokenizer(gguf_path, reader, out_dir)
+    elapsed = time.perf_counter() - start
+    with open(os.path.join(out_dir, COMPLETE_MARKER), "w") as f:
+        st = os.stat(gguf_path)
+        json.dump(
+            {
+                "source": gguf_path,
+                "size": st.st_size,
+                "mtime_ns": st.st_mtime_ns,
+                "converter_version": CONVERTER_VERSION,
+                "tensor_types": dict(tensor_types),
+                "seconds": round(elapsed, 2),
+            },
+            f,
+            indent=2,
+        )
+    logger.info(
+        "converted %s in %.1f s (weights %.1f s, tokenizer %.1f s): %d params as float32",
+        os.path.basename(gguf_path), elapsed, weights_s, elapsed - weights_s,
+        sum(w.size for w in weights.values()),
+    )  # fmt: skip
+
+
+def gguf_to_hf_config(reader) -> Any:
+    """A transformers LlamaConfig from the GGUF metadata (llama.cpp's key names)."""
+    from transformers import LlamaConfig
+
+    arch = _field(reader, "general.architecture")
+    if arch != "llama":
+        raise ValueError(
+            f"GGUF architecture {arch!r} is not supported (lmserve converts 'llama' GGUF files)"
+        )
+
+    def meta(key: str, default: Any = None) -> Any:
+        value = _field(reader, f"{arch}.{key}", default)
+        if value is None:
+            raise ValueError(f"GGUF metadata lacks {arch}.{key}")
+        return value
+
+    tensor_names = {t.name for t in reader.tensors}
+    if "rope_freqs.weight" in tensor_names:
+        raise ValueError("GGUF has per-frequency rope factors (rope_freqs.weight): not supported")
+    hidden_size = int(meta("embedding_length"))
+    num_heads = int(meta("attention.head_count"))
+    head_dim = int(meta("attention.key_length", hidden_size // num_heads))
+    rotary_dim = int(meta("rope.dimension_count", head_dim))
+    if rotary_dim != head_dim:
+        raise ValueError(f"GGUF rotary dimension {rotary_dim} != head_dim {head_dim}: not supported")
+    embedding = next(t for t in reader.tensors if t.name == "token_embd.weight")
+    vocab_size = _field(reader, f"{arch}.vocab_size") or int(embedding.shape[-1])
+    config = LlamaConfig(
+        vocab_size=int(vocab_size),
+        hidden_size=hidden_size,
+        intermediate_size=int(meta("feed_forward_length")),
+        num_hidden_layers=int(meta("block_count")),
+        num_attention_heads=num_heads,
+        num_key_value_heads=int(meta("attention.head_count_kv", num_heads)),
+        head_dim=head_dim,
+        max_position_embeddings=int(meta("context_length")),
+        rms_norm_eps=float(meta("attention.layer_norm_rms_epsilon")),
+        rope_parameters=_rope_parameters(reader, arch),
+        attention_bias="blk.0.attn_q.bias" in tensor_names,
+        mlp_bias="blk.0.ffn_up.bias" in tensor_names,
+        tie_word_embeddings="output.weight" not in tensor_names,
+        bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id"),
+        eos_token_id=_field(reader, "tokenizer.ggml.eos_token_id"),
+        pad_token_id=_field(reader, "tokenizer.ggml.padding_token_id"),
+        dtype="float32",
+    )
+    config.architectures = ["LlamaForCausalLM"]
+    return config
+
+
+def _rope_parameters(reader, arch: str) -> dict[str, Any]:
+    theta = float(_field(reader, f"{arch}.rope.freq_base", 10000.0))
+    scaling = _field(reader, f"{arch}.rope.scaling.type", "none")
+    if scaling == "none":
+        return {"rope_type": "default", "rope_theta": theta}
+    if scaling == "linear":
+        factor = float(_field(reader, f"{arch}.rope.scaling.factor", 1.0))
+        return {"rope_type": "linear", "factor": factor, "rope_theta": theta}
+    raise ValueError(f"GGUF rope scaling {scaling!r} is not supported (only linear)")
+
+
+def _generation_config(config: Any) -> Any:
+    from transformers import GenerationConfig
+
+    return GenerationConfig(
+        bos_token_id=config.bos_token_id,
+        eos_token_id=config.eos_token_id,
+        pad_token_id=config.pad_token_id,
+    )
+
+
+def iterate_hf_weights(reader, config: Any) -> Iterator[tuple[str, np.ndarray]]:
+    """(HF name, float32 array) for every GGUF tensor, dequantized, with attn_q / attn_k rows
+    put back in HF's order. Raises on an unknown tensor or a shape the config does not expect."""
+    expected = _expected_shapes(config)
+    for tensor in reader.tensors:
+        name = hf_tensor_name(tensor.name)
+        weight = dequantize_tensor(tensor)
+        if ".attn_q." in tensor.name:
+            weight = unpermute_rotary_rows(weight, config.num_attention_heads)
+        elif ".attn_k." in tensor.name:
+            weight = unpermute_rotary_rows(weight, config.num_key_value_heads)
+        # "model.layers.3.self_attn.q_proj.weight" -> "self_attn.q_proj"
+        key = name.split(".", 3)[3].rpartition(".")[0] if name.startswith("model.layers.") else name
+        want = expected.get(key)
+        if name.endswith(".weight") and weight.shape != want:
+            raise ValueError(
+                f"GGUF tensor {tensor.name!r} has shape {weight.shape}, expected {want} from "
+                "the metadata"
+            )
+        yield name, weight
+
+
+def _expected_shapes(config: Any) -> dict[str, tuple[int, ...]]:
+    """Weight shapes keyed by HF name (global) or by the part after "model.layers.N." (layers)."""
+    h, i, d = config.hidden_size, config.intermediate_size, config.head_dim
+    q, kv = config.num_attention_heads * d, config.num_key_value_heads * d
+    return {
+        "model.embed_tokens.weight": (config.vocab_size, h),
+        "lm_head.weight": (config.vocab_size, h),
+        "model.norm.weight": (h,),
+        "input_layernorm": (h,),
+        "post_attention_layernorm": (h,),
+        "self_attn.q_proj": (q, h),
+        "self_attn.k_proj": (kv, h),
+        "self_attn.v_proj": (kv, h),
+        "self_attn.o_proj": (h, q),
+        "mlp.gate_proj": (i, h),
+        "mlp.up_proj": (i, h),
+        "mlp.down_proj": (h, i),
+    }
+
+
+def hf_tensor_name(gguf_name: str) -> str:
+    """"blk.3.attn_q.weight" -> "model.layers.3.self_attn.q_proj.weight"; raises if unknown."""
+    base, _, suffix = gguf_name.rpartition(".")
+    parts = base.split(".")
+    if suffix in ("weight", "bias"):
+        if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _LAYER_TENSORS:
+            return f"model.layers.{parts[1]}.{_LAYER_TENSORS[parts[2]]}.{suffix}"
+        if len(parts) == 1 and parts[0] in _GLOBAL_TENSORS:
+            return f"{_GLOBAL_TENSORS[parts[0]]}.{suffix}"
+    raise ValueError(f"GGUF tensor {gguf_name!r} has no Llama counterpart")
+
+
+def dequantize_tensor(tensor) -> np.ndarray:
+    """A GGUF reader tensor as a float32 array in numpy (HF) order: [rows, cols] = [out, in]."""
+    from gguf.quants import dequantize
+
+    type_name = tensor.tensor_type.name
+    if type_name not in SUPPORTED_TENSOR_TYPES:
+        raise ValueError(f"GGUF tensor {tensor.name!r}: storage type {type_name} is not supported")
+    try:
+        values = dequantize(tensor.data, tensor.tensor_type)
+    except NotImplementedError as e:  # an older gguf package without this type
+        raise ValueError(f"GGUF tensor {tensor.name!r}: cannot dequantize {type_name}") from e
+    return np.ascontiguousarray(values, dtype=np.float32)
+
+
+def unpermute_rotary_rows(weight: np.ndarray, num_heads: int) -> np.ndarray:
+    """Undo llama.cpp's row order for attn_q / attn_k.
+
+    HF's rotary embedding pairs dimension j with j + head_dim/2 (rotate_half); llama.cpp pairs
+    2j with 2j+1, so its converter interleaves each head's two halves. Within each head:
+
+        GGUF rows:  a0 b0 a1 b1 a2 b2 ...      (a = first half, b = second half in HF)
+        HF rows:    a0 a1 a2 ... b0 b1 b2 ...
+
+    weight: [num_heads * head_dim, ...] (a weight or a bias)
+    """
+    rows = weight.shape[0]
+    half = rows // num_heads // 2
+    return (
+        weight.reshape(num_heads, half, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+    )
+
+
+def permute_rotary_rows(weight: np.ndarray, num_heads: int) -> np.ndarray:
+    """The inverse of `unpermute_rotary_rows`: HF rows -> llama.cpp's interleaved order."""
+    half = weight.shape[0] // num_heads // 2
+    return (
+        weight.reshape(num_heads, 2, half, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+    )
+
+
+def save_gguf_tokenizer(gguf_path: str, reader, out_dir: str) -> None:
+    """Build the tokenizer from `tokenizer.ggml.*` with transformers' GGUF converter and save it
+    (tokenizer.json, tokenizer_config.json, the chat template) into `out_dir`."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(
+        os.path.dirname(gguf_path), gguf_file=os.path.basename(gguf_path)
+    )
+    pre = _field(reader, "tokenizer.ggml.pre")
+    if pre in _DIGIT_SPLIT_PRETOKENIZERS and hasattr(tokenizer, "backend_tokenizer"):
+        _split_digits_first(tokenizer.backend_tokenizer)
+    template = _field(reader, "tokenizer.chat_template")
+    if template and not getattr(tokenizer, "chat_template", None):
+        tokenizer.chat_template = template
+    tokenizer.save_pretrained(out_dir)
+
+
+def _split_digits_first(backend) -> None:
+    """Prepend an every-digit split to a byte-level pre-tokenizer, as llama.cpp (and the original
+    HF tokenizers of these models) do: "2024" -> "2" "0" "2" "4"."""
+    from tokenizers import pre_tokenizers
+
+    current = backend.pre_tokenizer
+    if isinstance(current, pre_tokenizers.ByteLevel):
+        backend.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Digits(individual_digits=True), current]
+        )
+
+
+def _field(reader, key: str, default: Any = None) -> Any:
+    field = reader.fields.get(key)
+    return default if field is None else field.contents()

@@ -1,0 +1,101 @@
+"""Build one step's SamplingMetadata from the persistent batch.
+
+Every optional group is built only when some sampling row uses it, so plain greedy or
+temperature batches pay for two small gathers and nothing else.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from lmserve.sample.metadata import SamplingMetadata
+from lmserve.worker.input_batch import InputBatch
+
+
+def build_sampling_metadata(
+    batch: InputBatch,
+    rows: np.ndarray,  # [num_reqs] batch rows that sample this step, in logits order
+    vocab_size: int,
+    device: torch.device,
+) -> SamplingMetadata:
+    def to_dev(array: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(array)).to(device, non_blocking=True)
+
+    temperature = batch.temperature[rows]
+    random_rows = temperature > 0
+    row_pos = {int(r): i for i, r in enumerate(rows)}
+    metadata = SamplingMetadata(
+        temperature=to_dev(temperature),
+        all_greedy=not random_rows.any(),
+        all_random=bool(random_rows.all()),
+        generators={row_pos[r]: g for r, g in batch.generators.items() if r in row_pos},
+    )
+    if random_rows.any():
+        top_k, top_p, min_p = batch.top_k[rows], batch.top_p[rows], batch.min_p[rows]
+        if (top_k > 0).any():
+            metadata.top_k = to_dev(np.where(top_k > 0, np.minimum(top_k, vocab_size), vocab_size))
+        if (top_p < 1).any():
+            metadata.top_p = to_dev(top_p)
+        if (min_p > 0).any():
+            metadata.min_p = to_dev(min_p)
+    _add_penalties(metadata, batch, rows, vocab_size, to_dev)
+    _add_logit_bias_and_bans(metadata, batch, rows, device)
+    num_logprobs = batch.num_logprobs[rows]
+    if (num_logprobs >= 0).any():
+        metadata.max_num_logprobs = int(num_logprobs.max())
+    return metadata
+
+
+def _add_penalties(metadata, batch: InputBatch, rows, vocab_size: int, to_dev) -> None:
+    presence = batch.presence_penalty[rows]
+    frequency = batch.frequency_penalty[rows]
+    repetition = batch.repetition_penalty[rows]
+    if not ((presence != 0).any() or (frequency != 0).any() or (repetition != 1).any()):
+        return
+    metadata.presence_penalties = to_dev(presence)
+    metadata.frequency_penalties = to_dev(frequency)
+    metadata.repetition_penalties = to_dev(repetition)
+    num_prompt = batch.num_prompt_tokens[rows]  # [num_reqs]
+    num_tokens = batch.num_tokens[rows]
+    max_prompt, max_output = int(num_prompt.max()), int((num_tokens - num_prompt).max())
+    tokens = batch.token_ids[rows].astype(np.int64)  # [num_reqs, max_model_len + 1]
+    cols = np.arange(max_prompt)[None, :]
+    prompt = np.where(cols < num_prompt[:, None], tokens[:, :max_prompt], vocab_size)
+    cols = np.arange(max(max_output, 1))[None, :]
+    out_pos = np.minimum(num_prompt[:, None] + cols, tokens.shape[1] - 1)
+    output = np.where(cols < (num_tokens - num_prompt)[:, None],
+                      np.take_along_axis(tokens, out_pos, axis=1), vocab_size)
+    metadata.prompt_token_ids = to_dev(prompt)  # [num_reqs, max_prompt_len], pad = vocab
+    metadata.output_token_ids = to_dev(output)  # [num_reqs, max_output_len], pad = vocab
+
+
+def _add_logit_bias_and_bans(metadata, batch: InputBatch, rows, device) -> None:
+    bias_rows, bias_ids, bias_vals, ban_rows, ban_ids = [], [], [], [], []
+    num_output = batch.num_tokens[rows] - batch.num_prompt_tokens[rows]
+    below_min = num_output < batch.min_tokens[rows]
+    has_bias = batch.has_logit_bias[rows]
+    for i in np.nonzero(below_min | has_bias)[0].tolist():  # usually none
+        row = rows[i]
+        params = batch.sampling_params[row]
+        if params.logit_bias:
+            for token_id, bias in params.logit_bias.items():
+                bias_rows.append(i)
+                bias_ids.append(int(token_id))
+                bias_vals.append(float(bias))
+        if below_min[i]:
+            eos = int(batch.eos_token_id[row])
+            for token_id in ([eos] if eos >= 0 else []) + list(params.stop_token_ids):
+                ban_rows.append(i)
+                ban_ids.append(token_id)
+    if bias_rows:
+        metadata.logit_bias = (
+            torch.tensor(bias_rows, dtype=torch.int64, device=device),
+            torch.tensor(bias_ids, dtype=torch.int64, device=device),
+            torch.tensor(bias_vals, dtype=torch.float32, device=device),
+        )
+    if ban_rows:
+        metadata.banned_tokens = (
+            torch.tensor(ban_rows, dtype=torch.int64, device=device),
+            torch.tensor(ban_ids, dtype=torch.int64, device=device),
+        )

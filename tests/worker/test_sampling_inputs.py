@@ -1,0 +1,74 @@
+"""SamplingMetadata built from the persistent batch: only the groups in use, right values."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from lmserve.core.sched_output import NewRequestData
+from lmserve.sampling_params import SamplingParams
+from lmserve.worker.input_batch import InputBatch
+from lmserve.worker.sampling_inputs import build_sampling_metadata
+
+VOCAB = 100
+CPU = torch.device("cpu")
+
+
+def make_batch(*requests):
+    batch = InputBatch(max_num_reqs=4, max_model_len=32, block_size=4, device=CPU)
+    for i, (prompt, output, params) in enumerate(requests):
+        batch.add_request(NewRequestData(f"r{i}", prompt, output, params, 2, [i], 0))
+    return batch
+
+
+def test_plain_greedy_batch_builds_no_optional_groups():
+    batch = make_batch(([1, 2], [], SamplingParams(temperature=0)),
+                       ([3], [4], SamplingParams(temperature=0)))
+    md = build_sampling_metadata(batch, np.array([0, 1]), VOCAB, CPU)
+    assert md.all_greedy and not md.all_random
+    assert md.top_k is md.top_p is md.min_p is md.presence_penalties is None
+    assert md.logit_bias is md.banned_tokens is md.max_num_logprobs is None
+
+
+def test_truncation_values_per_row_with_off_rows_neutral():
+    batch = make_batch(([1], [], SamplingParams(temperature=1.0, top_k=5, top_p=0.9)),
+                       ([1], [], SamplingParams(temperature=0.5, min_p=0.1)))
+    md = build_sampling_metadata(batch, np.array([1, 0]), VOCAB, CPU)  # logits order: r1, r0
+    assert md.top_k.tolist() == [VOCAB, 5]
+    assert md.top_p.tolist() == [1.0, np.float32(0.9)]
+    assert md.min_p.tolist() == [np.float32(0.1), 0.0]
+    assert md.temperature.tolist() == [0.5, 1.0]
+
+
+def test_penalty_token_ids_are_padded_with_vocab_size():
+    batch = make_batch(([5, 6, 7], [8], SamplingParams(presence_penalty=0.5)),
+                       ([9], [10, 11], SamplingParams()))
+    md = build_sampling_metadata(batch, np.array([0, 1]), VOCAB, CPU)
+    assert md.prompt_token_ids.tolist() == [[5, 6, 7], [9, VOCAB, VOCAB]]
+    assert md.output_token_ids.tolist() == [[8, VOCAB], [10, 11]]
+    assert md.presence_penalties.tolist() == [0.5, 0.0]
+    assert md.repetition_penalties.tolist() == [1.0, 1.0]
+
+
+def test_min_tokens_bans_eos_and_stop_ids_until_reached():
+    batch = make_batch(([1], [4], SamplingParams(min_tokens=3, stop_token_ids=[7])),
+                       ([1], [4, 5, 6], SamplingParams(min_tokens=3, stop_token_ids=[7])))
+    md = build_sampling_metadata(batch, np.array([0, 1]), VOCAB, CPU)
+    rows, ids = md.banned_tokens
+    assert sorted(zip(rows.tolist(), ids.tolist())) == [(0, 2), (0, 7)]  # row 1 has 3 outputs
+
+
+def test_logit_bias_coordinates_and_max_logprobs():
+    batch = make_batch(([1], [], SamplingParams(logit_bias={3: 1.5, 9: -2.0}, logprobs=2)),
+                       ([1], [], SamplingParams(logprobs=5)))
+    md = build_sampling_metadata(batch, np.array([0, 1]), VOCAB, CPU)
+    rows, ids, vals = md.logit_bias
+    assert list(zip(rows.tolist(), ids.tolist(), vals.tolist())) == [(0, 3, 1.5), (0, 9, -2.0)]
+    assert md.max_num_logprobs == 5
+
+
+def test_seeded_generators_follow_their_rows():
+    batch = make_batch(([1], [], SamplingParams(temperature=1.0)),
+                       ([1], [], SamplingParams(temperature=1.0, seed=11)))
+    md = build_sampling_metadata(batch, np.array([1, 0]), VOCAB, CPU)
+    assert list(md.generators) == [0]  # row 1 sits first in logits order
