@@ -60,7 +60,7 @@ class ModelConfig:
         if self.model is None:
             self.model = _default_model()
         if not isinstance(self.model, str) or not self.model:
-            _fail("ModelConfig", "model", self.model, "must be a model folder, hub id or .gguf file")
+            _fail("ModelConfig", "model", self.model, "must be a folder, hub id or .gguf file")
         if self.load_format not in LOAD_FORMATS:
             _fail("ModelConfig", "load_format", self.load_format, f"must be one of {LOAD_FORMATS}")
         if self.load_format == "gguf":  # the converted folder then loads like any other

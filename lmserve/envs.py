@@ -24,6 +24,18 @@ ENVIRONMENT_VARIABLES: dict[str, tuple[Callable[[], Any], str]] = {
         _path("LMSERVE_CACHE_DIR", os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "lmserve")),
         "where lmserve keeps converted models (GGUF → safetensors) and other caches",
     ),
+    "LMSERVE_ENABLE_MULTIPROCESSING": (
+        _bool("LMSERVE_ENABLE_MULTIPROCESSING", True),
+        "1: LLM runs its EngineCore in a background process; 0: in this process (debugging)",
+    ),
+    "LMSERVE_ENGINE_READY_TIMEOUT_S": (
+        lambda: float(os.environ.get("LMSERVE_ENGINE_READY_TIMEOUT_S", "600")),
+        "seconds the front-end waits for the EngineCore process to load and report ready",
+    ),
+    "LMSERVE_RPC_BASE_PATH": (
+        _path("LMSERVE_RPC_BASE_PATH", os.environ.get("TMPDIR", "/tmp")),
+        "folder for the ZMQ ipc:// sockets between front-end and EngineCore",
+    ),
     "LMSERVE_LOGGING_LEVEL": (
         lambda: os.environ.get("LMSERVE_LOGGING_LEVEL", "INFO").upper(),
         "log level of the lmserve logger",

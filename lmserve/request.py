@@ -57,7 +57,7 @@ class Request:
         "num_computed_tokens",
         "num_cached_tokens",
         "num_preemptions",
-        "block_hashes",
+        "block_hashes", "queue_time",
     )
 
     def __init__(
@@ -91,6 +91,7 @@ class Request:
         self.num_cached_tokens = -1  # prompt tokens served from the prefix cache; -1 = unset
         self.num_preemptions = 0
         self.block_hashes: list[bytes] = []  # hashes of full blocks, filled by the KV manager
+        self.queue_time: float | None = None  # seconds from arrival to first scheduled
 
     @property
     def num_tokens(self) -> int:

@@ -8,6 +8,9 @@ import pytest
 import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Most tests look inside the engine, so it runs in-process; tests of the EngineCore process
+# (tests/engine/test_engine_process.py, the server tests) start it explicitly.
+os.environ.setdefault("LMSERVE_ENABLE_MULTIPROCESSING", "0")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 

@@ -4,18 +4,42 @@
             runner_output    = executor.execute_model(scheduler_output)
             outputs          = scheduler.update_from_output(scheduler_output, runner_output)
 
-Tokenization, detokenization and streaming happen in the front-end. This class runs in-process
-for now; a later change wraps it in its own process behind the same client interface.
+Tokenization, detokenization and streaming happen in the front-end. `EngineCore` runs
+in-process (LMSERVE_ENABLE_MULTIPROCESSING=0); `EngineCoreProc` wraps it in its own process:
+
+    input thread:  ZMQ PULL socket ──decode──▶ input queue
+    main thread:   loop { block on the input queue while idle; drain it; step() }
+    output thread: output queue ──encode──▶ ZMQ PUSH socket
+
+The main thread never touches a socket, and never spins: with no work it blocks on the queue.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
+import signal
+import sys
+import threading
 import time
+import traceback
+from typing import Any
 
+import msgspec
+
+from lmserve import envs
 from lmserve.config import ConfigError, EngineConfig
 from lmserve.core.scheduler import Scheduler
-from lmserve.engine.messages import EngineCoreOutput, EngineCoreOutputs, EngineCoreRequest
+from lmserve.engine.messages import (
+    EngineCoreOutput,
+    EngineCoreOutputs,
+    EngineCoreRequest,
+    EngineCoreRequestType,
+    MsgpackDecoder,
+    MsgpackEncoder,
+    ReadyMessage,
+    UtilityOutput,
+)
 from lmserve.executor.uniproc_executor import UniProcExecutor
 from lmserve.request import Request
 
@@ -61,7 +85,156 @@ class EngineCore:
         scheduler_output = self.scheduler.schedule()
         runner_output = self.executor.execute_model(scheduler_output)
         outputs = self.scheduler.update_from_output(scheduler_output, runner_output)
-        return EngineCoreOutputs(outputs=outputs, timestamp=time.monotonic())
+        return EngineCoreOutputs(
+            outputs=outputs, timestamp=time.monotonic(), scheduler_stats=self.scheduler.make_stats()
+        )
+
+    def reset_prefix_cache(self) -> bool:
+        return self.scheduler.kv_cache_manager.reset_prefix_cache()
+
+    def get_num_gpu_blocks(self) -> int:
+        return self.scheduler.kv_cache_manager.num_gpu_blocks
+
+    def shutdown(self) -> None:
+        pass
+
+
+# Methods the front-end may call by name (UTILITY messages); nothing else is reachable.
+UTILITY_METHODS = frozenset({"reset_prefix_cache", "get_num_gpu_blocks"})
+
+
+class EngineCoreProc:
+    """The EngineCore in its own process: the busy loop and its two socket threads."""
+
+    def __init__(
+        self, config: EngineConfig, input_address: str, output_address: str, handshake_address: str
+    ) -> None:
+        import zmq
+
+        self.ctx = zmq.Context()
+        handshake = self.ctx.socket(zmq.PUSH)
+        handshake.connect(handshake_address)
+        try:
+            self.engine_core = EngineCore(config)
+        except BaseException:  # tell the front-end the real cause, then die
+            ready = ReadyMessage(ok=False, error=traceback.format_exc())
+            handshake.send(msgspec.msgpack.encode(ready))
+            handshake.close(linger=5000)
+            raise
+        self.output_socket = self.ctx.socket(zmq.PUSH)
+        self.output_socket.connect(output_address)
+        self.input_socket = self.ctx.socket(zmq.PULL)  # used only by the input thread
+        self.input_socket.bind(input_address)
+        self.encoder = MsgpackEncoder()
+        self.input_queue: queue.Queue[tuple[EngineCoreRequestType, Any]] = queue.Queue()
+        self.output_queue: queue.Queue[EngineCoreOutputs | None] = queue.Queue()
+        ready = ReadyMessage(ok=True, num_gpu_blocks=self.engine_core.get_num_gpu_blocks())
+        handshake.send(msgspec.msgpack.encode(ready))
+        handshake.close(linger=5000)
+
+    def run(self) -> None:
+        threading.Thread(target=self._input_thread, daemon=True, name="input").start()
+        output_thread = threading.Thread(target=self._output_thread, name="output")
+        output_thread.start()
+        try:
+            self._busy_loop()
+        finally:
+            self.output_queue.put(None)
+            output_thread.join(timeout=5)
+
+    def _busy_loop(self) -> None:
+        engine = self.engine_core
+        while True:
+            if not engine.has_unfinished_requests():
+                if not self._handle(*self.input_queue.get()):  # idle: block, never spin
+                    return
+            while not self.input_queue.empty():
+                if not self._handle(*self.input_queue.get_nowait()):
+                    return
+            if engine.has_unfinished_requests():
+                outputs = engine.step()
+                if outputs.outputs or outputs.scheduler_stats:
+                    self.output_queue.put(outputs)
+
+    def _handle(self, request_type: EngineCoreRequestType, payload: Any) -> bool:
+        """Apply one front-end message; False means shut down."""
+        if request_type is None:
+            return False
+        if request_type == EngineCoreRequestType.ADD:
+            self.engine_core.add_request(payload)
+        elif request_type == EngineCoreRequestType.ABORT:
+            aborted = self.engine_core.abort_requests(payload)
+            stats = self.engine_core.scheduler.make_stats()
+            self.output_queue.put(EngineCoreOutputs(aborted, time.monotonic(), stats))
+        elif request_type == EngineCoreRequestType.UTILITY:
+            self.output_queue.put(EngineCoreOutputs(utility_output=self._call_utility(*payload)))
+        return True
+
+    def _call_utility(self, call_id: int, method: str, args: list) -> UtilityOutput:
+        if method not in UTILITY_METHODS:
+            return UtilityOutput(call_id, error=f"unknown utility method {method!r}")
+        try:
+            return UtilityOutput(call_id, result=getattr(self.engine_core, method)(*args))
+        except Exception as e:
+            return UtilityOutput(call_id, error=f"{type(e).__name__}: {e}")
+
+    def _input_thread(self) -> None:
+        """socket → queue: decode each message; a bad message is logged, not fatal."""
+        socket = self.input_socket
+        add_decoder = MsgpackDecoder(EngineCoreRequest)
+        while True:
+            frames = socket.recv_multipart(copy=False)
+            try:
+                request_type = EngineCoreRequestType(bytes(frames[0].buffer))
+                if request_type == EngineCoreRequestType.ADD:
+                    payload = add_decoder.decode(frames[1:])
+                else:
+                    payload = msgspec.msgpack.decode(frames[1].buffer)
+            except Exception:
+                logger.exception("dropping a malformed message from the front-end")
+                continue
+            self.input_queue.put((request_type, payload))
+
+    def _output_thread(self) -> None:
+        """queue → socket."""
+        while (outputs := self.output_queue.get()) is not None:
+            self.output_socket.send_multipart(self.encoder.encode(outputs), copy=False)
+
+
+def run_engine_core(
+    config: EngineConfig, input_address: str, output_address: str, handshake_address: str
+) -> None:
+    """Entry point of the EngineCore process (spawned by the front-end's client)."""
+    _set_process_title("lmserve::EngineCore")
+    logging.basicConfig(level=envs.LMSERVE_LOGGING_LEVEL,
+                        format="%(asctime)s %(levelname)s [EngineCore] %(message)s")
+    signal.signal(signal.SIGTERM, _raise_system_exit)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the front-end decides when we stop
+    try:
+        proc = EngineCoreProc(config, input_address, output_address, handshake_address)
+    except BaseException:
+        logger.exception("EngineCore failed to start")
+        sys.exit(1)
+    try:
+        proc.run()
+    except SystemExit:
+        pass
+    except BaseException:
+        logger.exception("EngineCore died")
+        sys.exit(1)
+
+
+def _raise_system_exit(signum, frame) -> None:
+    raise SystemExit(0)
+
+
+def _set_process_title(title: str) -> None:
+    try:
+        import setproctitle
+
+        setproctitle.setproctitle(title)
+    except ImportError:
+        logger.debug("setproctitle not installed; process title unchanged")
 
 
 def _check_pool_holds_one_sequence(config: EngineConfig, num_gpu_blocks: int) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import time
 from collections import deque
 from collections.abc import Iterable
 
@@ -26,7 +27,7 @@ from lmserve.core.sched_output import (
     NewRequestData,
     SchedulerOutput,
 )
-from lmserve.engine.messages import EngineCoreOutput
+from lmserve.engine.messages import EngineCoreOutput, SchedulerStats
 from lmserve.request import Request, RequestStatus
 from lmserve.sampling_params import SamplingParams
 
@@ -93,6 +94,7 @@ class Scheduler:
         self.running: list[Request] = []  # in admission order
         self.finished_req_ids: set[str] = set()  # since the last schedule()
         self.num_preemptions = 0  # total, for metrics and tests
+        self._last_reported = (0, 0, 0)  # (prefix queries, prefix hits, preemptions)
 
     # ---- requests in and out ---------------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -126,6 +128,21 @@ class Scheduler:
     @property
     def num_unfinished_requests(self) -> int:
         return len(self.running) + len(self.waiting)
+
+    def make_stats(self) -> SchedulerStats:
+        """Current gauges, and counter increments since the previous call."""
+        prefix = self.kv_cache_manager.prefix_cache_stats
+        totals = (prefix.queries, prefix.hits, self.num_preemptions)
+        last = self._last_reported
+        self._last_reported = totals
+        return SchedulerStats(
+            num_running_reqs=len(self.running),
+            num_waiting_reqs=len(self.waiting),
+            kv_cache_usage=self.kv_cache_manager.usage,
+            prefix_cache_queries=totals[0] - last[0],
+            prefix_cache_hits=totals[1] - last[1],
+            num_preemptions=totals[2] - last[2],
+        )
 
     # ---- one step ---------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
@@ -214,6 +231,8 @@ class Scheduler:
             self.running.append(request)
             request.status = RequestStatus.RUNNING
             request.num_computed_tokens = num_hit
+            if request.queue_time is None:
+                request.queue_time = max(time.monotonic() - request.arrival_time, 0.0)
             if request.num_cached_tokens < 0:
                 request.num_cached_tokens = num_hit
             step.schedule(request, num_new)
@@ -258,6 +277,7 @@ class Scheduler:
                     finish_reason=request.status.finish_reason,
                     stop_reason=request.stop_reason,
                     num_cached_tokens=max(request.num_cached_tokens, 0),
+                    queue_time=request.queue_time if request.num_output_tokens <= 1 else None,
                 )
             )
         if finished:

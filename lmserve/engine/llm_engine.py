@@ -22,7 +22,7 @@ logger = logging.getLogger(__name__)
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
-        self.tokenizer = _load_tokenizer(config)
+        self.tokenizer = load_tokenizer(config)
         self.input_processor = InputProcessor(config.model_config, self.tokenizer)
         self.output_processor = OutputProcessor(self.tokenizer)
         self.engine_core = EngineCoreClient.make_client(config)
@@ -37,14 +37,12 @@ class LLMEngine:
 
     def add_processed_request(self, prompt_text: str | None, request: EngineCoreRequest) -> None:
         """Enqueue an InputProcessor result as its n samples (one engine request each)."""
-        children = _fan_out(request.request_id, request.sampling_params)
+        children = split_into_samples(request)
         self.output_processor.add_request(
-            request.request_id, prompt_text, request.prompt_token_ids, children
+            request.request_id, prompt_text, request.prompt_token_ids,
+            [(child.request_id, child.sampling_params) for child in children],
         )
-        for child_id, child_params in children:
-            child = msgspec.structs.replace(
-                request, request_id=child_id, sampling_params=child_params
-            )
+        for child in children:
             self.engine_core.add_request(child)
 
     def abort_request(self, request_ids: list[str]) -> None:
@@ -65,21 +63,35 @@ class LLMEngine:
         return request_outputs
 
     def shutdown(self) -> None:
-        self.engine_core.shutdown()
+        """Stop the EngineCore process (if any). Also runs when the engine is collected."""
+        engine_core = getattr(self, "engine_core", None)
+        if engine_core is not None:
+            engine_core.shutdown()
+
+    def __del__(self) -> None:
+        try:
+            self.shutdown()
+        except Exception:  # interpreter teardown: best effort
+            pass
 
 
-def _fan_out(request_id: str, params: SamplingParams) -> list[tuple[str, SamplingParams]]:
-    """n > 1: one engine request per sample; seeded samples get seed + index so they differ."""
+def split_into_samples(request: EngineCoreRequest) -> list[EngineCoreRequest]:
+    """n > 1: one engine request per sample (ids `{id}#{i}`), sharing the prompt's KV blocks
+    through the prefix cache; seeded samples get seed + index so they differ."""
+    params = request.sampling_params
     if params.n == 1:
-        return [(request_id, params)]
+        return [request]
     children = []
     for i in range(params.n):
         seed = None if params.seed is None else params.seed + i
-        children.append((f"{request_id}#{i}", dataclasses.replace(params, n=1, seed=seed)))
+        child_params = dataclasses.replace(params, n=1, seed=seed)
+        children.append(msgspec.structs.replace(
+            request, request_id=f"{request.request_id}#{i}", sampling_params=child_params
+        ))
     return children
 
 
-def _load_tokenizer(config: EngineConfig) -> Any | None:
+def load_tokenizer(config: EngineConfig) -> Any | None:
     if config.model_config.skip_tokenizer_init:
         return None
     from transformers import AutoTokenizer

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import enum
+from typing import Any
+
 import msgspec
+import numpy as np
 
 from lmserve.sampling_params import SamplingParams
 
@@ -19,11 +23,12 @@ class EngineCoreRequest(msgspec.Struct, array_like=True, omit_defaults=True):
 
 class LogprobsLists(msgspec.Struct, array_like=True):
     """Logprobs of k positions. Column 0 is the token actually sampled (or, for prompt
-    logprobs, the prompt's next token); columns 1.. are the top-N most likely tokens."""
+    logprobs, the prompt's next token); columns 1.. are the top-N most likely tokens.
+    numpy arrays (zero-copy frames on the wire) or nested lists."""
 
-    token_ids: list[list[int]]  # [k][N + 1]
-    logprobs: list[list[float]]  # [k][N + 1]
-    ranks: list[int]  # [k] rank of column 0's token (1 = most likely)
+    token_ids: Any  # [k, N + 1] int64
+    logprobs: Any  # [k, N + 1] float32
+    ranks: Any  # [k] int64, rank of column 0's token (1 = most likely)
 
 
 class EngineCoreOutput(msgspec.Struct, array_like=True, omit_defaults=True):
@@ -34,12 +39,104 @@ class EngineCoreOutput(msgspec.Struct, array_like=True, omit_defaults=True):
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     stop_reason: int | str | None = None  # the stop token id that ended it, if any
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    queue_time: float | None = None  # seconds waiting before first scheduled (first output)
 
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
 
 
+class SchedulerStats(msgspec.Struct, array_like=True, omit_defaults=True):
+    """Engine-side gauges (current values) and counters (increments since the last stats)."""
+
+    num_running_reqs: int = 0
+    num_waiting_reqs: int = 0
+    kv_cache_usage: float = 0.0  # blocks in use / all blocks
+    prefix_cache_queries: int = 0  # prompt tokens looked up (increment)
+    prefix_cache_hits: int = 0  # prompt tokens found (increment)
+    num_preemptions: int = 0  # (increment)
+
+
+class UtilityOutput(msgspec.Struct, array_like=True, omit_defaults=True):
+    call_id: int
+    result: Any = None
+    error: str | None = None
+
+
 class EngineCoreOutputs(msgspec.Struct, array_like=True, omit_defaults=True):
     outputs: list[EngineCoreOutput] = []
     timestamp: float = 0.0
+    scheduler_stats: SchedulerStats | None = None
+    utility_output: UtilityOutput | None = None
+
+
+class EngineCoreRequestType(enum.Enum):
+    """First frame of every front-end → EngineCore message."""
+
+    ADD = b"\x00"
+    ABORT = b"\x01"
+    UTILITY = b"\x02"  # payload: (call_id, method name, args); answered by a UtilityOutput
+
+
+class ReadyMessage(msgspec.Struct):
+    """EngineCore → front-end once at start-up: ready (with facts) or the failure's cause."""
+
+    ok: bool
+    num_gpu_blocks: int = 0
+    error: str | None = None  # the real cause, traceback included, when ok is False
+
+
+# ---- the codec: msgpack, with numpy arrays / CPU tensors as zero-copy extra frames ----------
+_EXT_NDARRAY = 1
+
+
+class MsgpackEncoder:
+    """`encode(obj) -> frames`: frames[0] is the msgpack body; every numpy array or CPU tensor
+    inside becomes its own frame (its buffer, not a copy) referenced by index."""
+
+    def __init__(self) -> None:
+        self._encoder = msgspec.msgpack.Encoder(enc_hook=self._enc_hook)
+        self._frames: list[Any] | None = None
+
+    def encode(self, obj: Any) -> list[Any]:
+        self._frames = [b""]
+        try:
+            self._frames[0] = self._encoder.encode(obj)
+            return self._frames
+        finally:
+            self._frames = None
+
+    def _enc_hook(self, obj: Any) -> Any:
+        if isinstance(obj, np.ndarray):
+            return self._array_ext(obj)
+        if type(obj).__module__ == "torch" and hasattr(obj, "numpy"):  # a torch.Tensor
+            return self._array_ext(obj.detach().cpu().numpy())
+        raise NotImplementedError(f"cannot encode {type(obj).__name__}")
+
+    def _array_ext(self, array: np.ndarray) -> msgspec.msgpack.Ext:
+        array = np.ascontiguousarray(array)
+        index = len(self._frames)
+        self._frames.append(array.data if array.nbytes else b"")
+        header = msgspec.msgpack.encode((array.dtype.str, array.shape, index))
+        return msgspec.msgpack.Ext(_EXT_NDARRAY, header)
+
+
+class MsgpackDecoder:
+    """Inverse of MsgpackEncoder; arrays come back as read-only numpy views of their frames."""
+
+    def __init__(self, type_: Any) -> None:
+        self._decoder = msgspec.msgpack.Decoder(type_, ext_hook=self._ext_hook)
+        self._frames: list[Any] | None = None
+
+    def decode(self, frames: list[Any]) -> Any:
+        self._frames = [memoryview(f.buffer if hasattr(f, "buffer") else f) for f in frames]
+        try:
+            return self._decoder.decode(self._frames[0])
+        finally:
+            self._frames = None
+
+    def _ext_hook(self, code: int, data: memoryview) -> Any:
+        if code != _EXT_NDARRAY:
+            raise NotImplementedError(f"unknown msgpack extension {code}")
+        dtype, shape, index = msgspec.msgpack.decode(data)
+        return np.frombuffer(self._frames[index], dtype=dtype).reshape(shape)

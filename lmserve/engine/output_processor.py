@@ -135,13 +135,13 @@ class OutputProcessor:
 
     def _append_sample_logprobs(self, sample: _SampleState, lp: LogprobsLists) -> None:
         num = sample.params.logprobs
-        for row_ids, row_lps, rank in zip(lp.token_ids, lp.logprobs, lp.ranks):
+        for row_ids, row_lps, rank in zip(*_as_lists(lp)):
             sample.logprobs.append(self._logprob_dict(row_ids, row_lps, rank, num))
             sample.cumulative_logprob += row_lps[0]
 
     def _append_prompt_logprobs(self, parent: _ParentState, lp: LogprobsLists) -> None:
         num = parent.samples[0].params.prompt_logprobs
-        for row_ids, row_lps, rank in zip(lp.token_ids, lp.logprobs, lp.ranks):
+        for row_ids, row_lps, rank in zip(*_as_lists(lp)):
             parent.prompt_logprobs.append(self._logprob_dict(row_ids, row_lps, rank, num))
 
     def _logprob_dict(
@@ -199,3 +199,8 @@ class OutputProcessor:
             finish_reason=sample.finish_reason,
             stop_reason=sample.stop_reason,
         )
+
+
+def _as_lists(lp: LogprobsLists) -> tuple[list, list, list]:
+    """(token ids, logprobs, ranks) as Python lists, whether they came as arrays or lists."""
+    return tuple(x.tolist() if hasattr(x, "tolist") else x for x in (lp.token_ids, lp.logprobs, lp.ranks))

@@ -31,6 +31,10 @@ class LLM:
         self.llm_engine = LLMEngine(self.config)
         self._request_counter = itertools.count()
 
+    def shutdown(self) -> None:
+        """Stop the engine (its EngineCore process, if any) now rather than at exit."""
+        self.llm_engine.shutdown()
+
     def get_tokenizer(self) -> Any:
         return self.llm_engine.tokenizer
 

@@ -257,7 +257,9 @@ def gguf_to_hf_config(reader) -> Any:
     head_dim = int(meta("attention.key_length", hidden_size // num_heads))
     rotary_dim = int(meta("rope.dimension_count", head_dim))
     if rotary_dim != head_dim:
-        raise ValueError(f"GGUF rotary dimension {rotary_dim} != head_dim {head_dim}: not supported")
+        raise ValueError(
+            f"GGUF rotary dimension {rotary_dim} != head_dim {head_dim}: not supported"
+        )
     embedding = next(t for t in reader.tensors if t.name == "token_embd.weight")
     vocab_size = _field(reader, f"{arch}.vocab_size") or int(embedding.shape[-1])
     config = LlamaConfig(
@@ -347,14 +349,19 @@ def _expected_shapes(config: Any) -> dict[str, tuple[int, ...]]:
 
 
 def hf_tensor_name(gguf_name: str) -> str:
-    """"blk.3.attn_q.weight" -> "model.layers.3.self_attn.q_proj.weight"; raises if unknown."""
+    """The HF name of a llama.cpp tensor; raises if it has none.
+
+    "blk.3.attn_q.weight" -> "model.layers.3.self_attn.q_proj.weight"
+    """
     base, _, suffix = gguf_name.rpartition(".")
     parts = base.split(".")
     if suffix in ("weight", "bias"):
-        if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _LAYER_TENSORS:
-            return f"model.layers.{parts[1]}.{_LAYER_TENSORS[parts[2]]}.{suffix}"
         if len(parts) == 1 and parts[0] in _GLOBAL_TENSORS:
             return f"{_GLOBAL_TENSORS[parts[0]]}.{suffix}"
+        if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit():
+            hf_name = _LAYER_TENSORS.get(parts[2])
+            if hf_name is not None:
+                return f"model.layers.{parts[1]}.{hf_name}.{suffix}"
     raise ValueError(f"GGUF tensor {gguf_name!r} has no Llama counterpart")
 
 

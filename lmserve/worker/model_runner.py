@@ -181,12 +181,14 @@ class ModelRunner:
 
 
 def _to_lists(tensors: LogprobsTensors) -> LogprobsLists:
+    """Host numpy arrays: they travel to the front-end as zero-copy frames."""
     return LogprobsLists(
-        token_ids=tensors.token_ids.tolist(),
-        logprobs=tensors.logprobs.tolist(),
-        ranks=tensors.ranks.tolist(),
+        token_ids=tensors.token_ids.cpu().numpy(),
+        logprobs=tensors.logprobs.cpu().numpy(),
+        ranks=tensors.ranks.cpu().numpy(),
     )
 
 
 def _row(lists: LogprobsLists, j: int) -> LogprobsLists:
-    return LogprobsLists([lists.token_ids[j]], [lists.logprobs[j]], [lists.ranks[j]])
+    return LogprobsLists(lists.token_ids[j : j + 1], lists.logprobs[j : j + 1],
+                         lists.ranks[j : j + 1])

@@ -75,8 +75,8 @@ def write_tiny_gguf(
 ) -> str:
     """Write `model` (a tiny HF Llama) and `tokenizer` as a llama.cpp-style GGUF at `path`.
 
-    qtypes maps a GGUF tensor-name fragment ("attn_v", "token_embd", "*" for any) to the storage
-    type of its 2-D tensors; 1-D tensors are always F32. Q4_K / Q6_K tensors hold random blocks
+    qtypes maps a GGUF tensor kind ("attn_v", "token_embd", "output"; "*" for the rest) to the
+    storage type of its 2-D tensors; 1-D tensors are always F32. Q4_K / Q6_K tensors hold random blocks
     instead of the model's weights (see random_k_quant_blocks)."""
     config = model.config
     writer = gguf.GGUFWriter(path, "llama")
@@ -103,7 +103,8 @@ def write_tiny_gguf(
             weight = permute_rotary_rows(weight, config.num_attention_heads)
         elif ".attn_k." in name:
             weight = permute_rotary_rows(weight, config.num_key_value_heads)
-        kind = next((t for frag, t in qtypes.items() if frag in name), qtypes.get("*", "F32"))
+        parts = name.split(".")  # "blk.0.attn_v.weight" -> [..., "attn_v", "weight"]
+        kind = next((t for part, t in qtypes.items() if part in parts), qtypes.get("*", "F32"))
         qtype = gguf.GGMLQuantizationType[kind if weight.ndim == 2 else "F32"]
         if qtype == gguf.GGMLQuantizationType.F32:
             writer.add_tensor(name, weight)
@@ -114,11 +115,15 @@ def write_tiny_gguf(
             writer.add_tensor(name, blocks, raw_dtype=qtype)
         else:
             writer.add_tensor(name, gguf.quants.quantize(weight, qtype), raw_dtype=qtype)
+    finish(writer)
+    return path
+
+
+def finish(writer) -> None:
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    return path
 
 
 def add_tokenizer(writer, tokenizer, pre: str) -> None:
@@ -150,7 +155,7 @@ VARIANTS = {
     "Q4_0": ({"*": "Q4_0"}, {}),
     "Q4_1+Q8_0-embedding": ({"token_embd": "Q8_0", "*": "Q4_1"}, dict(tie_word_embeddings=True)),
     # Like llama.cpp's Q4_K_M: Q6_K for attn_v, ffn_down and the head, Q4_K elsewhere.
-    "Q4_K+Q6_K": ({"attn_v": "Q6_K", "ffn_down": "Q6_K", "output.": "Q6_K", "*": "Q4_K"}, K_QUANT_SHAPES),
+    "Q4_K+Q6_K": ({"attn_v": "Q6_K", "ffn_down": "Q6_K", "output": "Q6_K", "*": "Q4_K"}, K_QUANT_SHAPES),
 }  # fmt: skip
 
 
@@ -267,15 +272,12 @@ def test_digit_splitting_pretokenizer_splits_every_digit(tmp_path):
 
 
 def test_unsupported_storage_type_names_the_tensor(tmp_path):
-    model = build_tiny_hf_model("llama")
     path = str(tmp_path / GGUF_NAME)
     writer = gguf.GGUFWriter(path, "llama")
     writer.add_tensor("blk.0.attn_q.weight", np.zeros((64, 64), dtype=np.float64))  # F64
-    writer.write_header_to_file(), writer.write_kv_data_to_file(), writer.write_tensors_to_file()
-    writer.close()
+    finish(writer)
     with pytest.raises(ValueError, match=r"'blk\.0\.attn_q\.weight' is stored as F64"):
         cached_gguf_folder(path, str(tmp_path / "cache"))
-    del model
     assert not [n for n in os.listdir(tmp_path / "cache") if not n.endswith(".lock")]
 
 
@@ -283,8 +285,7 @@ def test_non_llama_architecture_is_refused(tmp_path):
     path = str(tmp_path / "other.gguf")
     writer = gguf.GGUFWriter(path, "gemma3")
     writer.add_tensor("token_embd.weight", np.zeros((8, 32), dtype=np.float32))
-    writer.write_header_to_file(), writer.write_kv_data_to_file(), writer.write_tensors_to_file()
-    writer.close()
+    finish(writer)
     with pytest.raises(ValueError, match="architecture 'gemma3' is not supported"):
         cached_gguf_folder(path, str(tmp_path / "cache"))
 

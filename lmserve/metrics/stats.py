@@ -1,0 +1,107 @@
+"""StatsRecorder: turns front-end events and engine stats into Prometheus observations.
+
+Latencies are measured in the front-end (where the client's experience is): time to first
+token from the request's arrival, inter-token latency per sample, end-to-end on finish. Queue
+time comes from the engine with the request's first output.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from lmserve.engine.messages import EngineCoreOutput, SchedulerStats
+from lmserve.metrics.prometheus import get_metrics
+from lmserve.outputs import RequestOutput
+
+
+@dataclass
+class _RequestTimes:
+    arrival: float
+    num_prompt_tokens: int
+    first_token: float | None = None
+    last_token_per_sample: dict[str, float] = field(default_factory=dict)
+    num_generated: int = 0
+    sample_ids: list[str] = field(default_factory=list)
+
+
+class StatsRecorder:
+    def __init__(self, model_name: str = "") -> None:
+        metrics = get_metrics()
+        self.metrics = metrics
+        labels = {"model_name": model_name}
+        self._labels = labels
+        self.running = metrics.num_requests_running.labels(**labels)
+        self.waiting = metrics.num_requests_waiting.labels(**labels)
+        self.kv_usage = metrics.kv_cache_usage_perc.labels(**labels)
+        self._requests: dict[str, _RequestTimes] = {}
+        self._parent_of: dict[str, str] = {}  # engine request id -> user request id
+
+    def on_request_added(
+        self, request_id: str, num_prompt_tokens: int, sample_ids: list[str] | None = None
+    ) -> None:
+        """`sample_ids`: the engine request ids of its n samples (default: the id itself)."""
+        sample_ids = sample_ids or [request_id]
+        self._requests[request_id] = _RequestTimes(
+            time.monotonic(), num_prompt_tokens, sample_ids=sample_ids
+        )
+        for sample_id in sample_ids:
+            self._parent_of[sample_id] = request_id
+        self.metrics.prompt_tokens.labels(**self._labels).inc(num_prompt_tokens)
+
+    def on_request_aborted(self, request_id: str) -> None:
+        self._forget(request_id)
+        if self._requests.pop(request_id, None) is not None:
+            self.metrics.request_success.labels(**self._labels, finished_reason="abort").inc()
+
+    def on_scheduler_stats(self, stats: SchedulerStats) -> None:
+        self.running.set(stats.num_running_reqs)
+        self.waiting.set(stats.num_waiting_reqs)
+        self.kv_usage.set(stats.kv_cache_usage)
+        m, labels = self.metrics, self._labels
+        m.prefix_cache_queries.labels(**labels).inc(stats.prefix_cache_queries)
+        m.prefix_cache_hits.labels(**labels).inc(stats.prefix_cache_hits)
+        m.num_preemptions.labels(**labels).inc(stats.num_preemptions)
+
+    def on_engine_outputs(
+        self, engine_outputs: list[EngineCoreOutput], request_outputs: list[RequestOutput]
+    ) -> None:
+        now = time.monotonic()
+        m, labels = self.metrics, self._labels
+        for out in engine_outputs:
+            times = self._requests.get(self._parent_of.get(out.request_id, ""))
+            if times is None or not out.new_token_ids:
+                continue
+            n = len(out.new_token_ids)
+            m.generation_tokens.labels(**labels).inc(n)
+            times.num_generated += n
+            if out.queue_time is not None:
+                m.request_queue_time.labels(**labels).observe(out.queue_time)
+            if times.first_token is None:
+                times.first_token = now
+                m.time_to_first_token.labels(**labels).observe(now - times.arrival)
+            last = times.last_token_per_sample.get(out.request_id)
+            if last is not None:
+                m.inter_token_latency.labels(**labels).observe((now - last) / n)
+            times.last_token_per_sample[out.request_id] = now
+        for out in request_outputs:
+            if out.finished:
+                self._on_finished(out, now)
+
+    def _forget(self, request_id: str) -> None:
+        times = self._requests.get(request_id)
+        for sample_id in times.sample_ids if times is not None else ():
+            self._parent_of.pop(sample_id, None)
+
+    def _on_finished(self, out: RequestOutput, now: float) -> None:
+        self._forget(out.request_id)
+        times = self._requests.pop(out.request_id, None)
+        if times is None:
+            return
+        m, labels = self.metrics, self._labels
+        m.e2e_request_latency.labels(**labels).observe(now - times.arrival)
+        m.request_prompt_tokens.labels(**labels).observe(times.num_prompt_tokens)
+        m.request_generation_tokens.labels(**labels).observe(times.num_generated)
+        for completion in out.outputs:
+            reason = completion.finish_reason or "abort"
+            m.request_success.labels(**labels, finished_reason=reason).inc()
