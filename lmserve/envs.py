@@ -40,6 +40,11 @@ ENVIRONMENT_VARIABLES: dict[str, tuple[Callable[[], Any], str]] = {
         lambda: os.environ.get("LMSERVE_LOGGING_LEVEL", "INFO").upper(),
         "log level of the lmserve logger",
     ),
+    "LMSERVE_API_KEY": (
+        lambda: os.environ.get("LMSERVE_API_KEY") or None,
+        "`lmserve serve`: the API key /v1 routes require (as `Authorization: Bearer KEY`) "
+        "when --api-key is not given; unset or empty: no key",
+    ),
 }
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -40,6 +41,8 @@ class AttentionMetadata:
     # Host copies for backends that loop on the CPU (the torch reference backend).
     query_start_loc_cpu: list[int]  # [num_reqs + 1]
     seq_lens_cpu: list[int]  # [num_reqs]
+    # What the backend derives once per forward (in its first layer) and reuses in the rest.
+    backend_state: Any = None
 
 
 class AttentionBackend(ABC):

@@ -1,10 +1,14 @@
-"""PyTorch reference attention backend: correct everywhere (CPU included), not fast.
+"""PyTorch reference attention backend: correct everywhere (CPU included), reasonably fast.
 
-It loops over the requests of a batch on the host; the GPU backends (later) do the same math in
-one kernel launch. Numerics follow HF transformers' SDPA path so float32 greedy output matches.
+Requests decoding one token are attended together in one batched SDPA call over their
+gathered, padded KV (a mask hides the padding); requests with several query tokens (a prompt
+or a chunk of one) are attended one by one. The GPU backends do the same math in one kernel.
+Numerics follow HF transformers' SDPA path so float32 greedy output matches.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -35,22 +39,79 @@ def gather_kv(
     return blocks.flatten(0, 1)[:seq_len]
 
 
+@dataclass(slots=True)
+class _Plan:
+    """Per-forward split of the batch, shared by all layers."""
+
+    decode_tokens: torch.Tensor | None  # [num_decode] flat query index of each decode request
+    decode_blocks: torch.Tensor | None  # [num_decode * max_blocks] int64 block ids, flattened
+    decode_mask: torch.Tensor | None  # [num_decode, 1, 1, max_blocks * block_size] bool
+    num_decode_blocks: int  # max_blocks
+    multi_token_reqs: list[int]  # requests with > 1 query token, attended one by one
+
+
 class TorchAttentionBackend(AttentionBackend):
     name = "torch"
+
+    def prepare(self, metadata: AttentionMetadata, block_size: int) -> None:
+        starts, seq_lens = metadata.query_start_loc_cpu, metadata.seq_lens_cpu
+        decode = [i for i in range(metadata.num_reqs) if starts[i + 1] - starts[i] == 1]
+        multi = [i for i in range(metadata.num_reqs) if starts[i + 1] - starts[i] > 1]
+        plan = _Plan(None, None, None, 0, multi)
+        if len(decode) > 1:  # batching pays from two requests on
+            device = metadata.block_tables.device
+            idx = torch.tensor(decode, device=device)
+            lens = metadata.seq_lens.index_select(0, idx).long()  # [num_decode]
+            max_len = max(seq_lens[i] for i in decode)
+            num_blocks = -(-max_len // block_size)
+            plan.decode_tokens = metadata.query_start_loc.index_select(0, idx).long()
+            plan.decode_blocks = metadata.block_tables.index_select(0, idx)[:, :num_blocks]
+            plan.decode_blocks = plan.decode_blocks.long().reshape(-1)
+            positions = torch.arange(num_blocks * block_size, device=device)
+            plan.decode_mask = (positions[None, :] < lens[:, None])[:, None, None, :]
+            plan.num_decode_blocks = num_blocks
+        elif decode:
+            plan.multi_token_reqs = sorted(multi + decode)
+        metadata.backend_state = plan
 
     def forward(self, query, key, value, kv_cache, metadata: AttentionMetadata, scale: float):
         key_cache, value_cache = kv_cache
         write_kv_cache(key, value, key_cache, value_cache, metadata.slot_mapping)
+        if metadata.backend_state is None:  # the first layer plans for all of them
+            self.prepare(metadata, block_size=key_cache.shape[1])
+        plan: _Plan = metadata.backend_state
         output = torch.empty_like(query)  # [num_tokens, num_heads, head_dim]
+        if plan.decode_tokens is not None:
+            output[plan.decode_tokens] = self._batched_decode(query, key_cache, value_cache,
+                                                              plan, scale)
         starts = metadata.query_start_loc_cpu
-        for i, seq_len in enumerate(metadata.seq_lens_cpu):
+        for i in plan.multi_token_reqs:
             q_start, q_end = starts[i], starts[i + 1]
             block_table = metadata.block_tables[i]
+            seq_len = metadata.seq_lens_cpu[i]
             k = gather_kv(key_cache, block_table, seq_len)  # [seq_len, kv_heads, hd]
             v = gather_kv(value_cache, block_table, seq_len)
-            q = query[q_start:q_end]  # [q_len, num_heads, hd]
-            output[q_start:q_end] = _causal_attention(q, k, v, scale)
+            output[q_start:q_end] = _causal_attention(query[q_start:q_end], k, v, scale)
         return output
+
+    @staticmethod
+    def _batched_decode(query, key_cache, value_cache, plan: _Plan, scale: float):
+        num_decode = plan.decode_tokens.shape[0]
+        q = query.index_select(0, plan.decode_tokens)[:, :, None, :]  # [B, heads, 1, hd]
+        # [B, max_blocks * block_size, kv_heads, hd] -> [B, kv_heads, L, hd]
+        k = key_cache.index_select(0, plan.decode_blocks).view(
+            num_decode, -1, key_cache.shape[2], key_cache.shape[3]).transpose(1, 2)
+        v = value_cache.index_select(0, plan.decode_blocks).view(
+            num_decode, -1, value_cache.shape[2], value_cache.shape[3]).transpose(1, 2)
+        # Padding slots were never written (the CPU pool is uninitialised memory, maybe NaN):
+        # zero them, since a masked score still multiplies its value (0 * NaN = NaN).
+        padding = ~plan.decode_mask.transpose(-1, -2)  # [B, 1, L, 1]
+        k, v = k.masked_fill(padding, 0.0), v.masked_fill(padding, 0.0)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=plan.decode_mask, scale=scale,
+            enable_gqa=q.shape[1] != k.shape[1],
+        )  # [B, heads, 1, hd]
+        return out[:, :, 0, :]
 
 
 def _causal_attention(

@@ -47,6 +47,58 @@ BOOL_FLAGS: list[tuple[str, str, bool, str]] = [
 ]
 
 
+# `lmserve serve` only: (flag, dest, type, default, help).
+SERVER_FLAGS: list[tuple[str, str, Any, Any, str]] = [
+    ("--host", "host", str, "0.0.0.0", "address to listen on"),
+    ("--port", "port", int, 8000, "port to listen on"),
+    (
+        "--api-key",
+        "api_key",
+        str,
+        None,
+        "require 'Authorization: Bearer KEY' on /v1 routes (default: env LMSERVE_API_KEY)",
+    ),
+    (
+        "--chat-template",
+        "chat_template",
+        str,
+        None,
+        "Jinja chat template (a file, or the template itself); default: the tokenizer's",
+    ),
+    (
+        "--shutdown-timeout",
+        "shutdown_timeout",
+        float,
+        10.0,
+        "on SIGTERM, seconds in-flight requests may take to finish before they are aborted",
+    ),
+    (
+        "--max-request-body-size",
+        "max_request_body_size",
+        int,
+        16 * 1024 * 1024,
+        "larger request bodies get 413 (bytes)",
+    ),
+    ("--uvicorn-log-level", "uvicorn_log_level", str, "info", "uvicorn's log level"),
+]
+
+
+def add_server_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("server")
+    for flag, dest, typ, default, help_text in SERVER_FLAGS:
+        group.add_argument(flag, dest=dest, type=typ, default=default, help=help_text)
+    group.add_argument(
+        "--served-model-name",
+        dest="served_model_name",
+        nargs="+",
+        default=None,
+        help="name(s) clients use for the model; the first is reported (default: MODEL)",
+    )
+    group.add_argument(
+        "--disable-access-log", action="store_true", help="no log line per HTTP request"
+    )
+
+
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("engine")
     for flag, dest, typ, default, help_text in ENGINE_FLAGS:
@@ -92,6 +144,12 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from lmserve.entrypoints.openai.server import run_server
+
+    return run_server(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from lmserve import __version__
 
@@ -108,6 +166,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--quiet", action="store_true", help="no progress bar")
     add_engine_args(gen)
     gen.set_defaults(func=_cmd_generate)
+    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
+    serve.add_argument(
+        "model", nargs="?", default=None, help="HF model folder, hub id or .gguf file "
+        "(default: the default model, SmolLM2-135M-Instruct)"
+    )
+    add_server_args(serve)
+    add_engine_args(serve)
+    serve.set_defaults(func=_cmd_serve)
     return parser
 
 

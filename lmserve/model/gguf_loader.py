@@ -52,11 +52,22 @@ _STALE_TMP_SECONDS = 3600
 SUPPORTED_TENSOR_TYPES = frozenset(
     ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 )  # fmt: skip
-# llama.cpp pre-tokenizers that split every digit off on its own before the GPT-2 regex
-# (llama-vocab.cpp); transformers' GGUF tokenizer conversion drops that first split.
+# llama.cpp pre-tokenizers (llama-vocab.cpp) for byte-level BPE vocabularies. These split
+# every digit off on its own before GPT-2's regex (transformers' GGUF converter drops that):
 _DIGIT_SPLIT_PRETOKENIZERS = frozenset(
     ("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva-7b")
 )
+# ... and these use Llama 3's regex (numbers in groups of up to three digits), look a whole word
+# up in the vocabulary before merging, and add bos unless the metadata says otherwise.
+_LLAMA3_PRETOKENIZERS = frozenset(
+    ("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2")
+)
+_LLAMA3_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+# tokenizer.ggml.token_type values (llama.cpp's llama_token_type).
+_TOKEN_NORMAL, _TOKEN_CONTROL, _TOKEN_USER_DEFINED = 1, 3, 4
 # llama.cpp tensor name (after "blk.N.") -> HF name (after "model.layers.N.").
 _LAYER_TENSORS = {
     "attn_norm": "input_layernorm",
@@ -406,32 +417,96 @@ def permute_rotary_rows(weight: np.ndarray, num_heads: int) -> np.ndarray:
 
 
 def save_gguf_tokenizer(gguf_path: str, reader, out_dir: str) -> None:
-    """Build the tokenizer from `tokenizer.ggml.*` with transformers' GGUF converter and save it
-    (tokenizer.json, tokenizer_config.json, the chat template) into `out_dir`."""
-    from transformers import AutoTokenizer
+    """Build the tokenizer from `tokenizer.ggml.*` and save it (tokenizer.json,
+    tokenizer_config.json, the chat template) into `out_dir`.
 
-    tokenizer = AutoTokenizer.from_pretrained(
-        os.path.dirname(gguf_path), gguf_file=os.path.basename(gguf_path)
-    )
-    pre = _field(reader, "tokenizer.ggml.pre")
-    if pre in _DIGIT_SPLIT_PRETOKENIZERS and hasattr(tokenizer, "backend_tokenizer"):
-        _split_digits_first(tokenizer.backend_tokenizer)
+    Byte-level BPE vocabularies (tokenizer.ggml.model == "gpt2": SmolLM2, Llama 3, ...) are built
+    here with `tokenizers`, the way llama.cpp tokenizes them. Others (SentencePiece "llama", ...)
+    go through transformers' GGUF converter, with the special tokens then set from the metadata
+    (transformers 5.17's converter, for one, names the wrong eos token)."""
+    if _field(reader, "tokenizer.ggml.model") == "gpt2":
+        tokenizer = _byte_level_bpe_tokenizer(reader)
+    else:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(
+            os.path.dirname(gguf_path), gguf_file=os.path.basename(gguf_path)
+        )
+        for role, token in _special_tokens(reader).items():
+            setattr(tokenizer, role, token)
     template = _field(reader, "tokenizer.chat_template")
-    if template and not getattr(tokenizer, "chat_template", None):
+    if template:
         tokenizer.chat_template = template
     tokenizer.save_pretrained(out_dir)
 
 
-def _split_digits_first(backend) -> None:
-    """Prepend an every-digit split to a byte-level pre-tokenizer, as llama.cpp (and the original
-    HF tokenizers of these models) do: "2024" -> "2" "0" "2" "4"."""
-    from tokenizers import pre_tokenizers
+def _special_tokens(reader) -> dict[str, str]:
+    """{"bos_token": "<|im_start|>", ...} for the special-token ids the metadata names."""
+    tokens = _field(reader, "tokenizer.ggml.tokens")
+    keys = {"bos_token": "bos", "eos_token": "eos", "unk_token": "unknown", "pad_token": "padding"}
+    special = {}
+    for role, key in keys.items():
+        token_id = _field(reader, f"tokenizer.ggml.{key}_token_id")
+        if token_id is not None and 0 <= token_id < len(tokens):
+            special[role] = tokens[token_id]
+    return special
 
-    current = backend.pre_tokenizer
-    if isinstance(current, pre_tokenizers.ByteLevel):
-        backend.pre_tokenizer = pre_tokenizers.Sequence(
-            [pre_tokenizers.Digits(individual_digits=True), current]
+
+def _byte_level_bpe_tokenizer(reader) -> Any:
+    """A transformers fast tokenizer for a GGUF byte-level BPE vocabulary: vocab and merges,
+    llama.cpp's pre-tokenizer for `tokenizer.ggml.pre`, control tokens as special tokens, bos/eos
+    added as `tokenizer.ggml.add_bos_token` / `add_eos_token` say."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, processors
+    from transformers import PreTrainedTokenizerFast
+
+    tokens: list[str] = _field(reader, "tokenizer.ggml.tokens")
+    token_types = _field(reader, "tokenizer.ggml.token_type", [_TOKEN_NORMAL] * len(tokens))
+    merges = [tuple(m.split(" ", 1)) for m in _field(reader, "tokenizer.ggml.merges", [])]
+    pre = _field(reader, "tokenizer.ggml.pre", "default")
+    llama3 = pre in _LLAMA3_PRETOKENIZERS
+    vocab = {t: i for i, t in enumerate(tokens)}
+    backend = Tokenizer(models.BPE(vocab, merges, fuse_unk=False, ignore_merges=llama3))
+    backend.pre_tokenizer = _byte_level_pre_tokenizer(
+        pre, bool(_field(reader, "tokenizer.ggml.add_space_prefix", False))
+    )
+    backend.decoder = decoders.ByteLevel()
+    control = [t for t, kind in zip(tokens, token_types) if kind == _TOKEN_CONTROL]
+    user_defined = [t for t, kind in zip(tokens, token_types) if kind == _TOKEN_USER_DEFINED]
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in control])
+    backend.add_tokens([AddedToken(t, special=False, normalized=False) for t in user_defined])
+
+    special = _special_tokens(reader)
+    add_bos = _field(reader, "tokenizer.ggml.add_bos_token", llama3)
+    add_eos = _field(reader, "tokenizer.ggml.add_eos_token", False)
+    bos = special.get("bos_token") if add_bos else None
+    eos = special.get("eos_token") if add_eos else None
+    if bos or eos:  # e.g. "<s> $A" and "<s> $A <s>:1 $B:1"
+        single = [t for t in (bos, "$A", eos) if t]
+        pair = single + [f"{t}:1" for t in (bos, "$B", eos) if t]
+        backend.post_processor = processors.TemplateProcessing(
+            single=" ".join(single),
+            pair=" ".join(pair),
+            special_tokens=[(t, vocab[t]) for t in dict.fromkeys((bos, eos)) if t],
         )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, clean_up_tokenization_spaces=False, **special
+    )
+
+
+def _byte_level_pre_tokenizer(pre: str, add_prefix_space: bool) -> Any:
+    """llama.cpp's pre-tokenizer `pre` (its regexes in llama-vocab.cpp) as a `tokenizers` one."""
+    from tokenizers import Regex, pre_tokenizers
+
+    gpt2 = pre_tokenizers.ByteLevel(add_prefix_space=add_prefix_space, use_regex=True)
+    if pre in _DIGIT_SPLIT_PRETOKENIZERS:  # "2024" -> "2" "0" "2" "4", then GPT-2's regex
+        return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), gpt2])
+    if pre in _LLAMA3_PRETOKENIZERS:
+        split = pre_tokenizers.Split(Regex(_LLAMA3_REGEX), behavior="isolated")
+        no_regex = pre_tokenizers.ByteLevel(add_prefix_space=add_prefix_space, use_regex=False)
+        return pre_tokenizers.Sequence([split, no_regex])
+    if pre not in ("default", "gpt2"):
+        logger.warning("GGUF pre-tokenizer %r is not known here; using GPT-2's regex", pre)
+    return gpt2
 
 
 def _field(reader, key: str, default: Any = None) -> Any:

@@ -260,15 +260,24 @@ def test_converted_tokenizer_matches_hf_gguf_tokenizer_and_keeps_the_chat_templa
     assert ours.apply_chat_template(messages, tokenize=False) == "<|user|>hello</s>"
 
 
-def test_digit_splitting_pretokenizer_splits_every_digit(tmp_path):
-    """llama.cpp's "smollm" pre-tokenizer splits digits one by one; the conversion keeps that."""
+@pytest.mark.parametrize(
+    ("pre", "pieces"),
+    [
+        ("default", ["12345", "Ġbirds"]),  # GPT-2's regex: a run of digits stays together
+        ("smollm", ["1", "2", "3", "4", "5", "Ġbirds"]),  # every digit on its own
+        ("llama-bpe", ["123", "45", "Ġbirds"]),  # Llama 3: groups of up to three digits
+    ],
+)
+def test_llama_cpp_pretokenizer_is_kept(tmp_path, pre, pieces):
+    """Pieces before BPE merges, as llama.cpp's pre-tokenizer of that name splits them."""
     from transformers import AutoTokenizer
 
     model = build_tiny_hf_model("llama")
-    path = write_tiny_gguf(str(tmp_path / GGUF_NAME), model, make_tiny_tokenizer(), {"*": "F32"}, pre="smollm")  # fmt: skip
+    path = write_tiny_gguf(str(tmp_path / GGUF_NAME), model, make_tiny_tokenizer(), {}, pre=pre)
     tokenizer = AutoTokenizer.from_pretrained(cached_gguf_folder(path, str(tmp_path / "cache")))
-    pieces = tokenizer.convert_ids_to_tokens(tokenizer("1024 birds", add_special_tokens=False).input_ids)  # fmt: skip
-    assert pieces[:4] == ["1", "0", "2", "4"]
+    pre_tokenizer = tokenizer.backend_tokenizer.pre_tokenizer
+    assert [p for p, _ in pre_tokenizer.pre_tokenize_str("12345 birds")] == pieces
+    assert tokenizer.decode(tokenizer("12345 birds").input_ids[1:]) == "12345 birds"
 
 
 def test_unsupported_storage_type_names_the_tensor(tmp_path):

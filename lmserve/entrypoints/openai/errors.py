@@ -172,7 +172,8 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _unexpected(_: Request, e: Exception) -> JSONResponse:
         logger.exception("unexpected error while handling a request")
         error = OpenAIError(
-            f"internal server error: {type(e).__name__}", HTTPStatus.INTERNAL_SERVER_ERROR,
+            f"internal server error: {type(e).__name__}",
+            HTTPStatus.INTERNAL_SERVER_ERROR,
             SERVER_ERROR,
         )
         return error_response(error)

@@ -74,8 +74,9 @@ class OpenAIServingChat(OpenAIServing):
             stream=stream,
         )
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
-        generator = self.generate([({"prompt_token_ids": token_ids}, params)], request_id,
-                                  request.priority)
+        generator = self.generate(
+            [({"prompt_token_ids": token_ids}, params)], request_id, request.priority
+        )
         try:
             if stream:
                 first = await self.until_disconnect(raw_request, anext(generator))

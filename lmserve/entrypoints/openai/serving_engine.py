@@ -30,6 +30,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from lmserve.engine.core_client import EngineDeadError
 from lmserve.entrypoints.openai.errors import (
     SERVER_ERROR,
     OpenAIError,
@@ -38,7 +39,6 @@ from lmserve.entrypoints.openai.errors import (
     invalid_request,
 )
 from lmserve.entrypoints.openai.protocol import MAX_N, SamplingFields
-from lmserve.engine.core_client import EngineDeadError
 from lmserve.outputs import Logprob, RequestOutput
 from lmserve.sampling_params import RequestOutputKind, SamplingParams
 
@@ -60,7 +60,7 @@ class OpenAIServing:
         self.tokenizer = engine.tokenizer
         self.max_model_len: int = engine.model_config.max_model_len
         self.served_model_names = served_model_names
-        self._producers: set[asyncio.Task] = set()  # strong references while they run
+        self.producers: set[asyncio.Task] = set()  # strong references while they run
 
     # ---- model names -------------------------------------------------------------------------
     def resolve_model(self, requested: str | None) -> str:
@@ -84,7 +84,9 @@ class OpenAIServing:
             )
         return self.tokenizer
 
-    def encode(self, text: str, add_special_tokens: bool = True, param: str = "prompt") -> list[int]:
+    def encode(
+        self, text: str, add_special_tokens: bool = True, param: str = "prompt"
+    ) -> list[int]:
         tokenizer = self.require_tokenizer("a text prompt", param)
         return list(tokenizer.encode(text, add_special_tokens=add_special_tokens))
 
@@ -96,7 +98,11 @@ class OpenAIServing:
         return self.tokenizer.decode([token_id])
 
     def check_context(
-        self, num_prompt_tokens: int, max_tokens: int | None, max_tokens_param: str, prompt_param: str
+        self,
+        num_prompt_tokens: int,
+        max_tokens: int | None,
+        max_tokens_param: str,
+        prompt_param: str,
     ) -> int:
         """max_tokens to use: as requested, or all the room left in the context when None.
         A prompt that fills the context, or prompt + max_tokens beyond it, is a 400 stating
@@ -189,8 +195,8 @@ class OpenAIServing:
 
         tasks = [asyncio.create_task(produce(i, p, sp)) for i, (p, sp) in enumerate(prompts)]
         for task in tasks:
-            self._producers.add(task)
-            task.add_done_callback(self._producers.discard)
+            self.producers.add(task)
+            task.add_done_callback(self.producers.discard)
         try:
             remaining = len(tasks)
             while remaining:
@@ -229,7 +235,9 @@ async def _wait_for_disconnect(request: Request) -> None:
         pass
 
 
-async def collect(generator: AsyncGenerator[tuple[int, RequestOutput], None]) -> dict[int, RequestOutput]:
+async def collect(
+    generator: AsyncGenerator[tuple[int, RequestOutput], None],
+) -> dict[int, RequestOutput]:
     """The last RequestOutput of each prompt (with FINAL_ONLY, the only one)."""
     final: dict[int, RequestOutput] = {}
     async for index, out in generator:
@@ -290,9 +298,7 @@ class SSEResponse(StreamingResponse):
             await self.body_iterator.aclose()
 
 
-async def prepend(
-    first: T, rest: AsyncGenerator[T, None]
-) -> AsyncGenerator[T, None]:
+async def prepend(first: T, rest: AsyncGenerator[T, None]) -> AsyncGenerator[T, None]:
     """`first`, then everything `rest` yields; closing this closes `rest`."""
     try:
         yield first

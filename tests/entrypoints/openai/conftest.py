@@ -1,0 +1,154 @@
+"""A real `lmserve serve` subprocess on a free port, serving a tiny random Llama on the CPU.
+
+    server            one per test module (most tests only read it)
+    start_server(...) for tests that stop, kill or signal their own
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import openai
+import psutil
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+API_KEY = "sk-test-lmserve"
+MODEL_NAME = "tiny-llama"
+MAX_MODEL_LEN = 512
+STARTUP_TIMEOUT_S = 120.0
+
+
+@dataclass
+class RemoteServer:
+    proc: subprocess.Popen
+    url: str
+    model: str
+    api_key: str | None
+    log_path: Path
+    _http: httpx.Client = field(default_factory=lambda: httpx.Client(timeout=30.0))
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+
+    def get(self, path: str, **kwargs) -> httpx.Response:
+        return self._http.get(self.url + path, headers=self.headers, **kwargs)
+
+    def post(self, path: str, **kwargs) -> httpx.Response:
+        headers = {**self.headers, **kwargs.pop("headers", {})}
+        return self._http.post(self.url + path, headers=headers, **kwargs)
+
+    def client(self, **kwargs) -> openai.OpenAI:
+        return openai.OpenAI(
+            base_url=self.url + "/v1", api_key=self.api_key or "none", max_retries=0, **kwargs
+        )
+
+    def async_client(self, **kwargs) -> openai.AsyncOpenAI:
+        return openai.AsyncOpenAI(
+            base_url=self.url + "/v1", api_key=self.api_key or "none", max_retries=0, **kwargs
+        )
+
+    def metric(self, name: str) -> float:
+        """The sum of all samples named `name` on /metrics (every label set)."""
+        text = self._http.get(self.url + "/metrics").text
+        return sum(
+            sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+            if sample.name == name
+        )
+
+    def engine_process(self) -> psutil.Process:
+        """The EngineCore child (named `lmserve::EngineCore` by setproctitle)."""
+        for child in psutil.Process(self.proc.pid).children(recursive=True):
+            try:
+                if "EngineCore" in child.name() or "EngineCore" in " ".join(child.cmdline()):
+                    return child
+            except psutil.NoSuchProcess:
+                continue
+        raise AssertionError("no EngineCore child process found")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait(self, timeout: float) -> int:
+        return self.proc.wait(timeout=timeout)
+
+    def stop(self, timeout: float = 30.0) -> int | None:
+        self._http.close()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        return self.proc.returncode
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(
+    model_dir: str, *extra_args: str, api_key: str | None = API_KEY, env: dict | None = None
+) -> RemoteServer:
+    """Start `lmserve serve` and wait until /health answers 200."""
+    port = free_port()
+    args = [
+        sys.executable, "-m", "lmserve.entrypoints.cli", "serve", model_dir,
+        "--host", "127.0.0.1", "--port", str(port),
+        "--served-model-name", MODEL_NAME,
+        "--device", "cpu", "--dtype", "float32",
+        "--max-model-len", str(MAX_MODEL_LEN),
+        "--cpu-kvcache-space-gib", "0.05",
+        "--max-request-body-size", str(1024 * 1024),
+        "--uvicorn-log-level", "warning",
+    ]  # fmt: skip
+    if api_key is not None:
+        args += ["--api-key", api_key]
+    log_path = Path(tempfile.mkstemp(prefix="lmserve-server-", suffix=".log")[1])
+    run_env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    run_env.pop("LMSERVE_API_KEY", None)  # the test decides
+    run_env.update(env or {})
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [*args, *extra_args], stdout=log, stderr=subprocess.STDOUT, env=run_env
+        )
+    server = RemoteServer(proc, f"http://127.0.0.1:{port}", MODEL_NAME, api_key, log_path)
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"server exited with {proc.returncode}:\n{server.log()[-4000:]}")
+        try:
+            if httpx.get(server.url + "/health", timeout=1.0).status_code == 200:
+                return server
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    server.stop()
+    raise AssertionError(f"server not healthy within {STARTUP_TIMEOUT_S} s:\n{server.log()[-4000:]}")
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tiny_model_dir) -> str:
+    return tiny_model_dir("llama")
+
+
+@pytest.fixture(scope="module")
+def server(tiny_llama):
+    server = start_server(tiny_llama)
+    yield server
+    server.stop()
