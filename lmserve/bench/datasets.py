@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from tqdm.auto import tqdm
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +87,9 @@ def encode(tokenizer: Any, text: str) -> list[int]:
 
 
 def decode(tokenizer: Any, token_ids: list[int]) -> str:
-    return tokenizer.decode(token_ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    return tokenizer.decode(
+        token_ids, skip_special_tokens=False, clean_up_tokenization_spaces=False
+    )
 
 
 def candidate_token_ids(tokenizer: Any) -> np.ndarray:
@@ -95,8 +98,14 @@ def candidate_token_ids(tokenizer: Any) -> np.ndarray:
     continuation bytes, which decode to U+FFFD and would re-encode as three other tokens."""
     special = set(tokenizer.all_special_ids or [])
     ids = [i for i in range(len(tokenizer)) if i not in special]
-    texts = tokenizer.batch_decode([[i] for i in ids], clean_up_tokenization_spaces=False)
-    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    singles = [[i] for i in ids]
+    backend = getattr(tokenizer, "backend_tokenizer", None)  # Rust: ~1 s for a 50k vocabulary
+    if backend is not None:
+        texts = backend.decode_batch(singles, skip_special_tokens=False)
+        encoded = [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)]
+    else:
+        texts = tokenizer.batch_decode(singles, clean_up_tokenization_spaces=False)
+        encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
     kept = [i for i, enc in zip(ids, encoded) if enc == [i]]
     return np.array(kept or ids, dtype=np.int64)
 
@@ -165,6 +174,7 @@ def random_requests(
     output_len: int,
     range_ratio: float = 0.0,
     seed: int = 0,
+    progress: bool = False,
 ) -> list[SampleRequest]:
     """Prompts of random tokens; input and output lengths uniform around the given ones."""
     _require_positive(num_requests=num_requests, input_len=input_len, output_len=output_len)
@@ -173,7 +183,8 @@ def random_requests(
     output_lens = _lengths(rng, output_len, range_ratio, num_requests)
     pool = candidate_token_ids(tokenizer)
     requests = []
-    for n_in, n_out in zip(input_lens, output_lens):
+    lengths = zip(input_lens, output_lens)
+    for n_in, n_out in tqdm(lengths, "Random prompts", num_requests, disable=not progress):
         text, ids = random_text(tokenizer, rng, n_in, pool=pool)
         requests.append(SampleRequest(text, len(ids), n_out))
     return requests
@@ -187,16 +198,20 @@ def prefix_repetition_requests(
     num_prefixes: int,
     output_len: int,
     seed: int = 0,
+    progress: bool = False,
 ) -> list[SampleRequest]:
     """`num_prefixes` random prefixes of `prefix_len` tokens, each the start of an equal share of
     the prompts (the first `num_requests % num_prefixes` prefixes get one more); every prompt
     ends with its own `suffix_len` random tokens. Shuffled, so shared prefixes interleave."""
     _require_positive(num_requests=num_requests, num_prefixes=num_prefixes, output_len=output_len)
     if prefix_len < 0 or suffix_len < 0 or prefix_len + suffix_len < 1:
-        raise ValueError(f"prefix_len={prefix_len}, suffix_len={suffix_len}: need a non-empty prompt")
+        raise ValueError(
+            f"prefix_len={prefix_len}, suffix_len={suffix_len}: need a non-empty prompt"
+        )
     rng = np.random.default_rng(seed)
     pool = candidate_token_ids(tokenizer)
     requests = []
+    bar = tqdm(total=num_requests, desc="Prefix-repetition prompts", disable=not progress)
     for k in range(num_prefixes):
         _, prefix_ids = random_text(tokenizer, rng, prefix_len, pool=pool)
         for _ in range(num_requests // num_prefixes + (k < num_requests % num_prefixes)):
@@ -204,6 +219,8 @@ def prefix_repetition_requests(
                 tokenizer, rng, len(prefix_ids) + suffix_len, prefix_ids=prefix_ids, pool=pool
             )
             requests.append(SampleRequest(text, len(ids), output_len))
+            bar.update(1)
+    bar.close()
     order = rng.permutation(len(requests))
     return [requests[i] for i in order]
 
@@ -240,8 +257,12 @@ def sharegpt_requests(
         prompt, completion = pair
         prompt_len = len(encode(tokenizer, prompt))
         n_out = output_len if output_len is not None else len(encode(tokenizer, completion))
-        too_short = prompt_len < SHAREGPT_MIN_LEN or (output_len is None and n_out < SHAREGPT_MIN_LEN)
-        too_long = prompt_len > SHAREGPT_MAX_PROMPT_LEN or prompt_len + n_out > SHAREGPT_MAX_TOTAL_LEN
+        too_short = prompt_len < SHAREGPT_MIN_LEN or (
+            output_len is None and n_out < SHAREGPT_MIN_LEN
+        )
+        too_long = (
+            prompt_len > SHAREGPT_MAX_PROMPT_LEN or prompt_len + n_out > SHAREGPT_MAX_TOTAL_LEN
+        )
         if too_short or too_long or n_out < 1:
             continue
         requests.append(SampleRequest(prompt, prompt_len, n_out))
@@ -296,7 +317,9 @@ def multi_round_qa_sessions(
     system_prompt = random_text(tokenizer, rng, system_prompt_len, pool=pool)[0]
     sessions = []
     for user_id in range(num_users):
-        questions = [random_text(tokenizer, rng, question_len, pool=pool) for _ in range(num_rounds)]
+        questions = [
+            random_text(tokenizer, rng, question_len, pool=pool) for _ in range(num_rounds)
+        ]
         sessions.append(
             UserSession(
                 user_id=user_id,
@@ -332,44 +355,87 @@ def add_dataset_args(parser: Any, multi_round: bool = False) -> None:
     )
     group.add_argument("--dataset-path", default=None, help="ShareGPT-format JSON file")
     group.add_argument("--num-prompts", type=int, default=1000, help="requests to send")
-    group.add_argument("--input-len", "--random-input-len", dest="input_len", type=int, default=1024)
     group.add_argument(
-        "--output-len", "--random-output-len", dest="output_len", type=int, default=None,
+        "--input-len", "--random-input-len", dest="input_len", type=int, default=1024
+    )
+    group.add_argument(
+        "--output-len",
+        "--random-output-len",
+        dest="output_len",
+        type=int,
+        default=None,
         help=f"output tokens per request (default {DEFAULT_OUTPUT_LEN}; sharegpt: the gpt turn's)",
     )
     group.add_argument(
-        "--range-ratio", "--random-range-ratio", dest="range_ratio", type=float, default=0.0,
+        "--range-ratio",
+        "--random-range-ratio",
+        dest="range_ratio",
+        type=float,
+        default=0.0,
         help="random: lengths uniform in [len * (1 - r), len * (1 + r)]",
     )
-    group.add_argument("--prefix-len", "--prefix-repetition-prefix-len", dest="prefix_len", type=int, default=256)
-    group.add_argument("--suffix-len", "--prefix-repetition-suffix-len", dest="suffix_len", type=int, default=256)
     group.add_argument(
-        "--num-prefixes", "--prefix-repetition-num-prefixes", dest="num_prefixes", type=int, default=10
+        "--prefix-len", "--prefix-repetition-prefix-len", dest="prefix_len", type=int, default=256
+    )
+    group.add_argument(
+        "--suffix-len", "--prefix-repetition-suffix-len", dest="suffix_len", type=int, default=256
+    )
+    group.add_argument(
+        "--num-prefixes",
+        "--prefix-repetition-num-prefixes",
+        dest="num_prefixes",
+        type=int,
+        default=10,
     )
     if multi_round:
         group.add_argument("--num-users", type=int, default=10, help="multi-round-qa: users")
-        group.add_argument("--num-rounds", type=int, default=5, help="multi-round-qa: rounds per user")
-        group.add_argument("--system-prompt-len", type=int, default=1000, help="multi-round-qa: shared system prompt tokens")
-        group.add_argument("--question-len", type=int, default=100, help="multi-round-qa: tokens per question")
-        group.add_argument("--answer-len", type=int, default=100, help="multi-round-qa: max_tokens per answer")
+        group.add_argument(
+            "--num-rounds", type=int, default=5, help="multi-round-qa: rounds per user"
+        )
+        group.add_argument(
+            "--system-prompt-len",
+            type=int,
+            default=1000,
+            help="multi-round-qa: shared system prompt tokens",
+        )
+        group.add_argument(
+            "--question-len", type=int, default=100, help="multi-round-qa: tokens per question"
+        )
+        group.add_argument(
+            "--answer-len", type=int, default=100, help="multi-round-qa: max_tokens per answer"
+        )
 
 
 def dataset_name(args: Any) -> str:
     return args.dataset_name or ("sharegpt" if args.dataset_path else "random")
 
 
-def build_requests(args: Any, tokenizer: Any, seed: int) -> list[SampleRequest]:
+def build_requests(
+    args: Any, tokenizer: Any, seed: int, progress: bool = False
+) -> list[SampleRequest]:
     """The requests `args` (from add_dataset_args) describe; multi-round-qa is built separately."""
     name = dataset_name(args)
     output_len = args.output_len if args.output_len is not None else DEFAULT_OUTPUT_LEN
     if name == "random":
         return random_requests(
-            tokenizer, args.num_prompts, args.input_len, output_len, args.range_ratio, seed
+            tokenizer,
+            args.num_prompts,
+            args.input_len,
+            output_len,
+            args.range_ratio,
+            seed,
+            progress,
         )
     if name == "prefix-repetition":
         return prefix_repetition_requests(
-            tokenizer, args.num_prompts, args.prefix_len, args.suffix_len, args.num_prefixes,
-            output_len, seed,
+            tokenizer,
+            args.num_prompts,
+            args.prefix_len,
+            args.suffix_len,
+            args.num_prefixes,
+            output_len,
+            seed,
+            progress,
         )
     if name == "sharegpt":
         if not args.dataset_path:
@@ -378,4 +444,3 @@ def build_requests(args: Any, tokenizer: Any, seed: int) -> list[SampleRequest]:
             tokenizer, args.dataset_path, args.num_prompts, args.output_len, seed
         )
     raise ValueError(f"dataset {name!r} does not give a flat list of requests")
-

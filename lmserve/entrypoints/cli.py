@@ -157,7 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"lmserve {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="offline generation for prompts (args or stdin)")
-    gen.add_argument("model", help="HF model folder or hub id")
+    gen.add_argument("model", nargs="?", default=None,
+                     help="HF model folder, hub id or .gguf file (default: the default model)")
     gen.add_argument("--prompt", action="append", help="a prompt (repeatable); else stdin lines")
     gen.add_argument("--max-tokens", type=int, default=64)
     gen.add_argument("--temperature", type=float, default=0.0)
@@ -174,6 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_server_args(serve)
     add_engine_args(serve)
     serve.set_defaults(func=_cmd_serve)
+    from lmserve.bench.cli import add_bench_parser
+
+    add_bench_parser(sub)
     return parser
 
 
