@@ -6,11 +6,13 @@
 
 For each start the child process reports: interpreter start -> `import lmserve` done, `LLM()`
 construction, `LLM()` start -> first generated token (generate with max_tokens=1), and a
-timeline of lmserve's own log lines (ms since `LLM()` began). The goal for the second start is
-<= 5 s from `LLM()` to the first token on a 2-core CPU. Prints a table and writes JSON; never
-asserts on time. Run from the repository root:
+timeline of lmserve's log lines (ms since `LLM()` began; lines the EngineCore process prints to
+stderr are included when they carry a timestamp). Second starts run twice over: with the
+EngineCore in its own process (the default) and in-process (LMSERVE_ENABLE_MULTIPROCESSING=0).
+The goal for the second start is <= 5 s from `LLM()` to the first token on a 2-core CPU. Prints
+a table and writes JSON; never asserts on time. Run from the repository root:
 
-    python benchmarks/startup_default_model.py               # 1 first start, 3 second starts
+    python benchmarks/startup_default_model.py               # 1 first start, 3+3 second starts
     python benchmarks/startup_default_model.py --profile     # plus a cProfile of a second start
 """
 
@@ -20,11 +22,13 @@ import argparse
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from datetime import datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,7 +51,7 @@ t_imported = time.perf_counter()
 log = logging.getLogger("lmserve"); log.addHandler(handler); log.setLevel(logging.INFO)
 if profile:
     import cProfile, pstats; prof = cProfile.Profile(); prof.enable()
-t_llm = time.perf_counter()
+t_llm = time.perf_counter(); wall_llm = time.time()
 llm = LLM(device="cpu", dtype="float32")
 t_ready = time.perf_counter()
 out = llm.generate("Hello", SamplingParams(max_tokens=1, temperature=0.0), use_tqdm=False)
@@ -62,7 +66,8 @@ print(json.dumps({
     "first_token_after_init_s": t_token - t_ready,
     "llm_init_to_first_token_s": t_token - t_llm,
     "process_to_first_token_s": t_token - t0,
-    "first_token": out[0].outputs[0].token_ids[:1],
+    "first_token": list(out[0].outputs[0].token_ids[:1]),
+    "wall_clock_at_llm": wall_llm,
     "timeline_ms": [[round((t - t_llm) * 1e3), name, msg[:160]] for t, name, msg in events],
 }))
 """
@@ -71,13 +76,14 @@ print(json.dumps({
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--second-starts", type=int, default=3, help="fresh processes, cache warm")
-    p.add_argument("--profile", action="store_true", help="cProfile one more second start")
+    p.add_argument("--profile", action="store_true", help="cProfile one more in-process start")
     p.add_argument("--out", type=Path, default=RESULTS)
     return p.parse_args()
 
 
-def run_child(cache_dir: str, profile: bool = False) -> dict:
+def run_child(cache_dir: str, extra_env: dict[str, str], profile: bool = False) -> dict:
     env = dict(os.environ, LMSERVE_CACHE_DIR=cache_dir, TOKENIZERS_PARALLELISM="false")
+    env.update(extra_env)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     t0 = time.perf_counter()
     proc = subprocess.run(
@@ -92,7 +98,26 @@ def run_child(cache_dir: str, profile: bool = False) -> dict:
         raise SystemExit(f"child process failed with exit code {proc.returncode}")
     if profile:
         print(proc.stderr.partition("@@PROFILE@@")[2])  # the pstats table
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result["timeline_ms"] = sorted(
+        result["timeline_ms"] + stderr_timeline(proc.stderr, result.pop("wall_clock_at_llm"))
+    )
+    return result
+
+
+_LOG_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) \w+ \[([^\]]+)\] (.*)$")
+
+
+def stderr_timeline(stderr: str, wall_at_llm: float) -> list[list]:
+    """[ms since LLM() began, source, message] for each timestamped log line on stderr (the
+    EngineCore process logs "2026-01-02 10:11:12,345 INFO [EngineCore] ..."; ms resolution)."""
+    events = []
+    for line in stderr.splitlines():
+        match = _LOG_LINE.match(line)
+        if match:
+            when = datetime.strptime(match[1], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+            events.append([round((when - wall_at_llm) * 1e3), match[2], match[3][:160]])
+    return events
 
 
 def machine_info() -> dict[str, object]:
@@ -118,22 +143,34 @@ def machine_info() -> dict[str, object]:
     return info
 
 
-def print_table(first: dict, seconds: list[dict]) -> None:
-    keys = [
-        ("process_to_imported_s", "process start -> lmserve imported"),
-        ("llm_init_s", "LLM() construction"),
-        ("first_token_after_init_s", "generate(max_tokens=1)"),
-        ("llm_init_to_first_token_s", "LLM() start -> first token"),
-        ("process_to_first_token_s", "process start -> first token"),
-    ]
-    second_hdr = f"second start (median of {len(seconds)})"
-    print(f"\n{'seconds':<36} {'first start':>12} {second_hdr:>30}")
-    for key, label in keys:
-        median = statistics.median(r[key] for r in seconds)
-        print(f"{label:<36} {first[key]:>12.2f} {median:>30.2f}")
-    print("\ntimeline of a second start (ms since LLM() began):")
-    for ms, name, msg in seconds[-1]["timeline_ms"]:
-        print(f"  {ms:>6}  {name}: {msg}")
+MODES = {  # second-start variants: name -> extra environment
+    "engine process": {},
+    "in-process": {"LMSERVE_ENABLE_MULTIPROCESSING": "0"},
+}
+ROWS = [
+    ("process_to_imported_s", "process start -> lmserve imported"),
+    ("llm_init_s", "LLM() construction"),
+    ("first_token_after_init_s", "generate(max_tokens=1)"),
+    ("llm_init_to_first_token_s", "LLM() start -> first token"),
+    ("process_to_first_token_s", "process start -> first token"),
+]
+
+
+def median_of(runs: list[dict]) -> dict[str, float]:
+    return {key: statistics.median(r[key] for r in runs) for key, _ in ROWS}
+
+
+def print_table(first: dict, seconds: dict[str, list[dict]]) -> None:
+    columns = {"first start": first} | {
+        f"2nd, {mode} (med {len(runs)})": median_of(runs) for mode, runs in seconds.items()
+    }
+    print(f"\n{'seconds':<36}" + "".join(f"{name:>28}" for name in columns))
+    for key, label in ROWS:
+        print(f"{label:<36}" + "".join(f"{col[key]:>28.2f}" for col in columns.values()))
+    for mode, runs in seconds.items():
+        print(f"\ntimeline of a second start, {mode} (ms since LLM() began):")
+        for ms, name, msg in runs[-1]["timeline_ms"]:
+            print(f"  {ms:>6}  {name}: {msg}")
 
 
 def main() -> None:
@@ -143,15 +180,15 @@ def main() -> None:
     gguf_path = default_model_path()  # fails early, with the install command, if missing
     with tempfile.TemporaryDirectory(prefix="lmserve-startup-") as cache_dir:
         print(f"first start (empty cache {cache_dir}: the GGUF is converted) ...")
-        first = run_child(cache_dir)
-        seconds = []
+        first = run_child(cache_dir, {})
+        seconds: dict[str, list[dict]] = {mode: [] for mode in MODES}
         for i in range(args.second_starts):
-            print(f"second start {i + 1}/{args.second_starts} ...")
-            seconds.append(run_child(cache_dir))
+            for mode, extra_env in MODES.items():  # interleaved, so drift hits both alike
+                print(f"second start {i + 1}/{args.second_starts}, {mode} ...")
+                seconds[mode].append(run_child(cache_dir, extra_env))
         if args.profile:
-            run_child(cache_dir, profile=True)
+            run_child(cache_dir, MODES["in-process"], profile=True)
     print_table(first, seconds)
-    second_s = statistics.median(r["llm_init_to_first_token_s"] for r in seconds)
     result = {
         "benchmark": "startup_default_model",
         "measurement": (
@@ -159,10 +196,13 @@ def main() -> None:
             "converted folder; goal: LLM() start -> first token <= 5 s"
         ),
         "machine": machine_info(),
+        "load_average_1_5_15": os.getloadavg(),
         "model": {"name": DEFAULT_MODEL_NAME, "gguf": os.path.basename(gguf_path)},
         "first_start": first,
         "second_starts": seconds,
-        "second_start_llm_to_first_token_median_s": second_s,
+        "second_start_llm_to_first_token_median_s": {
+            mode: median_of(runs)["llm_init_to_first_token_s"] for mode, runs in seconds.items()
+        },
         "goal_s": 5.0,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 from lmserve.config import EngineConfig
 from lmserve.engine.core_client import EngineCoreClient, EngineDeadError
 from lmserve.engine.input_processor import InputProcessor, PromptType
-from lmserve.engine.llm_engine import load_tokenizer, split_into_samples
+from lmserve.engine.llm_engine import split_into_samples, start_engine_and_tokenizer
 from lmserve.engine.output_processor import OutputProcessor
 from lmserve.metrics.stats import StatsRecorder
 from lmserve.outputs import RequestOutput
@@ -38,11 +38,12 @@ class AsyncLLM:
     def __init__(self, config: EngineConfig, stats: StatsRecorder | None = None) -> None:
         self.config = config
         self.model_config = config.model_config
-        self.tokenizer = load_tokenizer(config)
+        self.engine_core, self.tokenizer = start_engine_and_tokenizer(
+            config, EngineCoreClient.make_async_mp_client
+        )
         self.input_processor = InputProcessor(config.model_config, self.tokenizer)
         self.output_processor = OutputProcessor(self.tokenizer)
         self.stats = stats or StatsRecorder(model_name=str(config.model_config.model))
-        self.engine_core = EngineCoreClient.make_async_mp_client(config)
         self._queues: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
         self._output_task: asyncio.Task | None = None
 

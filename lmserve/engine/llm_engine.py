@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import msgspec
@@ -22,10 +23,12 @@ logger = logging.getLogger(__name__)
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
-        self.tokenizer = load_tokenizer(config)
+        # The tokenizer loads while the EngineCore process starts (they take seconds each).
+        self.engine_core, self.tokenizer = start_engine_and_tokenizer(
+            config, EngineCoreClient.make_client
+        )
         self.input_processor = InputProcessor(config.model_config, self.tokenizer)
         self.output_processor = OutputProcessor(self.tokenizer)
-        self.engine_core = EngineCoreClient.make_client(config)
 
     def add_request(
         self, request_id: str, prompt: PromptType, params: SamplingParams, priority: int = 0
@@ -89,6 +92,23 @@ def split_into_samples(request: EngineCoreRequest) -> list[EngineCoreRequest]:
             request, request_id=f"{request.request_id}#{i}", sampling_params=child_params
         ))
     return children
+
+
+def start_engine_and_tokenizer(config: EngineConfig, make_client):
+    """(engine client, tokenizer), the tokenizer loading while the EngineCore starts; if
+    either fails, nothing is left running."""
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        tokenizer = pool.submit(load_tokenizer, config)
+        try:
+            client = make_client(config)
+        except BaseException:
+            tokenizer.cancel()
+            raise
+        try:
+            return client, tokenizer.result()
+        except BaseException:
+            client.shutdown()
+            raise
 
 
 def load_tokenizer(config: EngineConfig) -> Any | None:

@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, TypeError) as e:  # configuration and input errors: say it plainly
+    except (ValueError, TypeError, FileNotFoundError) as e:  # bad configuration: say it plainly
         print(f"lmserve: error: {e}", file=sys.stderr)
         return 2
 

@@ -4,8 +4,9 @@
     AutoConfig.from_pretrained(folder); AutoTokenizer.from_pretrained(folder)  # plain HF from here
 
 The converted folder holds config.json, generation_config.json, model.safetensors (float32: the
-exact dequantized values, so float32 parity with HF's own GGUF loader holds), the tokenizer files
-with the chat template, and gguf_source.json (written last; it marks the folder complete). It lives
+exact dequantized values, so float32 parity with HF's own GGUF loader holds; shards of <= 2 GiB
+plus an index for large models), the tokenizer files with the chat template, and
+gguf_source.json (written last; it marks the folder complete). It lives
 in `<LMSERVE_CACHE_DIR>/gguf/<stem>-<key>/`, where the key hashes the source file's real path,
 size and mtime and the converter version, so later starts only stat the file.
 
@@ -43,9 +44,12 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 # Bump when the converted folder's contents change: older conversions are then ignored.
-CONVERTER_VERSION = 1
+CONVERTER_VERSION = 2
 GGUF_CACHE_SUBDIR = "gguf"
 COMPLETE_MARKER = "gguf_source.json"
+# Converted weights go into safetensors files of at most this size (float32: 4 bytes a value),
+# so converting a large GGUF never holds all its dequantized weights in memory at once.
+MAX_SHARD_BYTES = 2 * 2**30
 # Leftover temporary folders older than this are removed (a conversion takes seconds).
 _STALE_TMP_SECONDS = 3600
 # Storage types we dequantize (all through `gguf.quants.dequantize`, numpy only).
@@ -200,7 +204,6 @@ def convert_gguf_to_hf(gguf_path: str, out_dir: str) -> None:
     """Write the HF folder for `gguf_path` into the existing folder `out_dir`: config.json,
     generation_config.json, model.safetensors, tokenizer files, then gguf_source.json."""
     from gguf import GGUFReader
-    from safetensors.numpy import save_file
 
     start = time.perf_counter()
     reader = GGUFReader(gguf_path)
@@ -218,8 +221,7 @@ def convert_gguf_to_hf(gguf_path: str, out_dir: str) -> None:
     config = gguf_to_hf_config(reader)
     config.save_pretrained(out_dir)
     _generation_config(config).save_pretrained(out_dir)
-    weights = dict(iterate_hf_weights(reader, config))
-    save_file(weights, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+    num_params = save_sharded_safetensors(iterate_hf_weights(reader, config), out_dir)
     weights_s = time.perf_counter() - start
     save_gguf_tokenizer(gguf_path, reader, out_dir)
     elapsed = time.perf_counter() - start
@@ -239,9 +241,53 @@ def convert_gguf_to_hf(gguf_path: str, out_dir: str) -> None:
         )
     logger.info(
         "converted %s in %.1f s (weights %.1f s, tokenizer %.1f s): %d params as float32",
-        os.path.basename(gguf_path), elapsed, weights_s, elapsed - weights_s,
-        sum(w.size for w in weights.values()),
+        os.path.basename(gguf_path), elapsed, weights_s, elapsed - weights_s, num_params,
     )  # fmt: skip
+
+
+def save_sharded_safetensors(weights: Iterator[tuple[str, np.ndarray]], out_dir: str) -> int:
+    """Write `weights` as model.safetensors, or, past MAX_SHARD_BYTES, as shards
+    model-0000i-of-0000n.safetensors plus model.safetensors.index.json (HF's layout), holding at
+    most one shard in memory. Returns the number of values written."""
+    from safetensors.numpy import save_file
+
+    shard_names: list[str] = []
+    weight_map: dict[str, str] = {}
+    shard: dict[str, np.ndarray] = {}
+    shard_bytes = total_bytes = num_values = 0
+
+    def flush() -> None:
+        name = f"shard-{len(shard_names):05d}.safetensors"  # renamed once the count is known
+        save_file(shard, os.path.join(out_dir, name), metadata={"format": "pt"})
+        shard_names.append(name)
+        weight_map.update(dict.fromkeys(shard, name))
+        shard.clear()
+
+    for name, weight in weights:
+        if shard and shard_bytes + weight.nbytes > MAX_SHARD_BYTES:
+            flush()
+            shard_bytes = 0
+        shard[name] = weight
+        shard_bytes += weight.nbytes
+        total_bytes += weight.nbytes
+        num_values += weight.size
+    flush()
+    if len(shard_names) == 1:
+        os.rename(os.path.join(out_dir, shard_names[0]), os.path.join(out_dir, "model.safetensors"))
+        return num_values
+    final = {
+        old: f"model-{i + 1:05d}-of-{len(shard_names):05d}.safetensors"
+        for i, old in enumerate(shard_names)
+    }
+    for old, new in final.items():
+        os.rename(os.path.join(out_dir, old), os.path.join(out_dir, new))
+    index = {
+        "metadata": {"total_size": total_bytes},
+        "weight_map": {name: final[old] for name, old in weight_map.items()},
+    }
+    with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
+        json.dump(index, f, indent=2)
+    return num_values
 
 
 def gguf_to_hf_config(reader) -> Any:
@@ -424,7 +470,8 @@ def save_gguf_tokenizer(gguf_path: str, reader, out_dir: str) -> None:
     here with `tokenizers`, the way llama.cpp tokenizes them. Others (SentencePiece "llama", ...)
     go through transformers' GGUF converter, with the special tokens then set from the metadata
     (transformers 5.17's converter, for one, names the wrong eos token)."""
-    if _field(reader, "tokenizer.ggml.model") == "gpt2":
+    byte_level = _field(reader, "tokenizer.ggml.model") == "gpt2"
+    if byte_level:
         tokenizer = _byte_level_bpe_tokenizer(reader)
     else:
         from transformers import AutoTokenizer
@@ -434,6 +481,14 @@ def save_gguf_tokenizer(gguf_path: str, reader, out_dir: str) -> None:
         )
         for role, token in _special_tokens(reader).items():
             setattr(tokenizer, role, token)
+    # llama.cpp's defaults where the metadata is silent: SentencePiece and Llama 3's
+    # pre-tokenizers add bos, other byte-level ones do not; none adds eos.
+    pre = _field(reader, "tokenizer.ggml.pre")
+    add_bos = _field(
+        reader, "tokenizer.ggml.add_bos_token", not byte_level or pre in _LLAMA3_PRETOKENIZERS
+    )
+    add_eos = _field(reader, "tokenizer.ggml.add_eos_token", False)
+    _set_bos_eos_template(tokenizer, add_bos, add_eos)
     template = _field(reader, "tokenizer.chat_template")
     if template:
         tokenizer.chat_template = template
@@ -454,9 +509,8 @@ def _special_tokens(reader) -> dict[str, str]:
 
 def _byte_level_bpe_tokenizer(reader) -> Any:
     """A transformers fast tokenizer for a GGUF byte-level BPE vocabulary: vocab and merges,
-    llama.cpp's pre-tokenizer for `tokenizer.ggml.pre`, control tokens as special tokens, bos/eos
-    added as `tokenizer.ggml.add_bos_token` / `add_eos_token` say."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, processors
+    llama.cpp's pre-tokenizer for `tokenizer.ggml.pre`, control tokens as special tokens."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models
     from transformers import PreTrainedTokenizerFast
 
     tokens: list[str] = _field(reader, "tokenizer.ggml.tokens")
@@ -475,21 +529,26 @@ def _byte_level_bpe_tokenizer(reader) -> Any:
     backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in control])
     backend.add_tokens([AddedToken(t, special=False, normalized=False) for t in user_defined])
 
-    special = _special_tokens(reader)
-    add_bos = _field(reader, "tokenizer.ggml.add_bos_token", llama3)
-    add_eos = _field(reader, "tokenizer.ggml.add_eos_token", False)
-    bos = special.get("bos_token") if add_bos else None
-    eos = special.get("eos_token") if add_eos else None
-    if bos or eos:  # e.g. "<s> $A" and "<s> $A <s>:1 $B:1"
-        single = [t for t in (bos, "$A", eos) if t]
-        pair = single + [f"{t}:1" for t in (bos, "$B", eos) if t]
-        backend.post_processor = processors.TemplateProcessing(
-            single=" ".join(single),
-            pair=" ".join(pair),
-            special_tokens=[(t, vocab[t]) for t in dict.fromkeys((bos, eos)) if t],
-        )
     return PreTrainedTokenizerFast(
-        tokenizer_object=backend, clean_up_tokenization_spaces=False, **special
+        tokenizer_object=backend, clean_up_tokenization_spaces=False, **_special_tokens(reader)
+    )
+
+
+def _set_bos_eos_template(tokenizer, add_bos: bool, add_eos: bool) -> None:
+    """Make encoding add bos / eos exactly as the GGUF says (transformers' converters differ
+    between versions here): "<s> $A" for one sequence, "<s> $A <s>:1 $B:1" for a pair."""
+    from tokenizers import processors
+
+    bos = tokenizer.bos_token if add_bos else None
+    eos = tokenizer.eos_token if add_eos else None
+    single = [t for t in (bos, "$A", eos) if t]
+    pair = single + [f"{t}:1" for t in (bos, "$B", eos) if t]
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single=" ".join(single),
+        pair=" ".join(pair),
+        special_tokens=[
+            (t, tokenizer.convert_tokens_to_ids(t)) for t in dict.fromkeys((bos, eos)) if t
+        ],
     )
 
 

@@ -73,7 +73,8 @@ def random_k_quant_blocks(rows: int, cols: int, qtype, rng: np.random.Generator)
 def write_tiny_gguf(
     path: str, model, tokenizer, qtypes: dict[str, str], seed: int = 0, pre: str = "default"
 ) -> str:
-    """Write `model` (a tiny HF Llama) and `tokenizer` as a llama.cpp-style GGUF at `path`.
+    """Write `model` (a tiny HF Llama) and `tokenizer` as a llama.cpp-style GGUF at `path`
+    (tokenizer None: a small SentencePiece-style vocabulary instead).
 
     qtypes maps a GGUF tensor kind ("attn_v", "token_embd", "output"; "*" for the rest) to the
     storage type of its 2-D tensors; 1-D tensors are always F32. Q4_K / Q6_K tensors hold random blocks
@@ -90,7 +91,10 @@ def write_tiny_gguf(
     writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_vocab_size(config.vocab_size)
-    add_tokenizer(writer, tokenizer, pre)
+    if tokenizer is None:
+        add_sentencepiece_tokenizer(writer, config.vocab_size)
+    else:
+        add_byte_level_tokenizer(writer, tokenizer, pre)
 
     rng = np.random.default_rng(seed)
     state = model.state_dict()
@@ -126,7 +130,7 @@ def finish(writer) -> None:
     writer.close()
 
 
-def add_tokenizer(writer, tokenizer, pre: str) -> None:
+def add_byte_level_tokenizer(writer, tokenizer, pre: str) -> None:
     """tokenizer.ggml.* for a byte-level BPE tokenizer (llama.cpp's "gpt2" model)."""
     backend = json.loads(tokenizer.backend_tokenizer.to_str())
     vocab = tokenizer.get_vocab()
@@ -144,6 +148,25 @@ def add_tokenizer(writer, tokenizer, pre: str) -> None:
     writer.add_pad_token_id(tokenizer.pad_token_id)
     writer.add_add_bos_token(True)
     writer.add_chat_template(CHAT_TEMPLATE)
+
+
+SPM_WORDS = ["▁", *"thecasonm", "at", "he", "on", "▁t", "▁c", "▁s", "▁o", "▁m"]
+SPM_WORDS += ["▁the", "▁cat", "▁sat", "▁on", "▁mat"]
+
+
+def add_sentencepiece_tokenizer(writer, vocab_size: int) -> None:
+    """tokenizer.ggml.* for llama.cpp's "llama" (SentencePiece) model: <unk> <s> </s>, the 256
+    byte tokens, some letters and words, filler pieces up to vocab_size; no add_bos_token key, so
+    llama.cpp's default (add bos) applies."""
+    pieces = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + SPM_WORDS
+    pieces += [f"▁w{i}" for i in range(vocab_size - len(pieces))]
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(pieces)
+    writer.add_token_scores([0.0] * 259 + [-float(i) for i in range(len(pieces) - 259)])
+    writer.add_token_types([2, 3, 3] + [6] * 256 + [1] * (len(pieces) - 259))  # unk, ctl, byte
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_unk_token_id(0)
 
 
 # name -> (storage types by tensor fragment, tiny-model overrides)
@@ -247,14 +270,53 @@ def test_f32_gguf_round_trips_the_original_weights_exactly(tiny_gguf):
         assert torch.equal(weight, original[name]), name
 
 
-def test_converted_tokenizer_matches_hf_gguf_tokenizer_and_keeps_the_chat_template(tiny_gguf):
+def test_sentencepiece_vocabulary_converts_with_bos_and_the_right_eos(tmp_path):
+    """Through transformers' converter, with bos / eos fixed from the metadata (some
+    transformers versions name <s> as eos and skip llama.cpp's default bos)."""
     from transformers import AutoTokenizer
 
-    path, folder, _ = tiny_gguf("Q8_0")
-    ours = AutoTokenizer.from_pretrained(folder)
-    hf = AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=GGUF_NAME)
-    text = "The farmer counts 12 boats, then 256 apples: how far is the city?"
-    assert ours(text).input_ids == hf(text).input_ids
+    model = build_tiny_hf_model("llama")
+    path = write_tiny_gguf(str(tmp_path / GGUF_NAME), model, None, {})
+    tokenizer = AutoTokenizer.from_pretrained(cached_gguf_folder(path, str(tmp_path / "cache")))
+    assert (tokenizer.bos_token, tokenizer.eos_token, tokenizer.unk_token) == (
+        "<s>",
+        "</s>",
+        "<unk>",
+    )
+    ids = tokenizer("the cat sat on the mat").input_ids
+    assert tokenizer.convert_ids_to_tokens(ids)[:3] == ["<s>", "▁the", "▁cat"]
+    assert 2 not in ids
+    assert tokenizer.decode(ids, skip_special_tokens=True) == "the cat sat on the mat"
+
+
+def test_large_models_are_written_in_shards(tmp_path, monkeypatch):
+    from transformers import AutoConfig
+
+    model = build_tiny_hf_model("llama")
+    path = write_tiny_gguf(str(tmp_path / GGUF_NAME), model, make_tiny_tokenizer(), {})
+    monkeypatch.setattr(gguf_loader, "MAX_SHARD_BYTES", 200_000)  # the model is ~0.6 MB
+    folder = cached_gguf_folder(path, str(tmp_path / "cache"))
+    with open(os.path.join(folder, "model.safetensors.index.json")) as f:
+        shards = sorted(set(json.load(f)["weight_map"].values()))
+    assert len(shards) > 2 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
+    assert not os.path.exists(os.path.join(folder, "model.safetensors"))
+    config = AutoConfig.from_pretrained(folder)
+    ours = load_model(config, folder, torch.float32, "cpu")  # raises if a weight is missing
+    prompt = [5, 9, 77, 300, 41]
+    logits = PagedKVHarness(config, block_size=4).step(ours, {"a": prompt})["a"]
+    with torch.no_grad():
+        expected = model(torch.tensor([prompt])).logits[0]  # F32: the very same weights
+    torch.testing.assert_close(logits, expected, **LOGITS_TOL)
+
+
+def test_converted_tokenizer_encodes_like_the_original_and_keeps_the_chat_template(tiny_gguf):
+    from transformers import AutoTokenizer
+
+    _, folder, _ = tiny_gguf("Q8_0")
+    ours, original = AutoTokenizer.from_pretrained(folder), make_tiny_tokenizer()
+    text = "The farmer counts 12 boats, then 256 apples: how far is the city?</s>"
+    assert ours(text).input_ids == original(text).input_ids  # bos added, </s> special
+    assert ours.decode(ours(text).input_ids) == original.decode(original(text).input_ids)
     assert ours.chat_template == CHAT_TEMPLATE
     messages = [{"role": "user", "content": "hello"}]
     assert ours.apply_chat_template(messages, tokenize=False) == "<|user|>hello</s>"
@@ -419,13 +481,20 @@ def default_gguf() -> str:
 
 
 @pytest.fixture(scope="module")
-def default_llm(default_gguf, tmp_path_factory):
+def default_cache_dir(tmp_path_factory) -> str:
+    return str(tmp_path_factory.mktemp("lmserve-cache"))
+
+
+@pytest.fixture(scope="module")
+def default_llm(default_gguf, default_cache_dir):
     """`LLM()` with an empty cache dir (so this converts), float32 on CPU."""
     from lmserve import LLM
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("LMSERVE_CACHE_DIR", str(tmp_path_factory.mktemp("lmserve-cache")))
-        yield LLM(device="cpu", dtype="float32", cpu_kvcache_space_gib=0.5)
+        mp.setenv("LMSERVE_CACHE_DIR", default_cache_dir)
+        llm = LLM(device="cpu", dtype="float32", cpu_kvcache_space_gib=0.5)
+    yield llm
+    llm.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -484,17 +553,28 @@ def test_default_model_tokenizer_matches_hf_gguf_tokenizer(default_llm, hf_defau
     assert ours.tokenize("2024") == ["2", "0", "2", "4"]
 
 
-def test_default_model_config_and_log(default_llm, default_gguf, caplog):
+def test_default_model_config_and_log(
+    default_llm, default_gguf, default_cache_dir, caplog, monkeypatch
+):
     from lmserve.config import ModelConfig
 
+    monkeypatch.setenv("LMSERVE_CACHE_DIR", default_cache_dir)
     config = default_llm.config.model_config
     assert config.model == default_gguf
+    assert config.model_path.startswith(os.path.join(default_cache_dir, "gguf", ""))
     assert config.hf_config.num_hidden_layers == 30 and config.hf_config.tie_word_embeddings
     with caplog.at_level(logging.INFO, logger="lmserve"):
         again = ModelConfig(model=None, load_format="gguf")  # the cached folder: no conversion
     assert again.model_path == config.model_path and again.load_format == "auto"
     assert "default model SmolLM2-135M-Instruct" in caplog.text
     assert "using its converted copy" in caplog.text
+
+
+def test_load_format_gguf_needs_a_gguf_file(tiny_model_dir):
+    from lmserve.config import ConfigError, ModelConfig
+
+    with pytest.raises(ConfigError, match="needs model to be a .gguf file"):
+        ModelConfig(model=tiny_model_dir("llama"), load_format="gguf")
 
 
 def test_missing_default_model_says_how_to_install(monkeypatch):

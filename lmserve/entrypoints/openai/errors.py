@@ -85,6 +85,7 @@ def engine_dead(e: BaseException | None = None) -> OpenAIError:
 _PARAM_PATTERNS = [
     (re.compile(r"SamplingParams\.(\w+)"), None),
     (re.compile(r"^(logit_bias|stop_token_ids)\b"), None),
+    (re.compile(r"^(\w+)="), None),  # "min_tokens=5 must be <= max_tokens=2"
     (re.compile(r"\bprompt\b"), "prompt"),
 ]
 

@@ -328,7 +328,9 @@ def run_server(args: argparse.Namespace) -> int:
     exit_code = asyncio.run(_serve(args))
     if exit_code != 0:
         # Leave even if some thread or child would keep the interpreter from exiting.
-        threading.Timer(HARD_EXIT_S, os._exit, args=(exit_code,)).start()
+        timer = threading.Timer(HARD_EXIT_S, os._exit, args=(exit_code,))
+        timer.daemon = True
+        timer.start()
     return exit_code
 
 

@@ -1,6 +1,6 @@
 """A real `lmserve serve` subprocess on a free port, serving a tiny random Llama on the CPU.
 
-    server            one per test module (most tests only read it)
+    server            one for the whole session (tests that only send requests)
     start_server(...) for tests that stop, kill or signal their own
 """
 
@@ -58,14 +58,14 @@ class RemoteServer:
             base_url=self.url + "/v1", api_key=self.api_key or "none", max_retries=0, **kwargs
         )
 
-    def metric(self, name: str) -> float:
-        """The sum of all samples named `name` on /metrics (every label set)."""
+    def metric(self, name: str, **labels: str) -> float:
+        """The sum of the samples named `name` on /metrics whose labels include `labels`."""
         text = self._http.get(self.url + "/metrics").text
         return sum(
             sample.value
             for family in text_string_to_metric_families(text)
             for sample in family.samples
-            if sample.name == name
+            if sample.name == name and labels.items() <= sample.labels.items()
         )
 
     def engine_process(self) -> psutil.Process:
@@ -142,13 +142,14 @@ def start_server(
     raise AssertionError(f"server not healthy within {STARTUP_TIMEOUT_S} s:\n{server.log()[-4000:]}")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def tiny_llama(tiny_model_dir) -> str:
     return tiny_model_dir("llama")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def server(tiny_llama):
+    """Shared by every test that leaves it as it found it (starting one costs ~15 s)."""
     server = start_server(tiny_llama)
     yield server
     server.stop()

@@ -1,0 +1,110 @@
+"""Pieces of the server that need no running engine: CLI flags, request parsing, error
+mapping, the schema helper."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from lmserve.entrypoints.cli import build_parser, main
+from lmserve.entrypoints.openai.errors import from_validation_error, param_from_message
+from lmserve.entrypoints.openai.protocol import ChatCompletionRequest, CompletionRequest
+from lmserve.entrypoints.openai.server import served_model_names
+from tests.entrypoints.openai.openapi_schema import to_json_schema
+
+
+def test_serve_help_groups_server_and_engine_flags(capsys):
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    out = capsys.readouterr().out
+    server_part = out[out.index("server:") : out.index("engine:")]
+    for flag in ("--host", "--port", "--api-key", "--served-model-name", "--shutdown-timeout"):
+        assert flag in server_part
+    assert "--max-num-seqs" in out[out.index("engine:") :]
+
+
+def test_serve_model_is_optional_and_names_default():
+    args = build_parser().parse_args(["serve"])
+    assert args.model is None
+    assert served_model_names(args) == ["SmolLM2-135M-Instruct"]
+    args = build_parser().parse_args(["serve", "/m", "--served-model-name", "a", "b"])
+    assert served_model_names(args) == ["a", "b"]
+    args = build_parser().parse_args(["serve", "/m", "--max-num-seqs", "3", "--port", "1"])
+    assert (args.model, args.max_num_seqs, args.port) == ("/m", 3, 1)
+
+
+def test_serve_with_a_bad_model_exits_2(capsys, tmp_path):
+    rc = main(["serve", str(tmp_path / "missing"), "--device", "cpu"])
+    assert rc == 2
+    assert "missing" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"prompt": "a", "n": "2"},  # no coercion of strings
+        {"prompt": "a", "max_tokens": 1.0},  # nor of floats to ints
+        {"prompt": "a", "echo": 1},
+        {"prompt": [[1, 2], "x"]},
+        {"prompt": [True, 2]},
+        {"prompt": None},
+    ],
+)
+def test_completion_request_rejects_wrong_types(body):
+    with pytest.raises(ValidationError):
+        CompletionRequest.model_validate(body)
+
+
+def test_requests_ignore_unknown_fields_and_accept_openai_ones():
+    request = CompletionRequest.model_validate(
+        {"prompt": [1, 2], "some_future_field": {"x": 1}, "user": "u", "best_of": 1}
+    )
+    assert request.prompt == [1, 2] and request.max_tokens == 16
+    chat = ChatCompletionRequest.model_validate(
+        {
+            "messages": [{"role": "user", "content": "hi"}],
+            "store": False,
+            "metadata": {"k": "v"},
+            "parallel_tool_calls": False,
+            "stream_options": {"include_usage": True, "include_obfuscation": False},
+        }
+    )
+    assert chat.max_completion_tokens is None and chat.stream_options.include_usage
+
+
+def test_validation_error_names_the_field():
+    with pytest.raises(ValidationError) as info:
+        ChatCompletionRequest.model_validate({"messages": [{"role": "user"}], "n": "3"})
+    error = from_validation_error(info.value)
+    assert error.status_code == 400 and error.param == "n"
+    assert "'3'" in error.message
+
+
+@pytest.mark.parametrize(
+    "message, param",
+    [
+        ("SamplingParams.top_p=2 is invalid: must be in (0, 1]", "top_p"),
+        ("logit_bias token id 99999 is out of range [0, 512)", "logit_bias"),
+        ("min_tokens=5 must be <= max_tokens=2", "min_tokens"),
+        ("prompt token id -1 is out of range [0, 512)", "prompt"),
+        ("the prompt is empty: it must have at least one token", "prompt"),
+        ("something else", None),
+    ],
+)
+def test_param_from_engine_messages(message, param):
+    assert param_from_message(message) == param
+
+
+def test_nullable_becomes_any_of_null():
+    schema = {
+        "type": "object",
+        "properties": {
+            "a": {"type": "string", "nullable": True},
+            "nullable": {"type": "boolean"},  # a property named so is kept
+            "b": {"$ref": "#/x", "nullable": True},
+        },
+    }
+    converted = to_json_schema(schema)
+    assert converted["properties"]["a"] == {"anyOf": [{"type": "string"}, {"type": "null"}]}
+    assert converted["properties"]["nullable"] == {"type": "boolean"}
+    assert converted["properties"]["b"] == {"anyOf": [{"$ref": "#/x"}, {"type": "null"}]}
