@@ -12,7 +12,9 @@ from typing import Any
 
 
 def _bool(name: str, default: bool) -> Callable[[], bool]:
-    return lambda: os.environ.get(name, "1" if default else "0").strip().lower() in ("1", "true", "yes")
+    return lambda: (
+        os.environ.get(name, "1" if default else "0").strip().lower() in ("1", "true", "yes")
+    )
 
 
 def _path(name: str, default: str) -> Callable[[], str]:
@@ -21,7 +23,10 @@ def _path(name: str, default: str) -> Callable[[], str]:
 
 ENVIRONMENT_VARIABLES: dict[str, tuple[Callable[[], Any], str]] = {
     "LMSERVE_CACHE_DIR": (
-        _path("LMSERVE_CACHE_DIR", os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "lmserve")),
+        _path(
+            "LMSERVE_CACHE_DIR",
+            os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "lmserve"),
+        ),
         "where lmserve keeps converted models (GGUF → safetensors) and other caches",
     ),
     "LMSERVE_ENABLE_MULTIPROCESSING": (

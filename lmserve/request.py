@@ -57,7 +57,8 @@ class Request:
         "num_computed_tokens",
         "num_cached_tokens",
         "num_preemptions",
-        "block_hashes", "queue_time",
+        "block_hashes",
+        "queue_time",
     )
 
     def __init__(

@@ -16,8 +16,10 @@ GREEDY = SamplingParams(temperature=0, max_tokens=5)
 
 
 def test_chat_renders_the_template_with_a_generation_prompt(llm):
-    messages = [{"role": "system", "content": "Be brief."},
-                {"role": "user", "content": "Count the boats"}]
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Count the boats"},
+    ]
     out = llm.chat(messages, GREEDY, use_tqdm=False)
     assert len(out) == 1
     assert out[0].prompt == "<|system|>Be brief.</s><|user|>Count the boats</s><|assistant|>"
@@ -28,8 +30,10 @@ def test_chat_renders_the_template_with_a_generation_prompt(llm):
 def test_chat_takes_a_list_of_conversations(llm):
     convs = [[{"role": "user", "content": "one"}], [{"role": "user", "content": "two"}]]
     outs = llm.chat(convs, GREEDY, use_tqdm=False)
-    assert [o.prompt for o in outs] == ["<|user|>one</s><|assistant|>",
-                                        "<|user|>two</s><|assistant|>"]
+    assert [o.prompt for o in outs] == [
+        "<|user|>one</s><|assistant|>",
+        "<|user|>two</s><|assistant|>",
+    ]
 
 
 def test_text_parts_are_joined(llm):
@@ -39,8 +43,9 @@ def test_text_parts_are_joined(llm):
 
 
 def test_without_generation_prompt(llm):
-    out = llm.chat([{"role": "user", "content": "hi"}], GREEDY, use_tqdm=False,
-                   add_generation_prompt=False)
+    out = llm.chat(
+        [{"role": "user", "content": "hi"}], GREEDY, use_tqdm=False, add_generation_prompt=False
+    )
     assert out[0].prompt == "<|user|>hi</s>"
 
 

@@ -82,8 +82,9 @@ class TorchAttentionBackend(AttentionBackend):
         plan: _Plan = metadata.backend_state
         output = torch.empty_like(query)  # [num_tokens, num_heads, head_dim]
         if plan.decode_tokens is not None:
-            output[plan.decode_tokens] = self._batched_decode(query, key_cache, value_cache,
-                                                              plan, scale)
+            output[plan.decode_tokens] = self._batched_decode(
+                query, key_cache, value_cache, plan, scale
+            )
         starts = metadata.query_start_loc_cpu
         for i in plan.multi_token_reqs:
             q_start, q_end = starts[i], starts[i + 1]
@@ -99,16 +100,26 @@ class TorchAttentionBackend(AttentionBackend):
         num_decode = plan.decode_tokens.shape[0]
         q = query.index_select(0, plan.decode_tokens)[:, :, None, :]  # [B, heads, 1, hd]
         # [B, max_blocks * block_size, kv_heads, hd] -> [B, kv_heads, L, hd]
-        k = key_cache.index_select(0, plan.decode_blocks).view(
-            num_decode, -1, key_cache.shape[2], key_cache.shape[3]).transpose(1, 2)
-        v = value_cache.index_select(0, plan.decode_blocks).view(
-            num_decode, -1, value_cache.shape[2], value_cache.shape[3]).transpose(1, 2)
+        k = (
+            key_cache.index_select(0, plan.decode_blocks)
+            .view(num_decode, -1, key_cache.shape[2], key_cache.shape[3])
+            .transpose(1, 2)
+        )
+        v = (
+            value_cache.index_select(0, plan.decode_blocks)
+            .view(num_decode, -1, value_cache.shape[2], value_cache.shape[3])
+            .transpose(1, 2)
+        )
         # Padding slots were never written (the CPU pool is uninitialised memory, maybe NaN):
         # zero them, since a masked score still multiplies its value (0 * NaN = NaN).
         padding = ~plan.decode_mask.transpose(-1, -2)  # [B, 1, L, 1]
         k, v = k.masked_fill(padding, 0.0), v.masked_fill(padding, 0.0)
         out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=plan.decode_mask, scale=scale,
+            q,
+            k,
+            v,
+            attn_mask=plan.decode_mask,
+            scale=scale,
             enable_gqa=q.shape[1] != k.shape[1],
         )  # [B, heads, 1, hd]
         return out[:, :, 0, :]

@@ -206,8 +206,10 @@ def run_engine_core(
 ) -> None:
     """Entry point of the EngineCore process (spawned by the front-end's client)."""
     _set_process_title("lmserve::EngineCore")
-    logging.basicConfig(level=envs.LMSERVE_LOGGING_LEVEL,
-                        format="%(asctime)s %(levelname)s [EngineCore] %(message)s")
+    logging.basicConfig(
+        level=envs.LMSERVE_LOGGING_LEVEL,
+        format="%(asctime)s %(levelname)s [EngineCore] %(message)s",
+    )
     signal.signal(signal.SIGTERM, _raise_system_exit)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the front-end decides when we stop
     try:

@@ -28,11 +28,11 @@ __all__ = ["AsyncLLM", "EngineDeadError"]
 class AsyncLLM:
     """Usage (inside a running event loop):
 
-        engine = AsyncLLM(config)                       # starts the EngineCore process
-        async for out in engine.generate(prompt, params, request_id="r1"):
-            ...                                         # per params.output_kind
-        await engine.abort("r1")                        # e.g. the client went away
-        engine.shutdown()
+    engine = AsyncLLM(config)                       # starts the EngineCore process
+    async for out in engine.generate(prompt, params, request_id="r1"):
+        ...                                         # per params.output_kind
+    await engine.abort("r1")                        # e.g. the client went away
+    engine.shutdown()
     """
 
     def __init__(self, config: EngineConfig, stats: StatsRecorder | None = None) -> None:
@@ -91,7 +91,9 @@ class AsyncLLM:
         self._queues[request_id] = queue
         children = split_into_samples(request)
         self.output_processor.add_request(
-            request_id, text, request.prompt_token_ids,
+            request_id,
+            text,
+            request.prompt_token_ids,
             [(child.request_id, child.sampling_params) for child in children],
         )
         self.stats.on_request_added(
@@ -132,9 +134,7 @@ class AsyncLLM:
                 outputs = await self.engine_core.get_output_async()
                 if outputs.scheduler_stats is not None:
                     self.stats.on_scheduler_stats(outputs.scheduler_stats)
-                request_outputs, to_abort = self.output_processor.process_outputs(
-                    outputs.outputs
-                )
+                request_outputs, to_abort = self.output_processor.process_outputs(outputs.outputs)
                 self.stats.on_engine_outputs(outputs.outputs, request_outputs)
                 for out in request_outputs:
                     queue = self._queues.get(out.request_id)

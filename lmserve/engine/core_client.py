@@ -121,7 +121,7 @@ class _EngineProcess:
             raise RuntimeError(
                 "lmserve starts its EngineCore in a new process (spawn), which re-imports your "
                 "main script: put the code that creates LLM(...) under "
-                "`if __name__ == \"__main__\":`, or set LMSERVE_ENABLE_MULTIPROCESSING=0"
+                '`if __name__ == "__main__":`, or set LMSERVE_ENABLE_MULTIPROCESSING=0'
             )
         self._rpc_dir = rpc_dir
         self.input_address = f"ipc://{rpc_dir}/input"
@@ -267,7 +267,9 @@ class SyncMPClient(_MPClientBase, EngineCoreClient):
 
     def abort_requests(self, request_ids: list[str]) -> None:
         if request_ids and not self.is_dead:
-            self.input_socket.send_multipart(self._msg_frames(EngineCoreRequestType.ABORT, request_ids))
+            self.input_socket.send_multipart(
+                self._msg_frames(EngineCoreRequestType.ABORT, request_ids)
+            )
 
     def get_output(self) -> EngineCoreOutputs:
         if self._buffered:

@@ -42,7 +42,9 @@ class LLMEngine:
         """Enqueue an InputProcessor result as its n samples (one engine request each)."""
         children = split_into_samples(request)
         self.output_processor.add_request(
-            request.request_id, prompt_text, request.prompt_token_ids,
+            request.request_id,
+            prompt_text,
+            request.prompt_token_ids,
             [(child.request_id, child.sampling_params) for child in children],
         )
         for child in children:
@@ -88,9 +90,11 @@ def split_into_samples(request: EngineCoreRequest) -> list[EngineCoreRequest]:
     for i in range(params.n):
         seed = None if params.seed is None else params.seed + i
         child_params = dataclasses.replace(params, n=1, seed=seed)
-        children.append(msgspec.structs.replace(
-            request, request_id=f"{request.request_id}#{i}", sampling_params=child_params
-        ))
+        children.append(
+            msgspec.structs.replace(
+                request, request_id=f"{request.request_id}#{i}", sampling_params=child_params
+            )
+        )
     return children
 
 

@@ -203,4 +203,6 @@ class OutputProcessor:
 
 def _as_lists(lp: LogprobsLists) -> tuple[list, list, list]:
     """(token ids, logprobs, ranks) as Python lists, whether they came as arrays or lists."""
-    return tuple(x.tolist() if hasattr(x, "tolist") else x for x in (lp.token_ids, lp.logprobs, lp.ranks))
+    return tuple(
+        x.tolist() if hasattr(x, "tolist") else x for x in (lp.token_ids, lp.logprobs, lp.ranks)
+    )

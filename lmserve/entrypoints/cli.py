@@ -157,8 +157,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"lmserve {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="offline generation for prompts (args or stdin)")
-    gen.add_argument("model", nargs="?", default=None,
-                     help="HF model folder, hub id or .gguf file (default: the default model)")
+    gen.add_argument(
+        "model",
+        nargs="?",
+        default=None,
+        help="HF model folder, hub id or .gguf file (default: the default model)",
+    )
     gen.add_argument("--prompt", action="append", help="a prompt (repeatable); else stdin lines")
     gen.add_argument("--max-tokens", type=int, default=64)
     gen.add_argument("--temperature", type=float, default=0.0)
@@ -169,8 +173,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(func=_cmd_generate)
     serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
     serve.add_argument(
-        "model", nargs="?", default=None, help="HF model folder, hub id or .gguf file "
-        "(default: the default model, SmolLM2-135M-Instruct)"
+        "model",
+        nargs="?",
+        default=None,
+        help="HF model folder, hub id or .gguf file (default: the default model)",
     )
     add_server_args(serve)
     add_engine_args(serve)

@@ -52,7 +52,9 @@ class LLM:
         prompts = list(prompts)
         params = [
             dataclasses.replace(p, output_kind=RequestOutputKind.FINAL_ONLY)
-            for p in _broadcast("sampling_params", sampling_params or SamplingParams(), len(prompts))
+            for p in _broadcast(
+                "sampling_params", sampling_params or SamplingParams(), len(prompts)
+            )
         ]
         priorities = _broadcast("priority", priority if priority is not None else 0, len(prompts))
         request_ids = [str(next(self._request_counter)) for _ in prompts]

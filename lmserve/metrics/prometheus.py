@@ -8,12 +8,49 @@ from dataclasses import dataclass
 
 from prometheus_client import Counter, Gauge, Histogram
 
-_LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0,
-                    2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
-_E2E_BUCKETS = (0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0,
-                50.0, 60.0, 120.0, 240.0, 480.0)
-_TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000,
-                  100000)
+_LATENCY_BUCKETS = (
+    0.001,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+)
+_E2E_BUCKETS = (
+    0.1,
+    0.3,
+    0.5,
+    0.8,
+    1.0,
+    1.5,
+    2.0,
+    2.5,
+    5.0,
+    10.0,
+    15.0,
+    20.0,
+    30.0,
+    40.0,
+    50.0,
+    60.0,
+    120.0,
+    240.0,
+    480.0,
+)
+_TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000)
 
 
 @dataclass(frozen=True)
@@ -50,35 +87,53 @@ def get_metrics() -> Metrics:
 def _create() -> Metrics:
     m = ["model_name"]
     return Metrics(
-        num_requests_running=Gauge("lmserve:num_requests_running",
-                                   "Requests running in the engine now", m),
-        num_requests_waiting=Gauge("lmserve:num_requests_waiting",
-                                   "Requests waiting to be scheduled", m),
-        kv_cache_usage_perc=Gauge("lmserve:kv_cache_usage_perc",
-                                  "KV-cache blocks in use, 0..1", m),
-        prefix_cache_queries=Counter("lmserve:prefix_cache_queries",
-                                     "Prompt tokens looked up in the prefix cache", m),
-        prefix_cache_hits=Counter("lmserve:prefix_cache_hits",
-                                  "Prompt tokens found in the prefix cache", m),
+        num_requests_running=Gauge(
+            "lmserve:num_requests_running", "Requests running in the engine now", m
+        ),
+        num_requests_waiting=Gauge(
+            "lmserve:num_requests_waiting", "Requests waiting to be scheduled", m
+        ),
+        kv_cache_usage_perc=Gauge("lmserve:kv_cache_usage_perc", "KV-cache blocks in use, 0..1", m),
+        prefix_cache_queries=Counter(
+            "lmserve:prefix_cache_queries", "Prompt tokens looked up in the prefix cache", m
+        ),
+        prefix_cache_hits=Counter(
+            "lmserve:prefix_cache_hits", "Prompt tokens found in the prefix cache", m
+        ),
         num_preemptions=Counter("lmserve:num_preemptions", "Requests preempted", m),
         prompt_tokens=Counter("lmserve:prompt_tokens", "Prompt tokens received", m),
         generation_tokens=Counter("lmserve:generation_tokens", "Tokens generated", m),
-        request_success=Counter("lmserve:request_success", "Requests finished",
-                                m + ["finished_reason"]),
-        time_to_first_token=Histogram("lmserve:time_to_first_token_seconds",
-                                      "Arrival to first generated token", m,
-                                      buckets=_LATENCY_BUCKETS),
-        inter_token_latency=Histogram("lmserve:inter_token_latency_seconds",
-                                      "Time between generated tokens", m,
-                                      buckets=_LATENCY_BUCKETS),
-        e2e_request_latency=Histogram("lmserve:e2e_request_latency_seconds",
-                                      "Arrival to last token", m, buckets=_E2E_BUCKETS),
-        request_queue_time=Histogram("lmserve:request_queue_time_seconds",
-                                     "Arrival to first scheduled in the engine", m,
-                                     buckets=_E2E_BUCKETS),
-        request_prompt_tokens=Histogram("lmserve:request_prompt_tokens",
-                                        "Prompt tokens per request", m, buckets=_TOKEN_BUCKETS),
-        request_generation_tokens=Histogram("lmserve:request_generation_tokens",
-                                            "Generated tokens per request", m,
-                                            buckets=_TOKEN_BUCKETS),
+        request_success=Counter(
+            "lmserve:request_success", "Requests finished", m + ["finished_reason"]
+        ),
+        time_to_first_token=Histogram(
+            "lmserve:time_to_first_token_seconds",
+            "Arrival to first generated token",
+            m,
+            buckets=_LATENCY_BUCKETS,
+        ),
+        inter_token_latency=Histogram(
+            "lmserve:inter_token_latency_seconds",
+            "Time between generated tokens",
+            m,
+            buckets=_LATENCY_BUCKETS,
+        ),
+        e2e_request_latency=Histogram(
+            "lmserve:e2e_request_latency_seconds", "Arrival to last token", m, buckets=_E2E_BUCKETS
+        ),
+        request_queue_time=Histogram(
+            "lmserve:request_queue_time_seconds",
+            "Arrival to first scheduled in the engine",
+            m,
+            buckets=_E2E_BUCKETS,
+        ),
+        request_prompt_tokens=Histogram(
+            "lmserve:request_prompt_tokens", "Prompt tokens per request", m, buckets=_TOKEN_BUCKETS
+        ),
+        request_generation_tokens=Histogram(
+            "lmserve:request_generation_tokens",
+            "Generated tokens per request",
+            m,
+            buckets=_TOKEN_BUCKETS,
+        ),
     )

@@ -10,8 +10,8 @@ import torch
 from lmserve.attention import AttentionMetadata, ForwardContext, get_attention_backend
 from lmserve.config import EngineConfig
 from lmserve.core.sched_output import ModelRunnerOutput, SchedulerOutput
-from lmserve.model.loader import get_kv_cache_spec, load_model
 from lmserve.engine.messages import LogprobsLists
+from lmserve.model.loader import get_kv_cache_spec, load_model
 from lmserve.sample.logprobs import LogprobsTensors, compute_logprobs_tensors
 from lmserve.sample.sampler import Sampler, SamplerOutput
 from lmserve.worker.input_batch import FlatInputs, InputBatch
@@ -123,9 +123,7 @@ class ModelRunner:
         )
         return ForwardContext(metadata, self.kv_caches, self.attn_backend)
 
-    def _prompt_logprobs(
-        self, flat: FlatInputs, hidden: torch.Tensor
-    ) -> dict[str, LogprobsLists]:
+    def _prompt_logprobs(self, flat: FlatInputs, hidden: torch.Tensor) -> dict[str, LogprobsLists]:
         """Logprobs of each scheduled prompt token's successor, for requests that asked.
         Prompt logprobs requests skip the prefix cache, so every prompt position is computed
         here, chunk by chunk."""
@@ -190,5 +188,6 @@ def _to_lists(tensors: LogprobsTensors) -> LogprobsLists:
 
 
 def _row(lists: LogprobsLists, j: int) -> LogprobsLists:
-    return LogprobsLists(lists.token_ids[j : j + 1], lists.logprobs[j : j + 1],
-                         lists.ranks[j : j + 1])
+    return LogprobsLists(
+        lists.token_ids[j : j + 1], lists.logprobs[j : j + 1], lists.ranks[j : j + 1]
+    )

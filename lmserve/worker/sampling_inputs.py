@@ -64,8 +64,11 @@ def _add_penalties(metadata, batch: InputBatch, rows, vocab_size: int, to_dev) -
     prompt = np.where(cols < num_prompt[:, None], tokens[:, :max_prompt], vocab_size)
     cols = np.arange(max(max_output, 1))[None, :]
     out_pos = np.minimum(num_prompt[:, None] + cols, tokens.shape[1] - 1)
-    output = np.where(cols < (num_tokens - num_prompt)[:, None],
-                      np.take_along_axis(tokens, out_pos, axis=1), vocab_size)
+    output = np.where(
+        cols < (num_tokens - num_prompt)[:, None],
+        np.take_along_axis(tokens, out_pos, axis=1),
+        vocab_size,
+    )
     metadata.prompt_token_ids = to_dev(prompt)  # [num_reqs, max_prompt_len], pad = vocab
     metadata.output_token_ids = to_dev(output)  # [num_reqs, max_output_len], pad = vocab
 

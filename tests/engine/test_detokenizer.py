@@ -78,14 +78,22 @@ def test_streamed_deltas_through_the_engine_stop_before_a_split_stop_string(tiny
     full = llm.generate(prompt, greedy, use_tqdm=False)[0].outputs[0]
     # A stop string made of the end of token 3 and the start of token 4.
     pieces = [tokenizer.decode(full.token_ids[:k]) for k in range(len(full.token_ids) + 1)]
-    k = next(k for k in range(2, len(pieces) - 1)
-             if len(pieces[k]) - len(pieces[k - 1]) >= 2 and len(pieces[k + 1]) - len(pieces[k]) >= 2)
+    k = next(
+        k
+        for k in range(2, len(pieces) - 1)
+        if len(pieces[k]) - len(pieces[k - 1]) >= 2 and len(pieces[k + 1]) - len(pieces[k]) >= 2
+    )
     stop = pieces[k][-2:] + pieces[k + 1][len(pieces[k]) : len(pieces[k]) + 1]
     assert stop not in pieces[k] and full.text.find(stop) >= len(pieces[k]) - 2
 
     engine = llm.llm_engine
-    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, stop=[stop],
-                            output_kind=RequestOutputKind.DELTA)
+    params = SamplingParams(
+        temperature=0,
+        max_tokens=16,
+        ignore_eos=True,
+        stop=[stop],
+        output_kind=RequestOutputKind.DELTA,
+    )
     engine.add_request("s", prompt, params)
     deltas, last = [], None
     while engine.has_unfinished_requests():

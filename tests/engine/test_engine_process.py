@@ -87,25 +87,31 @@ def test_killed_engine_surfaces_as_engine_death(tiny_model_dir, multiprocessing_
 
 
 def test_async_engine_streams_and_abort_frees_blocks(tiny_model_dir):
-    config = EngineConfig.from_kwargs(tiny_model_dir("llama"), device="cpu",
-                                      num_gpu_blocks_override=256)
+    config = EngineConfig.from_kwargs(
+        tiny_model_dir("llama"), device="cpu", num_gpu_blocks_override=256
+    )
 
     async def scenario():
         engine = AsyncLLM(config)
         try:
-            params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True,
-                                    output_kind=RequestOutputKind.DELTA)
+            params = SamplingParams(
+                temperature=0, max_tokens=6, ignore_eos=True, output_kind=RequestOutputKind.DELTA
+            )
             deltas = [out async for out in engine.generate(PROMPTS[0], params, "a")]
             assert sum(len(d.outputs[0].token_ids) for d in deltas) == 6
             assert deltas[-1].finished
             # A long request, abandoned after its first token: the engine frees it.
-            long = SamplingParams(max_tokens=5000, ignore_eos=True,
-                                  output_kind=RequestOutputKind.DELTA)
+            long = SamplingParams(
+                max_tokens=5000, ignore_eos=True, output_kind=RequestOutputKind.DELTA
+            )
             stream = engine.generate(PROMPTS[1], long, "b")
             await stream.__anext__()
             await stream.aclose()  # what a client disconnect does
             for _ in range(100):
-                if engine.stats.running._value.get() == 0 and engine.stats.kv_usage._value.get() == 0:
+                if (
+                    engine.stats.running._value.get() == 0
+                    and engine.stats.kv_usage._value.get() == 0
+                ):
                     break
                 await asyncio.sleep(0.05)
             assert engine.stats.running._value.get() == 0
@@ -125,5 +131,3 @@ def test_utility_calls_are_limited_to_known_methods(tiny_model_dir, multiprocess
         assert llm.llm_engine.engine_core.call_utility("get_num_gpu_blocks") == 256
     finally:
         llm.shutdown()
-
-

@@ -18,8 +18,9 @@ def model_dir(tiny_model_dir):
 
 @pytest.fixture(scope="module")
 def llm(model_dir):
-    return LLM(model_dir, dtype="float32", device="cpu", max_model_len=256,
-               max_num_batched_tokens=8)  # small budget: prompt logprobs arrive in chunks
+    return LLM(
+        model_dir, dtype="float32", device="cpu", max_model_len=256, max_num_batched_tokens=8
+    )  # small budget: prompt logprobs arrive in chunks
 
 
 @pytest.fixture(scope="module")
@@ -98,26 +99,31 @@ def test_repetition_penalty_follows_hf_rule_on_prompt_tokens(llm, hf_model):
         logits = hf_model(torch.tensor([PROMPT])).logits[0, -1].float()
     # Bias prompt token 42 to lead by 1.0, so without a penalty greedy picks it.
     bias = {42: float(logits.max() - logits[42] + 1.0)}
-    free = llm.generate({"prompt_token_ids": PROMPT},
-                        SamplingParams(temperature=0, max_tokens=1, logit_bias=bias),
-                        use_tqdm=False)[0].outputs[0]
+    free = llm.generate(
+        {"prompt_token_ids": PROMPT},
+        SamplingParams(temperature=0, max_tokens=1, logit_bias=bias),
+        use_tqdm=False,
+    )[0].outputs[0]
     assert free.token_ids == [42]
     # With the penalty, every prompt token's logit is divided (if > 0) or multiplied (if < 0).
     penalty = 50.0
     expected = logits.clone()
     expected[42] += bias[42]
     seen = torch.tensor(sorted(set(PROMPT)))
-    expected[seen] = torch.where(expected[seen] > 0, expected[seen] / penalty,
-                                 expected[seen] * penalty)
-    penalised = llm.generate({"prompt_token_ids": PROMPT},
-                             SamplingParams(temperature=0, max_tokens=1, logit_bias=bias,
-                                            repetition_penalty=penalty),
-                             use_tqdm=False)[0].outputs[0]
+    expected[seen] = torch.where(
+        expected[seen] > 0, expected[seen] / penalty, expected[seen] * penalty
+    )
+    penalised = llm.generate(
+        {"prompt_token_ids": PROMPT},
+        SamplingParams(temperature=0, max_tokens=1, logit_bias=bias, repetition_penalty=penalty),
+        use_tqdm=False,
+    )[0].outputs[0]
     assert penalised.token_ids == [int(expected.argmax())]
     assert penalised.token_ids != [42]
 
 
 def test_out_of_vocab_logit_bias_is_rejected(llm):
     with pytest.raises(ValueError, match=r"logit_bias token id 9999 is out of range"):
-        llm.generate({"prompt_token_ids": [1, 2]}, SamplingParams(logit_bias={9999: 1.0}),
-                     use_tqdm=False)
+        llm.generate(
+            {"prompt_token_ids": [1, 2]}, SamplingParams(logit_bias={9999: 1.0}), use_tqdm=False
+        )

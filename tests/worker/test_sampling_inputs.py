@@ -22,8 +22,9 @@ def make_batch(*requests):
 
 
 def test_plain_greedy_batch_builds_no_optional_groups():
-    batch = make_batch(([1, 2], [], SamplingParams(temperature=0)),
-                       ([3], [4], SamplingParams(temperature=0)))
+    batch = make_batch(
+        ([1, 2], [], SamplingParams(temperature=0)), ([3], [4], SamplingParams(temperature=0))
+    )
     md = build_sampling_metadata(batch, np.array([0, 1]), VOCAB, CPU)
     assert md.all_greedy and not md.all_random
     assert md.top_k is md.top_p is md.min_p is md.presence_penalties is None
@@ -31,8 +32,10 @@ def test_plain_greedy_batch_builds_no_optional_groups():
 
 
 def test_truncation_values_per_row_with_off_rows_neutral():
-    batch = make_batch(([1], [], SamplingParams(temperature=1.0, top_k=5, top_p=0.9)),
-                       ([1], [], SamplingParams(temperature=0.5, min_p=0.1)))
+    batch = make_batch(
+        ([1], [], SamplingParams(temperature=1.0, top_k=5, top_p=0.9)),
+        ([1], [], SamplingParams(temperature=0.5, min_p=0.1)),
+    )
     md = build_sampling_metadata(batch, np.array([1, 0]), VOCAB, CPU)  # logits order: r1, r0
     assert md.top_k.tolist() == [VOCAB, 5]
     assert md.top_p.tolist() == [1.0, np.float32(0.9)]
@@ -41,8 +44,9 @@ def test_truncation_values_per_row_with_off_rows_neutral():
 
 
 def test_penalty_token_ids_are_padded_with_vocab_size():
-    batch = make_batch(([5, 6, 7], [8], SamplingParams(presence_penalty=0.5)),
-                       ([9], [10, 11], SamplingParams()))
+    batch = make_batch(
+        ([5, 6, 7], [8], SamplingParams(presence_penalty=0.5)), ([9], [10, 11], SamplingParams())
+    )
     md = build_sampling_metadata(batch, np.array([0, 1]), VOCAB, CPU)
     assert md.prompt_token_ids.tolist() == [[5, 6, 7], [9, VOCAB, VOCAB]]
     assert md.output_token_ids.tolist() == [[8, VOCAB], [10, 11]]
@@ -51,16 +55,20 @@ def test_penalty_token_ids_are_padded_with_vocab_size():
 
 
 def test_min_tokens_bans_eos_and_stop_ids_until_reached():
-    batch = make_batch(([1], [4], SamplingParams(min_tokens=3, stop_token_ids=[7])),
-                       ([1], [4, 5, 6], SamplingParams(min_tokens=3, stop_token_ids=[7])))
+    batch = make_batch(
+        ([1], [4], SamplingParams(min_tokens=3, stop_token_ids=[7])),
+        ([1], [4, 5, 6], SamplingParams(min_tokens=3, stop_token_ids=[7])),
+    )
     md = build_sampling_metadata(batch, np.array([0, 1]), VOCAB, CPU)
     rows, ids = md.banned_tokens
     assert sorted(zip(rows.tolist(), ids.tolist())) == [(0, 2), (0, 7)]  # row 1 has 3 outputs
 
 
 def test_logit_bias_coordinates_and_max_logprobs():
-    batch = make_batch(([1], [], SamplingParams(logit_bias={3: 1.5, 9: -2.0}, logprobs=2)),
-                       ([1], [], SamplingParams(logprobs=5)))
+    batch = make_batch(
+        ([1], [], SamplingParams(logit_bias={3: 1.5, 9: -2.0}, logprobs=2)),
+        ([1], [], SamplingParams(logprobs=5)),
+    )
     md = build_sampling_metadata(batch, np.array([0, 1]), VOCAB, CPU)
     rows, ids, vals = md.logit_bias
     assert list(zip(rows.tolist(), ids.tolist(), vals.tolist())) == [(0, 3, 1.5), (0, 9, -2.0)]
@@ -68,7 +76,9 @@ def test_logit_bias_coordinates_and_max_logprobs():
 
 
 def test_seeded_generators_follow_their_rows():
-    batch = make_batch(([1], [], SamplingParams(temperature=1.0)),
-                       ([1], [], SamplingParams(temperature=1.0, seed=11)))
+    batch = make_batch(
+        ([1], [], SamplingParams(temperature=1.0)),
+        ([1], [], SamplingParams(temperature=1.0, seed=11)),
+    )
     md = build_sampling_metadata(batch, np.array([1, 0]), VOCAB, CPU)
     assert list(md.generators) == [0]  # row 1 sits first in logits order

@@ -24,6 +24,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Awaitable
 from typing import Any, TypeVar
 
 import uvicorn
@@ -39,6 +40,7 @@ from lmserve.entrypoints.openai.errors import (
     AUTHENTICATION,
     SERVICE_UNAVAILABLE,
     OpenAIError,
+    engine_dead,
     error_response,
     from_validation_error,
     install_error_handlers,
@@ -185,7 +187,7 @@ def _finite_float(text: str) -> float:
     return value
 
 
-async def _unless_disconnected(handler) -> Response:
+async def _unless_disconnected(handler: Awaitable[Response]) -> Response:
     try:
         return await handler
     except ClientDisconnected:
@@ -241,10 +243,13 @@ class RequestGate:
 
     def _check(self, scope: Scope) -> OpenAIError | None:
         path = scope["path"]
-        if (self.state.draining or self.state.engine.is_dead) and path != "/metrics":
-            return OpenAIError(
-                "the server is shutting down", 503, SERVICE_UNAVAILABLE, code="shutting_down"
-            )
+        if path != "/metrics":
+            if self.state.engine.is_dead:
+                return engine_dead(self.state.engine.dead_error)
+            if self.state.draining:
+                return OpenAIError(
+                    "the server is shutting down", 503, SERVICE_UNAVAILABLE, code="shutting_down"
+                )
         headers = dict(scope["headers"])
         if self.api_key is not None and (path == "/v1" or path.startswith("/v1/")):
             given = headers.get(b"authorization", b"")

@@ -1,7 +1,7 @@
 """A real `lmserve serve` subprocess on a free port, serving a tiny random Llama on the CPU.
 
-    server            one for the whole session (tests that only send requests)
-    start_server(...) for tests that stop, kill or signal their own
+`server` is one for the whole session (for tests that only send requests); tests that stop,
+kill or signal a server start their own with `start_server(...)`.
 """
 
 from __future__ import annotations
@@ -47,6 +47,10 @@ class RemoteServer:
     def post(self, path: str, **kwargs) -> httpx.Response:
         headers = {**self.headers, **kwargs.pop("headers", {})}
         return self._http.post(self.url + path, headers=headers, **kwargs)
+
+    def stream(self, method: str, path: str, **kwargs):
+        """httpx's streaming context manager, with the API key."""
+        return self._http.stream(method, self.url + path, headers=self.headers, **kwargs)
 
     def client(self, **kwargs) -> openai.OpenAI:
         return openai.OpenAI(
@@ -103,9 +107,14 @@ def free_port() -> int:
 
 
 def start_server(
-    model_dir: str, *extra_args: str, api_key: str | None = API_KEY, env: dict | None = None
+    model_dir: str,
+    *extra_args: str,
+    log_dir: Path,
+    api_key: str | None = API_KEY,
+    env: dict | None = None,
 ) -> RemoteServer:
-    """Start `lmserve serve` and wait until /health answers 200."""
+    """Start `lmserve serve` (its output goes to a file in `log_dir`) and wait until /health
+    answers 200."""
     port = free_port()
     args = [
         sys.executable, "-m", "lmserve.entrypoints.cli", "serve", model_dir,
@@ -119,7 +128,7 @@ def start_server(
     ]  # fmt: skip
     if api_key is not None:
         args += ["--api-key", api_key]
-    log_path = Path(tempfile.mkstemp(prefix="lmserve-server-", suffix=".log")[1])
+    log_path = Path(tempfile.mkstemp(prefix="server-", suffix=".log", dir=log_dir)[1])
     run_env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     run_env.pop("LMSERVE_API_KEY", None)  # the test decides
     run_env.update(env or {})
@@ -139,7 +148,9 @@ def start_server(
             pass
         time.sleep(0.1)
     server.stop()
-    raise AssertionError(f"server not healthy within {STARTUP_TIMEOUT_S} s:\n{server.log()[-4000:]}")
+    raise AssertionError(
+        f"server not healthy within {STARTUP_TIMEOUT_S} s:\n{server.log()[-4000:]}"
+    )
 
 
 @pytest.fixture(scope="session")
@@ -148,8 +159,8 @@ def tiny_llama(tiny_model_dir) -> str:
 
 
 @pytest.fixture(scope="session")
-def server(tiny_llama):
-    """Shared by every test that leaves it as it found it (starting one costs ~15 s)."""
-    server = start_server(tiny_llama)
+def server(tiny_llama, tmp_path_factory):
+    """Shared by every test that leaves it as it found it (starting one takes 7-15 s)."""
+    server = start_server(tiny_llama, log_dir=tmp_path_factory.mktemp("server"))
     yield server
     server.stop()

@@ -9,9 +9,7 @@ import httpx
 import pytest
 
 from tests.entrypoints.openai.conftest import MAX_MODEL_LEN
-from tests.entrypoints.openai.openapi_schema import spec_path, validate
-
-pytestmark = pytest.mark.skipif(spec_path() is None, reason="OpenAI openapi.json not available")
+from tests.entrypoints.openai.openapi_schema import validate
 
 LONG_TEXT = "the road is long and the night is cold " * 120  # well over 512 tokens
 MSG = [{"role": "user", "content": "hi"}]
@@ -59,7 +57,13 @@ CASES = [
     ("logprobs-21", "/v1/completions", cmpl(logprobs=21), 400, "logprobs"),
     ("presence-penalty", "/v1/completions", cmpl(presence_penalty=3), 400, "presence_penalty"),
     ("frequency-penalty", "/v1/completions", cmpl(frequency_penalty=-3), 400, "frequency_penalty"),
-    ("repetition-penalty", "/v1/completions", cmpl(repetition_penalty=0), 400, "repetition_penalty"),
+    (
+        "repetition-penalty",
+        "/v1/completions",
+        cmpl(repetition_penalty=0),
+        400,
+        "repetition_penalty",
+    ),
     ("logit-bias-key", "/v1/completions", cmpl(logit_bias={"abc": 1}), 400, "logit_bias"),
     ("logit-bias-value", "/v1/completions", cmpl(logit_bias={"5": 500}), 400, "logit_bias"),
     ("logit-bias-oov", "/v1/completions", cmpl(logit_bias={"99999": 1}), 400, "logit_bias"),
@@ -72,33 +76,77 @@ CASES = [
     ("seed-too-big", "/v1/completions", cmpl(seed=2**70), 400, "seed"),
     ("ignore-eos-string", "/v1/completions", cmpl(ignore_eos="yes"), 400, "ignore_eos"),
     ("priority-string", "/v1/completions", cmpl(priority="high"), 400, "priority"),
-    ("stream-options-no-stream", "/v1/completions", cmpl(stream_options={"include_usage": True}),
-     400, "stream_options"),  # fmt: skip
+    (
+        "stream-options-no-stream",
+        "/v1/completions",
+        cmpl(stream_options={"include_usage": True}),
+        400,
+        "stream_options",
+    ),
     ("suffix", "/v1/completions", cmpl(suffix="tail"), 400, "suffix"),
     ("best-of", "/v1/completions", cmpl(best_of=3), 400, "best_of"),
     ("unknown-model", "/v1/completions", cmpl(model="gpt-17"), 404, "model"),
     ("chat-messages-missing", "/v1/chat/completions", {"model": "tiny-llama"}, 400, "messages"),
     ("chat-messages-empty", "/v1/chat/completions", chat(messages=[]), 400, "messages"),
     ("chat-message-not-object", "/v1/chat/completions", chat(messages=["hi"]), 400, "messages[0]"),
-    ("chat-unknown-role", "/v1/chat/completions",
-     chat(messages=[{"role": "wizard", "content": "hi"}]), 400, "messages"),  # fmt: skip
-    ("chat-content-int", "/v1/chat/completions",
-     chat(messages=[{"role": "user", "content": 5}]), 400, "messages"),  # fmt: skip
-    ("chat-image-part", "/v1/chat/completions",
-     chat(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]),
-     400, "messages"),  # fmt: skip
-    ("chat-too-long", "/v1/chat/completions",
-     chat(messages=[{"role": "user", "content": LONG_TEXT}]), 400, "messages"),  # fmt: skip
-    ("chat-max-completion-tokens", "/v1/chat/completions", chat(max_completion_tokens=10_000),
-     400, "max_completion_tokens"),  # fmt: skip
+    (
+        "chat-unknown-role",
+        "/v1/chat/completions",
+        chat(messages=[{"role": "wizard", "content": "hi"}]),
+        400,
+        "messages",
+    ),
+    (
+        "chat-content-int",
+        "/v1/chat/completions",
+        chat(messages=[{"role": "user", "content": 5}]),
+        400,
+        "messages",
+    ),
+    (
+        "chat-image-part",
+        "/v1/chat/completions",
+        chat(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]),
+        400,
+        "messages",
+    ),
+    (
+        "chat-too-long",
+        "/v1/chat/completions",
+        chat(messages=[{"role": "user", "content": LONG_TEXT}]),
+        400,
+        "messages",
+    ),
+    (
+        "chat-max-completion-tokens",
+        "/v1/chat/completions",
+        chat(max_completion_tokens=10_000),
+        400,
+        "max_completion_tokens",
+    ),
     ("chat-top-logprobs-alone", "/v1/chat/completions", chat(top_logprobs=2), 400, "top_logprobs"),
-    ("chat-top-logprobs-30", "/v1/chat/completions", chat(logprobs=True, top_logprobs=30),
-     400, "top_logprobs"),  # fmt: skip
+    (
+        "chat-top-logprobs-30",
+        "/v1/chat/completions",
+        chat(logprobs=True, top_logprobs=30),
+        400,
+        "top_logprobs",
+    ),
     ("chat-logprobs-int", "/v1/chat/completions", chat(logprobs=3), 400, "logprobs"),
-    ("chat-tools", "/v1/chat/completions",
-     chat(tools=[{"type": "function", "function": {"name": "f"}}]), 400, "tools"),  # fmt: skip
-    ("chat-json-mode", "/v1/chat/completions", chat(response_format={"type": "json_object"}),
-     400, "response_format"),  # fmt: skip
+    (
+        "chat-tools",
+        "/v1/chat/completions",
+        chat(tools=[{"type": "function", "function": {"name": "f"}}]),
+        400,
+        "tools",
+    ),
+    (
+        "chat-json-mode",
+        "/v1/chat/completions",
+        chat(response_format={"type": "json_object"}),
+        400,
+        "response_format",
+    ),
     ("chat-n-zero", "/v1/chat/completions", chat(n=0), 400, "n"),
     ("chat-unknown-model", "/v1/chat/completions", chat(model="nope"), 404, "model"),
     ("detokenize-oov", "/detokenize", {"tokens": [1, 99999]}, 400, "tokens"),
@@ -135,9 +183,7 @@ def test_context_length_errors_state_both_numbers(server):
     num_tokens = server.post("/tokenize", json={"prompt": LONG_TEXT}).json()["count"]
     assert str(MAX_MODEL_LEN) in error["message"] and str(num_tokens) in error["message"]
     assert error["code"] == "context_length_exceeded"
-    error = check_error(
-        send(server, "/v1/completions", cmpl(max_tokens=10_000)), 400, "max_tokens"
-    )
+    error = check_error(send(server, "/v1/completions", cmpl(max_tokens=10_000)), 400, "max_tokens")
     assert str(MAX_MODEL_LEN) in error["message"] and "10000" in error["message"]
 
 

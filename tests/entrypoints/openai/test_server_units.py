@@ -108,3 +108,14 @@ def test_nullable_becomes_any_of_null():
     assert converted["properties"]["a"] == {"anyOf": [{"type": "string"}, {"type": "null"}]}
     assert converted["properties"]["nullable"] == {"type": "boolean"}
     assert converted["properties"]["b"] == {"anyOf": [{"$ref": "#/x"}, {"type": "null"}]}
+
+
+def test_chat_template_flag_takes_a_file_or_the_template(tmp_path):
+    from lmserve.entrypoints.openai.server import _load_chat_template
+
+    template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    path = tmp_path / "template.jinja"
+    path.write_text(template)
+    assert _load_chat_template(str(path)) == template
+    assert _load_chat_template(template) == template
+    assert _load_chat_template(None) is None
