@@ -519,7 +519,9 @@ def test_default_model_greedy_matches_hf_gguf_token_for_token(default_llm, hf_de
     tokenizer = default_llm.get_tokenizer()
     prompts = [chat_prompt_ids(tokenizer, q) for q in QUESTIONS]
     params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS)
-    outs = default_llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    conversations = [[{"role": "user", "content": q}] for q in QUESTIONS]
+    outs = default_llm.chat(conversations, params, use_tqdm=False)
+    assert [out.prompt_token_ids for out in outs] == prompts
     for prompt, out in zip(prompts, outs):
         with torch.no_grad():
             expected = hf.generate(
@@ -536,10 +538,9 @@ def test_default_model_greedy_matches_hf_gguf_token_for_token(default_llm, hf_de
 def test_default_model_knows_the_capital_of_france(default_llm):
     from lmserve import SamplingParams
 
-    tokenizer = default_llm.get_tokenizer()
     messages = [{"role": "user", "content": QUESTIONS[0]}]
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    out = default_llm.generate(text, SamplingParams(temperature=0.0, max_tokens=16), use_tqdm=False)
+    out = default_llm.chat(messages, SamplingParams(temperature=0.0, max_tokens=16), use_tqdm=False)
+    assert "capital of France" in QUESTIONS[0]
     assert "Paris" in out[0].outputs[0].text
 
 

@@ -107,17 +107,17 @@ def free_port() -> int:
 
 
 def start_server(
-    model_dir: str,
+    model_dir: str | None,
     *extra_args: str,
     log_dir: Path,
     api_key: str | None = API_KEY,
     env: dict | None = None,
 ) -> RemoteServer:
     """Start `lmserve serve` (its output goes to a file in `log_dir`) and wait until /health
-    answers 200."""
+    answers 200. `model_dir=None` serves the default model. Later flags override earlier."""
     port = free_port()
     args = [
-        sys.executable, "-m", "lmserve.entrypoints.cli", "serve", model_dir,
+        sys.executable, "-m", "lmserve.entrypoints.cli", "serve", *([model_dir] if model_dir else []),
         "--host", "127.0.0.1", "--port", str(port),
         "--served-model-name", MODEL_NAME,
         "--device", "cpu", "--dtype", "float32",
