@@ -235,13 +235,6 @@ class ParallelConfig:
 
     def __post_init__(self) -> None:
         _require_int("ParallelConfig", "tensor_parallel_size", self.tensor_parallel_size)
-        if self.tensor_parallel_size != 1:
-            _fail(
-                "ParallelConfig",
-                "tensor_parallel_size",
-                self.tensor_parallel_size,
-                "only 1 is supported in this release (tensor parallelism is coming)",
-            )
 
 
 @dataclass

@@ -50,6 +50,11 @@ ENVIRONMENT_VARIABLES: dict[str, tuple[Callable[[], Any], str]] = {
         "`lmserve serve`: the API key /v1 routes require (as `Authorization: Bearer KEY`) "
         "when --api-key is not given; unset or empty: no key",
     ),
+    "LMSERVE_ATTENTION_BACKEND": (
+        lambda: os.environ.get("LMSERVE_ATTENTION_BACKEND", "").strip().lower() or None,
+        "force the attention backend: 'torch' (the reference; any device) or 'triton' (CUDA); "
+        "unset: triton on CUDA when triton is installed, torch otherwise",
+    ),
 }
 
 

@@ -50,10 +50,14 @@ class EngineCore:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         start = time.perf_counter()
-        self.executor = UniProcExecutor(config)
-        num_gpu_blocks = self.executor.determine_num_gpu_blocks()
-        _check_pool_holds_one_sequence(config, num_gpu_blocks)
-        self.executor.initialize_kv_cache(num_gpu_blocks)
+        self.executor = _make_executor(config)
+        try:
+            num_gpu_blocks = self.executor.determine_num_gpu_blocks()
+            _check_pool_holds_one_sequence(config, num_gpu_blocks)
+            self.executor.initialize_kv_cache(num_gpu_blocks)
+        except BaseException:
+            self.shutdown()  # no orphaned workers
+            raise
         config.cache_config.num_gpu_blocks = num_gpu_blocks
         self.scheduler = Scheduler(config.scheduler_config, config.cache_config, num_gpu_blocks)
         logger.info("EngineCore ready in %.2f s", time.perf_counter() - start)
@@ -96,7 +100,10 @@ class EngineCore:
         return self.scheduler.kv_cache_manager.num_gpu_blocks
 
     def shutdown(self) -> None:
-        pass
+        """Idempotent."""
+        executor, self.executor = getattr(self, "executor", None), None
+        if executor is not None and hasattr(executor, "shutdown"):
+            executor.shutdown()
 
 
 # Methods the front-end may call by name (UTILITY messages); nothing else is reachable.
@@ -212,6 +219,8 @@ def run_engine_core(
     )
     signal.signal(signal.SIGTERM, _raise_system_exit)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the front-end decides when we stop
+    exit_with_parent()
+    proc = None
     try:
         proc = EngineCoreProc(config, input_address, output_address, handshake_address)
     except BaseException:
@@ -223,7 +232,26 @@ def run_engine_core(
         pass
     except BaseException:
         logger.exception("EngineCore died")
+        proc.engine_core.shutdown()
         sys.exit(1)
+    proc.engine_core.shutdown()
+
+
+def exit_with_parent() -> None:
+    """Exit at once if the parent process dies (a SIGKILLed front-end must not leave us)."""
+    import multiprocessing
+    import os
+    from multiprocessing.connection import wait as wait_for_sentinels
+
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+
+    def watch() -> None:
+        wait_for_sentinels([parent.sentinel])
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="parent-watcher").start()
 
 
 def _raise_system_exit(signum, frame) -> None:
@@ -237,6 +265,14 @@ def _set_process_title(title: str) -> None:
         setproctitle.setproctitle(title)
     except ImportError:
         logger.debug("setproctitle not installed; process title unchanged")
+
+
+def _make_executor(config: EngineConfig):
+    if config.parallel_config.tensor_parallel_size > 1:
+        from lmserve.executor.multiproc_executor import MultiprocExecutor
+
+        return MultiprocExecutor(config)
+    return UniProcExecutor(config)
 
 
 def _check_pool_holds_one_sequence(config: EngineConfig, num_gpu_blocks: int) -> None:

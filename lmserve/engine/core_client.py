@@ -108,7 +108,7 @@ class InprocClient(EngineCoreClient):
         return getattr(self.engine_core, method)(*args)
 
     def shutdown(self) -> None:
-        pass
+        self.engine_core.shutdown()  # stops tensor-parallel workers, if any
 
 
 class _EngineProcess:
@@ -138,7 +138,7 @@ class _EngineProcess:
             target=run_engine_core,
             args=(config, self.input_address, self.output_address, self.handshake_address),
             name="lmserve::EngineCore",
-            daemon=True,
+            daemon=False,  # it may start tensor-parallel workers; it exits with us regardless
         )
         try:
             self.proc.start()

@@ -17,11 +17,14 @@ _GiB = 1 << 30
 
 
 class Worker:
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, local_rank: int | None = None) -> None:
+        """`local_rank`: this worker's tensor-parallel rank, which is also its GPU index."""
         self.config = config
         self.device = torch.device(config.device_config.device)
         if self.device.type == "cuda":
-            if self.device.index is None:
+            if local_rank is not None:
+                self.device = torch.device("cuda", local_rank)
+            elif self.device.index is None:
                 self.device = torch.device("cuda", torch.cuda.current_device())
             torch.cuda.set_device(self.device)
         self.model_runner = ModelRunner(config, self.device)

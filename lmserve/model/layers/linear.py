@@ -1,15 +1,14 @@
-"""Linear layers, named after the tensor-parallel role each will play.
-
-For now every layer holds the full weight (tensor-parallel size 1). The names say how each will be
-split across ranks, and each `weight_loader` is where that split will happen:
+"""Linear layers, split across the tensor-parallel ranks of `get_tp_group()`:
 
   ColumnParallelLinear        y = x W^T       W split by output rows; no communication
   MergedColumnParallelLinear  [gate | up]     several column layers fused into one GEMM
-  QKVParallelLinear           [q | k | v]     the attention projections fused into one GEMM
+  QKVParallelLinear           [q | k | v]     the attention projections fused, split by heads
   RowParallelLinear           y = x W^T       W split by input columns; all-reduce of y
 
-A fused layer's parameter lists the checkpoint pieces it is built from in `param.shard_ids`, so a
-model's `load_weights` can tell when every piece has arrived.
+Each parameter's `weight_loader` takes the FULL checkpoint tensor and copies this rank's slice,
+so model files load the same way at any tensor-parallel size. A fused layer's parameter lists
+the checkpoint pieces it is built from in `param.shard_ids`, so a model's `load_weights` can
+tell when every piece has arrived.
 """
 
 from __future__ import annotations
@@ -18,80 +17,157 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmserve.distributed.parallel_state import get_tp_group
 from lmserve.model.layers.utils import default_weight_loader, make_param
 
 
 class _Linear(nn.Module):
-    """y = x W^T + b with W [output_size, input_size]."""
+    """y = x W^T + b with this rank's W [output_size_per_partition, input_size_per_partition]."""
 
-    def __init__(self, input_size: int, output_size: int, bias: bool = False) -> None:
+    def __init__(
+        self,
+        input_size: int,
+        output_size: int,
+        bias: bool,
+        local_input: int,
+        local_output: int,
+        local_bias: int,
+    ) -> None:
         super().__init__()
-        self.input_size = input_size
-        self.output_size = output_size
-        self.weight = make_param(output_size, input_size, weight_loader=self.weight_loader)
+        self.tp = get_tp_group()
+        self.input_size, self.output_size = input_size, output_size
+        self.weight = make_param(local_output, local_input, weight_loader=self.weight_loader)
         if bias:
-            self.bias = make_param(output_size, weight_loader=self.weight_loader)
+            self.bias = make_param(local_bias, weight_loader=self.weight_loader)
         else:
             self.register_parameter("bias", None)
 
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id=None):
         default_weight_loader(param, loaded_weight, shard_id)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., input_size] -> [..., output_size]
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., input_size] -> [..., output]
         return F.linear(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:
-        return f"in={self.input_size}, out={self.output_size}, bias={self.bias is not None}"
+        return (
+            f"in={self.input_size}, out={self.output_size}, bias={self.bias is not None}, "
+            f"tp={self.tp.world_size}"
+        )
 
 
 class ColumnParallelLinear(_Linear):
-    """Output features will be split across ranks; each rank keeps its slice of y."""
+    """Output features split across ranks; each rank keeps its slice of y."""
+
+    def __init__(self, input_size: int, output_size: int, bias: bool = False) -> None:
+        local = output_size // get_tp_group().world_size
+        super().__init__(input_size, output_size, bias, input_size, local, local)
+
+    def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id=None):
+        start, end = self.tp.shard_range(loaded_weight.shape[0])
+        default_weight_loader(param, loaded_weight[start:end])
 
 
 class RowParallelLinear(_Linear):
-    """Input features will be split across ranks; partial outputs will be all-reduced."""
+    """Input features split across ranks; the partial outputs are summed (all-reduce)."""
+
+    def __init__(self, input_size: int, output_size: int, bias: bool = False) -> None:
+        local = input_size // get_tp_group().world_size
+        super().__init__(input_size, output_size, bias, local, output_size, output_size)
+
+    def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id=None):
+        if loaded_weight.dim() == 2:  # the weight: split the input columns; a bias is whole
+            start, end = self.tp.shard_range(loaded_weight.shape[1])
+            loaded_weight = loaded_weight[:, start:end]
+        default_weight_loader(param, loaded_weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tp.world_size == 1:
+            return F.linear(x, self.weight, self.bias)
+        y = self.tp.all_reduce(F.linear(x, self.weight))  # [..., output_size]
+        return y if self.bias is None else y + self.bias
 
 
 class MergedColumnParallelLinear(_Linear):
     """Several column-parallel layers over the same input, stacked along the output dimension
     (e.g. the MLP's gate and up projections): one GEMM instead of several.
 
-    Shard `i` of the checkpoint fills output rows [sum(output_sizes[:i]), sum(output_sizes[:i+1])).
+    Shard `i` fills this rank's output rows [sum(local_sizes[:i]), sum(local_sizes[:i+1])).
     """
 
     def __init__(self, input_size: int, output_sizes: list[int], bias: bool = False) -> None:
+        world = get_tp_group().world_size
         self.output_sizes = list(output_sizes)
-        super().__init__(input_size, sum(output_sizes), bias)
+        self.local_sizes = [size // world for size in output_sizes]
+        local = sum(self.local_sizes)
+        super().__init__(input_size, sum(output_sizes), bias, input_size, local, local)
         for param in self.parameters():
             param.shard_ids = tuple(range(len(output_sizes)))
 
-    def _shard_offset_size(self, shard_id) -> tuple[int, int]:
-        return sum(self.output_sizes[:shard_id]), self.output_sizes[shard_id]
+    def _local_rows(self, shard_id) -> tuple[int, int]:
+        """(offset in this rank's parameter, rows) of shard `shard_id`."""
+        return sum(self.local_sizes[:shard_id]), self.local_sizes[shard_id]
+
+    def _checkpoint_rows(self, shard_id, loaded_rows: int) -> tuple[int, int]:
+        """[start, end) of this rank's rows within the checkpoint tensor of `shard_id`."""
+        return self.tp.shard_range(loaded_rows)
 
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id=None):
-        if shard_id is None:  # a checkpoint that already stores the fused tensor
-            default_weight_loader(param, loaded_weight)
+        if shard_id is None:  # a checkpoint that stores the fused tensor: split it first
+            sizes = self.output_sizes
+            for i, part in enumerate(loaded_weight.split(sizes, dim=0)):
+                self.weight_loader(param, part, self._shard_ids()[i])
             return
-        offset, size = self._shard_offset_size(shard_id)
-        default_weight_loader(param.narrow(0, offset, size), loaded_weight)
+        offset, rows = self._local_rows(shard_id)
+        start, end = self._checkpoint_rows(shard_id, loaded_weight.shape[0])
+        default_weight_loader(param.narrow(0, offset, rows), loaded_weight[start:end])
+
+    def _shard_ids(self) -> tuple:
+        return tuple(range(len(self.output_sizes)))
 
 
 class QKVParallelLinear(MergedColumnParallelLinear):
-    """The query, key and value projections as one GEMM: output rows are laid out as
-    [q: num_heads * head_dim | k: num_kv_heads * head_dim | v: num_kv_heads * head_dim]."""
+    """The query, key and value projections as one GEMM: this rank's output rows are
+    [q: its query heads | k: its KV heads | v: its KV heads]. With fewer KV heads than ranks,
+    each KV head is replicated on the ranks whose query heads use it."""
 
     _SHARD_INDEX = {"q": 0, "k": 1, "v": 2}
 
     def __init__(
         self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool = False
     ) -> None:
-        self.head_dim = head_dim
-        self.num_heads = num_heads
-        self.num_kv_heads = num_kv_heads
+        tp = get_tp_group()
+        if num_heads % tp.world_size:
+            raise ValueError(
+                f"num_attention_heads={num_heads} does not split over "
+                f"tensor_parallel_size={tp.world_size}"
+            )
+        if num_kv_heads % tp.world_size and tp.world_size % num_kv_heads:
+            raise ValueError(
+                f"num_key_value_heads={num_kv_heads} neither splits over nor "
+                f"divides tensor_parallel_size={tp.world_size}"
+            )
+        self.head_dim, self.num_heads, self.num_kv_heads = head_dim, num_heads, num_kv_heads
+        self.num_heads_per_partition = num_heads // tp.world_size
+        self.num_kv_heads_per_partition = max(num_kv_heads // tp.world_size, 1)
         q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
         super().__init__(hidden_size, [q_size, kv_size, kv_size], bias)
-        for param in self.parameters():
+        local_kv = self.num_kv_heads_per_partition * head_dim
+        self.local_sizes = [self.num_heads_per_partition * head_dim, local_kv, local_kv]
+        for param in self.parameters():  # rebuild at the true local size (replicated KV)
+            param.data = torch.empty(
+                sum(self.local_sizes), *param.shape[1:], dtype=param.dtype, device=param.device
+            )
             param.shard_ids = ("q", "k", "v")
 
-    def _shard_offset_size(self, shard_id) -> tuple[int, int]:
-        return super()._shard_offset_size(self._SHARD_INDEX[shard_id])
+    def _shard_ids(self) -> tuple:
+        return ("q", "k", "v")
+
+    def _local_rows(self, shard_id) -> tuple[int, int]:
+        return super()._local_rows(self._SHARD_INDEX[shard_id])
+
+    def _checkpoint_rows(self, shard_id, loaded_rows: int) -> tuple[int, int]:
+        if shard_id == "q" or self.num_kv_heads >= self.tp.world_size:
+            return self.tp.shard_range(loaded_rows)
+        # replicated: ranks [h * world / num_kv, (h + 1) * world / num_kv) share KV head h
+        head = self.tp.rank * self.num_kv_heads // self.tp.world_size
+        return head * self.head_dim, (head + 1) * self.head_dim

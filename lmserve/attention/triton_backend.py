@@ -1,0 +1,332 @@
+"""Triton attention backend (CUDA): one KV-cache write kernel and one paged-attention kernel for
+mixed batches. Correct first; the speed work (split-KV decode, unmasked interior tiles, tuned
+block shapes, CUDA graphs) comes on top of this.
+
+Write kernel: one program per token copies its [num_kv_heads, head_dim] key and value rows into
+the cache at `slot_mapping[token]` (a negative slot is skipped: padding tokens write nothing).
+
+Attention kernel, grid = (query tiles, num_kv_heads). A program owns BLOCK_Q consecutive query
+tokens of ONE request and ALL the query heads that share one KV head (GQA group of size
+G = num_heads // num_kv_heads), stacked into BLOCK_M = BLOCK_Q * G rows (padded up to a power of
+two). Row r is query token r // G, query head kv_head * G + r % G:
+
+    rows:   t0h0 t0h1 .. t0h(G-1) | t1h0 .. t1h(G-1) | ... | (padding rows)
+    keys:   one [BLOCK_N, head_dim] tile of this request's KV at a time, gathered through the
+            block table (token j lives in block block_table[j // block_size], slot j % block_size)
+
+so each K/V tile is loaded once for the whole group. Scores, running max and running sum are
+float32 (online softmax, exp2 with log2(e) folded into the scale); the causal mask compares
+absolute positions: query token i of a request with q_len queries and seq_len keys sits at
+position seq_len - q_len + i, and sees keys 0..that position.
+
+Which request a program serves is found in the kernel, with no host-side plan: request i's
+tiles are numbered from `query_start_loc[i] // BLOCK_Q + i` on. That number grows with i and
+leaves each request at least ceil(q_len / BLOCK_Q) tiles, so a binary search over it finds the
+request, the grid is `num_tokens // BLOCK_Q + num_reqs` and surplus programs exit at once.
+
+NOTE (later, speed): a decode-heavy batch with few requests and long sequences launches only
+num_reqs * num_kv_heads programs, each walking the whole sequence — too few to fill an H100's
+132 SMs. A split-KV ("flash-decoding") variant splits each request's keys into segments, one
+program per (request, kv head, segment) writing a partial output plus its (max, sum), and a
+second small kernel merges the segments by their log-sum-exp. The interior KV tiles (wholly
+below the causal diagonal) could also skip the mask arithmetic.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from lmserve.attention.backend import AttentionBackend, AttentionMetadata
+
+_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_MAX_HEAD_DIM = 256
+
+
+@functools.cache
+def _kernels():
+    """Compile-on-first-use: triton is imported only when the backend actually runs."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def write_kv_cache_kernel(
+        key_ptr,  # [num_tokens, num_kv_heads, head_dim]
+        value_ptr,  # [num_tokens, num_kv_heads, head_dim]
+        key_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_dim]
+        value_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_dim]
+        slot_mapping_ptr,  # [num_tokens] int64
+        stride_k_tok,
+        stride_k_head,
+        stride_v_tok,
+        stride_v_head,
+        stride_cache_block,
+        stride_cache_slot,
+        stride_cache_head,
+        block_size,
+        num_kv_heads,
+        head_dim,
+        BLOCK_H: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+    ):
+        token = tl.program_id(0)
+        slot = tl.load(slot_mapping_ptr + token)
+        if slot < 0:  # padding token: nothing to write
+            return
+        block = slot // block_size
+        offset = slot % block_size
+        heads = tl.arange(0, BLOCK_H)[:, None]
+        dims = tl.arange(0, BLOCK_D)[None, :]
+        mask = (heads < num_kv_heads) & (dims < head_dim)
+        cache_off = block * stride_cache_block + offset * stride_cache_slot
+        cache_off += heads * stride_cache_head + dims
+        k = tl.load(key_ptr + token * stride_k_tok + heads * stride_k_head + dims, mask=mask)
+        v = tl.load(value_ptr + token * stride_v_tok + heads * stride_v_head + dims, mask=mask)
+        tl.store(key_cache_ptr + cache_off, k, mask=mask)
+        tl.store(value_cache_ptr + cache_off, v, mask=mask)
+
+    @triton.jit
+    def paged_attention_kernel(
+        out_ptr,  # [num_tokens, num_heads, head_dim]
+        query_ptr,  # [num_tokens, num_heads, head_dim]
+        key_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_dim]
+        value_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_dim]
+        block_tables_ptr,  # [num_reqs, max_num_blocks_per_req] int32
+        query_start_loc_ptr,  # [num_reqs + 1] int32
+        seq_lens_ptr,  # [num_reqs] int32
+        qk_scale,  # softmax scale * log2(e)
+        num_reqs,
+        stride_q_tok,
+        stride_q_head,
+        stride_o_tok,
+        stride_o_head,
+        stride_cache_block,
+        stride_cache_slot,
+        stride_cache_head,
+        stride_block_table,
+        block_size,
+        head_dim,
+        GROUP_SIZE: tl.constexpr,  # query heads per KV head
+        BLOCK_Q: tl.constexpr,  # query tokens per program
+        BLOCK_M: tl.constexpr,  # rows = BLOCK_Q * GROUP_SIZE, padded to a power of two
+        BLOCK_N: tl.constexpr,  # keys per inner-loop tile
+        BLOCK_D: tl.constexpr,  # head_dim padded to a power of two (>= 16)
+        DOT_PRECISION: tl.constexpr,  # "ieee" for float32 inputs, else the tensor-core default
+    ):
+        tile = tl.program_id(0)
+        kv_head = tl.program_id(1)
+
+        # Which request: the last i with query_start_loc[i] // BLOCK_Q + i <= tile.
+        lo = 0
+        hi = num_reqs
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if tl.load(query_start_loc_ptr + mid) // BLOCK_Q + mid <= tile:
+                lo = mid + 1
+            else:
+                hi = mid
+        req = lo - 1
+        q_start = tl.load(query_start_loc_ptr + req)
+        q_len = tl.load(query_start_loc_ptr + req + 1) - q_start
+        first_q = (tile - (q_start // BLOCK_Q + req)) * BLOCK_Q  # within the request
+        if first_q >= q_len:  # a surplus tile of the grid's upper bound
+            return
+        seq_len = tl.load(seq_lens_ptr + req)
+        context_len = seq_len - q_len  # keys before this step's first query
+
+        rows = tl.arange(0, BLOCK_M)
+        q_idx = first_q + rows // GROUP_SIZE  # query index within the request
+        head = kv_head * GROUP_SIZE + rows % GROUP_SIZE
+        row_valid = (rows < BLOCK_Q * GROUP_SIZE) & (q_idx < q_len)
+        q_pos = context_len + q_idx  # absolute position of each row's query
+        dims = tl.arange(0, BLOCK_D)
+        dim_valid = dims < head_dim
+        q_off = (q_start + q_idx)[:, None] * stride_q_tok + head[:, None] * stride_q_head
+        q = tl.load(
+            query_ptr + q_off + dims[None, :],
+            mask=row_valid[:, None] & dim_valid[None, :],
+            other=0.0,
+        )  # [BLOCK_M, BLOCK_D]
+
+        # Finite start: masked scores are -inf, and exp2(-inf - m) = 0 with no NaN from
+        # (-inf) - (-inf) in rows that see nothing yet (padding rows).
+        m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+        # Keys this tile can see: up to the position of its last query.
+        kv_end = context_len + tl.minimum(first_q + BLOCK_Q, q_len)
+        block_table_row = block_tables_ptr + req.to(tl.int64) * stride_block_table
+        cols = tl.arange(0, BLOCK_N)
+        for kv_start in range(0, kv_end, BLOCK_N):
+            k_pos = kv_start + cols  # [BLOCK_N] absolute key positions
+            k_valid = k_pos < kv_end
+            block_ids = tl.load(block_table_row + k_pos // block_size, mask=k_valid, other=0)
+            kv_off = block_ids.to(tl.int64) * stride_cache_block
+            kv_off += (k_pos % block_size) * stride_cache_slot + kv_head * stride_cache_head
+            kv_mask = k_valid[:, None] & dim_valid[None, :]
+            k = tl.load(
+                key_cache_ptr + kv_off[:, None] + dims[None, :], mask=kv_mask, other=0.0
+            )  # [BLOCK_N, BLOCK_D]
+            v = tl.load(
+                value_cache_ptr + kv_off[:, None] + dims[None, :], mask=kv_mask, other=0.0
+            )  # [BLOCK_N, BLOCK_D]
+
+            scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+            visible = (k_pos[None, :] <= q_pos[:, None]) & k_valid[None, :]
+            scores = tl.where(visible, scores, float("-inf"))  # [BLOCK_M, BLOCK_N]
+
+            m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(scores - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None]
+            acc += tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+            m_i = m_new
+
+        l_i = tl.where(l_i == 0.0, 1.0, l_i)  # padding rows only; never stored
+        out = acc / l_i[:, None]
+        o_off = (q_start + q_idx)[:, None] * stride_o_tok + head[:, None] * stride_o_head
+        tl.store(
+            out_ptr + o_off + dims[None, :],
+            out.to(out_ptr.dtype.element_ty),
+            mask=row_valid[:, None] & dim_valid[None, :],
+        )
+
+    return write_kv_cache_kernel, paged_attention_kernel
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def triton_write_kv_cache(
+    key: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+    value: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+    key_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    value_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    slot_mapping: torch.Tensor,  # [num_tokens] int64; < 0 = skip
+) -> None:
+    """Copy each token's key/value into the cache at its slot (mutates both caches)."""
+    num_tokens, num_kv_heads, head_dim = key.shape
+    if num_tokens == 0:
+        return
+    assert key.stride(2) == 1 and value.stride(2) == 1, "head_dim must be contiguous"
+    assert key_cache.stride() == value_cache.stride() and key_cache.stride(3) == 1
+    write_kernel, _ = _kernels()
+    write_kernel[(num_tokens,)](
+        key,
+        value,
+        key_cache,
+        value_cache,
+        slot_mapping,
+        key.stride(0),
+        key.stride(1),
+        value.stride(0),
+        value.stride(1),
+        key_cache.stride(0),
+        key_cache.stride(1),
+        key_cache.stride(2),
+        key_cache.shape[1],
+        num_kv_heads,
+        head_dim,
+        BLOCK_H=_next_power_of_2(num_kv_heads),
+        BLOCK_D=_next_power_of_2(head_dim),
+    )
+
+
+def _block_shape(group_size: int, max_query_len: int) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_Q): rows per program and query tokens per program. Decode-only batches
+    take the smallest tile a tensor-core dot accepts (16 rows); batches with prompts take 64."""
+    rows = 16 if max_query_len * group_size <= 16 else 64
+    block_m = max(rows, _next_power_of_2(group_size))
+    return block_m, block_m // group_size
+
+
+def triton_paged_attention(
+    query: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+    key_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    value_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    metadata: AttentionMetadata,
+    scale: float,
+    out: torch.Tensor | None = None,  # [num_tokens, num_heads, head_dim]; allocated if None
+) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
+    """Causal attention of each query over its request's cached keys/values (already written)."""
+    num_tokens, num_heads, head_dim = query.shape
+    num_kv_heads = key_cache.shape[2]
+    group_size = num_heads // num_kv_heads
+    output = (
+        torch.empty(query.shape, dtype=query.dtype, device=query.device) if out is None else out
+    )
+    assert output.shape == query.shape and output.dtype == query.dtype and output.stride(2) == 1
+    if num_tokens == 0:
+        return output
+    assert query.stride(2) == 1 and key_cache.stride(3) == 1
+    assert key_cache.stride() == value_cache.stride()
+    assert metadata.block_tables.stride(1) == 1
+    block_m, block_q = _block_shape(group_size, metadata.max_query_len)
+    block_d = max(16, _next_power_of_2(head_dim))
+    block_n = 64 if block_d <= 128 else 32
+    grid = (num_tokens // block_q + metadata.num_reqs, num_kv_heads)
+    _, attention_kernel = _kernels()
+    attention_kernel[grid](
+        output,
+        query,
+        key_cache,
+        value_cache,
+        metadata.block_tables,
+        metadata.query_start_loc,
+        metadata.seq_lens,
+        scale * 1.4426950408889634,  # log2(e): the kernel uses exp2
+        metadata.num_reqs,
+        query.stride(0),
+        query.stride(1),
+        output.stride(0),
+        output.stride(1),
+        key_cache.stride(0),
+        key_cache.stride(1),
+        key_cache.stride(2),
+        metadata.block_tables.stride(0),
+        key_cache.shape[1],
+        head_dim,
+        GROUP_SIZE=group_size,
+        BLOCK_Q=block_q,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_D=block_d,
+        DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
+        num_warps=4,
+        num_stages=2,
+    )
+    return output
+
+
+class TritonAttentionBackend(AttentionBackend):
+    """Paged attention in two Triton kernels (cache write, then attention). CUDA only.
+
+    float32 inputs use exact float32 dots (no tf32), so float32 serving keeps its precision;
+    bf16/fp16 dots run on the tensor cores with float32 accumulation."""
+
+    name = "triton"
+
+    def forward(self, query, key, value, kv_cache, metadata: AttentionMetadata, scale: float):
+        key_cache, value_cache = kv_cache
+        _check_inputs(query, key_cache)
+        triton_write_kv_cache(key, value, key_cache, value_cache, metadata.slot_mapping)
+        return triton_paged_attention(query, key_cache, value_cache, metadata, scale)
+
+
+def _check_inputs(query: torch.Tensor, key_cache: torch.Tensor) -> None:
+    if query.device.type != "cuda":
+        raise ValueError(f"the triton attention backend runs on CUDA, not {query.device.type}")
+    if query.dtype not in _SUPPORTED_DTYPES or key_cache.dtype != query.dtype:
+        raise ValueError(
+            f"triton attention supports float16/bfloat16/float32 with a cache of the same dtype; "
+            f"got query {query.dtype}, cache {key_cache.dtype}"
+        )
+    num_heads, head_dim = query.shape[1], query.shape[2]
+    if num_heads % key_cache.shape[2] != 0:
+        raise ValueError(f"{num_heads} query heads do not split into {key_cache.shape[2]} groups")
+    if head_dim > _MAX_HEAD_DIM:
+        raise ValueError(f"triton attention supports head_dim <= {_MAX_HEAD_DIM}, got {head_dim}")

@@ -1,0 +1,191 @@
+"""One worker process per tensor-parallel rank.
+
+    EngineCore ──(shm ring broadcast: method + msgpack args)──▶ worker 0 … worker N-1
+               ◀──(ZMQ PUSH/PULL: msgpack results, arrays as zero-copy frames)──
+
+Every rank runs every call (the model is split across them; they meet in all-reduces); only
+rank 0 answers `execute_model`, every rank answers the set-up calls. A worker that dies is
+noticed while its answer is awaited, and the EngineCore then dies too (so the front-end sees
+an engine death, never a hang).
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import shutil
+import socket
+import tempfile
+import traceback
+from multiprocessing.connection import wait as wait_for_sentinels
+from typing import Any
+
+import msgspec
+import zmq
+
+from lmserve import envs
+from lmserve.config import EngineConfig
+from lmserve.core.sched_output import ModelRunnerOutput, SchedulerOutput
+from lmserve.distributed.shm_ring import MessageQueue
+from lmserve.engine.messages import MsgpackDecoder, MsgpackEncoder
+
+logger = logging.getLogger(__name__)
+
+# Calls the executor may make on a worker, and the type their msgpack argument decodes to.
+_ARG_TYPES: dict[str, Any] = {
+    "determine_num_gpu_blocks": None,
+    "initialize_kv_cache": int,
+    "execute_model": SchedulerOutput,
+    "shutdown": None,
+}
+
+
+class _Result(msgspec.Struct, array_like=True):
+    rank: int
+    ok: bool
+    value: Any = None  # ModelRunnerOutput is re-decoded by the caller
+    error: str | None = None
+
+
+class MultiprocExecutor:
+    def __init__(self, config: EngineConfig) -> None:
+        self.world_size = config.parallel_config.tensor_parallel_size
+        self._rpc_dir = tempfile.mkdtemp(prefix="lmserve-tp-", dir=envs.LMSERVE_RPC_BASE_PATH)
+        self.ctx = zmq.Context()
+        self.result_socket = self.ctx.socket(zmq.PULL)
+        result_address = f"ipc://{self._rpc_dir}/results"
+        self.result_socket.bind(result_address)
+        self.broadcast = MessageQueue(n_reader=self.world_size)
+        handle = self.broadcast.export_handle()
+        init_method = f"tcp://127.0.0.1:{_free_port()}"
+        mp = multiprocessing.get_context("spawn")
+        self.workers = [
+            mp.Process(
+                target=run_worker,
+                args=(config, rank, init_method, handle, result_address),
+                name=f"lmserve::Worker-TP{rank}",
+                daemon=False,
+            )
+            for rank in range(self.world_size)
+        ]
+        for proc in self.workers:
+            proc.start()
+        self.encoder = MsgpackEncoder()
+        self.result_decoder = MsgpackDecoder(_Result)
+        self.broadcast.wait_until_ready(timeout=envs.LMSERVE_ENGINE_READY_TIMEOUT_S)
+        self._collect(all_ranks=True)  # each worker reports once its model is loaded
+
+    def determine_num_gpu_blocks(self) -> int:
+        return min(self._call("determine_num_gpu_blocks", None, all_ranks=True))
+
+    def initialize_kv_cache(self, num_gpu_blocks: int) -> None:
+        self._call("initialize_kv_cache", num_gpu_blocks, all_ranks=True)
+
+    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        (output,) = self._call("execute_model", scheduler_output, all_ranks=False)
+        return msgspec.convert(output, ModelRunnerOutput)  # arrays stay zero-copy views
+
+    def _call(self, method: str, arg: Any, all_ranks: bool) -> list[Any]:
+        self.broadcast.enqueue(msgspec.msgpack.encode((method, arg)))
+        return self._collect(all_ranks)
+
+    def _collect(self, all_ranks: bool) -> list[Any]:
+        """Answers of every rank (or rank 0), in rank order; raises if a worker failed/died."""
+        wanted = self.world_size if all_ranks else 1
+        results: dict[int, Any] = {}
+        while len(results) < wanted:
+            if not self.result_socket.poll(timeout=1000):
+                self._check_workers_alive()
+                continue
+            result = self.result_decoder.decode(self.result_socket.recv_multipart(copy=False))
+            if not result.ok:
+                # A rank fails when a peer dies mid-collective: name the dead one if so.
+                wait_for_sentinels([p.sentinel for p in self.workers], timeout=1.0)
+                self._check_workers_alive()
+                raise RuntimeError(f"tensor-parallel worker {result.rank} failed:\n{result.error}")
+            results[result.rank] = result.value
+        return [results[r] for r in sorted(results)]
+
+    def _check_workers_alive(self) -> None:
+        for rank, proc in enumerate(self.workers):
+            if not proc.is_alive():
+                raise RuntimeError(
+                    f"tensor-parallel worker {rank} (pid {proc.pid}) died with exit code "
+                    f"{proc.exitcode}"
+                )
+
+    def shutdown(self) -> None:
+        if any(p.is_alive() for p in self.workers):
+            try:
+                self.broadcast.enqueue(msgspec.msgpack.encode(("shutdown", None)), timeout=2)
+            except Exception:
+                pass
+        for proc in self.workers:
+            proc.join(timeout=5)
+            if proc.is_alive():
+                proc.kill()
+        self.broadcast.close()
+        self.result_socket.close(linger=0)
+        shutil.rmtree(self._rpc_dir, ignore_errors=True)
+
+
+def run_worker(
+    config: EngineConfig, rank: int, init_method: str, handle: Any, result_address: str
+) -> None:
+    """Entry point of one tensor-parallel worker process."""
+    from lmserve.core.engine_core import _set_process_title, exit_with_parent
+    from lmserve.distributed.parallel_state import destroy_tensor_parallel, init_tensor_parallel
+    from lmserve.worker.worker import Worker
+
+    _set_process_title(f"lmserve::Worker-TP{rank}")
+    logging.basicConfig(
+        level=envs.LMSERVE_LOGGING_LEVEL, format=f"%(asctime)s %(levelname)s [TP{rank}] %(message)s"
+    )
+    commands = MessageQueue.create_from_handle(handle, reader_rank=rank)
+    results = zmq.Context().socket(zmq.PUSH)
+    results.connect(result_address)
+    encoder = MsgpackEncoder()
+
+    def reply(ok: bool, value: Any = None, error: str | None = None) -> None:
+        results.send_multipart(encoder.encode(_Result(rank, ok, value, error)), copy=False)
+
+    commands.wait_until_ready()
+    exit_with_parent()
+    world = config.parallel_config.tensor_parallel_size
+    backend = "nccl" if config.device_config.device == "cuda" else "gloo"
+    try:
+        worker = Worker(config, local_rank=rank)  # selects the GPU before NCCL starts
+        init_tensor_parallel(world, rank, init_method, backend)
+        worker.load_model()
+    except Exception:
+        reply(False, error=traceback.format_exc())
+        raise
+    reply(True)
+    try:
+        _serve(worker, rank, commands, reply)
+    finally:
+        destroy_tensor_parallel()
+        commands.close()
+
+
+def _serve(worker: Any, rank: int, commands: MessageQueue, reply) -> None:
+    decoders = {m: msgspec.msgpack.Decoder(tuple[str, t]) for m, t in _ARG_TYPES.items() if t}
+    while True:
+        raw = commands.dequeue()
+        method = msgspec.msgpack.decode(raw, type=tuple[str, Any])[0]
+        if method == "shutdown":
+            return
+        arg = decoders[method].decode(raw)[1] if method in decoders else None
+        try:
+            value = getattr(worker, method)(*([] if arg is None else [arg]))
+        except Exception:
+            reply(False, error=traceback.format_exc())
+            raise
+        if method != "execute_model" or rank == 0:
+            reply(True, value)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
