@@ -1,0 +1,135 @@
+"""Tensor parallelism on a 2-GPU machine, in one run:
+
+1. correctness: a small random Llama in bf16, greedy with TP=2 against TP=1 by vLLM's rule (at
+   the first position where tokens differ, each side's token is in the other's top-5 logprobs);
+2. speed: batch-1 decode tok/s of the Llama-3-8B shape (dummy weights) at TP=2 and TP=1, next to
+   the memory-bandwidth roofline from a copy measured in the same run.
+
+    python benchmarks/tp_gpu_check.py --out results.json
+
+TP=2 runs first (its workers are processes that free their GPUs on exit); TP=1 runs in this
+process afterwards. No claim is made here beyond the printed figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+os.environ.setdefault("LMSERVE_ENABLE_MULTIPROCESSING", "0")
+
+from lmserve import LLM, SamplingParams  # noqa: E402
+from tests.engine.test_hf_parity import make_prompts  # noqa: E402
+from tests.tiny_models import make_tiny_model  # noqa: E402
+
+LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                 num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+                 max_position_embeddings=8192, rms_norm_eps=1e-5, tie_word_embeddings=False,
+                 architectures=["LlamaForCausalLM"])
+
+
+def copy_bandwidth_gbs() -> float:
+    x = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")  # 1 GiB
+    y = torch.empty_like(x)
+    for _ in range(3):
+        y.copy_(x)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(20):
+        y.copy_(x)
+    torch.cuda.synchronize()
+    elapsed = time.perf_counter() - start
+    del x, y
+    return 2 * 20 * (1 << 30) / elapsed / 1e9  # bytes read + written
+
+
+def greedy_with_logprobs(path: str, tp: int, prompts) -> list:
+    llm = LLM(path, device="cuda", dtype="bfloat16", tensor_parallel_size=tp,
+              gpu_memory_utilization=0.3, max_num_batched_tokens=128)
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=5)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    result = [(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in outs]
+    llm.shutdown()
+    del llm
+    gc.collect()
+    torch.cuda.empty_cache()
+    return result
+
+
+def parity(tmp: str) -> dict:
+    path = make_tiny_model(os.path.join(tmp, "llama"), "llama", hidden_size=256,
+                           intermediate_size=512, num_attention_heads=8, num_key_value_heads=4)
+    prompts = make_prompts()
+    tp2 = greedy_with_logprobs(path, 2, prompts)
+    tp1 = greedy_with_logprobs(path, 1, prompts)
+    identical, top5_ok = 0, 0
+    for (ids1, lp1), (ids2, lp2) in zip(tp1, tp2):
+        if ids1 == ids2:
+            identical += 1
+            top5_ok += 1
+            continue
+        pos = next(i for i, (a, b) in enumerate(zip(ids1, ids2)) if a != b)
+        top5_ok += ids1[pos] in lp2[pos] and ids2[pos] in lp1[pos]
+    return {"prompts": len(prompts), "identical": identical, "top5_rule_holds": top5_ok}
+
+
+def decode_speed(tmp: str, tp: int) -> dict:
+    from transformers import LlamaConfig
+
+    path = os.path.join(tmp, "llama3-8b-shape")
+    if not os.path.isdir(path):
+        LlamaConfig(**LLAMA3_8B).save_pretrained(path)
+    start = time.perf_counter()
+    llm = LLM(path, load_format="dummy", dtype="bfloat16", device="cuda",
+              tensor_parallel_size=tp, skip_tokenizer_init=True, max_model_len=2048,
+              gpu_memory_utilization=0.6)
+    init_s = time.perf_counter() - start
+    prompt = [{"prompt_token_ids": list(range(1000, 1128))}]
+
+    def run(max_tokens: int) -> float:
+        params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+        t = time.perf_counter()
+        llm.generate(prompt, params, use_tqdm=False)
+        return time.perf_counter() - t
+
+    run(8)  # warm-up
+    first = min(run(1) for _ in range(3))
+    full = min(run(129) for _ in range(2))
+    llm.shutdown()
+    del llm
+    gc.collect()
+    torch.cuda.empty_cache()
+    return {"tp": tp, "init_s": round(init_s, 1), "decode_tok_s": round(128 / (full - first), 1)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default="tp_gpu_check.json")
+    args = parser.parse_args()
+    result = {
+        "devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+        "torch": torch.__version__,
+        "attention_backend": "triton (default on CUDA)",
+        "copy_bandwidth_gbs": round(copy_bandwidth_gbs(), 1),
+    }
+    weights_gb = 16.06  # Llama-3-8B shape, bf16, read once per decoded token
+    result["roofline_tok_s"] = {"tp1": round(result["copy_bandwidth_gbs"] / weights_gb, 1),
+                                "tp2": round(2 * result["copy_bandwidth_gbs"] / weights_gb, 1)}
+    with tempfile.TemporaryDirectory() as tmp:
+        result["parity_bf16_tp2_vs_tp1"] = parity(tmp)
+        result["decode_8b_shape"] = [decode_speed(tmp, 2), decode_speed(tmp, 1)]
+    print(json.dumps(result, indent=2))
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
