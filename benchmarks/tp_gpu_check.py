@@ -30,10 +30,26 @@ from lmserve import LLM, SamplingParams  # noqa: E402
 from tests.engine.test_hf_parity import make_prompts  # noqa: E402
 from tests.tiny_models import make_tiny_model  # noqa: E402
 
-LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                 num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
-                 max_position_embeddings=8192, rms_norm_eps=1e-5, tie_word_embeddings=False,
-                 architectures=["LlamaForCausalLM"])
+LLAMA3_8B = dict(
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    vocab_size=128256,
+    max_position_embeddings=8192,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=False,
+    architectures=["LlamaForCausalLM"],
+)
+LLAMA3_70B = dict(
+    LLAMA3_8B,
+    hidden_size=8192,
+    intermediate_size=28672,
+    num_hidden_layers=80,
+    num_attention_heads=64,
+)
+SHAPES = {"8b": (LLAMA3_8B, 16.06), "70b": (LLAMA3_70B, 141.1)}  # config, bf16 weight GB
 
 
 def copy_bandwidth_gbs() -> float:
@@ -52,8 +68,14 @@ def copy_bandwidth_gbs() -> float:
 
 
 def greedy_with_logprobs(path: str, tp: int, prompts) -> list:
-    llm = LLM(path, device="cuda", dtype="bfloat16", tensor_parallel_size=tp,
-              gpu_memory_utilization=0.3, max_num_batched_tokens=128)
+    llm = LLM(
+        path,
+        device="cuda",
+        dtype="bfloat16",
+        tensor_parallel_size=tp,
+        gpu_memory_utilization=0.3,
+        max_num_batched_tokens=128,
+    )
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=5)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     result = [(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in outs]
@@ -64,11 +86,17 @@ def greedy_with_logprobs(path: str, tp: int, prompts) -> list:
     return result
 
 
-def parity(tmp: str) -> dict:
-    path = make_tiny_model(os.path.join(tmp, "llama"), "llama", hidden_size=256,
-                           intermediate_size=512, num_attention_heads=8, num_key_value_heads=4)
+def parity(tmp: str, tp: int) -> dict:
+    path = make_tiny_model(
+        os.path.join(tmp, f"llama-{tp}"),
+        "llama",
+        hidden_size=256,
+        intermediate_size=512,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+    )
     prompts = make_prompts()
-    tp2 = greedy_with_logprobs(path, 2, prompts)
+    tp2 = greedy_with_logprobs(path, tp, prompts)
     tp1 = greedy_with_logprobs(path, 1, prompts)
     identical, top5_ok = 0, 0
     for (ids1, lp1), (ids2, lp2) in zip(tp1, tp2):
@@ -78,19 +106,32 @@ def parity(tmp: str) -> dict:
             continue
         pos = next(i for i, (a, b) in enumerate(zip(ids1, ids2)) if a != b)
         top5_ok += ids1[pos] in lp2[pos] and ids2[pos] in lp1[pos]
-    return {"prompts": len(prompts), "identical": identical, "top5_rule_holds": top5_ok}
+    return {
+        "tp": tp,
+        "vs": 1,
+        "prompts": len(prompts),
+        "identical": identical,
+        "top5_rule_holds": top5_ok,
+    }
 
 
-def decode_speed(tmp: str, tp: int) -> dict:
+def decode_speed(tmp: str, tp: int, shape: str = "8b") -> dict:
     from transformers import LlamaConfig
 
-    path = os.path.join(tmp, "llama3-8b-shape")
+    path = os.path.join(tmp, f"llama3-{shape}-shape")
     if not os.path.isdir(path):
-        LlamaConfig(**LLAMA3_8B).save_pretrained(path)
+        LlamaConfig(**SHAPES[shape][0]).save_pretrained(path)
     start = time.perf_counter()
-    llm = LLM(path, load_format="dummy", dtype="bfloat16", device="cuda",
-              tensor_parallel_size=tp, skip_tokenizer_init=True, max_model_len=2048,
-              gpu_memory_utilization=0.6)
+    llm = LLM(
+        path,
+        load_format="dummy",
+        dtype="bfloat16",
+        device="cuda",
+        tensor_parallel_size=tp,
+        skip_tokenizer_init=True,
+        max_model_len=2048,
+        gpu_memory_utilization=0.6,
+    )
     init_s = time.perf_counter() - start
     prompt = [{"prompt_token_ids": list(range(1000, 1128))}]
 
@@ -104,28 +145,41 @@ def decode_speed(tmp: str, tp: int) -> dict:
     first = min(run(1) for _ in range(3))
     full = min(run(129) for _ in range(2))
     llm.shutdown()
-    del llm
+    llm = None  # free its GPU memory before the next configuration
     gc.collect()
     torch.cuda.empty_cache()
-    return {"tp": tp, "init_s": round(init_s, 1), "decode_tok_s": round(128 / (full - first), 1)}
+    return {
+        "shape": shape,
+        "tp": tp,
+        "init_s": round(init_s, 1),
+        "decode_tok_s": round(128 / (full - first), 1),
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="tp_gpu_check.json")
+    parser.add_argument("--tps", default="2,1", help="TP sizes for the 8B shape, largest first")
+    parser.add_argument("--tps-70b", default="", help="TP sizes for the 70B shape (>= 4 GPUs)")
     args = parser.parse_args()
+    tps = [int(t) for t in args.tps.split(",")]
+    tps_70b = [int(t) for t in args.tps_70b.split(",") if t]
+    bandwidth = copy_bandwidth_gbs()
     result = {
         "devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
         "torch": torch.__version__,
-        "attention_backend": "triton (default on CUDA)",
-        "copy_bandwidth_gbs": round(copy_bandwidth_gbs(), 1),
+        "attention_backend": "triton (default on CUDA), eager (no CUDA graphs yet)",
+        "copy_bandwidth_gbs": round(bandwidth, 1),
+        "roofline_tok_s": {
+            f"{shape}_tp{tp}": round(tp * bandwidth / SHAPES[shape][1], 1)
+            for shape, sizes in (("8b", tps), ("70b", tps_70b))
+            for tp in sizes
+        },
     }
-    weights_gb = 16.06  # Llama-3-8B shape, bf16, read once per decoded token
-    result["roofline_tok_s"] = {"tp1": round(result["copy_bandwidth_gbs"] / weights_gb, 1),
-                                "tp2": round(2 * result["copy_bandwidth_gbs"] / weights_gb, 1)}
     with tempfile.TemporaryDirectory() as tmp:
-        result["parity_bf16_tp2_vs_tp1"] = parity(tmp)
-        result["decode_8b_shape"] = [decode_speed(tmp, 2), decode_speed(tmp, 1)]
+        result["parity_bf16_vs_tp1"] = [parity(tmp, tp) for tp in tps if tp > 1]
+        result["decode"] = [decode_speed(tmp, tp, "70b") for tp in tps_70b]
+        result["decode"] += [decode_speed(tmp, tp, "8b") for tp in tps]
     print(json.dumps(result, indent=2))
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
