@@ -72,7 +72,7 @@ class SamplingParams:
             if value is not None:
                 _check_int(name, value, lo=0, hi=20)
         if self.seed is not None:
-            _check_int("seed", self.seed)
+            _check_int("seed", self.seed, lo=-(2**63), hi=2**64 - 1)
         for s in self.stop:
             _check("stop", s, isinstance(s, str) and s != "", "non-empty strings")
         for t in self.stop_token_ids:

@@ -50,3 +50,12 @@ def test_version_flag(capsys):
         main(["--version"])
     assert exc.value.code == 0
     assert capsys.readouterr().out.startswith("lmserve ")
+
+
+def test_importing_lmserve_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, lmserve; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -156,6 +156,8 @@ def test_sampling_params_list_must_match_prompts(llm):
         ({"logprobs": 21}, r"logprobs=21 .*\[0, 20\]"),
         ({"stop": [""]}, r"stop=''"),
         ({"min_tokens": 5, "max_tokens": 2}, r"min_tokens=5 must be <= max_tokens=2"),
+        ({"seed": 2**64}, r"seed=18446744073709551616 is invalid"),
+        ({"seed": 1.5}, r"seed=1.5 is invalid: must be an integer"),
     ],
 )
 def test_sampling_params_validate_at_construction(kwargs, pattern):
