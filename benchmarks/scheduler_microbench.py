@@ -18,8 +18,6 @@ import argparse
 import cProfile
 import gc
 import json
-import os
-import platform
 import pstats
 import random
 import statistics
@@ -28,6 +26,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from machine import cpu_machine_info
 
 from lmserve.config import CacheConfig, SchedulerConfig  # noqa: E402
 from lmserve.core.sched_output import ModelRunnerOutput, SchedulerOutput  # noqa: E402
@@ -150,24 +150,7 @@ def summarize(ns: list[int]) -> dict[str, float]:
 
 
 def machine_info() -> dict[str, object]:
-    info: dict[str, object] = {
-        "device": "cpu (no accelerator involved: scheduler bookkeeping only)",
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "python": sys.version.split()[0],
-        "python_implementation": platform.python_implementation(),
-        "cpu_count": os.cpu_count(),
-    }
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(
-                (ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), None
-            )
-        if model:
-            info["cpu_model"] = model
-    except OSError:
-        pass
-    return info
+    return cpu_machine_info("cpu (no accelerator involved: scheduler bookkeeping only)")
 
 
 def main() -> None:

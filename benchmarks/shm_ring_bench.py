@@ -31,7 +31,6 @@ import argparse
 import json
 import multiprocessing
 import os
-import platform
 import shutil
 import statistics
 import struct
@@ -41,6 +40,7 @@ import time
 from pathlib import Path
 
 import zmq
+from machine import cpu_machine_info
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -253,22 +253,11 @@ def print_row(row: dict) -> None:
 
 
 def machine_info() -> dict[str, object]:
-    info: dict[str, object] = {
-        "device": "cpu (shared memory and sockets between processes on one host)",
-        "platform": platform.platform(),
-        "python": sys.version.split()[0],
-        "cpu_count": os.cpu_count(),
-        "pyzmq": zmq.__version__,
-        "libzmq": zmq.zmq_version(),
-    }
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next((ln.split(":", 1)[1].strip() for ln in f if "model name" in ln), None)
-        if model:
-            info["cpu_model"] = model
-    except OSError:
-        pass
-    return info
+    return cpu_machine_info(
+        "cpu (shared memory and sockets between processes on one host)",
+        pyzmq=zmq.__version__,
+        libzmq=zmq.zmq_version(),
+    )
 
 
 def main() -> None:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import statistics
 import subprocess
@@ -30,6 +29,8 @@ import tempfile
 import time
 from datetime import datetime
 from pathlib import Path
+
+from machine import cpu_machine_info
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "startup_default_model_cpu.json"
@@ -124,23 +125,12 @@ def machine_info() -> dict[str, object]:
     import torch
     import transformers
 
-    info: dict[str, object] = {
-        "device": "cpu",
-        "platform": platform.platform(),
-        "python": sys.version.split()[0],
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-    }
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), None)  # fmt: skip
-        if model:
-            info["cpu_model"] = model
-    except OSError:
-        pass
-    return info
+    return cpu_machine_info(
+        "cpu",
+        torch=torch.__version__,
+        transformers=transformers.__version__,
+        torch_threads=torch.get_num_threads(),
+    )
 
 
 MODES = {  # second-start variants: name -> extra environment
