@@ -94,14 +94,21 @@ class MergedColumnParallelLinear(_Linear):
     Shard `i` fills this rank's output rows [sum(local_sizes[:i]), sum(local_sizes[:i+1])).
     """
 
-    def __init__(self, input_size: int, output_sizes: list[int], bias: bool = False) -> None:
+    def __init__(
+        self,
+        input_size: int,
+        output_sizes: list[int],
+        bias: bool = False,
+        local_sizes: list[int] | None = None,
+    ) -> None:
+        """`local_sizes`: this rank's rows of each part (default: an equal share of each)."""
         world = get_tp_group().world_size
         self.output_sizes = list(output_sizes)
-        self.local_sizes = [size // world for size in output_sizes]
+        self.local_sizes = local_sizes or [size // world for size in output_sizes]
         local = sum(self.local_sizes)
         super().__init__(input_size, sum(output_sizes), bias, input_size, local, local)
         for param in self.parameters():
-            param.shard_ids = tuple(range(len(output_sizes)))
+            param.shard_ids = self._shard_ids()
 
     def _local_rows(self, shard_id) -> tuple[int, int]:
         """(offset in this rank's parameter, rows) of shard `shard_id`."""
@@ -150,14 +157,9 @@ class QKVParallelLinear(MergedColumnParallelLinear):
         self.num_heads_per_partition = num_heads // tp.world_size
         self.num_kv_heads_per_partition = max(num_kv_heads // tp.world_size, 1)
         q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
-        super().__init__(hidden_size, [q_size, kv_size, kv_size], bias)
-        local_kv = self.num_kv_heads_per_partition * head_dim
-        self.local_sizes = [self.num_heads_per_partition * head_dim, local_kv, local_kv]
-        for param in self.parameters():  # rebuild at the true local size (replicated KV)
-            param.data = torch.empty(
-                sum(self.local_sizes), *param.shape[1:], dtype=param.dtype, device=param.device
-            )
-            param.shard_ids = ("q", "k", "v")
+        local_kv = self.num_kv_heads_per_partition * head_dim  # replicated KV: one head
+        local_sizes = [self.num_heads_per_partition * head_dim, local_kv, local_kv]
+        super().__init__(hidden_size, [q_size, kv_size, kv_size], bias, local_sizes)
 
     def _shard_ids(self) -> tuple:
         return ("q", "k", "v")
