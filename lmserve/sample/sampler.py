@@ -38,7 +38,9 @@ __all__ = [
     "Sampler",
     "SamplerOutput",
     "SamplingMetadata",
+    "apply_logit_edits",
     "compute_logprobs_tensors",
+    "random_probs",
 ]
 
 
@@ -70,27 +72,37 @@ class Sampler(torch.nn.Module):
         logits: torch.Tensor,  # [num_reqs, vocab_size], raw model output; not modified
         metadata: SamplingMetadata,
     ) -> torch.Tensor:  # [num_reqs] int64
-        processed = _apply_logit_edits(logits, metadata)  # `logits` itself when there are none
+        processed = apply_logit_edits(logits, metadata)  # `logits` itself when there are none
         if metadata.all_greedy:
             return processed.argmax(dim=-1)
         greedy = None if metadata.all_random else processed.argmax(dim=-1)  # [num_reqs]
-
-        temperature = metadata.temperature.to(processed.dtype)  # [num_reqs]
-        if not metadata.all_random:
-            # Greedy rows take temperature 1 here; their random draw is discarded below.
-            temperature = torch.where(temperature > 0, temperature, 1.0)
-        if processed is logits:
-            scaled = processed / temperature[:, None]  # the working copy starts here
-        else:
-            scaled = processed.div_(temperature[:, None])
-        _apply_truncation(scaled, metadata)
-        sampled = _exponential_race(scaled.softmax(dim=-1), metadata.generators)
+        probs = random_probs(processed, metadata, in_place=processed is not logits)
+        sampled = exponential_race(probs, metadata.generators)
         if greedy is None:
             return sampled
         return torch.where(metadata.temperature > 0, sampled, greedy)
 
 
-def _apply_logit_edits(logits: torch.Tensor, metadata: SamplingMetadata) -> torch.Tensor:
+def random_probs(
+    processed: torch.Tensor,  # [num_reqs, vocab_size], after apply_logit_edits
+    metadata: SamplingMetadata,
+    in_place: bool,  # True: `processed` is a scratch copy and may be overwritten
+) -> torch.Tensor:  # [num_reqs, vocab_size] float, rows sum to 1
+    """The distribution a random row samples from: / temperature, min-p, top-k, top-p, softmax.
+    Greedy rows riding along get temperature 1 (their result is meant to be discarded). The
+    rejection sampler uses this too, so speculative and plain sampling share one definition."""
+    temperature = metadata.temperature.to(processed.dtype)  # [num_reqs]
+    if not metadata.all_random:
+        temperature = torch.where(temperature > 0, temperature, 1.0)
+    if in_place:
+        scaled = processed.div_(temperature[:, None])
+    else:
+        scaled = processed / temperature[:, None]  # the working copy starts here
+    _apply_truncation(scaled, metadata)
+    return scaled.softmax(dim=-1)
+
+
+def apply_logit_edits(logits: torch.Tensor, metadata: SamplingMetadata) -> torch.Tensor:
     """Bias, bans and penalties on a float32 copy; returns `logits` itself when none is in use."""
     uses_penalties = (
         metadata.presence_penalties is not None
@@ -119,9 +131,10 @@ def _apply_truncation(
         apply_top_k_top_p(logits, metadata.top_k, metadata.top_p)
 
 
-def _exponential_race(
-    probs: torch.Tensor,  # [num_reqs, vocab_size], rows sum to 1; overwritten
+def exponential_race(
+    probs: torch.Tensor,  # [num_reqs, vocab_size], rows sum to 1 (or any proportions); overwritten
     generators: dict[int, torch.Generator],  # row -> the request's seeded generator
+    noise: torch.Tensor | None = None,  # [num_reqs, vocab_size] Exp(1) already drawn; overwritten
 ) -> torch.Tensor:  # [num_reqs] int64
     """argmax(p / E), E ~ Exp(1) i.i.d.: token i wins with probability p_i, without a cumsum.
 
@@ -131,9 +144,10 @@ def _exponential_race(
     NOTE: torch's CPU exponential_ can return 0 with probability ~2**-53 (pytorch#22557); 0/0
     would then be NaN, which argmax picks. CUDA's never returns 0. We accept that odds on CPU.
     """
-    noise = torch.empty_like(probs)  # [num_reqs, vocab_size]
-    if len(generators) < probs.shape[0]:
-        noise.exponential_()
-    for row, generator in generators.items():
-        noise[row].exponential_(generator=generator)
+    if noise is None:
+        noise = torch.empty_like(probs)  # [num_reqs, vocab_size]
+        if len(generators) < probs.shape[0]:
+            noise.exponential_()
+        for row, generator in generators.items():
+            noise[row].exponential_(generator=generator)
     return probs.div_(noise).argmax(dim=-1)
