@@ -26,45 +26,10 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 os.environ.setdefault("LMSERVE_ENABLE_MULTIPROCESSING", "0")
 
+from benchmarks.gpu_shapes import copy_bandwidth_gbs, roofline_tok_s, write_shape  # noqa: E402
 from lmserve import LLM, SamplingParams  # noqa: E402
 from tests.engine.test_hf_parity import make_prompts  # noqa: E402
 from tests.tiny_models import make_tiny_model  # noqa: E402
-
-LLAMA3_8B = dict(
-    hidden_size=4096,
-    intermediate_size=14336,
-    num_hidden_layers=32,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-    vocab_size=128256,
-    max_position_embeddings=8192,
-    rms_norm_eps=1e-5,
-    tie_word_embeddings=False,
-    architectures=["LlamaForCausalLM"],
-)
-LLAMA3_70B = dict(
-    LLAMA3_8B,
-    hidden_size=8192,
-    intermediate_size=28672,
-    num_hidden_layers=80,
-    num_attention_heads=64,
-)
-SHAPES = {"8b": (LLAMA3_8B, 16.06), "70b": (LLAMA3_70B, 141.1)}  # config, bf16 weight GB
-
-
-def copy_bandwidth_gbs() -> float:
-    x = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")  # 1 GiB
-    y = torch.empty_like(x)
-    for _ in range(3):
-        y.copy_(x)
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(20):
-        y.copy_(x)
-    torch.cuda.synchronize()
-    elapsed = time.perf_counter() - start
-    del x, y
-    return 2 * 20 * (1 << 30) / elapsed / 1e9  # bytes read + written
 
 
 def greedy_with_logprobs(path: str, tp: int, prompts) -> list:
@@ -116,11 +81,7 @@ def parity(tmp: str, tp: int) -> dict:
 
 
 def decode_speed(tmp: str, tp: int, shape: str = "8b") -> dict:
-    from transformers import LlamaConfig
-
-    path = os.path.join(tmp, f"llama3-{shape}-shape")
-    if not os.path.isdir(path):
-        LlamaConfig(**SHAPES[shape][0]).save_pretrained(path)
+    path = write_shape(tmp, shape)
     start = time.perf_counter()
     llm = LLM(
         path,
@@ -171,7 +132,7 @@ def main() -> None:
         "attention_backend": "triton (default on CUDA), eager (no CUDA graphs yet)",
         "copy_bandwidth_gbs": round(bandwidth, 1),
         "roofline_tok_s": {
-            f"{shape}_tp{tp}": round(tp * bandwidth / SHAPES[shape][1], 1)
+            f"{shape}_tp{tp}": round(roofline_tok_s(bandwidth, shape, tp), 1)
             for shape, sizes in (("8b", tps), ("70b", tps_70b))
             for tp in sizes
         },

@@ -8,6 +8,7 @@ ValueError) naming the field, the value and what is allowed.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,6 +41,9 @@ _DTYPES = {
 LOAD_FORMATS = ("auto", "safetensors", "dummy", "gguf")  # gguf: same as auto, for a .gguf file
 HASH_ALGOS = ("sha256", "xxhash")
 SCHEDULING_POLICIES = ("fcfs", "priority")
+# full: decode-only batches replay one graph of the whole forward; piecewise: mixed batches
+# replay the pieces between attention calls (see lmserve/worker/cuda_graphs.py).
+CUDA_GRAPH_MODES = ("full_and_piecewise", "full", "piecewise", "none")
 
 
 @dataclass
@@ -53,6 +57,8 @@ class ModelConfig:
     revision: str | None = None
     skip_tokenizer_init: bool = False
     enforce_eager: bool = False  # True: never capture CUDA graphs (no effect on CPU)
+    cuda_graph_mode: str = "full_and_piecewise"  # one of CUDA_GRAPH_MODES
+    max_cuda_graph_size: int = 512  # largest decode batch / mixed-batch token count captured
     hf_config: Any = None  # transformers PretrainedConfig; loaded from `model` when None
     model_path: str | None = field(default=None, repr=False)  # resolved local folder
 
@@ -68,6 +74,12 @@ class ModelConfig:
                 _fail("ModelConfig", "load_format", "gguf", "needs model to be a .gguf file")
             self.load_format = "auto"
         _require_int("ModelConfig", "seed", self.seed, lo=0)
+        if self.cuda_graph_mode not in CUDA_GRAPH_MODES:
+            _fail(
+                "ModelConfig", "cuda_graph_mode", self.cuda_graph_mode,
+                f"must be one of {CUDA_GRAPH_MODES}",
+            )  # fmt: skip
+        _require_int("ModelConfig", "max_cuda_graph_size", self.max_cuda_graph_size)
         if self.hf_config is None:
             self.model_path, self.hf_config = _load_hf_config(self.model, self.revision)
         self.tokenizer = self.tokenizer or self.model_path or self.model
@@ -250,6 +262,117 @@ class DeviceConfig:
             _fail("DeviceConfig", "device", self.device, "CUDA is not available on this machine")
 
 
+SPEC_METHODS = ("ngram", "draft_model")
+_NGRAM_DEFAULT_LOOKUP = 5  # vLLM's default n when neither prompt_lookup_min nor _max is given
+
+
+@dataclass
+class SpeculativeConfig:
+    """Speculative decoding: `speculative_config={...}` on `LLM`, `--speculative-config '<json>'`
+    on the CLI (vLLM's keys).
+
+        {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 2,
+         "prompt_lookup_max": 5}
+        {"method": "draft_model", "model": "path/to/small-model", "num_speculative_tokens": 4}
+
+    ngram: prompt lookup — the longest suffix n-gram of a request's tokens (min <= n <= max)
+    found earlier in them proposes the k tokens that followed it. draft_model: a smaller model
+    with the target's tokenizer proposes k tokens greedily; it runs in the same runner, with
+    its own KV cache on the target's block ids (same dtype, same max_model_len).
+    """
+
+    method: str
+    num_speculative_tokens: int  # k: draft tokens proposed per request per step
+    prompt_lookup_min: int | None = None  # ngram: shortest n-gram; default = max (or 5)
+    prompt_lookup_max: int | None = None  # ngram: longest n-gram; default = min (or 5)
+    model: str | None = None  # draft_model: folder, hub id or .gguf file
+    revision: str | None = None  # draft_model: hub revision
+    load_format: str | None = None  # draft_model: default = the target's load_format
+    draft_model_config: ModelConfig | None = field(default=None, init=False)  # set by finalize
+
+    def __post_init__(self) -> None:
+        section = "speculative_config"
+        if self.method not in SPEC_METHODS:
+            _fail(section, "method", self.method, f"must be one of {SPEC_METHODS}")
+        _require_int(section, "num_speculative_tokens", self.num_speculative_tokens)
+        if self.method == "ngram":
+            self._check_ngram(section)
+        else:
+            self._check_draft_model(section)
+
+    def _check_ngram(self, section: str) -> None:
+        for name in ("model", "revision", "load_format"):
+            if getattr(self, name) is not None:
+                _fail(section, name, getattr(self, name), "is only for method 'draft_model'")
+        lo, hi = self.prompt_lookup_min, self.prompt_lookup_max
+        if lo is None and hi is None:
+            lo = hi = _NGRAM_DEFAULT_LOOKUP
+        lo, hi = (hi if lo is None else lo), (lo if hi is None else hi)
+        _require_int(section, "prompt_lookup_min", lo)
+        _require_int(section, "prompt_lookup_max", hi)
+        if lo > hi:
+            _fail(section, "prompt_lookup_min", lo, f"must be <= prompt_lookup_max={hi}")
+        self.prompt_lookup_min, self.prompt_lookup_max = lo, hi
+
+    def _check_draft_model(self, section: str) -> None:
+        for name in ("prompt_lookup_min", "prompt_lookup_max"):
+            if getattr(self, name) is not None:
+                _fail(section, name, getattr(self, name), "is only for method 'ngram'")
+        if not isinstance(self.model, str) or not self.model:
+            _fail(section, "model", self.model, "method 'draft_model' needs the draft model's path")
+
+    @classmethod
+    def from_user(cls, value: Any, target: ModelConfig) -> SpeculativeConfig | None:
+        """From a dict (or a JSON object string, or a SpeculativeConfig); None stays None.
+        Unknown keys raise ConfigError listing the accepted ones."""
+        if value is None or isinstance(value, cls):
+            return value.finalize(target) if value is not None else None
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"speculative_config is not valid JSON: {e}") from e
+        if not isinstance(value, dict):
+            _fail("speculative", "config", value, "must be a dict (a JSON object)")
+        accepted = sorted(f.name for f in dataclasses.fields(cls) if f.init)
+        unknown = sorted(set(value) - set(accepted))
+        if unknown:
+            raise ConfigError(f"speculative_config: unknown key(s) {unknown}; accepted: {accepted}")
+        missing = [k for k in ("method", "num_speculative_tokens") if k not in value]
+        if missing:
+            raise ConfigError(f"speculative_config: missing required key(s) {missing}")
+        return cls(**value).finalize(target)
+
+    def finalize(self, target: ModelConfig) -> SpeculativeConfig:
+        """Load the draft model's config (draft_model): same dtype and max_model_len as the
+        target, and the same vocabulary size."""
+        if self.method != "draft_model" or self.draft_model_config is not None:
+            return self
+        try:
+            draft = ModelConfig(
+                model=self.model,
+                dtype=target.dtype,
+                max_model_len=target.max_model_len,
+                seed=target.seed,
+                load_format=self.load_format or target.load_format,
+                revision=self.revision,
+                skip_tokenizer_init=True,
+                enforce_eager=True,
+            )
+        except (ConfigError, OSError) as e:
+            raise ConfigError(f"speculative_config.model={self.model!r}: {e}") from e
+        if draft.vocab_size != target.vocab_size:
+            _fail(
+                "speculative_config",
+                "model",
+                self.model,
+                f"its vocabulary has {draft.vocab_size} tokens, the target's {target.vocab_size};"
+                " a draft model must share the target's tokenizer",
+            )
+        self.draft_model_config = draft
+        return self
+
+
 @dataclass
 class EngineConfig:
     model_config: ModelConfig
@@ -257,6 +380,7 @@ class EngineConfig:
     scheduler_config: SchedulerConfig
     parallel_config: ParallelConfig
     device_config: DeviceConfig
+    speculative_config: SpeculativeConfig | None = None  # None = no speculative decoding
 
     @classmethod
     def from_kwargs(cls, model: str, **kwargs: Any) -> EngineConfig:
@@ -270,11 +394,13 @@ class EngineConfig:
             DeviceConfig: {},
         }
         aliases = {"scheduling_policy": "policy"}
+        speculative = kwargs.pop("speculative_config", None)
         for key, value in kwargs.items():
             name = aliases.get(key, key)
             target = next((c for c in sections if name in _init_fields(c)), None)
             if target is None:
                 allowed = sorted(set().union(*(_init_fields(c) for c in sections)) - {"hf_config"})
+                allowed = sorted([*allowed, "speculative_config"])
                 raise TypeError(f"unknown engine argument {key!r}; accepted: {allowed}")
             sections[target][name] = value
         model_config = ModelConfig(**sections[ModelConfig])
@@ -285,6 +411,7 @@ class EngineConfig:
             scheduler_config=SchedulerConfig(**sections[SchedulerConfig]),
             parallel_config=ParallelConfig(**sections[ParallelConfig]),
             device_config=DeviceConfig(**sections[DeviceConfig]),
+            speculative_config=SpeculativeConfig.from_user(speculative, model_config),
         )
 
 

@@ -50,6 +50,10 @@ class AttentionBackend(ABC):
     state travels in `AttentionMetadata`."""
 
     name: str = "abstract"
+    # True when a forward reads only the device tensors of the metadata (never its host lists
+    # or host ints other than num_reqs/num_tokens/max_query_len), so a whole decode forward,
+    # attention included, can be captured in a CUDA graph and replayed with new inputs.
+    supports_full_cuda_graph: bool = False
 
     @abstractmethod
     def forward(
@@ -60,9 +64,11 @@ class AttentionBackend(ABC):
         kv_cache: tuple[torch.Tensor, torch.Tensor],  # 2 x [num_blocks, block_size, kv_heads, hd]
         metadata: AttentionMetadata,
         scale: float,
+        out: torch.Tensor | None = None,  # [num_tokens, num_heads, head_dim]; None: allocate
     ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
         """Write key/value into `kv_cache` at `metadata.slot_mapping` (mutates the cache), then
-        return causal attention of each query over its request's first `seq_lens[i]` tokens."""
+        return causal attention of each query over its request's first `seq_lens[i]` tokens,
+        written into `out` when given (piecewise CUDA graphs read it from a static address)."""
 
 
 @dataclass(slots=True)

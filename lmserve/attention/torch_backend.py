@@ -74,13 +74,13 @@ class TorchAttentionBackend(AttentionBackend):
             plan.multi_token_reqs = sorted(multi + decode)
         metadata.backend_state = plan
 
-    def forward(self, query, key, value, kv_cache, metadata: AttentionMetadata, scale: float):
+    def forward(self, query, key, value, kv_cache, metadata: AttentionMetadata, scale, out=None):
         key_cache, value_cache = kv_cache
         write_kv_cache(key, value, key_cache, value_cache, metadata.slot_mapping)
         if metadata.backend_state is None:  # the first layer plans for all of them
             self.prepare(metadata, block_size=key_cache.shape[1])
         plan: _Plan = metadata.backend_state
-        output = torch.empty_like(query)  # [num_tokens, num_heads, head_dim]
+        output = torch.empty_like(query) if out is None else out  # [num_tokens, heads, hd]
         if plan.decode_tokens is not None:
             output[plan.decode_tokens] = self._batched_decode(
                 query, key_cache, value_cache, plan, scale

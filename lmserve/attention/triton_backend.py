@@ -309,12 +309,13 @@ class TritonAttentionBackend(AttentionBackend):
     bf16/fp16 dots run on the tensor cores with float32 accumulation."""
 
     name = "triton"
+    supports_full_cuda_graph = True
 
-    def forward(self, query, key, value, kv_cache, metadata: AttentionMetadata, scale: float):
+    def forward(self, query, key, value, kv_cache, metadata: AttentionMetadata, scale, out=None):
         key_cache, value_cache = kv_cache
         _check_inputs(query, key_cache)
         triton_write_kv_cache(key, value, key_cache, value_cache, metadata.slot_mapping)
-        return triton_paged_attention(query, key_cache, value_cache, metadata, scale)
+        return triton_paged_attention(query, key_cache, value_cache, metadata, scale, out=out)
 
 
 def _check_inputs(query: torch.Tensor, key_cache: torch.Tensor) -> None:

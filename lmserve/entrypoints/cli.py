@@ -37,6 +37,20 @@ ENGINE_FLAGS: list[tuple[str, str, Any, Any, str]] = [
     ("--tensor-parallel-size", "tensor_parallel_size", int, 1, "GPUs per engine"),
     ("--device", "device", str, "auto", "auto | cpu | cuda"),
     ("--seed", "seed", int, 0, "random seed"),
+    (
+        "--cuda-graph-mode",
+        "cuda_graph_mode",
+        str,
+        "full_and_piecewise",
+        "full_and_piecewise | full | piecewise | none (CUDA only)",
+    ),
+    (
+        "--max-cuda-graph-size",
+        "max_cuda_graph_size",
+        int,
+        512,
+        "largest decode batch / mixed-batch token count captured in a CUDA graph",
+    ),
     ("--revision", "revision", str, None, "hub revision"),
 ]
 BOOL_FLAGS: list[tuple[str, str, bool, str]] = [
@@ -150,6 +164,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return run_server(args)
 
 
+def _cmd_router(args: argparse.Namespace) -> int:
+    from lmserve.router.app import run_router
+
+    return run_router(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from lmserve import __version__
 
@@ -181,6 +201,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_server_args(serve)
     add_engine_args(serve)
     serve.set_defaults(func=_cmd_serve)
+    from lmserve.router.config import add_router_args
+
+    router = sub.add_parser(
+        "router", help="OpenAI-compatible router in front of several engines (no torch)"
+    )
+    add_router_args(router)
+    router.set_defaults(func=_cmd_router)
     from lmserve.bench.cli import add_bench_parser
 
     add_bench_parser(sub)

@@ -7,13 +7,16 @@ import logging
 import numpy as np
 import torch
 
-from lmserve.attention import AttentionMetadata, ForwardContext, get_attention_backend
+from lmserve.attention import ForwardContext, get_attention_backend
 from lmserve.config import EngineConfig
 from lmserve.core.sched_output import ModelRunnerOutput, SchedulerOutput
 from lmserve.engine.messages import LogprobsLists
 from lmserve.model.loader import get_kv_cache_spec, load_model
 from lmserve.sample.logprobs import LogprobsTensors, compute_logprobs_tensors
+from lmserve.sample.metadata import SamplingMetadata
 from lmserve.sample.sampler import Sampler, SamplerOutput
+from lmserve.worker.cuda_graphs import CudaGraphRunner, decode_graph_sizes, piecewise_graph_sizes
+from lmserve.worker.device_inputs import DeviceInputs
 from lmserve.worker.input_batch import FlatInputs, InputBatch
 from lmserve.worker.sampling_inputs import build_sampling_metadata
 
@@ -38,6 +41,14 @@ class ModelRunner:
         self.vocab_size = model_config.vocab_size
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.model: torch.nn.Module | None = None
+        sched = config.scheduler_config
+        self.inputs = DeviceInputs(
+            max_num_tokens=sched.max_num_batched_tokens,
+            max_num_reqs=sched.max_num_seqs,
+            max_blocks_per_req=-(-model_config.max_model_len // self.block_size),
+            device=device,
+        )
+        self.graphs: CudaGraphRunner | None = None  # set by capture_model()
 
     # ---- set-up -------------------------------------------------------------------------------
     def load_model(self) -> None:
@@ -67,16 +78,69 @@ class ModelRunner:
             for _ in range(num_layers)
         ]
 
-    # ---- one step -------------------------------------------------------------------------------
+    def capture_model(self) -> None:
+        """Capture CUDA graphs (after the KV cache exists). No-op on CPU, with
+        `enforce_eager`, or with `cuda_graph_mode="none"`."""
+        mc = self.config.model_config
+        if self.device.type != "cuda" or mc.enforce_eager or mc.cuda_graph_mode == "none":
+            return
+        sched = self.config.scheduler_config
+        full = mc.cuda_graph_mode in ("full", "full_and_piecewise")
+        if full and not self.attn_backend.supports_full_cuda_graph:
+            logger.info("attention backend %r: no full CUDA graphs", self.attn_backend.name)
+            full = False
+        piecewise = mc.cuda_graph_mode in ("piecewise", "full_and_piecewise")
+        max_batch = min(mc.max_cuda_graph_size, sched.max_num_seqs)
+        max_tokens = min(mc.max_cuda_graph_size, sched.max_num_batched_tokens)
+        self.graphs = CudaGraphRunner(
+            self.model,
+            self.inputs,
+            self.kv_caches,
+            self.attn_backend,
+            decode_sizes=decode_graph_sizes(max_batch) if full else [],
+            piecewise_sizes=piecewise_graph_sizes(max_tokens) if piecewise else [],
+        )
+        self.graphs.capture()
+
+    @torch.inference_mode()
+    def profile_run(self) -> int:
+        """The largest step there can be, to measure peak activation memory before the KV
+        cache is sized: `max_num_batched_tokens` tokens over `max_num_seqs` fresh requests
+        (one token each, the rest in the last), then logits, top-p sampling and logprobs for
+        every request. A throwaway cache of the blocks this step touches stands in for the KV
+        cache. Returns that cache's size in bytes (part of the peak, but not of a real step)."""
+        sched = self.config.scheduler_config
+        num_tokens = sched.max_num_batched_tokens
+        num_reqs = min(sched.max_num_seqs, num_tokens)
+        flat = _profile_inputs(num_tokens, num_reqs, self.block_size)
+        num_blocks = int(flat.block_tables.max()) + 1
+        self.initialize_kv_cache(num_blocks)
+        cache_bytes = num_blocks * self.kv_cache_bytes_per_block()
+        hidden = self._forward(flat)  # [num_tokens, hidden_size]
+        logits_indices = torch.from_numpy(flat.logits_indices).to(self.device)
+        logits = self.model.compute_logits(hidden[logits_indices])  # [num_reqs, vocab]
+        metadata = SamplingMetadata(
+            temperature=torch.ones(num_reqs, device=self.device),
+            all_greedy=False,
+            all_random=True,
+            generators={},
+            top_p=torch.full((num_reqs,), 0.9, device=self.device),
+            max_num_logprobs=20,
+        )
+        self.sampler(logits, metadata)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.kv_caches = []
+        return cache_bytes
+
+    # ---- one step ---------------------------------------------------------------------------
     @torch.inference_mode()
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         self._update_states(scheduler_output)
         if scheduler_output.is_empty:
             return ModelRunnerOutput(req_ids=[], req_id_to_index={}, sampled_token_ids=[])
         flat = self.input_batch.prepare_inputs(scheduler_output.num_scheduled_tokens)
-        input_ids = torch.from_numpy(flat.input_ids).to(self.device)
-        positions = torch.from_numpy(flat.positions).to(self.device)
-        hidden = self.model(input_ids, positions, self._forward_context(flat))  # [tokens, hidden]
+        hidden = self._forward(flat)  # [num_tokens, hidden_size]
         # Only rows that reach their last known token sample; a mid-prompt chunk's logits are
         # never computed (and its seeded generator never advanced).
         sampling = flat.completes_known_tokens  # [num_reqs] bool
@@ -107,21 +171,16 @@ class ModelRunner:
             batch.add_request(new)
         batch.condense()
 
-    def _forward_context(self, flat: FlatInputs) -> ForwardContext:
-        dev = self.device
-        metadata = AttentionMetadata(
-            num_reqs=len(flat.req_rows),
-            num_tokens=len(flat.input_ids),
-            max_query_len=int(np.diff(flat.query_start_loc).max()),
-            max_seq_len=int(flat.seq_lens.max()),
-            slot_mapping=torch.from_numpy(flat.slot_mapping).to(dev),
-            query_start_loc=torch.from_numpy(flat.query_start_loc).to(dev),
-            seq_lens=torch.from_numpy(flat.seq_lens).to(dev),
-            block_tables=torch.from_numpy(flat.block_tables).to(dev),
-            query_start_loc_cpu=flat.query_start_loc.tolist(),
-            seq_lens_cpu=flat.seq_lens.tolist(),
-        )
-        return ForwardContext(metadata, self.kv_caches, self.attn_backend)
+    def _forward(self, flat: FlatInputs) -> torch.Tensor:  # [num_tokens, hidden_size]
+        """A captured CUDA graph when one fits the step, else an eager forward."""
+        if self.graphs is not None:
+            hidden = self.graphs.forward(flat)
+            if hidden is not None:
+                return hidden
+        num_tokens, num_reqs = len(flat.input_ids), len(flat.req_rows)
+        input_ids, positions, metadata = self.inputs.stage(flat, num_tokens, num_reqs)
+        ctx = ForwardContext(metadata, self.kv_caches, self.attn_backend)
+        return self.model(input_ids, positions, ctx)
 
     def _prompt_logprobs(self, flat: FlatInputs, hidden: torch.Tensor) -> dict[str, LogprobsLists]:
         """Logprobs of each scheduled prompt token's successor, for requests that asked.
@@ -176,6 +235,31 @@ class ModelRunner:
             logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
         )
+
+
+def _profile_inputs(num_tokens: int, num_reqs: int, block_size: int) -> FlatInputs:
+    """Fresh prompts: requests 0..num_reqs-2 have one token, the last has the rest; each
+    request's tokens fill blocks of its own from slot 0."""
+    q_lens = np.ones(num_reqs, dtype=np.int32)  # [num_reqs]
+    q_lens[-1] = num_tokens - num_reqs + 1
+    starts = np.zeros(num_reqs + 1, dtype=np.int32)  # [num_reqs + 1]
+    np.cumsum(q_lens, out=starts[1:])
+    blocks_per_req = -(-q_lens // block_size)  # [num_reqs]
+    first_block = np.concatenate([[0], np.cumsum(blocks_per_req)[:-1]])  # [num_reqs]
+    cols = np.minimum(np.arange(int(blocks_per_req.max()))[None, :], blocks_per_req[:, None] - 1)
+    req_of_token = np.repeat(np.arange(num_reqs), q_lens)  # [num_tokens]
+    positions = np.arange(num_tokens) - starts[req_of_token]  # [num_tokens]
+    return FlatInputs(
+        req_rows=np.arange(num_reqs),
+        input_ids=np.zeros(num_tokens, dtype=np.int64),
+        positions=positions.astype(np.int64),
+        slot_mapping=(first_block[req_of_token] * block_size + positions).astype(np.int64),
+        query_start_loc=starts,
+        seq_lens=q_lens.copy(),
+        block_tables=(first_block[:, None] + cols).astype(np.int32),  # [num_reqs, max_blocks]
+        logits_indices=(starts[1:] - 1).astype(np.int64),
+        completes_known_tokens=np.ones(num_reqs, dtype=bool),
+    )
 
 
 def _to_lists(tensors: LogprobsTensors) -> LogprobsLists:

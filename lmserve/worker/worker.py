@@ -4,6 +4,7 @@ and runs the model runner each step."""
 from __future__ import annotations
 
 import logging
+import time
 
 import torch
 
@@ -30,7 +31,14 @@ class Worker:
         self.model_runner = ModelRunner(config, self.device)
 
     def load_model(self) -> None:
+        start = time.perf_counter()
         self.model_runner.load_model()
+        logger.info(
+            "model loaded in %.2f s (%.2f GiB on %s)",
+            time.perf_counter() - start,
+            _allocated(self.device) / _GiB,
+            self.device,
+        )
 
     def determine_num_gpu_blocks(self) -> int:
         """Blocks that fit: `num_gpu_blocks_override` if set; on CUDA, what remains of
@@ -45,14 +53,29 @@ class Worker:
         return self._profile_gpu_blocks(bytes_per_block)
 
     def _profile_gpu_blocks(self, bytes_per_block: int) -> int:
+        """Peak memory of the largest possible step (weights + activations), measured by a
+        profiling forward; the KV cache gets the rest of the budget."""
+        start = time.perf_counter()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         free, total = torch.cuda.mem_get_info()
-        peak = torch.cuda.max_memory_allocated()  # weights (+ anything allocated so far)
+        used_by_others = total - free - torch.cuda.memory_reserved()  # other processes
+        throwaway_cache_bytes = self.model_runner.profile_run()
+        peak = torch.cuda.max_memory_allocated() - throwaway_cache_bytes
+        torch.cuda.empty_cache()
         budget = total * self.config.cache_config.gpu_memory_utilization
-        used_by_others = total - free - torch.cuda.memory_reserved()
         available = budget - used_by_others - peak
         num_blocks = int(available // bytes_per_block)
+        logger.info(
+            "memory profile in %.2f s: peak %.2f GiB (weights %.2f GiB + activations of a "
+            "%d-token step), budget %.2f GiB, %.2f GiB left for the KV cache",
+            time.perf_counter() - start,
+            peak / _GiB,
+            _allocated(self.device) / _GiB,
+            self.config.scheduler_config.max_num_batched_tokens,
+            budget / _GiB,
+            max(available, 0) / _GiB,
+        )
         if num_blocks <= 0:
             raise RuntimeError(
                 f"no GPU memory left for the KV cache: budget {budget / _GiB:.2f} GiB "
@@ -62,16 +85,24 @@ class Worker:
         return num_blocks
 
     def initialize_kv_cache(self, num_gpu_blocks: int) -> None:
+        """Allocate the KV cache, then capture CUDA graphs (they read the cache's addresses)."""
+        start = time.perf_counter()
         self.model_runner.initialize_kv_cache(num_gpu_blocks)
         block_size = self.config.cache_config.block_size
         logger.info(
-            "KV cache: %d blocks x %d tokens = %d tokens (%.2f GiB) on %s",
+            "KV cache: %d blocks x %d tokens = %d tokens (%.2f GiB) on %s, allocated in %.2f s",
             num_gpu_blocks,
             block_size,
             num_gpu_blocks * block_size,
             num_gpu_blocks * self.model_runner.kv_cache_bytes_per_block() / _GiB,
             self.device,
+            time.perf_counter() - start,
         )
+        self.model_runner.capture_model()
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         return self.model_runner.execute_model(scheduler_output)
+
+
+def _allocated(device: torch.device) -> int:
+    return torch.cuda.memory_allocated(device) if device.type == "cuda" else 0

@@ -1,0 +1,229 @@
+"""The GPU fast path's figures on one GPU, in one run, next to their peers (dummy weights at real
+shapes, bf16):
+
+  decode      batch-1 decode tok/s for each shape: lmserve with CUDA graphs, lmserve eager, HF
+              transformers `generate`, and the memory-bandwidth roofline from a copy measured here;
+  throughput  (--throughput) 1000 requests x (256 in, 256 out), ignore_eos, Llama-3-8B shape:
+              lmserve total tok/s; HF `generate` on one static batch of 64 of the same requests;
+  cold start  (--cold-start) `lmserve serve` (8B shape, dummy weights, graphs on) from launch to
+              the first token of a completion.
+
+    python benchmarks/gpu_fast_path.py --shapes 0.5b,8b --throughput --cold-start --out r.json
+
+Prints a table and writes JSON; asserts nothing about time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+os.environ.setdefault("LMSERVE_ENABLE_MULTIPROCESSING", "0")
+
+from benchmarks.gpu_shapes import SHAPES, copy_bandwidth_gbs, roofline_tok_s, write_shape  # noqa: E402
+from lmserve import LLM, SamplingParams  # noqa: E402
+
+PROMPT_LEN, DECODE_TOKENS = 128, 128
+
+
+def _free(llm) -> None:
+    llm.shutdown()
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def lmserve_decode(path: str, enforce_eager: bool) -> dict:
+    start = time.perf_counter()
+    llm = LLM(
+        path, load_format="dummy", dtype="bfloat16", device="cuda", skip_tokenizer_init=True,
+        max_model_len=2048, gpu_memory_utilization=0.8, enforce_eager=enforce_eager,
+    )  # fmt: skip
+    init_s = time.perf_counter() - start
+    prompt = [{"prompt_token_ids": list(range(1000, 1000 + PROMPT_LEN))}]
+
+    def run(max_tokens: int) -> float:
+        params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+        t = time.perf_counter()
+        llm.generate(prompt, params, use_tqdm=False)
+        return time.perf_counter() - t
+
+    run(8)  # warm-up
+    first = min(run(1) for _ in range(3))
+    full = min(run(DECODE_TOKENS + 1) for _ in range(3))
+    _free(llm)
+    return {"init_s": round(init_s, 1), "tok_s": round(DECODE_TOKENS / (full - first), 1)}
+
+
+def _hf_model(shape: str):
+    import transformers
+
+    cls_name, config, _ = SHAPES[shape]
+    cfg = getattr(transformers, cls_name)(**config)
+    with torch.device("cuda"):
+        model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    return model.eval()
+
+
+def hf_decode(shape: str) -> dict:
+    model = _hf_model(shape)
+    ids = torch.arange(1000, 1000 + PROMPT_LEN, device="cuda")[None]
+
+    def run(n: int) -> float:
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        with torch.inference_mode():
+            model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                           pad_token_id=0)  # fmt: skip
+        torch.cuda.synchronize()
+        return time.perf_counter() - t
+
+    run(8)
+    first = min(run(1) for _ in range(2))
+    full = min(run(DECODE_TOKENS + 1) for _ in range(2))
+    model = None  # the closure holds the cell: this frees the weights
+    gc.collect()
+    torch.cuda.empty_cache()
+    return {"tok_s": round(DECODE_TOKENS / (full - first), 1)}
+
+
+def _requests(n: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(1000, vocab) for _ in range(256)] for _ in range(n)]
+
+
+def lmserve_throughput(path: str, num_requests: int) -> dict:
+    from lmserve.bench.throughput import run_lmserve
+
+    engine = dict(
+        load_format="dummy", dtype="bfloat16", device="cuda", skip_tokenizer_init=True,
+        max_model_len=2048, gpu_memory_utilization=0.9,
+    )  # fmt: skip
+    prompts = _requests(num_requests, SHAPES["8b"][1]["vocab_size"])
+    result = run_lmserve(path, engine, prompts, [256] * num_requests, 0.0, use_tqdm=False)
+    return result.to_dict()
+
+
+def hf_throughput(batch: int) -> dict:
+    model = _hf_model("8b")
+    ids = torch.tensor(_requests(batch, SHAPES["8b"][1]["vocab_size"]), device="cuda")
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(ids, max_new_tokens=256, min_new_tokens=256, do_sample=False,
+                             pad_token_id=0)  # fmt: skip
+    torch.cuda.synchronize()
+    elapsed = time.perf_counter() - start
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+    generated = (out.shape[1] - ids.shape[1]) * batch
+    return {
+        "num_requests": batch,
+        "elapsed_time": elapsed,
+        "tokens_per_second": (ids.numel() + generated) / elapsed,
+        "output_tokens_per_second": generated / elapsed,
+    }
+
+
+def cold_start(path: str) -> dict:
+    """Launch `lmserve serve` and time the first token of a one-token completion."""
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [
+        sys.executable, "-m", "lmserve.entrypoints.cli", "serve", path, "--load-format", "dummy",
+        "--dtype", "bfloat16", "--skip-tokenizer-init", "--max-model-len", "2048",
+        "--port", str(port), "--host", "127.0.0.1",
+    ]  # fmt: skip
+    env = dict(os.environ, LMSERVE_ENABLE_MULTIPROCESSING="1")
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    body = {"model": path, "prompt": list(range(1000, 1016)), "max_tokens": 1}
+    result: dict = {}
+    try:
+        while time.perf_counter() - start < 300:
+            if proc.poll() is not None:
+                result["error"] = f"server exited with {proc.returncode}"
+                break
+            try:
+                r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=60)
+            except httpx.TransportError:
+                time.sleep(0.2)
+                continue
+            result = {
+                "status": r.status_code,
+                "first_token_s": round(time.perf_counter() - start, 1),
+            }
+            break
+    finally:
+        proc.terminate()
+        log = proc.communicate(timeout=60)[0].decode(errors="replace")
+    result["log_tail"] = [line for line in log.splitlines() if "INFO" in line][-12:]
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--shapes", default="0.5b,8b")
+    parser.add_argument("--throughput", action="store_true")
+    parser.add_argument("--num-requests", type=int, default=1000)
+    parser.add_argument("--hf-batch", type=int, default=64)
+    parser.add_argument("--cold-start", action="store_true")
+    parser.add_argument("--out", default="gpu_fast_path.json")
+    args = parser.parse_args()
+    bandwidth = copy_bandwidth_gbs()
+    result: dict = {
+        "device": torch.cuda.get_device_name(0),
+        "torch": torch.__version__,
+        "copy_bandwidth_gbs": round(bandwidth, 1),
+        "decode_batch1": {},
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        for shape in args.shapes.split(","):
+            path = write_shape(tmp, shape)
+            row = {
+                "roofline_tok_s": round(roofline_tok_s(bandwidth, shape), 1),
+                "lmserve_graphs": lmserve_decode(path, enforce_eager=False),
+                "lmserve_eager": lmserve_decode(path, enforce_eager=True),
+                "hf": hf_decode(shape),
+            }
+            graphs = row["lmserve_graphs"]["tok_s"]
+            row["graphs_over_roofline"] = round(graphs / row["roofline_tok_s"], 3)
+            row["graphs_over_hf"] = round(graphs / row["hf"]["tok_s"], 2)
+            result["decode_batch1"][shape] = row
+            print(shape, json.dumps(row), flush=True)
+        if args.throughput:
+            path = write_shape(tmp, "8b")
+            ours = lmserve_throughput(path, args.num_requests)
+            hf = hf_throughput(args.hf_batch)
+            result["throughput_8b_256_256"] = {
+                "lmserve": ours,
+                "hf_one_batch": hf,
+                "lmserve_over_hf_total_tok_s": round(
+                    ours["tokens_per_second"] / hf["tokens_per_second"], 2
+                ),
+            }
+            print("throughput", json.dumps(result["throughput_8b_256_256"]), flush=True)
+        if args.cold_start:
+            result["cold_start_8b_serve"] = cold_start(write_shape(tmp, "8b"))
+            print("cold start", json.dumps(result["cold_start_8b_serve"]), flush=True)
+    print(json.dumps(result, indent=2))
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,78 @@
+"""Real model shapes for GPU benchmarks (dummy weights) and the copy-bandwidth roofline."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+
+LLAMA3_8B = dict(
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    vocab_size=128256,
+    max_position_embeddings=8192,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=False,
+    architectures=["LlamaForCausalLM"],
+)
+LLAMA3_70B = dict(
+    LLAMA3_8B,
+    hidden_size=8192,
+    intermediate_size=28672,
+    num_hidden_layers=80,
+    num_attention_heads=64,
+)
+QWEN25_05B = dict(
+    hidden_size=896,
+    intermediate_size=4864,
+    num_hidden_layers=24,
+    num_attention_heads=14,
+    num_key_value_heads=2,
+    vocab_size=151936,
+    max_position_embeddings=32768,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=True,
+    architectures=["Qwen2ForCausalLM"],
+)
+# name: (HF config class name, config, bf16 bytes read per decoded token: weights, in GB)
+SHAPES = {
+    "0.5b": ("Qwen2Config", QWEN25_05B, 0.988),
+    "8b": ("LlamaConfig", LLAMA3_8B, 16.06),
+    "70b": ("LlamaConfig", LLAMA3_70B, 141.1),
+}
+
+
+def write_shape(tmp: str, shape: str) -> str:
+    """A config-only model folder (load it with load_format="dummy")."""
+    import transformers
+
+    cls_name, config, _ = SHAPES[shape]
+    path = os.path.join(tmp, f"{shape}-shape")
+    if not os.path.isdir(path):
+        getattr(transformers, cls_name)(**config).save_pretrained(path)
+    return path
+
+
+def copy_bandwidth_gbs() -> float:
+    """Device memory bandwidth from a 1 GiB device-to-device copy (bytes read + written)."""
+    x = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    for _ in range(3):
+        y.copy_(x)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(20):
+        y.copy_(x)
+    torch.cuda.synchronize()
+    elapsed = time.perf_counter() - start
+    del x, y
+    return 2 * 20 * (1 << 30) / elapsed / 1e9
+
+
+def roofline_tok_s(bandwidth_gbs: float, shape: str, tp: int = 1) -> float:
+    """Batch-1 decode bound: each token reads every weight once (KV reads are small here)."""
+    return tp * bandwidth_gbs / SHAPES[shape][2]

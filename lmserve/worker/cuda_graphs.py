@@ -1,0 +1,227 @@
+"""CUDA graphs: capture the model forward once per size, replay it every step.
+
+A decode step of a small model is hundreds of tiny kernels; launched one by one from Python the
+GPU waits on the CPU. A graph replays all of them with one launch. Two kinds, as in vLLM V1:
+
+  full       decode-only batches (every request schedules one token). The whole forward,
+             attention included, is captured at bucketed batch sizes 1, 2, 4, 8, 16, 24, ...;
+             a batch of `n` requests is padded to the next size with requests that have no keys
+             and write nowhere (see `DeviceInputs.pad_host`).
+  piecewise  mixed batches (prompt chunks and decodes) of up to `max_cuda_graph_size` tokens. A
+             mixed batch's attention depends on how tokens split into requests, which a graph
+             cannot vary, so only the pieces *between* attention calls are captured — at
+             bucketed token counts 16, 32, 64, ... — and attention runs eagerly between them:
+
+                 [embed .. qkv, rope]  attn_0  [o_proj .. mlp .. qkv, rope]  attn_1  ...  [.. norm]
+                  graph 0              eager    graph 1                       eager        graph L
+
+             The split needs nothing from the model: during capture a stand-in attention backend
+             ends the current graph at each attention call, notes the call's (static) q, k, v
+             and output tensors, and begins the next graph.
+
+All graphs share one memory pool and are captured largest first, so smaller ones reuse the
+larger ones' intermediate memory. Inputs are the static buffers of `DeviceInputs`; outputs are
+tensors the graphs write in place, valid until the next replay.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from lmserve.attention.backend import AttentionBackend, AttentionMetadata, ForwardContext
+from lmserve.worker.device_inputs import DeviceInputs
+from lmserve.worker.input_batch import FlatInputs
+
+logger = logging.getLogger(__name__)
+
+
+def decode_graph_sizes(max_size: int) -> list[int]:
+    """Batch sizes of the full (decode) graphs: 1, 2, 4, then every multiple of 8."""
+    sizes = [s for s in (1, 2, 4) if s <= max_size]
+    return sizes + list(range(8, max_size + 1, 8))
+
+
+def piecewise_graph_sizes(max_tokens: int) -> list[int]:
+    """Token counts of the piecewise graphs: powers of two from 16 (at most 2x padding)."""
+    sizes, size = [], 16
+    while size <= max_tokens:
+        sizes.append(size)
+        size *= 2
+    return sizes
+
+
+@dataclass(slots=True)
+class _AttentionCall:
+    """One attention call of a piecewise graph: static tensors sized for the graph."""
+
+    query: torch.Tensor  # [size, num_heads, head_dim]
+    key: torch.Tensor  # [size, num_kv_heads, head_dim]
+    value: torch.Tensor  # [size, num_kv_heads, head_dim]
+    kv_cache: tuple[torch.Tensor, torch.Tensor]
+    scale: float
+    out: torch.Tensor  # [size, num_heads, head_dim], read by the next piece
+
+
+class _FullGraph:
+    def __init__(self, graph: torch.cuda.CUDAGraph, output: torch.Tensor) -> None:
+        self.graph = graph
+        self.output = output  # [size, hidden_size]
+
+    def replay(self, num_tokens: int) -> torch.Tensor:  # [num_tokens, hidden_size]
+        self.graph.replay()
+        return self.output[:num_tokens]
+
+
+class _PiecewiseGraph:
+    def __init__(self, graphs, calls: list[_AttentionCall], output: torch.Tensor) -> None:
+        assert len(graphs) == len(calls) + 1
+        self.graphs = graphs
+        self.calls = calls
+        self.output = output  # [size, hidden_size]
+
+    def replay(
+        self, backend: AttentionBackend, metadata: AttentionMetadata, num_tokens: int
+    ) -> torch.Tensor:  # [num_tokens, hidden_size]
+        n = num_tokens
+        for graph, call in zip(self.graphs, self.calls):
+            graph.replay()
+            backend.forward(
+                call.query[:n], call.key[:n], call.value[:n], call.kv_cache, metadata,
+                call.scale, out=call.out[:n],
+            )  # fmt: skip
+        self.graphs[-1].replay()
+        return self.output[:n]
+
+
+class _GraphSplitter(AttentionBackend):
+    """Stands in for the attention backend while a piecewise graph is captured: each call
+    closes the graph being captured and opens the next one. Nothing runs during capture."""
+
+    name = "graph-splitter"
+
+    def __init__(self, pool) -> None:
+        self.pool = pool
+        self.graphs: list[torch.cuda.CUDAGraph] = []
+        self.calls: list[_AttentionCall] = []
+
+    def begin(self) -> None:
+        graph = torch.cuda.CUDAGraph()
+        graph.capture_begin(pool=self.pool)
+        self.graphs.append(graph)
+
+    def end(self) -> None:
+        self.graphs[-1].capture_end()
+
+    def forward(self, query, key, value, kv_cache, metadata, scale, out=None):
+        out = torch.empty_like(query)  # in the pool, kept alive by the call record
+        self.end()
+        self.calls.append(_AttentionCall(query, key, value, kv_cache, scale, out))
+        self.begin()
+        return out
+
+
+class CudaGraphRunner:
+    """Owns the captured graphs of one model and picks the one a step can use."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        inputs: DeviceInputs,
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        attn_backend: AttentionBackend,
+        decode_sizes: list[int],
+        piecewise_sizes: list[int],
+    ) -> None:
+        self.model = model
+        self.inputs = inputs
+        self.kv_caches = kv_caches
+        self.attn_backend = attn_backend
+        self.decode_sizes = sorted(decode_sizes)
+        self.piecewise_sizes = sorted(piecewise_sizes)
+        self.full: dict[int, _FullGraph] = {}
+        self.piecewise: dict[int, _PiecewiseGraph] = {}
+        self.pool = None
+
+    # ---- capture ------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def capture(self) -> None:
+        start = time.perf_counter()
+        free_before = torch.cuda.mem_get_info()[0]
+        self.pool = torch.cuda.graph_pool_handle()
+        for size in reversed(self.decode_sizes):
+            self.full[size] = self._capture_full(size)
+        for size in reversed(self.piecewise_sizes):
+            self.piecewise[size] = self._capture_piecewise(size)
+        torch.cuda.synchronize()
+        used = free_before - torch.cuda.mem_get_info()[0]
+        logger.info(
+            "captured %d full (decode batch sizes %s) and %d piecewise CUDA graph sets "
+            "(token counts %s) in %.2f s, %.2f GiB",
+            len(self.full),
+            _span(self.decode_sizes),
+            len(self.piecewise),
+            _span(self.piecewise_sizes),
+            time.perf_counter() - start,
+            used / (1 << 30),
+        )
+
+    def _run(self, size: int, backend: AttentionBackend, metadata: AttentionMetadata):
+        ctx = ForwardContext(metadata, self.kv_caches, backend)
+        ids, pos = self.inputs.input_ids.device[:size], self.inputs.positions.device[:size]
+        return self.model(ids, pos, ctx)  # [size, hidden_size]
+
+    def _capture_full(self, size: int) -> _FullGraph:
+        # The padding inputs are uploaded before capture: a copy inside it would be replayed.
+        metadata = self.inputs.padded_metadata(size, size)
+        self._run(size, self.attn_backend, metadata)  # warm-up: compiles kernels, inits cuBLAS
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            output = self._run(size, self.attn_backend, metadata)
+        return _FullGraph(graph, output)
+
+    def _capture_piecewise(self, size: int) -> _PiecewiseGraph:
+        metadata = self.inputs.padded_metadata(size, size)
+        self._run(size, self.attn_backend, metadata)  # warm-up
+        torch.cuda.synchronize()
+        splitter = _GraphSplitter(self.pool)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            splitter.begin()
+            output = self._run(size, splitter, metadata)
+            splitter.end()
+        torch.cuda.current_stream().wait_stream(stream)
+        return _PiecewiseGraph(splitter.graphs, splitter.calls, output)
+
+    # ---- replay -------------------------------------------------------------------------------
+    def forward(self, flat: FlatInputs) -> torch.Tensor | None:
+        """Run the step's forward from a graph, or return None when no graph fits (then the
+        caller runs eagerly). [num_tokens, hidden_size]"""
+        num_tokens, num_reqs = len(flat.input_ids), len(flat.req_rows)
+        if num_tokens == num_reqs:  # decode only
+            size = _bucket(self.decode_sizes, num_reqs)
+            if size is not None:
+                self.inputs.stage(flat, size, size)
+                return self.full[size].replay(num_tokens)
+        size = _bucket(self.piecewise_sizes, num_tokens)
+        if size is None:
+            return None
+        # Tokens past num_tokens in the static buffers are stale but valid ids and positions:
+        # the pieces are row-wise, so those rows never touch the real ones.
+        _, _, metadata = self.inputs.stage(flat, num_tokens, num_reqs)
+        return self.piecewise[size].replay(self.attn_backend, metadata, num_tokens)
+
+
+def _bucket(sizes: list[int], n: int) -> int | None:
+    """The smallest size >= n, or None."""
+    i = bisect.bisect_left(sizes, n)
+    return sizes[i] if i < len(sizes) else None
+
+
+def _span(sizes: list[int]) -> str:
+    return f"{sizes[0]}..{sizes[-1]}" if sizes else "none"

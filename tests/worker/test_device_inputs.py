@@ -1,0 +1,106 @@
+"""Static device inputs and CUDA-graph bookkeeping that need no GPU: padding rows, graph sizes,
+the profiling step's inputs, and the profiling forward itself on CPU."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from lmserve.config import ConfigError, EngineConfig
+from lmserve.worker.cuda_graphs import _bucket, decode_graph_sizes, piecewise_graph_sizes
+from lmserve.worker.device_inputs import DeviceInputs
+from lmserve.worker.input_batch import FlatInputs
+from lmserve.worker.model_runner import ModelRunner, _profile_inputs
+
+
+def _flat(q_lens: list[int], seq_lens: list[int], block_size: int = 4) -> FlatInputs:
+    starts = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
+    n = int(starts[-1])
+    width = max(-(-s // block_size) for s in seq_lens)
+    return FlatInputs(
+        req_rows=np.arange(len(q_lens)),
+        input_ids=np.arange(10, 10 + n, dtype=np.int64),
+        positions=np.arange(n, dtype=np.int64),
+        slot_mapping=np.arange(100, 100 + n, dtype=np.int64),
+        query_start_loc=starts,
+        seq_lens=np.array(seq_lens, dtype=np.int32),
+        block_tables=np.arange(len(q_lens) * width, dtype=np.int32).reshape(len(q_lens), width),
+        logits_indices=(starts[1:] - 1).astype(np.int64),
+        completes_known_tokens=np.ones(len(q_lens), dtype=bool),
+    )
+
+
+def test_graph_sizes_are_bucketed_like_vllm():
+    assert decode_graph_sizes(40) == [1, 2, 4, 8, 16, 24, 32, 40]
+    assert decode_graph_sizes(3) == [1, 2]
+    assert piecewise_graph_sizes(512) == [16, 32, 64, 128, 256, 512]
+    assert piecewise_graph_sizes(15) == []
+    sizes = decode_graph_sizes(256)
+    assert [_bucket(sizes, n) for n in (1, 3, 5, 9, 256, 257)] == [1, 4, 8, 16, 256, None]
+
+
+def test_stage_without_padding_copies_the_step_exactly():
+    inputs = DeviceInputs(64, 8, 16, torch.device("cpu"))
+    flat = _flat([3, 1, 2], [7, 5, 2])
+    ids, pos, meta = inputs.stage(flat, 6, 3)
+    assert ids.tolist() == flat.input_ids.tolist() and pos.tolist() == flat.positions.tolist()
+    assert meta.num_reqs == 3 and meta.num_tokens == 6 and meta.max_query_len == 3
+    assert meta.query_start_loc.tolist() == [0, 3, 4, 6]
+    assert meta.seq_lens.tolist() == [7, 5, 2] and meta.max_seq_len == 7
+    assert meta.block_tables.tolist() == flat.block_tables.tolist()
+
+
+def test_padding_rows_write_nowhere_and_read_no_keys():
+    inputs = DeviceInputs(64, 8, 16, torch.device("cpu"))
+    inputs.stage(_flat([1, 1, 1, 1, 1], [9, 9, 9, 9, 9]), 5, 5)  # leaves stale values behind
+    ids, pos, meta = inputs.stage(_flat([1, 1], [6, 3]), 8, 8)  # 2 real decodes padded to 8
+    assert meta.slot_mapping.tolist() == [100, 101] + [-1] * 6
+    assert meta.seq_lens.tolist() == [6, 3] + [0] * 6
+    assert meta.query_start_loc.tolist() == list(range(9))  # one token per padding request
+    assert ids[2:].tolist() == [0] * 6 and pos[2:].tolist() == [0] * 6
+
+
+def test_padding_tokens_beyond_padding_requests_go_to_the_last_request():
+    inputs = DeviceInputs(64, 8, 16, torch.device("cpu"))
+    _, _, meta = inputs.stage(_flat([3], [3]), 8, 2)
+    assert meta.query_start_loc.tolist() == [0, 3, 8]
+    assert meta.slot_mapping.tolist()[3:] == [-1] * 5 and meta.seq_lens.tolist() == [3, 0]
+
+
+def test_profile_inputs_fill_the_budget_with_distinct_slots():
+    flat = _profile_inputs(num_tokens=100, num_reqs=7, block_size=16)
+    assert len(flat.input_ids) == 100 and len(flat.req_rows) == 7
+    assert np.diff(flat.query_start_loc).tolist() == [1] * 6 + [94]
+    assert len(set(flat.slot_mapping.tolist())) == 100  # no two tokens share a slot
+    # Every slot lies in a block listed in its request's block table.
+    req_of_token = np.repeat(np.arange(7), np.diff(flat.query_start_loc))
+    blocks = flat.slot_mapping // 16
+    for token, req in enumerate(req_of_token):
+        assert blocks[token] in flat.block_tables[req]
+    assert (flat.seq_lens == np.diff(flat.query_start_loc)).all()
+
+
+def test_profile_run_on_cpu_runs_the_largest_step_and_drops_its_cache(tiny_model_dir):
+    config = EngineConfig.from_kwargs(
+        tiny_model_dir("llama"), dtype="float32", device="cpu", max_num_batched_tokens=96,
+        max_num_seqs=8,
+    )  # fmt: skip
+    runner = ModelRunner(config, torch.device("cpu"))
+    runner.load_model()
+    cache_bytes = runner.profile_run()
+    # 7 one-token requests (one block each) + 89 tokens (6 blocks) = 13 blocks.
+    assert cache_bytes == 13 * runner.kv_cache_bytes_per_block()
+    assert runner.kv_caches == []
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"cuda_graph_mode": "sometimes"}, "cuda_graph_mode"),
+        ({"max_cuda_graph_size": 0}, "max_cuda_graph_size"),
+    ],
+)
+def test_bad_cuda_graph_settings_are_refused(tiny_model_dir, kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        EngineConfig.from_kwargs(tiny_model_dir("llama"), device="cpu", **kwargs)
