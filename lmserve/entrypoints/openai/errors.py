@@ -8,6 +8,7 @@ Handlers convert, in order of preference:
   EngineDeadError             the EngineCore is gone                       → 503
   Starlette HTTPException     unknown route (404), wrong method (405)
   anything else               a bug                                         → 500 (logged)
+The router shares this module without the engine: only install_error_handlers imports it.
 """
 
 from __future__ import annotations
@@ -21,8 +22,6 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
-
-from lmserve.engine.core_client import EngineDeadError
 
 logger = logging.getLogger(__name__)
 
@@ -141,6 +140,19 @@ def _short_repr(value: object, limit: int = 80) -> str:
 
 # ---- handlers -------------------------------------------------------------------------------
 def install_error_handlers(app: FastAPI) -> None:
+    """Every handler: the engine-free ones plus EngineDeadError → 503."""
+    from lmserve.engine.core_client import EngineDeadError
+
+    install_http_error_handlers(app)
+
+    @app.exception_handler(EngineDeadError)
+    async def _engine_dead(_: Request, e: EngineDeadError) -> JSONResponse:
+        return error_response(engine_dead(e))
+
+
+def install_http_error_handlers(app: FastAPI) -> None:
+    """The handlers that need no engine (the router uses these alone)."""
+
     @app.exception_handler(OpenAIError)
     async def _openai_error(_: Request, e: OpenAIError) -> JSONResponse:
         return error_response(e)
@@ -156,10 +168,6 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ValueError)
     async def _value_error(_: Request, e: ValueError) -> JSONResponse:
         return error_response(from_value_error(e))
-
-    @app.exception_handler(EngineDeadError)
-    async def _engine_dead(_: Request, e: EngineDeadError) -> JSONResponse:
-        return error_response(engine_dead(e))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, e: StarletteHTTPException) -> JSONResponse:

@@ -1,0 +1,105 @@
+"""The router's Prometheus metrics, in a registry of its own (one per app, so tests can build
+several routers in one process and /metrics shows only the router's series)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+# Added latency is sub-millisecond when all is well; the upper buckets catch a busy event loop.
+_ADDED_LATENCY_BUCKETS = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.00075,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    1.0,
+)
+
+
+@dataclass(frozen=True)
+class RouterMetrics:
+    registry: CollectorRegistry
+    requests: Counter  # labels backend, status ("200", "404", ..., or "error")
+    in_flight: Gauge  # label backend
+    routing_decisions: Counter  # label reason
+    retries: Counter  # label reason
+    backend_healthy: Gauge  # label backend
+    trie_nodes: Gauge
+    trie_bytes: Gauge
+    trie_evictions: Counter
+    added_latency: Histogram
+
+    @classmethod
+    def create(cls) -> RouterMetrics:
+        r = CollectorRegistry()
+        return cls(
+            registry=r,
+            requests=Counter(
+                "lmserve_router:requests",
+                "Requests proxied, by backend and HTTP status ('error': no response)",
+                ["backend", "status"],
+                registry=r,
+            ),
+            in_flight=Gauge(
+                "lmserve_router:in_flight_requests",
+                "Requests sent to a backend and not finished",
+                ["backend"],
+                registry=r,
+            ),
+            routing_decisions=Counter(
+                "lmserve_router:routing_decisions",
+                "Routing decisions by reason (prefix_hit, prefix_miss, prefix_overloaded, "
+                "session, session_fallback, least_loaded, roundrobin)",
+                ["reason"],
+                registry=r,
+            ),
+            retries=Counter(
+                "lmserve_router:retries",
+                "Requests sent again to another backend, by what failed",
+                ["reason"],
+                registry=r,
+            ),
+            backend_healthy=Gauge(
+                "lmserve_router:backend_healthy",
+                "1 if the backend passes health checks",
+                ["backend"],
+                registry=r,
+            ),
+            trie_nodes=Gauge(
+                "lmserve_router:prefix_trie_nodes", "Nodes in the prefix trie", registry=r
+            ),
+            trie_bytes=Gauge(
+                "lmserve_router:prefix_trie_bytes",
+                "Upper bound of the prefix trie's memory",
+                registry=r,
+            ),
+            trie_evictions=Counter(
+                "lmserve_router:prefix_trie_evictions",
+                "Prefix trie nodes evicted (LRU)",
+                registry=r,
+            ),
+            added_latency=Histogram(
+                "lmserve_router:added_latency_seconds",
+                "Time the router adds before the response starts: parsing, routing and "
+                "forwarding, excluding the backend's own time",
+                buckets=_ADDED_LATENCY_BUCKETS,
+                registry=r,
+            ),
+        )
+
+    def forget_backend(self, url: str) -> None:
+        """A backend left: drop its gauges (its counters stay, they are history)."""
+        for gauge in (self.in_flight, self.backend_healthy):
+            try:
+                gauge.remove(url)
+            except KeyError:
+                pass

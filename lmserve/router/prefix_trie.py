@@ -1,0 +1,111 @@
+"""A bounded hash trie from prompt prefixes to the backends that recently served them.
+
+The prompt is cut into fixed-size chunks (characters, or token ids when the router has a
+tokenizer). Chunk i's node is keyed by the chain hash of chunks 0..i, as the engine's prefix
+cache keys its blocks, so the trie is one flat dict: a node's key names its whole prefix and no
+node holds child pointers.
+
+    chunks:   [sys-0][sys-1][user-a-0][user-a-1]
+    keys:     h0 = H(root, sys-0);  h1 = H(h0, sys-1);  h2 = H(h1, user-a-0);  ...
+    values:   h0 -> (backend-1, backend-2)   the system prompt is held by two backends
+              h2 -> (backend-2,)              only backend-2 saw user a
+
+Memory is bounded: at most `max_nodes` nodes (from the byte cap and a measured upper bound of a
+node's size), the least recently used evicted first. NOTE a lookup or insert touches the path
+from the deepest node back to the root, so every ancestor is more recent than its descendants
+and eviction always takes a leaf: no node is left unreachable behind an evicted parent.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+# An upper bound of one node's memory: the OrderedDict slot and link (~110 B), the int key
+# (32 B) and a tuple of one or two backend names (~56 B; the names themselves are shared).
+# tests/router/test_prefix_trie.py checks this against tracemalloc.
+BYTES_PER_NODE = 240
+MAX_BACKENDS_PER_NODE = 4  # the most recent holders of a prefix; older ones are forgotten
+_ROOT = 0x5EED
+
+
+@dataclass(frozen=True, slots=True)
+class PrefixMatch:
+    """The deepest node of a prompt's prefix that the trie knows."""
+
+    num_chunks: int  # matched chunks (0 = no match)
+    backends: tuple[str, ...]  # who served it, most recent last
+
+
+class PrefixTrie:
+    """Chain-hashed prefix → backends map with LRU eviction; not thread-safe (one event loop)."""
+
+    def __init__(self, chunk_size: int, max_bytes: int) -> None:
+        if chunk_size < 1:
+            raise ValueError(f"prefix chunk size {chunk_size} must be >= 1")
+        self.chunk_size = chunk_size
+        self.max_nodes = max(1, max_bytes // BYTES_PER_NODE)
+        self.num_evictions = 0
+        self._nodes: OrderedDict[int, tuple[str, ...]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._nodes)
+
+    @property
+    def approx_bytes(self) -> int:
+        return len(self._nodes) * BYTES_PER_NODE
+
+    def chain_hashes(self, prompt: str | Sequence[int]) -> list[int]:
+        """One hash per full chunk; a trailing partial chunk is left out (it changes as the
+        conversation grows, so it would only fill the trie with nodes nobody matches)."""
+        size = self.chunk_size
+        hashes, parent = [], _ROOT
+        for start in range(0, len(prompt) - size + 1, size):
+            chunk = prompt[start : start + size]
+            parent = hash((parent, chunk if isinstance(chunk, str) else tuple(chunk)))
+            hashes.append(parent)
+        return hashes
+
+    def match(
+        self, hashes: Sequence[int], usable: Callable[[str], bool] = lambda _: True
+    ) -> PrefixMatch:
+        """The longest prefix among `hashes` held by a `usable` backend (one that is healthy
+        and serves the model: a deeper node held only by a dead backend does not count).
+        Touches the known path as recently used."""
+        nodes = self._nodes
+        known = 0
+        while known < len(hashes) and hashes[known] in nodes:
+            known += 1
+        for h in reversed(hashes[:known]):  # leaf first: ancestors end up more recent
+            nodes.move_to_end(h)
+        for depth in range(known, 0, -1):
+            holders = nodes[hashes[depth - 1]]
+            if any(usable(b) for b in holders):
+                return PrefixMatch(depth, holders)
+        return PrefixMatch(0, ())
+
+    def insert(self, hashes: Sequence[int], backend: str) -> None:
+        """Record that `backend` now holds every prefix in `hashes`, then evict to the cap."""
+        nodes = self._nodes
+        for h in reversed(hashes):
+            holders = nodes.get(h, ())
+            if not holders or holders[-1] != backend:
+                holders = tuple(b for b in holders if b != backend)[-MAX_BACKENDS_PER_NODE + 1 :]
+                holders += (backend,)
+            nodes[h] = holders
+            nodes.move_to_end(h)
+        while len(nodes) > self.max_nodes:
+            nodes.popitem(last=False)
+            self.num_evictions += 1
+
+    def forget_backend(self, backend: str) -> None:
+        """Drop `backend` from every node (it left the cluster; its KV cache is gone).
+        O(nodes); runs only when a backend is removed, never on the request path."""
+        for h, holders in list(self._nodes.items()):
+            if backend in holders:
+                kept = tuple(b for b in holders if b != backend)
+                if kept:
+                    self._nodes[h] = kept
+                else:
+                    del self._nodes[h]

@@ -1,0 +1,338 @@
+"""Forwarding one request: parse just enough of the body to route it, send it, relay the answer.
+
+    client ─▶ read body ─▶ RouteRequest (model, session id, prompt) ─▶ logic.choose(candidates)
+           ◀─ answer    ◀─ backend (retried on another if it fails before the client got a byte)
+
+What counts as "before the client got a byte":
+  - an answer that is not an event stream (a whole JSON body, or an error) is read completely
+    from the backend first, so any failure while reading it is retried;
+  - an event stream is committed to the client only once its first chunk has arrived, so a
+    backend that dies after its headers but before the first token is retried too (this costs
+    nothing: the client could not have seen anything earlier).
+After that, chunks pass through as they arrive; if the backend fails mid-stream the client gets
+one `data: {"error": ...}` event and the stream ends (the openai client raises APIError).
+
+The body the client sent is forwarded byte for byte (never re-serialized); backend answers,
+4xx included, pass through unchanged. Only the router's own failures use its error bodies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from http import HTTPStatus
+from typing import Any
+
+import aiohttp
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+
+from lmserve.entrypoints.openai.errors import (
+    AUTHENTICATION,
+    NOT_FOUND,
+    SERVICE_UNAVAILABLE,
+    OpenAIError,
+    error_body,
+    invalid_request,
+)
+from lmserve.router.backends import Backend, BackendPool
+from lmserve.router.health import HealthChecker
+from lmserve.router.metrics import RouterMetrics
+from lmserve.router.routing import RouteRequest, RoutingLogic
+
+logger = logging.getLogger(__name__)
+
+# Headers that describe one hop, not the message (RFC 9110 §7.6.1), plus those we recompute.
+_HOP_HEADERS = frozenset(
+    {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
+     "transfer-encoding", "upgrade", "host", "content-length"}
+)  # fmt: skip
+# ... and those uvicorn writes itself.
+_RESPONSE_DROP = _HOP_HEADERS | {"date", "server"}
+_RETRY_STATUSES = frozenset({HTTPStatus.SERVICE_UNAVAILABLE})  # draining or dead engine
+
+
+class BackendFailed(Exception):
+    """This backend could not answer; another may. `response` is its own answer, if any, to
+    pass on when no other backend can do better."""
+
+    def __init__(self, reason: str, detail: str, response: Response | None = None) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.response = response
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedBody:
+    data: dict[str, Any]
+    model: str | None
+    stream: bool
+
+
+class Proxy:
+    def __init__(
+        self,
+        pool: BackendPool,
+        logic: RoutingLogic,
+        client: aiohttp.ClientSession | None,
+        metrics: RouterMetrics,
+        health: HealthChecker,
+        *,
+        max_retries: int,
+        api_key: str | None,
+        backend_api_key: str | None,
+        session_key: str,
+        session_body_field: str | None,
+        tokenizer: Any = None,
+    ) -> None:
+        self.pool = pool
+        self.logic = logic
+        self.client = client  # set by the app's lifespan (a session needs a running loop)
+        self.metrics = metrics
+        self.health = health
+        self.max_retries = max_retries
+        self.api_key = f"Bearer {api_key}".encode() if api_key else None
+        self.backend_auth = f"Bearer {backend_api_key}" if backend_api_key else None
+        self.session_key = session_key.lower()
+        self.session_body_field = session_body_field
+        self.tokenizer = tokenizer  # a `tokenizers.Tokenizer`, or None: chunk characters
+
+    # ---- the request path --------------------------------------------------------------------
+    async def forward(self, request: Request, path: str) -> Response:
+        """Proxy one POST to `path` on a backend chosen by the routing logic."""
+        start = time.perf_counter()
+        self.check_api_key(request)
+        parsed = parse_body(await request.body())
+        route_request = self.route_request(request, parsed)
+        headers = self.backend_headers(request)
+        tried: set[str] = set()
+        failure: BackendFailed | None = None
+        for attempt in range(self.max_retries + 1):
+            candidates = [b for b in self.candidates(parsed.model) if b.url not in tried]
+            if not candidates:
+                break
+            decision = self.logic.choose(route_request, candidates)
+            self.metrics.routing_decisions.labels(decision.reason).inc()
+            tried.add(decision.backend.url)
+            try:
+                return await self._attempt(decision.backend, path, headers, request, start)
+            except BackendFailed as e:
+                failure = e
+                logger.warning("%s failed on %s (attempt %d): %s", path, decision.backend.url,
+                               attempt + 1, e)  # fmt: skip
+                if attempt < self.max_retries:
+                    self.metrics.retries.labels(e.reason).inc()
+        if failure is not None and failure.response is not None:
+            return failure.response  # the backend's own answer (e.g. its 503), unchanged
+        raise no_backend(parsed.model, failure)
+
+    def candidates(self, model: str | None) -> list[Backend]:
+        """Healthy backends serving `model`; 404 if no backend serves it at all."""
+        found = self.pool.candidates(model)
+        if not found and model is not None and not self.pool.serves(model):
+            served = sorted({m for b in self.pool for m in b.models})
+            raise OpenAIError(
+                f"The model `{model}` does not exist. Served: {served}",
+                HTTPStatus.NOT_FOUND,
+                NOT_FOUND,
+                param="model",
+                code="model_not_found",
+            )
+        return found
+
+    def check_api_key(self, request: Request) -> None:
+        if self.api_key is None:
+            return
+        given = request.headers.get("authorization", "").encode()
+        if not hmac.compare_digest(given, self.api_key):
+            raise OpenAIError(
+                "missing or incorrect API key: send 'Authorization: Bearer <key>'",
+                HTTPStatus.UNAUTHORIZED,
+                AUTHENTICATION,
+                code="invalid_api_key",
+            )
+
+    def route_request(self, request: Request, parsed: ParsedBody) -> RouteRequest:
+        session_id = request.headers.get(self.session_key)
+        if session_id is None and self.session_body_field:
+            value = parsed.data.get(self.session_body_field)
+            session_id = None if value is None else str(value)
+        prompt = None
+        if self.logic.needs_prompt:
+            prompt = prompt_of(parsed.data)
+            if self.tokenizer is not None and isinstance(prompt, str):
+                prompt = self.tokenizer.encode(prompt, add_special_tokens=False).ids
+        return RouteRequest(parsed.model, session_id, prompt)
+
+    def backend_headers(self, request: Request) -> list[tuple[str, str]]:
+        """The client's headers less hop-by-hop ones; Authorization becomes the backend key,
+        or is dropped when it was the router's own key."""
+        headers = [
+            (k, v)
+            for k, v in request.headers.items()
+            if k not in _HOP_HEADERS and k != "authorization"
+        ]
+        if self.backend_auth is not None:
+            headers.append(("authorization", self.backend_auth))
+        elif self.api_key is None and "authorization" in request.headers:
+            headers.append(("authorization", request.headers["authorization"]))
+        return headers
+
+    # ---- one attempt -------------------------------------------------------------------------
+    async def _attempt(
+        self,
+        backend: Backend,
+        path: str,
+        headers: list[tuple[str, str]],
+        request: Request,
+        start: float,
+    ) -> Response:
+        body = await request.body()  # cached by Starlette after the first read
+        self._began(backend)
+        sent = time.perf_counter()
+        try:
+            resp = await self.client.post(backend.url + path, data=body, headers=headers)
+        except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+            self._ended(backend, "error")
+            if isinstance(e, aiohttp.ClientConnectorError):
+                self.health.mark_dead(backend, f"connection refused ({e})")
+            raise _failed(e) from None
+        if resp.content_type == "text/event-stream":
+            return await self._relay_stream(backend, resp, start, sent)
+        return await self._relay_whole(backend, resp, start, sent)
+
+    async def _relay_whole(
+        self, backend: Backend, resp: aiohttp.ClientResponse, start: float, sent: float
+    ) -> Response:
+        """Read the backend's whole answer, then pass it on (retryable until it is read)."""
+        status = str(resp.status)
+        try:
+            content = await resp.read()
+        except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+            status = "error"
+            raise _failed(e) from None
+        finally:
+            resp.release()
+            self._ended(backend, status)
+        answered = time.perf_counter()
+        response = Response(content, resp.status, response_headers(resp))
+        if resp.status in _RETRY_STATUSES:
+            raise BackendFailed(f"status_{resp.status}", f"HTTP {resp.status}", response)
+        self.metrics.added_latency.observe((sent - start) + (time.perf_counter() - answered))
+        return response
+
+    async def _relay_stream(
+        self, backend: Backend, resp: aiohttp.ClientResponse, start: float, sent: float
+    ) -> Response:
+        """Wait for the first chunk (retryable until then), then stream the rest as it comes."""
+        try:
+            first = await resp.content.readany()
+        except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+            resp.close()
+            self._ended(backend, "error")
+            raise _failed(e) from None
+        answered = time.perf_counter()
+        relay = self._stream_chunks(backend, resp, first)
+        response = StreamingResponse(relay, resp.status, response_headers(resp))
+        self.metrics.added_latency.observe((sent - start) + (time.perf_counter() - answered))
+        return response
+
+    async def _stream_chunks(
+        self, backend: Backend, resp: aiohttp.ClientResponse, first: bytes
+    ) -> AsyncIterator[bytes]:
+        status, chunk = "error", first
+        try:
+            while chunk:
+                yield chunk
+                chunk = await resp.content.readany()
+            status = str(resp.status)
+        except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+            logger.warning("stream from %s broke: %s: %s", backend.url, type(e).__name__, e)
+            yield stream_error_event(f"the backend failed mid-stream ({type(e).__name__})")
+        finally:
+            # Finished: the connection goes back to the pool. Otherwise (broken, or the client
+            # went away and Starlette cancelled us) it is closed, so the engine aborts the request.
+            resp.release() if status != "error" else resp.close()
+            self._ended(backend, status)
+
+    def _began(self, backend: Backend) -> None:
+        backend.in_flight += 1
+        self.metrics.in_flight.labels(backend.url).set(backend.in_flight)
+
+    def _ended(self, backend: Backend, status: str) -> None:
+        backend.in_flight -= 1
+        self.metrics.in_flight.labels(backend.url).set(backend.in_flight)
+        self.metrics.requests.labels(backend.url, status).inc()
+
+
+# ---- helpers ----------------------------------------------------------------------------------
+def parse_body(raw: bytes) -> ParsedBody:
+    """The JSON object the client sent; 400 in OpenAI's shape if it is not one."""
+    try:
+        data = json.loads(raw)
+    except (ValueError, RecursionError) as e:
+        raise invalid_request(f"the request body is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise invalid_request("the request body must be a JSON object")
+    model = data.get("model")
+    if model is not None and not isinstance(model, str):
+        raise invalid_request(f"model: Input should be a valid string (got {model!r})", "model")
+    return ParsedBody(data, model, bool(data.get("stream")))
+
+
+def prompt_of(data: dict[str, Any]) -> str | Sequence[int] | None:
+    """The text (or token ids) prefix-aware routing keys on. Chat: each message as
+    role + content with separators, so a conversation's prompt extends its previous round's."""
+    messages = data.get("messages")
+    if isinstance(messages, list):
+        return "".join(
+            f"{m.get('role')}\x1f{_content_text(m.get('content'))}\x1e"
+            for m in messages
+            if isinstance(m, dict)
+        )
+    prompt = data.get("prompt")
+    if isinstance(prompt, list) and prompt:
+        if all(isinstance(t, int) for t in prompt):
+            return prompt
+        prompt = prompt[0]  # a batch: route by its first prompt
+        if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
+            return prompt
+    return prompt if isinstance(prompt, str) else None
+
+
+def _content_text(content: Any) -> str:
+    if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
+        return "".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
+    return "" if content is None else str(content)
+
+
+def response_headers(resp: aiohttp.ClientResponse) -> dict[str, str]:
+    """The backend's response headers for the client (bodies pass on still encoded: the
+    client session does not decompress)."""
+    return {k.lower(): v for k, v in resp.headers.items() if k.lower() not in _RESPONSE_DROP}
+
+
+def _failed(e: BaseException) -> BackendFailed:
+    name = type(e).__name__
+    return BackendFailed(name, f"{name}: {e}")
+
+
+def stream_error_event(message: str) -> bytes:
+    body = error_body(message, "server_error", code="backend_failed")
+    return b"data: " + json.dumps(body).encode() + b"\n\n"
+
+
+def no_backend(model: str | None, failure: BackendFailed | None) -> OpenAIError:
+    what = f" serving `{model}`" if model else ""
+    detail = f"; last failure: {failure}" if failure is not None else ""
+    return OpenAIError(
+        f"no healthy backend{what} could take the request{detail}",
+        HTTPStatus.SERVICE_UNAVAILABLE,
+        SERVICE_UNAVAILABLE,
+        code="no_healthy_backend",
+    )

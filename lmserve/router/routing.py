@@ -1,0 +1,177 @@
+"""Routing logics: given a request and the healthy backends serving its model, pick one.
+
+    roundrobin     each backend in turn
+    session        consistent hashing of a session id: the same session lands on the same
+                   backend, and adding or removing one backend moves only that backend's share;
+                   requests without a session id go to the least-loaded backend
+    least-loaded   fewest requests in flight (our count, refined by the engines' own metrics)
+    prefix-aware   the backend that most recently served the longest prefix of this prompt
+                   (its KV cache likely still holds it), unless that backend is busier than the
+                   least-loaded one by more than a margin; see prefix_trie.py
+
+Contract: `choose` is called with a non-empty candidate list (healthy, serving the model, not
+yet tried for this request) and returns one of them; it may update the logic's own state (the
+round-robin counter, the trie) but never a backend's.
+"""
+
+from __future__ import annotations
+
+import bisect
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import xxhash
+
+from lmserve.router.backends import Backend
+from lmserve.router.prefix_trie import PrefixTrie
+
+ROUTING_LOGICS = ("roundrobin", "session", "least-loaded", "prefix-aware")
+
+
+@dataclass(frozen=True, slots=True)
+class RouteRequest:
+    """What routing may look at; filled by the proxy from the headers and the JSON body."""
+
+    model: str | None
+    session_id: str | None = None
+    prompt: str | Sequence[int] | None = None  # text or token ids (prefix-aware only)
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    backend: Backend
+    reason: str  # a label of lmserve_router:routing_decisions_total
+
+
+class RoutingLogic(ABC):
+    name: str
+    needs_prompt: bool = False  # whether the proxy must extract the prompt for it
+
+    @abstractmethod
+    def choose(self, request: RouteRequest, candidates: Sequence[Backend]) -> Decision:
+        """One of `candidates` (non-empty) and why."""
+
+
+class RoundRobin(RoutingLogic):
+    name = "roundrobin"
+
+    def __init__(self) -> None:
+        self._next = 0
+
+    def choose(self, request: RouteRequest, candidates: Sequence[Backend]) -> Decision:
+        backend = candidates[self._next % len(candidates)]
+        self._next += 1
+        return Decision(backend, "roundrobin")
+
+
+class LeastLoaded(RoutingLogic):
+    """Lowest `Backend.load`; ties go round the tied backends in turn, so an idle cluster is
+    still spread evenly."""
+
+    name = "least-loaded"
+
+    def __init__(self) -> None:
+        self._tie_break = 0
+
+    def pick(self, candidates: Sequence[Backend]) -> Backend:
+        lowest = min(b.load for b in candidates)
+        tied = [b for b in candidates if b.load == lowest]
+        self._tie_break += 1
+        return tied[self._tie_break % len(tied)]
+
+    def choose(self, request: RouteRequest, candidates: Sequence[Backend]) -> Decision:
+        return Decision(self.pick(candidates), "least_loaded")
+
+
+class ConsistentHashRing:
+    """`vnodes` points per backend on a 64-bit ring; a key belongs to the first point at or
+    after its hash. Removing a backend hands only its points' arcs to the neighbours. The hash is
+    xxh64, stable across processes, so replicas of the router agree."""
+
+    def __init__(self, nodes: Sequence[str], vnodes: int = 160) -> None:
+        points = sorted((_hash64(f"{n}#{i}"), n) for n in nodes for i in range(vnodes))
+        self._hashes = [h for h, _ in points]
+        self._nodes = [n for _, n in points]
+
+    def lookup(self, key: str) -> str:
+        i = bisect.bisect_left(self._hashes, _hash64(key))
+        return self._nodes[i % len(self._nodes)]
+
+
+def _hash64(text: str) -> int:
+    return xxhash.xxh64_intdigest(text.encode())
+
+
+class SessionAffinity(RoutingLogic):
+    name = "session"
+    _MAX_RINGS = 8  # rings cached per distinct candidate set (models x health states)
+
+    def __init__(self) -> None:
+        self._rings: dict[tuple[str, ...], ConsistentHashRing] = {}
+        self._fallback = LeastLoaded()
+
+    def ring(self, urls: tuple[str, ...]) -> ConsistentHashRing:
+        ring = self._rings.get(urls)
+        if ring is None:
+            if len(self._rings) >= self._MAX_RINGS:
+                self._rings.pop(next(iter(self._rings)))
+            ring = self._rings[urls] = ConsistentHashRing(urls)
+        return ring
+
+    def choose(self, request: RouteRequest, candidates: Sequence[Backend]) -> Decision:
+        if request.session_id is None:
+            return Decision(self._fallback.pick(candidates), "session_fallback")
+        url = self.ring(tuple(b.url for b in candidates)).lookup(request.session_id)
+        return Decision(next(b for b in candidates if b.url == url), "session")
+
+
+class PrefixAware(RoutingLogic):
+    """Longest cached prefix wins, within `balance_margin` requests of the least-loaded backend.
+
+    Among the backends holding the longest usable prefix, the least loaded (then the most
+    recent) is taken. If even it carries more than `balance_margin` requests beyond the
+    least-loaded candidate, the request goes to the least-loaded one instead, which then holds
+    the prefix too: a system prompt shared by every user spreads over the cluster rather than
+    pinning it to one engine."""
+
+    name = "prefix-aware"
+    needs_prompt = True
+
+    def __init__(self, trie: PrefixTrie, balance_margin: float) -> None:
+        self.trie = trie
+        self.balance_margin = balance_margin
+        self._least_loaded = LeastLoaded()
+
+    def choose(self, request: RouteRequest, candidates: Sequence[Backend]) -> Decision:
+        hashes = self.trie.chain_hashes(request.prompt or "")
+        by_url = {b.url: b for b in candidates}
+        match = self.trie.match(hashes, usable=by_url.__contains__)
+        least = self._least_loaded.pick(candidates)
+        if match.num_chunks == 0:
+            decision = Decision(least, "prefix_miss")
+        else:
+            holders = [by_url[u] for u in reversed(match.backends) if u in by_url]
+            best = min(holders, key=lambda b: b.load)
+            if best.load > least.load + self.balance_margin:
+                decision = Decision(least, "prefix_overloaded")
+            else:
+                decision = Decision(best, "prefix_hit")
+        self.trie.insert(hashes, decision.backend.url)
+        return decision
+
+
+def make_routing_logic(
+    name: str, trie: PrefixTrie | None = None, balance_margin: float = 4.0
+) -> RoutingLogic:
+    if name == "roundrobin":
+        return RoundRobin()
+    if name == "session":
+        return SessionAffinity()
+    if name == "least-loaded":
+        return LeastLoaded()
+    if name == "prefix-aware":
+        if trie is None:
+            raise ValueError("prefix-aware routing needs a prefix trie")
+        return PrefixAware(trie, balance_margin)
+    raise ValueError(f"unknown routing logic {name!r}; choose from {ROUTING_LOGICS}")
