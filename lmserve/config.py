@@ -333,7 +333,7 @@ class SpeculativeConfig:
             except json.JSONDecodeError as e:
                 raise ConfigError(f"speculative_config is not valid JSON: {e}") from e
         if not isinstance(value, dict):
-            _fail("speculative", "config", value, "must be a dict (a JSON object)")
+            raise ConfigError(f"speculative_config={value!r} is invalid: must be a dict")
         accepted = sorted(f.name for f in dataclasses.fields(cls) if f.init)
         unknown = sorted(set(value) - set(accepted))
         if unknown:

@@ -36,9 +36,10 @@ _FINISH_REASONS = {
 class Request:
     """Token ids, progress and status of one sequence.
 
-    Invariant: `num_computed_tokens <= num_tokens`; the scheduler moves `num_computed_tokens`
-    toward `num_tokens`, and a step whose last scheduled token is the last known token yields
-    one new sampled token.
+    Invariant: `num_computed_tokens <= num_tokens_with_spec`; the scheduler moves
+    `num_computed_tokens` toward it, and a step whose scheduled tokens reach the last known token
+    yields one new sampled token (plus one per accepted draft token with speculative decoding,
+    after which the scheduler takes back the rejected drafts from `num_computed_tokens`).
     """
 
     __slots__ = (
@@ -59,6 +60,7 @@ class Request:
         "num_preemptions",
         "block_hashes",
         "queue_time",
+        "spec_token_ids",
     )
 
     def __init__(
@@ -93,10 +95,17 @@ class Request:
         self.num_preemptions = 0
         self.block_hashes: list[bytes] = []  # hashes of full blocks, filled by the KV manager
         self.queue_time: float | None = None  # seconds from arrival to first scheduled
+        # Draft tokens proposed for the positions after the last known token (speculative
+        # decoding); scheduled next step after it, verified, then replaced by new proposals.
+        self.spec_token_ids: list[int] = []
 
     @property
     def num_tokens(self) -> int:
         return len(self.all_token_ids)
+
+    @property
+    def num_tokens_with_spec(self) -> int:
+        return len(self.all_token_ids) + len(self.spec_token_ids)
 
     @property
     def num_output_tokens(self) -> int:

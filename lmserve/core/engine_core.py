@@ -59,7 +59,12 @@ class EngineCore:
             self.shutdown()  # no orphaned workers
             raise
         config.cache_config.num_gpu_blocks = num_gpu_blocks
-        self.scheduler = Scheduler(config.scheduler_config, config.cache_config, num_gpu_blocks)
+        self.scheduler = Scheduler(
+            config.scheduler_config,
+            config.cache_config,
+            num_gpu_blocks,
+            config.speculative_config,
+        )
         logger.info("EngineCore ready in %.2f s", time.perf_counter() - start)
 
     def add_request(self, request: EngineCoreRequest) -> None:

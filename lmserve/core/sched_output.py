@@ -45,6 +45,8 @@ class SchedulerOutput:
     total_num_scheduled_tokens: int  # sum of the above; <= max_num_batched_tokens
     finished_req_ids: set[str]  # finished or aborted since the last step: drop them
     preempted_req_ids: set[str]  # preempted this step: drop them (they come back as new)
+    # req_id -> draft tokens scheduled this step (speculative decoding): the last len(...) of
+    # the request's num_scheduled_tokens, right after its last known token.
     scheduled_spec_decode_tokens: dict[str, list[int]] = field(default_factory=dict)
 
     @property
@@ -56,8 +58,13 @@ class SchedulerOutput:
 class ModelRunnerOutput:
     req_ids: list[str]  # every request scheduled this step, in batch order
     req_id_to_index: dict[str, int]
-    sampled_token_ids: list[list[int]]  # [] for a request still mid-prompt (chunked prefill)
+    # [] for a request still mid-prompt (chunked prefill); with speculative decoding, the
+    # accepted drafts then one sampled token (1..k+1 tokens).
+    sampled_token_ids: list[list[int]]
     # Parallel to req_ids: logprobs of the sampled tokens, for requests that asked.
     logprobs: list[LogprobsLists | None] = field(default_factory=list)
     # req_id -> logprobs of the prompt tokens computed this step (requests that asked).
     prompt_logprobs: dict[str, LogprobsLists] = field(default_factory=dict)
+    # Parallel to req_ids: draft tokens proposed for each request's next step ([] for none);
+    # empty when speculative decoding is off.
+    spec_token_ids: list[list[int]] = field(default_factory=list)

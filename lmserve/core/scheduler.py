@@ -7,7 +7,10 @@ Each step decides `num_scheduled_tokens = {request_id: num_tokens}` under one bu
   - chunked prefill:   a long prompt takes what is left of the budget, the rest next step;
   - prefix caching:    a hit starts `num_computed_tokens` at the cached length;
   - preemption:        when blocks run out, a victim frees its blocks and goes back to waiting
-                       with `num_computed_tokens = 0` (recompute; its cached blocks often hit).
+                       with `num_computed_tokens = 0` (recompute; its cached blocks often hit);
+  - speculative decoding: a running request's draft tokens (`spec_token_ids`) count as tokens
+                       to compute, under the same budget, after its last known token; after
+                       verification `num_computed_tokens` is taken back by the drafts rejected.
 Running requests are served first, then waiting ones (only in a step with no preemption).
 """
 
@@ -19,7 +22,7 @@ import time
 from collections import deque
 from collections.abc import Iterable
 
-from lmserve.config import CacheConfig, SchedulerConfig
+from lmserve.config import CacheConfig, SchedulerConfig, SpeculativeConfig
 from lmserve.core.kv_cache_manager import KVCacheBlocks, KVCacheManager
 from lmserve.core.sched_output import (
     CachedRequestData,
@@ -27,7 +30,12 @@ from lmserve.core.sched_output import (
     NewRequestData,
     SchedulerOutput,
 )
-from lmserve.engine.messages import EngineCoreOutput, SchedulerStats
+from lmserve.engine.messages import (
+    EngineCoreOutput,
+    LogprobsLists,
+    SchedulerStats,
+    SpecDecodeStats,
+)
 from lmserve.request import Request, RequestStatus
 from lmserve.sampling_params import SamplingParams
 
@@ -77,6 +85,7 @@ class Scheduler:
         scheduler_config: SchedulerConfig,
         cache_config: CacheConfig,
         num_gpu_blocks: int,
+        speculative_config: SpeculativeConfig | None = None,
     ) -> None:
         self.config = scheduler_config
         self.max_num_batched_tokens: int = scheduler_config.max_num_batched_tokens
@@ -95,6 +104,14 @@ class Scheduler:
         self.finished_req_ids: set[str] = set()  # since the last schedule()
         self.num_preemptions = 0  # total, for metrics and tests
         self._last_reported = (0, 0, 0)  # (prefix queries, prefix hits, preemptions)
+        spec = speculative_config
+        self.num_spec_tokens = spec.num_speculative_tokens if spec else 0
+        # A draft model writes KV for its k proposals past the step's last token (see
+        # lmserve/spec_decode/draft_proposer.py), so every allocation reserves k more slots.
+        self.num_lookahead_tokens = (
+            self.num_spec_tokens if spec and spec.method == "draft_model" else 0
+        )
+        self._spec_stats = SpecDecodeStats()  # since the last make_stats()
 
     # ---- requests in and out ---------------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -142,7 +159,15 @@ class Scheduler:
             prefix_cache_queries=totals[0] - last[0],
             prefix_cache_hits=totals[1] - last[1],
             num_preemptions=totals[2] - last[2],
+            spec_decode=self._take_spec_stats(),
         )
+
+    def _take_spec_stats(self) -> SpecDecodeStats | None:
+        stats = self._spec_stats
+        if not stats.num_drafts:
+            return None
+        self._spec_stats = SpecDecodeStats()
+        return stats
 
     # ---- one step ---------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
@@ -159,12 +184,13 @@ class Scheduler:
             total_num_scheduled_tokens=self.max_num_batched_tokens - step.budget,
             finished_req_ids=self.finished_req_ids,
             preempted_req_ids={r.request_id for r in step.preempted},
+            scheduled_spec_decode_tokens=step.spec_tokens,
         )
         self.finished_req_ids = set()
         return out
 
     def _num_new_tokens(self, request: Request, num_computed_tokens: int, budget: int) -> int:
-        num_new = request.num_tokens - num_computed_tokens
+        num_new = request.num_tokens_with_spec - num_computed_tokens
         threshold = self.config.long_prefill_token_threshold
         if 0 < threshold < num_new:
             num_new = threshold
@@ -183,15 +209,28 @@ class Scheduler:
             if new_blocks is None:  # the request itself was preempted
                 continue
             step.schedule(request, num_new)
+            self._schedule_spec_tokens(request, num_new, step)
             step.cached_reqs.req_ids.append(request.request_id)
             step.cached_reqs.new_block_ids.append(new_blocks.get_block_ids())
             step.cached_reqs.num_computed_tokens.append(request.num_computed_tokens)
+
+    def _schedule_spec_tokens(self, request: Request, num_new: int, step: _StepPlan) -> None:
+        """Hand the request's drafts that fit in this step (the budget may cut some off) to the
+        worker; they are consumed either way, and new ones come back with the step's output."""
+        if not request.spec_token_ids:
+            return
+        num_spec = request.num_computed_tokens + num_new - request.num_tokens
+        if num_spec > 0:
+            step.spec_tokens[request.request_id] = request.spec_token_ids[:num_spec]
+        request.spec_token_ids = []
 
     def _allocate_or_preempt(
         self, request: Request, num_new: int, step: _StepPlan
     ) -> KVCacheBlocks | None:
         while True:
-            new_blocks = self.kv_cache_manager.allocate_slots(request, num_new)
+            new_blocks = self.kv_cache_manager.allocate_slots(
+                request, num_new, num_lookahead_tokens=self.num_lookahead_tokens
+            )
             if new_blocks is not None:
                 return new_blocks
             victim = self._pick_victim()
@@ -210,6 +249,7 @@ class Scheduler:
         self.kv_cache_manager.free(request, request.num_computed_tokens)
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
+        request.spec_token_ids = []
         request.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.add(request, front=True)
@@ -223,7 +263,9 @@ class Scheduler:
             num_new = self._num_new_tokens(request, num_hit, step.budget)
             if not self.config.enable_chunked_prefill and num_new < request.num_tokens - num_hit:
                 break  # the whole prompt must fit in one step
-            new_blocks = kv.allocate_slots(request, num_new, num_hit, computed_blocks)
+            new_blocks = kv.allocate_slots(
+                request, num_new, num_hit, computed_blocks, self.num_lookahead_tokens
+            )
             if new_blocks is None:
                 break  # no room: wait for running requests to finish
             self.waiting.pop()
@@ -264,10 +306,17 @@ class Scheduler:
             prompt_logprobs = runner_output.prompt_logprobs.get(req_id)
             if not sampled and prompt_logprobs is None:
                 continue  # mid-prompt chunk: nothing to report yet
+            scheduled_spec = scheduler_output.scheduled_spec_decode_tokens.get(req_id)
+            if scheduled_spec:
+                self._take_back_rejected(request, len(scheduled_spec), len(sampled))
             new_token_ids = self._append_and_check_stop(request, sampled) if sampled else []
             if request.is_finished:
                 finished.append(request)
+            elif runner_output.spec_token_ids:
+                self._store_drafts(request, runner_output.spec_token_ids[index])
             logprobs = runner_output.logprobs[index] if runner_output.logprobs else None
+            if logprobs is not None and len(new_token_ids) < len(sampled):  # a stop cut them
+                logprobs = _first_rows(logprobs, len(new_token_ids))
             outputs.append(
                 EngineCoreOutput(
                     request_id=req_id,
@@ -286,6 +335,22 @@ class Scheduler:
             for request in finished:
                 self._free_request(request)
         return outputs
+
+    def _take_back_rejected(self, request: Request, num_draft: int, num_sampled: int) -> None:
+        """`num_sampled - 1` drafts were accepted; the rest were computed for nothing, so
+        `num_computed_tokens` steps back over them (their slots are overwritten next step)."""
+        num_accepted = num_sampled - 1
+        request.num_computed_tokens -= num_draft - num_accepted
+        self._spec_stats.observe(num_draft, num_accepted)
+
+    def _store_drafts(self, request: Request, draft_token_ids: list[int]) -> None:
+        """Keep the drafts that could still be output: the step after next emits up to
+        len(drafts) + 1 tokens, within max_tokens and max_model_len."""
+        room = min(
+            request.max_tokens - request.num_output_tokens,
+            self.max_model_len - request.num_tokens,
+        )
+        request.spec_token_ids = list(draft_token_ids[: max(room - 1, 0)])
 
     def _append_and_check_stop(self, request: Request, sampled: list[int]) -> list[int]:
         params = request.sampling_params
@@ -318,6 +383,10 @@ class Scheduler:
         del self.requests[request.request_id]
 
 
+def _first_rows(logprobs: LogprobsLists, n: int) -> LogprobsLists:
+    return LogprobsLists(logprobs.token_ids[:n], logprobs.logprobs[:n], logprobs.ranks[:n])
+
+
 class _StepPlan:
     """What one schedule() call has decided so far."""
 
@@ -328,6 +397,7 @@ class _StepPlan:
         "new_reqs",
         "cached_reqs",
         "preempted",
+        "spec_tokens",
     )
 
     def __init__(self, budget: int) -> None:
@@ -337,6 +407,7 @@ class _StepPlan:
         self.new_reqs: list[NewRequestData] = []
         self.cached_reqs = CachedRequestData()
         self.preempted: list[Request] = []
+        self.spec_tokens: dict[str, list[int]] = {}  # req_id -> drafts scheduled this step
 
     def schedule(self, request: Request, num_tokens: int) -> None:
         self.num_scheduled_tokens[request.request_id] = num_tokens
@@ -350,6 +421,7 @@ class _StepPlan:
             return
         self.budget += num_tokens
         self.scheduled.remove(request)
+        self.spec_tokens.pop(request.request_id, None)
         cached = self.cached_reqs
         idx = cached.req_ids.index(request.request_id)
         for column in (cached.req_ids, cached.new_block_ids, cached.num_computed_tokens):

@@ -12,7 +12,7 @@ import msgspec
 from lmserve.config import EngineConfig
 from lmserve.engine.core_client import EngineCoreClient
 from lmserve.engine.input_processor import InputProcessor, PromptType
-from lmserve.engine.messages import EngineCoreRequest
+from lmserve.engine.messages import EngineCoreRequest, SpecDecodeStats
 from lmserve.engine.output_processor import OutputProcessor
 from lmserve.outputs import RequestOutput
 from lmserve.sampling_params import SamplingParams
@@ -29,6 +29,8 @@ class LLMEngine:
         )
         self.input_processor = InputProcessor(config.model_config, self.tokenizer)
         self.output_processor = OutputProcessor(self.tokenizer)
+        # Totals since start (speculative decoding only); `LLM.get_spec_decode_stats()`.
+        self.spec_decode_stats = SpecDecodeStats()
 
     def add_request(
         self, request_id: str, prompt: PromptType, params: SamplingParams, priority: int = 0
@@ -62,6 +64,9 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """One engine step; returns the updates it produced (per each request's output_kind)."""
         outputs = self.engine_core.get_output()
+        stats = outputs.scheduler_stats
+        if stats is not None and stats.spec_decode is not None:
+            self.spec_decode_stats.add(stats.spec_decode)
         request_outputs, to_abort = self.output_processor.process_outputs(outputs.outputs)
         if to_abort:  # stop strings found in the front-end: free the engine's requests
             self.engine_core.abort_requests(to_abort)

@@ -46,6 +46,76 @@ class EngineCoreOutput(msgspec.Struct, array_like=True, omit_defaults=True):
         return self.finish_reason is not None
 
 
+class SpecDecodeStats(msgspec.Struct, array_like=True, omit_defaults=True):
+    """Speculative decoding counters (increments). Acceptance rate = accepted / draft tokens;
+    acceptance rate at draft position j = num_accepted_tokens_per_pos[j] /
+    num_draft_tokens_per_pos[j] (of the drafts proposed at position j, the share accepted — a
+    draft is accepted only if every earlier one was)."""
+
+    num_drafts: int = 0  # verifications: requests verified with >= 1 draft token
+    num_draft_tokens: int = 0  # draft tokens verified
+    num_accepted_tokens: int = 0  # draft tokens accepted
+    num_draft_tokens_per_pos: list[int] = []  # [k] drafts verified at position j
+    num_accepted_tokens_per_pos: list[int] = []  # [k] accepted at position j
+
+    def observe(self, num_draft_tokens: int, num_accepted_tokens: int) -> None:
+        """One request's verification: the first `num_accepted_tokens` drafts were accepted."""
+        self.num_drafts += 1
+        self.num_draft_tokens += num_draft_tokens
+        self.num_accepted_tokens += num_accepted_tokens
+        _add_ones(self.num_draft_tokens_per_pos, num_draft_tokens)
+        _add_ones(self.num_accepted_tokens_per_pos, num_accepted_tokens)
+        accepted, drafted = self.num_accepted_tokens_per_pos, self.num_draft_tokens_per_pos
+        accepted.extend([0] * (len(drafted) - len(accepted)))  # same length: one entry per j
+
+    def add(self, other: SpecDecodeStats) -> None:
+        self.num_drafts += other.num_drafts
+        self.num_draft_tokens += other.num_draft_tokens
+        self.num_accepted_tokens += other.num_accepted_tokens
+        _add_lists(self.num_draft_tokens_per_pos, other.num_draft_tokens_per_pos)
+        _add_lists(self.num_accepted_tokens_per_pos, other.num_accepted_tokens_per_pos)
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else 0.0
+
+    def acceptance_rate_per_pos(self) -> list[float]:
+        accepted, drafted = self.num_accepted_tokens_per_pos, self.num_draft_tokens_per_pos
+        return [a / d if d else 0.0 for a, d in zip(accepted, drafted)]
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """Tokens emitted per verification (accepted drafts + the one sampled token)."""
+        return 1.0 + self.num_accepted_tokens / self.num_drafts if self.num_drafts else 1.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "num_drafts": self.num_drafts,
+            "num_draft_tokens": self.num_draft_tokens,
+            "num_accepted_tokens": self.num_accepted_tokens,
+            "acceptance_rate": self.acceptance_rate,
+            "mean_accepted_length": self.mean_accepted_length,
+            "num_draft_tokens_per_pos": list(self.num_draft_tokens_per_pos),
+            "num_accepted_tokens_per_pos": list(self.num_accepted_tokens_per_pos),
+            "acceptance_rate_per_pos": self.acceptance_rate_per_pos(),
+        }
+
+
+def _add_ones(counts: list[int], n: int) -> None:
+    """counts[j] += 1 for j < n, growing `counts` as needed."""
+    if len(counts) < n:
+        counts.extend([0] * (n - len(counts)))
+    for j in range(n):
+        counts[j] += 1
+
+
+def _add_lists(counts: list[int], other: list[int]) -> None:
+    if len(counts) < len(other):
+        counts.extend([0] * (len(other) - len(counts)))
+    for j, count in enumerate(other):
+        counts[j] += count
+
+
 class SchedulerStats(msgspec.Struct, array_like=True, omit_defaults=True):
     """Engine-side gauges (current values) and counters (increments since the last stats)."""
 
@@ -55,6 +125,7 @@ class SchedulerStats(msgspec.Struct, array_like=True, omit_defaults=True):
     prefix_cache_queries: int = 0  # prompt tokens looked up (increment)
     prefix_cache_hits: int = 0  # prompt tokens found (increment)
     num_preemptions: int = 0  # (increment)
+    spec_decode: SpecDecodeStats | None = None  # (increments) None: nothing verified
 
 
 class UtilityOutput(msgspec.Struct, array_like=True, omit_defaults=True):

@@ -7,6 +7,17 @@ import json
 import sys
 from typing import Any
 
+
+def _json_object(flag: str, text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"{flag} is not valid JSON: {e}") from e
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"{flag} must be a JSON object, got {text!r}")
+    return value
+
+
 # (flag, EngineConfig keyword, type, default, help). Booleans get --x / --no-x.
 ENGINE_FLAGS: list[tuple[str, str, Any, Any, str]] = [
     ("--tokenizer", "tokenizer", str, None, "tokenizer folder or hub id (default: the model)"),
@@ -23,6 +34,13 @@ ENGINE_FLAGS: list[tuple[str, str, Any, Any, str]] = [
         "cap one request's prompt tokens per step (0 = off)",
     ),
     ("--scheduling-policy", "policy", str, "fcfs", "fcfs | priority"),
+    (
+        "--speculative-config",
+        "speculative_config",
+        lambda text: _json_object("--speculative-config", text),
+        None,
+        'speculative decoding as JSON, e.g. \'{"method": "ngram", "num_speculative_tokens": 4}\'',
+    ),
     (
         "--gpu-memory-utilization",
         "gpu_memory_utilization",

@@ -13,6 +13,7 @@ from lmserve.config import EngineConfig
 from lmserve.engine.chat import apply_chat_template, validate_conversation
 from lmserve.engine.input_processor import PromptType
 from lmserve.engine.llm_engine import LLMEngine
+from lmserve.engine.messages import SpecDecodeStats
 from lmserve.outputs import RequestOutput
 from lmserve.sampling_params import RequestOutputKind, SamplingParams
 
@@ -37,6 +38,13 @@ class LLM:
 
     def get_tokenizer(self) -> Any:
         return self.llm_engine.tokenizer
+
+    def get_spec_decode_stats(self) -> SpecDecodeStats | None:
+        """Speculative decoding totals since the engine started (draft tokens, accepted
+        tokens, acceptance rate overall and by position); None without speculative decoding."""
+        if self.config.speculative_config is None:
+            return None
+        return self.llm_engine.spec_decode_stats
 
     def generate(
         self,

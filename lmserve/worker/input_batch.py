@@ -56,6 +56,7 @@ class InputBatch:
         self.frequency_penalty = np.zeros(max_num_reqs, dtype=np.float32)
         self.repetition_penalty = np.ones(max_num_reqs, dtype=np.float32)
         self.min_tokens = np.zeros(max_num_reqs, dtype=np.int32)
+        self.max_tokens = np.zeros(max_num_reqs, dtype=np.int32)  # None -> max_model_len
         self.num_logprobs = np.full(max_num_reqs, -1, dtype=np.int32)  # -1 = not asked
         self.eos_token_id = np.full(max_num_reqs, -1, dtype=np.int64)  # -1 = none
         self.has_logit_bias = np.zeros(max_num_reqs, dtype=bool)
@@ -85,6 +86,7 @@ class InputBatch:
         self.frequency_penalty[row] = params.frequency_penalty
         self.repetition_penalty[row] = params.repetition_penalty
         self.min_tokens[row] = params.min_tokens
+        self.max_tokens[row] = min(params.max_tokens or self.max_model_len, self.max_model_len)
         self.num_logprobs[row] = -1 if params.logprobs is None else params.logprobs
         self.eos_token_id[row] = -1 if new.eos_token_id is None else new.eos_token_id
         self.has_logit_bias[row] = bool(params.logit_bias)
@@ -146,7 +148,7 @@ class InputBatch:
         return (
             self.num_tokens, self.num_prompt_tokens, self.num_computed_tokens, self.num_blocks,
             self.temperature, self.top_k, self.top_p, self.min_p, self.presence_penalty,
-            self.frequency_penalty, self.repetition_penalty, self.min_tokens,
+            self.frequency_penalty, self.repetition_penalty, self.min_tokens, self.max_tokens,
             self.num_logprobs, self.eos_token_id, self.has_logit_bias,
         )  # fmt: skip
 
@@ -162,6 +164,26 @@ class InputBatch:
         """Record one sampled token for each of `rows`."""
         self.token_ids[rows, self.num_tokens[rows]] = token_ids
         self.num_tokens[rows] += 1
+
+    def write_draft_tokens(self, row: int, token_ids: list[int]) -> None:
+        """Place a request's scheduled draft tokens right after its known tokens, where
+        `prepare_inputs` reads them; `num_tokens` is unchanged (they are not known yet)."""
+        start = self.num_tokens[row]
+        self.token_ids[row, start : start + len(token_ids)] = token_ids
+
+    def append_token_ids(
+        self,
+        rows: np.ndarray,  # [n] batch rows
+        token_ids: np.ndarray,  # [n, width] tokens per row, left-aligned
+        num_new: np.ndarray,  # [n] how many of each row's tokens to append (<= width)
+    ) -> None:
+        """Record a variable number of sampled tokens per row (speculative decoding)."""
+        width = token_ids.shape[1]
+        valid = np.arange(width)[None, :] < num_new[:, None]  # [n, width]
+        token_rows = np.repeat(rows, num_new)  # [total]
+        cols = np.repeat(self.num_tokens[rows], num_new) + np.nonzero(valid)[1]
+        self.token_ids[token_rows, cols] = token_ids[valid]
+        self.num_tokens[rows] += num_new.astype(self.num_tokens.dtype)
 
     # ---- flat inputs -------------------------------------------------------------------------
     def prepare_inputs(self, num_scheduled_tokens: dict[str, int]) -> FlatInputs:

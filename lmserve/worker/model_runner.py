@@ -19,6 +19,7 @@ from lmserve.worker.cuda_graphs import CudaGraphRunner, decode_graph_sizes, piec
 from lmserve.worker.device_inputs import DeviceInputs
 from lmserve.worker.input_batch import FlatInputs, InputBatch
 from lmserve.worker.sampling_inputs import build_sampling_metadata
+from lmserve.worker.spec_decode_runner import SpecDecodeRunner
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +50,9 @@ class ModelRunner:
             device=device,
         )
         self.graphs: CudaGraphRunner | None = None  # set by capture_model()
+        self.spec_decode: SpecDecodeRunner | None = None  # speculative decoding, if configured
+        if config.speculative_config is not None:
+            self.spec_decode = SpecDecodeRunner(self, config.speculative_config)
 
     # ---- set-up -------------------------------------------------------------------------------
     def load_model(self) -> None:
@@ -57,11 +61,15 @@ class ModelRunner:
         self.model = load_model(
             mc.hf_config, mc.model_path, mc.dtype, self.device, mc.load_format, mc.seed
         )
+        if self.spec_decode is not None:  # the draft model, if any
+            self.spec_decode.load_model()
 
     def kv_cache_bytes_per_block(self) -> int:
         num_layers, num_kv_heads, head_dim = get_kv_cache_spec(self.config.model_config.hf_config)
         element_size = torch.empty((), dtype=self.dtype).element_size()
-        return 2 * num_layers * self.block_size * num_kv_heads * head_dim * element_size
+        target_bytes = 2 * num_layers * self.block_size * num_kv_heads * head_dim * element_size
+        spec_bytes = self.spec_decode.kv_cache_bytes_per_block() if self.spec_decode else 0
+        return target_bytes + spec_bytes  # the draft model's layers share the blocks
 
     def initialize_kv_cache(self, num_blocks: int) -> None:
         num_layers, num_kv_heads, head_dim = get_kv_cache_spec(self.config.model_config.hf_config)
@@ -77,6 +85,8 @@ class ModelRunner:
             )
             for _ in range(num_layers)
         ]
+        if self.spec_decode is not None:  # the draft model's caches, on the same block ids
+            self.spec_decode.initialize_kv_cache(num_blocks)
 
     def capture_model(self) -> None:
         """Capture CUDA graphs (after the KV cache exists). No-op on CPU, with
@@ -139,8 +149,12 @@ class ModelRunner:
         self._update_states(scheduler_output)
         if scheduler_output.is_empty:
             return ModelRunnerOutput(req_ids=[], req_id_to_index={}, sampled_token_ids=[])
+        if self.spec_decode is not None:
+            self.spec_decode.write_drafts(scheduler_output)
         flat = self.input_batch.prepare_inputs(scheduler_output.num_scheduled_tokens)
         hidden = self._forward(flat)  # [num_tokens, hidden_size]
+        if self.spec_decode is not None:  # verify drafts, then propose the next ones
+            return self.spec_decode.sample_and_propose(scheduler_output, flat, hidden)
         # Only rows that reach their last known token sample; a mid-prompt chunk's logits are
         # never computed (and its seeded generator never advanced).
         sampling = flat.completes_known_tokens  # [num_reqs] bool

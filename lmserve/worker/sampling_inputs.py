@@ -18,7 +18,13 @@ def build_sampling_metadata(
     rows: np.ndarray,  # [num_reqs] batch rows that sample this step, in logits order
     vocab_size: int,
     device: torch.device,
+    num_tokens: np.ndarray | None = None,  # [num_reqs] tokens each row sees; default all known
 ) -> SamplingMetadata:
+    """`rows` may repeat a batch row: speculative decoding samples a request at each draft
+    position, row j seeing its known tokens plus drafts 1..j (`num_tokens` = known + j, the
+    drafts being already written after the known tokens), so penalties and min_tokens bans
+    count the drafts before it. Seeded generators then map to the row's last occurrence."""
+
     def to_dev(array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(array)).to(device, non_blocking=True)
 
@@ -39,15 +45,17 @@ def build_sampling_metadata(
             metadata.top_p = to_dev(top_p)
         if (min_p > 0).any():
             metadata.min_p = to_dev(min_p)
-    _add_penalties(metadata, batch, rows, vocab_size, to_dev)
-    _add_logit_bias_and_bans(metadata, batch, rows, device)
+    if num_tokens is None:
+        num_tokens = batch.num_tokens[rows]
+    _add_penalties(metadata, batch, rows, num_tokens, vocab_size, to_dev)
+    _add_logit_bias_and_bans(metadata, batch, rows, num_tokens, device)
     num_logprobs = batch.num_logprobs[rows]
     if (num_logprobs >= 0).any():
         metadata.max_num_logprobs = int(num_logprobs.max())
     return metadata
 
 
-def _add_penalties(metadata, batch: InputBatch, rows, vocab_size: int, to_dev) -> None:
+def _add_penalties(metadata, batch: InputBatch, rows, num_tokens, vocab_size: int, to_dev) -> None:
     presence = batch.presence_penalty[rows]
     frequency = batch.frequency_penalty[rows]
     repetition = batch.repetition_penalty[rows]
@@ -57,7 +65,6 @@ def _add_penalties(metadata, batch: InputBatch, rows, vocab_size: int, to_dev) -
     metadata.frequency_penalties = to_dev(frequency)
     metadata.repetition_penalties = to_dev(repetition)
     num_prompt = batch.num_prompt_tokens[rows]  # [num_reqs]
-    num_tokens = batch.num_tokens[rows]
     max_prompt, max_output = int(num_prompt.max()), int((num_tokens - num_prompt).max())
     tokens = batch.token_ids[rows].astype(np.int64)  # [num_reqs, max_model_len + 1]
     cols = np.arange(max_prompt)[None, :]
@@ -73,9 +80,9 @@ def _add_penalties(metadata, batch: InputBatch, rows, vocab_size: int, to_dev) -
     metadata.output_token_ids = to_dev(output)  # [num_reqs, max_output_len], pad = vocab
 
 
-def _add_logit_bias_and_bans(metadata, batch: InputBatch, rows, device) -> None:
+def _add_logit_bias_and_bans(metadata, batch: InputBatch, rows, num_tokens, device) -> None:
     bias_rows, bias_ids, bias_vals, ban_rows, ban_ids = [], [], [], [], []
-    num_output = batch.num_tokens[rows] - batch.num_prompt_tokens[rows]
+    num_output = num_tokens - batch.num_prompt_tokens[rows]
     below_min = num_output < batch.min_tokens[rows]
     has_bias = batch.has_logit_bias[rows]
     for i in np.nonzero(below_min | has_bias)[0].tolist():  # usually none
