@@ -65,6 +65,27 @@ def lmserve_decode(path: str, enforce_eager: bool) -> dict:
     return {"init_s": round(init_s, 1), "tok_s": round(DECODE_TOKENS / (full - first), 1)}
 
 
+def profile_decode(path: str, out_path: str) -> None:
+    """cProfile of batch-1 graph decode: where the host time of a step goes."""
+    import cProfile
+    import pstats
+
+    llm = LLM(
+        path, load_format="dummy", dtype="bfloat16", device="cuda", skip_tokenizer_init=True,
+        max_model_len=2048, gpu_memory_utilization=0.8,
+    )  # fmt: skip
+    prompt = [{"prompt_token_ids": list(range(1000, 1000 + PROMPT_LEN))}]
+    params = SamplingParams(temperature=0, max_tokens=256, ignore_eos=True)
+    llm.generate(prompt, params, use_tqdm=False)
+    profiler = cProfile.Profile()
+    profiler.enable()
+    llm.generate(prompt, params, use_tqdm=False)
+    profiler.disable()
+    with open(out_path, "w") as f:
+        pstats.Stats(profiler, stream=f).sort_stats("tottime").print_stats(40)
+    _free(llm)
+
+
 def _hf_model(shape: str):
     import transformers
 
@@ -182,6 +203,7 @@ def main() -> None:
     parser.add_argument("--num-requests", type=int, default=1000)
     parser.add_argument("--hf-batch", type=int, default=64)
     parser.add_argument("--cold-start", action="store_true")
+    parser.add_argument("--profile", default=None, help="write a cProfile of 0.5b decode here")
     parser.add_argument("--out", default="gpu_fast_path.json")
     args = parser.parse_args()
     bandwidth = copy_bandwidth_gbs()
@@ -192,7 +214,9 @@ def main() -> None:
         "decode_batch1": {},
     }
     with tempfile.TemporaryDirectory() as tmp:
-        for shape in args.shapes.split(","):
+        if args.profile:
+            profile_decode(write_shape(tmp, "0.5b"), args.profile)
+        for shape in filter(None, args.shapes.split(",")):
             path = write_shape(tmp, shape)
             row = {
                 "roofline_tok_s": round(roofline_tok_s(bandwidth, shape), 1),

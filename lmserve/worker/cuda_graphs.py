@@ -185,7 +185,7 @@ class CudaGraphRunner:
         return _FullGraph(graph, output)
 
     def _capture_piecewise(self, size: int) -> _PiecewiseGraph:
-        metadata = self.inputs.padded_metadata(size, size)
+        metadata = self.inputs.padded_metadata(size, min(size, self.inputs.max_num_reqs))
         self._run(size, self.attn_backend, metadata)  # warm-up
         torch.cuda.synchronize()
         splitter = _GraphSplitter(self.pool)

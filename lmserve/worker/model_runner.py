@@ -116,12 +116,12 @@ class ModelRunner:
     def profile_run(self) -> int:
         """The largest step there can be, to measure peak activation memory before the KV
         cache is sized: `max_num_batched_tokens` tokens over `max_num_seqs` fresh requests
-        (one token each, the rest in the last), then logits, top-p sampling and logprobs for
+        (split evenly, none longer than max_model_len), then logits, top-p sampling and logprobs for
         every request. A throwaway cache of the blocks this step touches stands in for the KV
         cache. Returns that cache's size in bytes (part of the peak, but not of a real step)."""
         sched = self.config.scheduler_config
-        num_tokens = sched.max_num_batched_tokens
-        num_reqs = min(sched.max_num_seqs, num_tokens)
+        num_reqs = min(sched.max_num_seqs, sched.max_num_batched_tokens)
+        num_tokens = min(sched.max_num_batched_tokens, num_reqs * sched.max_model_len)
         flat = _profile_inputs(num_tokens, num_reqs, self.block_size)
         num_blocks = int(flat.block_tables.max()) + 1
         self.initialize_kv_cache(num_blocks)
@@ -252,10 +252,10 @@ class ModelRunner:
 
 
 def _profile_inputs(num_tokens: int, num_reqs: int, block_size: int) -> FlatInputs:
-    """Fresh prompts: requests 0..num_reqs-2 have one token, the last has the rest; each
-    request's tokens fill blocks of its own from slot 0."""
-    q_lens = np.ones(num_reqs, dtype=np.int32)  # [num_reqs]
-    q_lens[-1] = num_tokens - num_reqs + 1
+    """Fresh prompts: `num_tokens` split evenly over `num_reqs` requests; each request's tokens
+    fill blocks of its own from slot 0."""
+    q_lens = np.full(num_reqs, num_tokens // num_reqs, dtype=np.int32)  # [num_reqs]
+    q_lens[: num_tokens % num_reqs] += 1
     starts = np.zeros(num_reqs + 1, dtype=np.int32)  # [num_reqs + 1]
     np.cumsum(q_lens, out=starts[1:])
     blocks_per_req = -(-q_lens // block_size)  # [num_reqs]

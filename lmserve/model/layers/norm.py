@@ -1,10 +1,15 @@
-"""RMSNorm (Zhang & Sennrich, 2019): x / sqrt(mean(x^2) + eps) * weight."""
+"""RMSNorm (Zhang & Sennrich, 2019): x / sqrt(mean(x^2) + eps) * weight.
+
+With a residual stream, `norm(x, residual)` first adds (residual <- x + residual), then
+normalises the sum: the pre-norm block's residual add and the next norm in one step (one fused
+kernel on CUDA)."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from lmserve.model.layers.fused_ops import rms_norm, use_fused
 from lmserve.model.layers.utils import make_param
 
 
@@ -14,7 +19,24 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = make_param(hidden_size)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., hidden_size]
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """[..., hidden_size] -> normalised x; with `residual`: (normalised x + residual, the
+        sum as the new residual). On CUDA the residual tensor is updated in place."""
+        if use_fused(x):
+            return self._fused(x, residual)
+        if residual is None:
+            return self._norm(x)
+        x = x + residual
+        return self._norm(x), x
+
+    def _fused(self, x: torch.Tensor, residual: torch.Tensor | None):
+        if residual is None:
+            return rms_norm(x, self.weight, self.eps)
+        return rms_norm(x, self.weight, self.eps, residual=residual), residual
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
         # NOTE: op order follows HF transformers exactly (normalise in float32, cast back to the
         # input dtype, then scale) so that float32 and bf16 outputs match the reference bit for bit.
         input_dtype = x.dtype

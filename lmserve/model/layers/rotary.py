@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from lmserve.model.layers.fused_ops import rotary_inplace, use_fused
+
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 
@@ -121,6 +123,8 @@ def apply_rotary_emb(
     cos: torch.Tensor,  # [num_tokens, head_dim]
     sin: torch.Tensor,  # [num_tokens, head_dim]
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    if use_fused(query):  # one kernel, in place (query/key may be views into the qkv output)
+        return rotary_inplace(query, key, cos, sin)
     cos, sin = cos[:, None, :], sin[:, None, :]  # broadcast over heads
     query = query * cos + rotate_half(query) * sin
     key = key * cos + rotate_half(key) * sin

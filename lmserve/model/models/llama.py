@@ -113,13 +113,24 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps)
         self.mlp = mlp
 
-    def forward(self, hidden_states, cos, sin, ctx: ForwardContext) -> torch.Tensor:
-        residual = hidden_states  # [num_tokens, hidden_size]
-        hidden_states = self.self_attn(self.input_layernorm(hidden_states), cos, sin, ctx)
-        hidden_states = residual + hidden_states
-        residual = hidden_states
-        hidden_states = self.mlp(self.post_attention_layernorm(hidden_states))
-        return residual + hidden_states
+    def forward(
+        self,
+        hidden_states: torch.Tensor,  # [num_tokens, hidden_size]: the previous block's output
+        residual: torch.Tensor | None,  # [num_tokens, hidden_size]; None in the first layer
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        ctx: ForwardContext,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The residual adds happen inside the norms (`norm(x, residual)` adds, then
+        normalises): returns (this block's MLP output, the residual stream before it)."""
+        if residual is None:
+            residual = hidden_states
+            hidden_states = self.input_layernorm(hidden_states)
+        else:
+            hidden_states, residual = self.input_layernorm(hidden_states, residual)
+        hidden_states = self.self_attn(hidden_states, cos, sin, ctx)
+        hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
+        return self.mlp(hidden_states), residual
 
 
 class LlamaModel(nn.Module):
@@ -133,9 +144,11 @@ class LlamaModel(nn.Module):
     def forward(self, input_ids, positions, ctx: ForwardContext) -> torch.Tensor:
         hidden_states = self.embed_tokens(input_ids)  # [num_tokens, hidden_size]
         cos, sin = self.rotary_emb(positions, hidden_states.dtype)  # [num_tokens, head_dim] each
+        residual = None
         for layer in self.layers:
-            hidden_states = layer(hidden_states, cos, sin, ctx)
-        return self.norm(hidden_states)
+            hidden_states, residual = layer(hidden_states, residual, cos, sin, ctx)
+        hidden_states, _ = self.norm(hidden_states, residual)
+        return hidden_states
 
 
 # How HF checkpoint names map onto the fused parameters: (fused name, HF name, shard id).
