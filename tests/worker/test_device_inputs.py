@@ -71,7 +71,7 @@ def test_padding_tokens_beyond_padding_requests_go_to_the_last_request():
 def test_profile_inputs_fill_the_budget_with_distinct_slots():
     flat = _profile_inputs(num_tokens=100, num_reqs=7, block_size=16)
     assert len(flat.input_ids) == 100 and len(flat.req_rows) == 7
-    assert np.diff(flat.query_start_loc).tolist() == [1] * 6 + [94]
+    assert np.diff(flat.query_start_loc).tolist() == [15, 15] + [14] * 5
     assert len(set(flat.slot_mapping.tolist())) == 100  # no two tokens share a slot
     # Every slot lies in a block listed in its request's block table.
     req_of_token = np.repeat(np.arange(7), np.diff(flat.query_start_loc))
@@ -89,8 +89,8 @@ def test_profile_run_on_cpu_runs_the_largest_step_and_drops_its_cache(tiny_model
     runner = ModelRunner(config, torch.device("cpu"))
     runner.load_model()
     cache_bytes = runner.profile_run()
-    # 7 one-token requests (one block each) + 89 tokens (6 blocks) = 13 blocks.
-    assert cache_bytes == 13 * runner.kv_cache_bytes_per_block()
+    # 8 requests of 12 tokens, one block each.
+    assert cache_bytes == 8 * runner.kv_cache_bytes_per_block()
     assert runner.kv_caches == []
 
 
