@@ -55,7 +55,9 @@ def test_rms_norm_over_heads_of_a_strided_view_matches_torch(dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("heads, kv_heads, head_dim", [(32, 8, 128), (14, 2, 64), (4, 4, 32)])
-def test_rotary_in_place_matches_torch_bit_for_bit(dtype, heads, kv_heads, head_dim):
+def test_rotary_in_place_matches_torch(dtype, heads, kv_heads, head_dim):
+    """bf16: bit for bit (every product is rounded to bf16 as PyTorch rounds it). float32: the
+    compiler may contract a product and the add into one FMA, so the last bit can differ."""
     torch.manual_seed(0)
     n = 23
     qkv = torch.randn(n, (heads + 2 * kv_heads) * head_dim, device="cuda", dtype=dtype)
@@ -68,7 +70,9 @@ def test_rotary_in_place_matches_torch_bit_for_bit(dtype, heads, kv_heads, head_
     c, s = cos[:, None, :], sin[:, None, :]
     q_ref, k_ref = q * c + rotate_half(q) * s, k * c + rotate_half(k) * s
     rotary_inplace(q, k, cos, sin)
-    assert torch.equal(q, q_ref) and torch.equal(k, k_ref)
+    if dtype == torch.bfloat16:
+        assert torch.equal(q, q_ref) and torch.equal(k, k_ref)
+    assert _rel(q, q_ref) <= MAX_REL[dtype] and _rel(k, k_ref) <= MAX_REL[dtype]
     assert torch.equal(qkv[:, (heads + kv_heads) * head_dim :], v_before)  # v untouched
 
 
