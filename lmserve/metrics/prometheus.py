@@ -70,6 +70,14 @@ class Metrics:
     request_queue_time: Histogram
     request_prompt_tokens: Histogram
     request_generation_tokens: Histogram
+    # Speculative decoding (counters; rates in PromQL) and cumulative acceptance gauges.
+    spec_decode_num_drafts: Counter
+    spec_decode_num_draft_tokens: Counter
+    spec_decode_num_accepted_tokens: Counter
+    spec_decode_num_draft_tokens_per_pos: Counter  # label position
+    spec_decode_num_accepted_tokens_per_pos: Counter  # label position
+    spec_decode_acceptance_rate: Gauge
+    spec_decode_acceptance_rate_per_pos: Gauge  # label position
 
 
 _lock = threading.Lock()
@@ -135,5 +143,37 @@ def _create() -> Metrics:
             "Generated tokens per request",
             m,
             buckets=_TOKEN_BUCKETS,
+        ),
+        **_spec_decode_metrics(m),
+    )
+
+
+def _spec_decode_metrics(m: list[str]) -> dict[str, Counter | Gauge]:
+    pos = m + ["position"]
+    return dict(
+        spec_decode_num_drafts=Counter(
+            "lmserve:spec_decode_num_drafts", "Verifications of >= 1 draft token (one request)", m
+        ),
+        spec_decode_num_draft_tokens=Counter(
+            "lmserve:spec_decode_num_draft_tokens", "Draft tokens verified", m
+        ),
+        spec_decode_num_accepted_tokens=Counter(
+            "lmserve:spec_decode_num_accepted_tokens", "Draft tokens accepted", m
+        ),
+        spec_decode_num_draft_tokens_per_pos=Counter(
+            "lmserve:spec_decode_num_draft_tokens_per_pos", "Draft tokens verified at position", pos
+        ),
+        spec_decode_num_accepted_tokens_per_pos=Counter(
+            "lmserve:spec_decode_num_accepted_tokens_per_pos",
+            "Draft tokens accepted at position",
+            pos,
+        ),
+        spec_decode_acceptance_rate=Gauge(
+            "lmserve:spec_decode_acceptance_rate", "Accepted / draft tokens since start", m
+        ),
+        spec_decode_acceptance_rate_per_pos=Gauge(
+            "lmserve:spec_decode_acceptance_rate_per_pos",
+            "Accepted / draft tokens at draft position (0-based) since start",
+            pos,
         ),
     )

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from lmserve.engine.messages import EngineCoreOutput, SchedulerStats
+from lmserve.engine.messages import EngineCoreOutput, SchedulerStats, SpecDecodeStats
 from lmserve.metrics.prometheus import get_metrics
 from lmserve.outputs import RequestOutput
 
@@ -36,6 +36,7 @@ class StatsRecorder:
         self.kv_usage = metrics.kv_cache_usage_perc.labels(**labels)
         self._requests: dict[str, _RequestTimes] = {}
         self._parent_of: dict[str, str] = {}  # engine request id -> user request id
+        self._spec_totals = SpecDecodeStats()  # since start, for the acceptance-rate gauges
 
     def on_request_added(
         self, request_id: str, num_prompt_tokens: int, sample_ids: list[str] | None = None
@@ -62,6 +63,24 @@ class StatsRecorder:
         m.prefix_cache_queries.labels(**labels).inc(stats.prefix_cache_queries)
         m.prefix_cache_hits.labels(**labels).inc(stats.prefix_cache_hits)
         m.num_preemptions.labels(**labels).inc(stats.num_preemptions)
+        if stats.spec_decode is not None:
+            self._on_spec_decode(stats.spec_decode)
+
+    def _on_spec_decode(self, spec: SpecDecodeStats) -> None:
+        m, labels = self.metrics, self._labels
+        m.spec_decode_num_drafts.labels(**labels).inc(spec.num_drafts)
+        m.spec_decode_num_draft_tokens.labels(**labels).inc(spec.num_draft_tokens)
+        m.spec_decode_num_accepted_tokens.labels(**labels).inc(spec.num_accepted_tokens)
+        for pos, (drafted, accepted) in enumerate(
+            zip(spec.num_draft_tokens_per_pos, spec.num_accepted_tokens_per_pos)
+        ):
+            m.spec_decode_num_draft_tokens_per_pos.labels(**labels, position=pos).inc(drafted)
+            m.spec_decode_num_accepted_tokens_per_pos.labels(**labels, position=pos).inc(accepted)
+        totals = self._spec_totals
+        totals.add(spec)
+        m.spec_decode_acceptance_rate.labels(**labels).set(totals.acceptance_rate)
+        for pos, rate in enumerate(totals.acceptance_rate_per_pos()):
+            m.spec_decode_acceptance_rate_per_pos.labels(**labels, position=pos).set(rate)
 
     def on_engine_outputs(
         self, engine_outputs: list[EngineCoreOutput], request_outputs: list[RequestOutput]
