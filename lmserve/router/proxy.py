@@ -54,6 +54,7 @@ _HOP_HEADERS = frozenset(
 )  # fmt: skip
 # ... and those uvicorn writes itself.
 _RESPONSE_DROP = _HOP_HEADERS | {"date", "server"}
+BACKEND_HEADER = "x-lmserve-backend"
 _RETRY_STATUSES = frozenset({HTTPStatus.SERVICE_UNAVAILABLE})  # draining or dead engine
 
 
@@ -220,7 +221,7 @@ class Proxy:
             resp.release()
             self._ended(backend, status)
         answered = time.perf_counter()
-        response = Response(content, resp.status, response_headers(resp))
+        response = Response(content, resp.status, response_headers(resp, backend))
         if resp.status in _RETRY_STATUSES:
             raise BackendFailed(f"status_{resp.status}", f"HTTP {resp.status}", response)
         self.metrics.added_latency.observe((sent - start) + (time.perf_counter() - answered))
@@ -238,7 +239,7 @@ class Proxy:
             raise _failed(e) from None
         answered = time.perf_counter()
         relay = self._stream_chunks(backend, resp, first)
-        response = StreamingResponse(relay, resp.status, response_headers(resp))
+        response = StreamingResponse(relay, resp.status, response_headers(resp, backend))
         self.metrics.added_latency.observe((sent - start) + (time.perf_counter() - answered))
         return response
 
@@ -311,10 +312,12 @@ def _content_text(content: Any) -> str:
     return "" if content is None else str(content)
 
 
-def response_headers(resp: aiohttp.ClientResponse) -> dict[str, str]:
+def response_headers(resp: aiohttp.ClientResponse, backend: Backend) -> dict[str, str]:
     """The backend's response headers for the client (bodies pass on still encoded: the
-    client session does not decompress)."""
-    return {k.lower(): v for k, v in resp.headers.items() if k.lower() not in _RESPONSE_DROP}
+    client session does not decompress), plus `x-lmserve-backend`: who answered."""
+    headers = {k.lower(): v for k, v in resp.headers.items() if k.lower() not in _RESPONSE_DROP}
+    headers[BACKEND_HEADER] = backend.url
+    return headers
 
 
 def _failed(e: BaseException) -> BackendFailed:

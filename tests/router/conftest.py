@@ -9,6 +9,7 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from lmserve.router.app import build_app
 from lmserve.router.config import RouterConfig
@@ -31,7 +32,7 @@ def fresh_standins(standins) -> list[StandInEngine]:
     for engine in standins:
         defaults = StandInEngine(engine.name, port=engine.port)
         for f in dataclasses.fields(StandInEngine):
-            if f.name != "port":
+            if f.name not in ("port", "host"):
                 setattr(engine, f.name, getattr(defaults, f.name))
     return standins
 
@@ -64,3 +65,14 @@ def running_router(backends, wait_healthy: int | None = None, **overrides) -> It
         want = len(backends) if wait_healthy is None else wait_healthy
         wait_until(lambda: healthy_backends(router) >= want, what=f"{want} healthy backend(s)")
         yield router
+
+
+def metric(router: ServedApp, name: str, **labels: str) -> float:
+    """The sum of the router's /metrics samples named `name` whose labels include `labels`."""
+    text = httpx.get(router.url + "/metrics").text
+    return sum(
+        s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == name and labels.items() <= s.labels.items()
+    )

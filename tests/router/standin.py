@@ -52,10 +52,10 @@ class ServedApp:
         self.thread.join(timeout=10)
 
 
-def start_in_thread(app: Any, port: int | None = None) -> ServedApp:
+def start_in_thread(app: Any, port: int | None = None, host: str = "127.0.0.1") -> ServedApp:
     """Serve `app` with uvicorn (lifespan on) in a daemon thread; returns once it listens."""
     port = port or free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning")
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -63,7 +63,7 @@ def start_in_thread(app: Any, port: int | None = None) -> ServedApp:
     while not server.started:
         assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
         time.sleep(0.01)
-    return ServedApp(f"http://127.0.0.1:{port}", server, thread)
+    return ServedApp(f"http://{host}:{port}", server, thread)
 
 
 @contextlib.contextmanager
@@ -88,13 +88,14 @@ class StandInEngine:
     chunk_delay_s: float = 0.0
     requests: list[dict[str, Any]] = field(default_factory=list)  # body + "headers"
     port: int = field(default_factory=free_port)
+    host: str = "127.0.0.1"  # any 127.x.y.z: Kubernetes tests give each "pod" its own address
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     def __enter__(self) -> StandInEngine:
-        self._served = start_in_thread(self.app(), self.port)
+        self._served = start_in_thread(self.app(), self.port, self.host)
         return self
 
     def __exit__(self, *exc: Any) -> None:

@@ -8,9 +8,8 @@ from collections import Counter
 import httpx
 import openai
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
-from tests.router.conftest import running_router, wait_until
+from tests.router.conftest import metric, running_router, wait_until
 
 
 def client(router, api_key: str = "none") -> openai.OpenAI:
@@ -19,16 +18,6 @@ def client(router, api_key: str = "none") -> openai.OpenAI:
 
 def served_by(text: str) -> str:
     return text[0]  # the stand-ins answer with their name first
-
-
-def metric(router, name: str, **labels: str) -> float:
-    text = httpx.get(router.url + "/metrics").text
-    return sum(
-        s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-        if s.name == name and labels.items() <= s.labels.items()
-    )
 
 
 def test_streamed_chunks_reach_the_client_as_they_arrive(fresh_standins):

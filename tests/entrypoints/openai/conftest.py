@@ -112,10 +112,12 @@ def start_server(
     log_dir: Path,
     api_key: str | None = API_KEY,
     env: dict | None = None,
+    port: int | None = None,
 ) -> RemoteServer:
     """Start `lmserve serve` (its output goes to a file in `log_dir`) and wait until /health
-    answers 200. `model_dir=None` serves the default model. Later flags override earlier."""
-    port = free_port()
+    answers 200. `model_dir=None` serves the default model. Later flags override earlier.
+    `port`: a given one (to restart a server where it was), else a free one."""
+    port = port or free_port()
     args = [
         sys.executable, "-m", "lmserve.entrypoints.cli", "serve", *([model_dir] if model_dir else []),
         "--host", "127.0.0.1", "--port", str(port),
