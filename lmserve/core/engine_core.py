@@ -42,6 +42,7 @@ from lmserve.engine.messages import (
 )
 from lmserve.executor.uniproc_executor import UniProcExecutor
 from lmserve.request import Request
+from lmserve.utils import process_age_s
 
 logger = logging.getLogger(__name__)
 
@@ -225,6 +226,7 @@ def run_engine_core(
     signal.signal(signal.SIGTERM, _raise_system_exit)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the front-end decides when we stop
     exit_with_parent()
+    logger.info("EngineCore process up (interpreter and imports) in %.2f s", process_age_s())
     proc = None
     try:
         proc = EngineCoreProc(config, input_address, output_address, handshake_address)

@@ -59,6 +59,7 @@ from lmserve.entrypoints.openai.protocol import (
 from lmserve.entrypoints.openai.serving_chat import OpenAIServingChat
 from lmserve.entrypoints.openai.serving_completion import OpenAIServingCompletion
 from lmserve.entrypoints.openai.serving_engine import ClientDisconnected, json_response
+from lmserve.utils import process_age_s
 
 logger = logging.getLogger(__name__)
 
@@ -346,7 +347,9 @@ async def _serve(args: argparse.Namespace) -> int:
     from lmserve.metrics.stats import StatsRecorder
 
     config = EngineConfig.from_kwargs(args.model, **engine_kwargs(args))
+    logger.info("configuration ready %.2f s after launch", process_age_s())
     engine = AsyncLLM(config, stats=StatsRecorder(model_name=served_model_names(args)[0]))
+    logger.info("engine ready %.2f s after launch", process_age_s())
     try:
         app = build_app(engine, args)
         uvicorn_config = uvicorn.Config(
