@@ -1,11 +1,12 @@
-"""Tensor parallelism on a 2-GPU machine, in one run:
+"""Tensor parallelism on a multi-GPU machine, in one run:
 
-1. correctness: a small random Llama in bf16, greedy with TP=2 against TP=1 by vLLM's rule (at
-   the first position where tokens differ, each side's token is in the other's top-5 logprobs);
-2. speed: batch-1 decode tok/s of the Llama-3-8B shape (dummy weights) at TP=2 and TP=1, next to
-   the memory-bandwidth roofline from a copy measured in the same run.
+1. correctness: a small random Llama in bf16, greedy with each TP against TP=1 by vLLM's rule
+   (at the first position where tokens differ, each side's token is in the other's top-5);
+2. speed, per TP size: start-up time, batch-1 decode tok/s of the Llama-3-8B shape (and the 70B
+   shape with --tps-70b), next to the memory-bandwidth roofline from a copy measured in the same
+   run, and with --throughput N offline throughput on N x (256 in, 256 out).
 
-    python benchmarks/tp_gpu_check.py --out results.json
+    python benchmarks/tp_gpu_check.py --tps 4,2,1 --tps-70b 4 --throughput 1000 --out r.json
 
 TP=2 runs first (its workers are processes that free their GPUs on exit); TP=1 runs in this
 process afterwards. No claim is made here beyond the printed figures.
@@ -17,6 +18,7 @@ import argparse
 import gc
 import json
 import os
+import random
 import sys
 import tempfile
 import time
@@ -80,7 +82,9 @@ def parity(tmp: str, tp: int) -> dict:
     }
 
 
-def decode_speed(tmp: str, tp: int, shape: str = "8b") -> dict:
+def tp_run(tmp: str, tp: int, shape: str, num_requests: int) -> dict:
+    """One engine: start-up time, batch-1 decode tok/s, and (num_requests > 0) offline
+    throughput on num_requests x (256 in, 256 out) random token ids, ignore_eos."""
     path = write_shape(tmp, shape)
     start = time.perf_counter()
     llm = LLM(
@@ -91,7 +95,7 @@ def decode_speed(tmp: str, tp: int, shape: str = "8b") -> dict:
         tensor_parallel_size=tp,
         skip_tokenizer_init=True,
         max_model_len=2048,
-        gpu_memory_utilization=0.6,
+        gpu_memory_utilization=0.85,
     )
     init_s = time.perf_counter() - start
     prompt = [{"prompt_token_ids": list(range(1000, 1128))}]
@@ -105,16 +109,35 @@ def decode_speed(tmp: str, tp: int, shape: str = "8b") -> dict:
     run(8)  # warm-up
     first = min(run(1) for _ in range(3))
     full = min(run(129) for _ in range(2))
-    llm.shutdown()
-    llm = None  # free its GPU memory before the next configuration
-    gc.collect()
-    torch.cuda.empty_cache()
-    return {
+    result = {
         "shape": shape,
         "tp": tp,
         "init_s": round(init_s, 1),
         "decode_tok_s": round(128 / (full - first), 1),
     }
+    if num_requests:
+        rng = random.Random(0)
+        prompts = [
+            {"prompt_token_ids": [rng.randrange(1000, 128000) for _ in range(256)]}
+            for _ in range(num_requests)
+        ]
+        params = SamplingParams(temperature=0, max_tokens=256, min_tokens=256, ignore_eos=True)
+        t = time.perf_counter()
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        elapsed = time.perf_counter() - t
+        generated = sum(len(o.outputs[0].token_ids) for o in outs)
+        result["throughput"] = {
+            "num_requests": num_requests,
+            "elapsed_s": round(elapsed, 2),
+            "total_tok_s": round((256 * num_requests + generated) / elapsed, 1),
+            "output_tok_s": round(generated / elapsed, 1),
+        }
+    llm.shutdown()
+    llm = None  # free its GPU memory before the next configuration
+    gc.collect()
+    torch.cuda.empty_cache()
+    print(json.dumps(result), flush=True)
+    return result
 
 
 def main() -> None:
@@ -122,6 +145,7 @@ def main() -> None:
     parser.add_argument("--out", default="tp_gpu_check.json")
     parser.add_argument("--tps", default="2,1", help="TP sizes for the 8B shape, largest first")
     parser.add_argument("--tps-70b", default="", help="TP sizes for the 70B shape (>= 4 GPUs)")
+    parser.add_argument("--throughput", type=int, default=0, help="requests x (256, 256)")
     args = parser.parse_args()
     tps = [int(t) for t in args.tps.split(",")]
     tps_70b = [int(t) for t in args.tps_70b.split(",") if t]
@@ -129,7 +153,7 @@ def main() -> None:
     result = {
         "devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
         "torch": torch.__version__,
-        "attention_backend": "triton (default on CUDA), eager (no CUDA graphs yet)",
+        "attention_backend": "triton, CUDA graphs (full decode + piecewise)",
         "copy_bandwidth_gbs": round(bandwidth, 1),
         "roofline_tok_s": {
             f"{shape}_tp{tp}": round(roofline_tok_s(bandwidth, shape, tp), 1)
@@ -139,11 +163,30 @@ def main() -> None:
     }
     with tempfile.TemporaryDirectory() as tmp:
         result["parity_bf16_vs_tp1"] = [parity(tmp, tp) for tp in tps if tp > 1]
-        result["decode"] = [decode_speed(tmp, tp, "70b") for tp in tps_70b]
-        result["decode"] += [decode_speed(tmp, tp, "8b") for tp in tps]
+        runs = [tp_run(tmp, tp, "70b", args.throughput) for tp in tps_70b]
+        runs += [tp_run(tmp, tp, "8b", args.throughput) for tp in tps]
+        result["runs"] = runs
+        result["scaling_8b"] = _scaling([r for r in runs if r["shape"] == "8b"])
     print(json.dumps(result, indent=2))
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
+
+
+def _scaling(runs: list[dict]) -> dict:
+    """Speed-up over TP=1 and efficiency (speed-up / TP) of decode and throughput."""
+    base = next((r for r in runs if r["tp"] == 1), None)
+    if base is None:
+        return {}
+    out = {}
+    for r in runs:
+        entry = {"decode_speedup": round(r["decode_tok_s"] / base["decode_tok_s"], 2)}
+        entry["decode_efficiency"] = round(entry["decode_speedup"] / r["tp"], 2)
+        if "throughput" in r and "throughput" in base:
+            speedup = r["throughput"]["total_tok_s"] / base["throughput"]["total_tok_s"]
+            entry["throughput_speedup"] = round(speedup, 2)
+            entry["throughput_efficiency"] = round(speedup / r["tp"], 2)
+        out[f"tp{r['tp']}"] = entry
+    return out
 
 
 if __name__ == "__main__":
