@@ -21,6 +21,16 @@ from lmserve.attention.backend import AttentionMetadata
 from lmserve.worker.input_batch import FlatInputs
 
 
+def host_to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A small per-step host array on `device` without stalling the host: on CUDA it goes
+    through pinned memory (PyTorch's caching host allocator keeps the buffer until the copy is
+    done), so the copy is queued behind the running forward instead of waiting for it."""
+    tensor = torch.from_numpy(np.ascontiguousarray(array))
+    if device.type != "cuda":
+        return tensor
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 class _Staged:
     """One field: pinned host staging + device tensor of the same shape."""
 

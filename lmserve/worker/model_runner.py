@@ -16,7 +16,7 @@ from lmserve.sample.logprobs import LogprobsTensors, compute_logprobs_tensors
 from lmserve.sample.metadata import SamplingMetadata
 from lmserve.sample.sampler import Sampler, SamplerOutput
 from lmserve.worker.cuda_graphs import CudaGraphRunner, decode_graph_sizes, piecewise_graph_sizes
-from lmserve.worker.device_inputs import DeviceInputs
+from lmserve.worker.device_inputs import DeviceInputs, host_to_device
 from lmserve.worker.input_batch import FlatInputs, InputBatch
 from lmserve.worker.sampling_inputs import build_sampling_metadata
 from lmserve.worker.spec_decode_runner import SpecDecodeRunner
@@ -161,7 +161,9 @@ class ModelRunner:
         sample_rows = flat.req_rows[sampling]
         sampler_output = None
         if len(sample_rows):
-            logits_indices = torch.from_numpy(flat.logits_indices[sampling]).to(self.device)
+            # Queued behind the forward, no host stall: the host builds the sampling inputs
+            # while the GPU runs; the step's one sync is the sampled tokens' copy back.
+            logits_indices = host_to_device(flat.logits_indices[sampling], self.device)
             logits = self.model.compute_logits(hidden[logits_indices])  # [num_sampling, vocab]
             metadata = build_sampling_metadata(
                 self.input_batch, sample_rows, self.vocab_size, self.device

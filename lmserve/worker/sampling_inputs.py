@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from lmserve.sample.metadata import SamplingMetadata
+from lmserve.worker.device_inputs import host_to_device
 from lmserve.worker.input_batch import InputBatch
 
 
@@ -26,7 +27,7 @@ def build_sampling_metadata(
     count the drafts before it. Seeded generators then map to the row's last occurrence."""
 
     def to_dev(array: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(array)).to(device, non_blocking=True)
+        return host_to_device(array, device)
 
     temperature = batch.temperature[rows]
     random_rows = temperature > 0
