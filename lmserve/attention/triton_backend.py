@@ -24,12 +24,15 @@ tiles are numbered from `query_start_loc[i] // BLOCK_Q + i` on. That number grow
 leaves each request at least ceil(q_len / BLOCK_Q) tiles, so a binary search over it finds the
 request, the grid is `num_tokens // BLOCK_Q + num_reqs` and surplus programs exit at once.
 
-NOTE (later, speed): a decode-heavy batch with few requests and long sequences launches only
-num_reqs * num_kv_heads programs, each walking the whole sequence — too few to fill an H100's
-132 SMs. A split-KV ("flash-decoding") variant splits each request's keys into segments, one
-program per (request, kv head, segment) writing a partial output plus its (max, sum), and a
-second small kernel merges the segments by their log-sum-exp. The interior KV tiles (wholly
-below the causal diagonal) could also skip the mask arithmetic.
+Split-KV decode ("flash-decoding"): a decode-only batch with few requests launches only
+num_reqs * num_kv_heads programs above, each walking a whole sequence — too few to fill an H100's
+132 SMs when the context is long. When that product is below the SM count, decode runs instead
+as one program per (request, kv head, segment): each request's keys are cut into NUM_SPLITS
+segments (at least MIN_SPLIT_KEYS each, so short sequences use one), each program writes its
+partial output and log-sum-exp, and a second kernel merges the segments. NUM_SPLITS depends only
+on the batch shape, never on sequence lengths, so a CUDA graph captures it once per batch size.
+
+NOTE (later, speed): interior KV tiles (wholly below the causal diagonal) could skip the mask.
 """
 
 from __future__ import annotations
@@ -194,7 +197,116 @@ def _kernels():
             mask=row_valid[:, None] & dim_valid[None, :],
         )
 
-    return write_kv_cache_kernel, paged_attention_kernel
+    @triton.jit
+    def decode_split_kernel(
+        partial_out_ptr,  # [num_tokens, num_heads, NUM_SPLITS, BLOCK_D] float32
+        partial_lse_ptr,  # [num_tokens, num_heads, NUM_SPLITS] float32, log2 domain
+        query_ptr,  # [num_tokens, num_heads, head_dim]; one query token per request
+        key_cache_ptr,
+        value_cache_ptr,
+        block_tables_ptr,
+        query_start_loc_ptr,
+        seq_lens_ptr,
+        qk_scale,
+        num_heads,
+        stride_q_tok,
+        stride_q_head,
+        stride_cache_block,
+        stride_cache_slot,
+        stride_cache_head,
+        stride_block_table,
+        block_size,
+        head_dim,
+        GROUP_SIZE: tl.constexpr,
+        BLOCK_M: tl.constexpr,  # GROUP_SIZE padded to a power of two >= 16
+        BLOCK_N: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        NUM_SPLITS: tl.constexpr,
+        MIN_SPLIT_KEYS: tl.constexpr,
+        DOT_PRECISION: tl.constexpr,
+    ):
+        req = tl.program_id(0)
+        kv_head = tl.program_id(1)
+        split = tl.program_id(2)
+        token = tl.load(query_start_loc_ptr + req)
+        seq_len = tl.load(seq_lens_ptr + req)
+        # The segment: a multiple of BLOCK_N, at least MIN_SPLIT_KEYS long.
+        seg = tl.maximum(tl.cdiv(seq_len, NUM_SPLITS), MIN_SPLIT_KEYS)
+        seg = tl.cdiv(seg, BLOCK_N) * BLOCK_N
+        kv_lo = split * seg
+        kv_hi = tl.minimum(kv_lo + seg, seq_len)
+
+        rows = tl.arange(0, BLOCK_M)
+        head = kv_head * GROUP_SIZE + rows
+        row_valid = rows < GROUP_SIZE
+        dims = tl.arange(0, BLOCK_D)
+        dim_valid = dims < head_dim
+        q_off = token.to(tl.int64) * stride_q_tok + head[:, None] * stride_q_head + dims[None, :]
+        q = tl.load(query_ptr + q_off, mask=row_valid[:, None] & dim_valid[None, :], other=0.0)
+
+        m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        block_table_row = block_tables_ptr + req.to(tl.int64) * stride_block_table
+        cols = tl.arange(0, BLOCK_N)
+        for kv_start in range(kv_lo, kv_hi, BLOCK_N):
+            k_pos = kv_start + cols
+            k_valid = k_pos < kv_hi  # one query at the last position: no causal mask inside
+            block_ids = tl.load(block_table_row + k_pos // block_size, mask=k_valid, other=0)
+            kv_off = block_ids.to(tl.int64) * stride_cache_block
+            kv_off += (k_pos % block_size) * stride_cache_slot + kv_head * stride_cache_head
+            kv_mask = k_valid[:, None] & dim_valid[None, :]
+            k = tl.load(key_cache_ptr + kv_off[:, None] + dims[None, :], mask=kv_mask, other=0.0)
+            v = tl.load(value_cache_ptr + kv_off[:, None] + dims[None, :], mask=kv_mask, other=0.0)
+            scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+            scores = tl.where(k_valid[None, :], scores, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(scores - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+            m_i = m_new
+
+        empty = l_i == 0.0  # a segment past the end of the sequence (or a padding request)
+        lse = tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
+        out = acc / tl.where(empty, 1.0, l_i)[:, None]
+        part = (token.to(tl.int64) * num_heads + head) * NUM_SPLITS + split  # [BLOCK_M]
+        tl.store(partial_lse_ptr + part, lse, mask=row_valid)
+        tl.store(
+            partial_out_ptr + part[:, None] * BLOCK_D + dims[None, :], out, mask=row_valid[:, None]
+        )
+
+    @triton.jit
+    def merge_splits_kernel(
+        out_ptr,  # [num_tokens, num_heads, head_dim]
+        partial_out_ptr,  # [num_tokens, num_heads, NUM_SPLITS, BLOCK_D] float32
+        partial_lse_ptr,  # [num_tokens, num_heads, NUM_SPLITS] float32
+        stride_o_tok,
+        stride_o_head,
+        num_heads,
+        head_dim,
+        NUM_SPLITS: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+    ):
+        token = tl.program_id(0).to(tl.int64)
+        head = tl.program_id(1)
+        splits = tl.arange(0, NUM_SPLITS)
+        dims = tl.arange(0, BLOCK_D)
+        base = (token * num_heads + head) * NUM_SPLITS
+        lse = tl.load(partial_lse_ptr + base + splits)  # [NUM_SPLITS]
+        m = tl.max(lse, axis=0)
+        m = tl.where(m == float("-inf"), 0.0, m)  # no keys at all: every weight is 0
+        w = tl.exp2(lse - m)  # [NUM_SPLITS]
+        parts = tl.load(partial_out_ptr + (base + splits)[:, None] * BLOCK_D + dims[None, :])
+        total = tl.sum(w, axis=0)
+        out = tl.sum(w[:, None] * parts, axis=0) / tl.where(total == 0.0, 1.0, total)
+        tl.store(
+            out_ptr + token * stride_o_tok + head * stride_o_head + dims,
+            out.to(out_ptr.dtype.element_ty),
+            mask=dims < head_dim,
+        )
+
+    return write_kv_cache_kernel, paged_attention_kernel, decode_split_kernel, merge_splits_kernel
 
 
 def _next_power_of_2(n: int) -> int:
@@ -214,7 +326,7 @@ def triton_write_kv_cache(
         return
     assert key.stride(2) == 1 and value.stride(2) == 1, "head_dim must be contiguous"
     assert key_cache.stride() == value_cache.stride() and key_cache.stride(3) == 1
-    write_kernel, _ = _kernels()
+    write_kernel = _kernels()[0]
     write_kernel[(num_tokens,)](
         key,
         value,
@@ -251,6 +363,7 @@ def triton_paged_attention(
     metadata: AttentionMetadata,
     scale: float,
     out: torch.Tensor | None = None,  # [num_tokens, num_heads, head_dim]; allocated if None
+    num_kv_splits: int | None = None,  # decode-only batches: None = chosen from the batch shape
 ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
     """Causal attention of each query over its request's cached keys/values (already written)."""
     num_tokens, num_heads, head_dim = query.shape
@@ -268,8 +381,13 @@ def triton_paged_attention(
     block_m, block_q = _block_shape(group_size, metadata.max_query_len)
     block_d = max(16, _next_power_of_2(head_dim))
     block_n = 64 if block_d <= 128 else 32
+    if num_kv_splits is None:
+        num_kv_splits = _num_kv_splits(metadata, num_kv_heads, query.device)
+    if metadata.max_query_len == 1 and num_kv_splits > 1:
+        _split_kv_decode(query, key_cache, value_cache, metadata, scale, output, num_kv_splits)
+        return output
     grid = (num_tokens // block_q + metadata.num_reqs, num_kv_heads)
-    _, attention_kernel = _kernels()
+    attention_kernel = _kernels()[1]
     attention_kernel[grid](
         output,
         query,
@@ -300,6 +418,82 @@ def triton_paged_attention(
         num_stages=2,
     )
     return output
+
+
+MAX_KV_SPLITS = 16
+MIN_SPLIT_KEYS = 256  # shorter segments cost more in merging than they gain in parallelism
+
+
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _num_kv_splits(metadata: AttentionMetadata, num_kv_heads: int, device: torch.device) -> int:
+    """Segments per request for a decode-only batch: enough programs for two waves over the
+    SMs. 1 (no split) when the batch alone fills the GPU or it is not decode-only."""
+    if metadata.max_query_len != 1 or device.type != "cuda":
+        return 1
+    programs = metadata.num_reqs * num_kv_heads
+    sm_count = _sm_count(device.index if device.index is not None else 0)
+    if programs >= sm_count:
+        return 1
+    return min(MAX_KV_SPLITS, _next_power_of_2(-(-2 * sm_count // programs)))
+
+
+def _split_kv_decode(query, key_cache, value_cache, metadata, scale, output, num_splits) -> None:
+    num_tokens, num_heads, head_dim = query.shape
+    num_kv_heads = key_cache.shape[2]
+    group_size = num_heads // num_kv_heads
+    block_d = max(16, _next_power_of_2(head_dim))
+    partial_out = torch.empty(
+        (num_tokens, num_heads, num_splits, block_d), dtype=torch.float32, device=query.device
+    )
+    partial_lse = torch.empty(
+        (num_tokens, num_heads, num_splits), dtype=torch.float32, device=query.device
+    )
+    _, _, split_kernel, merge_kernel = _kernels()
+    split_kernel[(metadata.num_reqs, num_kv_heads, num_splits)](
+        partial_out,
+        partial_lse,
+        query,
+        key_cache,
+        value_cache,
+        metadata.block_tables,
+        metadata.query_start_loc,
+        metadata.seq_lens,
+        scale * 1.4426950408889634,
+        num_heads,
+        query.stride(0),
+        query.stride(1),
+        key_cache.stride(0),
+        key_cache.stride(1),
+        key_cache.stride(2),
+        metadata.block_tables.stride(0),
+        key_cache.shape[1],
+        head_dim,
+        GROUP_SIZE=group_size,
+        BLOCK_M=max(16, _next_power_of_2(group_size)),
+        BLOCK_N=64 if block_d <= 128 else 32,
+        BLOCK_D=block_d,
+        NUM_SPLITS=num_splits,
+        MIN_SPLIT_KEYS=MIN_SPLIT_KEYS,
+        DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
+        num_warps=4,
+        num_stages=2,
+    )
+    merge_kernel[(num_tokens, num_heads)](
+        output,
+        partial_out,
+        partial_lse,
+        output.stride(0),
+        output.stride(1),
+        num_heads,
+        head_dim,
+        NUM_SPLITS=num_splits,
+        BLOCK_D=block_d,
+        num_warps=1,
+    )
 
 
 class TritonAttentionBackend(AttentionBackend):

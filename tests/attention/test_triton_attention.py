@@ -133,7 +133,9 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.to("cpu", torch.float64) - ref).norm() / ref.norm()).item()
 
 
-def check_against_reference(specs, num_heads, num_kv_heads, head_dim, dtype, **kw) -> float:
+def check_against_reference(
+    specs, num_heads, num_kv_heads, head_dim, dtype, num_kv_splits=None, **kw
+) -> float:
     """Run the backend (NaN-poisoned output) and the reference; assert the cache write is exact,
     every output element is written, the error is within bounds, and a rerun is bit-identical.
     Returns the relative error."""
@@ -151,12 +153,16 @@ def check_against_reference(specs, num_heads, num_kv_heads, head_dim, dtype, **k
     assert torch.equal(kv_cache[1].to("cpu", torch.float64), ref_value_cache)
 
     out = torch.full_like(query, float("nan"))
-    triton_paged_attention(query, kv_cache[0], kv_cache[1], metadata, scale, out=out)
+    triton_paged_attention(
+        query, kv_cache[0], kv_cache[1], metadata, scale, out=out, num_kv_splits=num_kv_splits
+    )
     assert not out.isnan().any(), f"{out.isnan().sum().item()} output elements never written"
     error = relative_error(out, ref_out)
     assert error < MAX_REL_ERROR[dtype], f"relative error {error:.2e}"
 
-    again = triton_paged_attention(query, kv_cache[0], kv_cache[1], metadata, scale)
+    again = triton_paged_attention(
+        query, kv_cache[0], kv_cache[1], metadata, scale, num_kv_splits=num_kv_splits
+    )
     assert torch.equal(out, again), "two runs on the same inputs differ: a race?"
     return error
 
@@ -177,6 +183,15 @@ def test_mixed_batch_matches_reference(heads, head_dim, dtype):
 @pytest.mark.parametrize("heads", [(32, 8), (14, 2), (8, 8)], ids=lambda h: f"{h[0]}q{h[1]}kv")
 def test_decode_batch_matches_reference(heads, head_dim, dtype):
     check_against_reference(DECODE, *heads, head_dim, dtype, seed=1)
+
+
+@pytest.mark.parametrize("num_kv_splits", [1, 2, 16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_split_kv_decode_matches_reference(dtype, num_kv_splits):
+    """Long and short contexts in one decode batch, split into segments (1 = the mixed-batch
+    kernel): segments past a short sequence's end are empty and must merge to nothing."""
+    specs = [(4000, 1), (700, 1), (0, 1), (255, 1), (256, 1), (1500, 1)]
+    check_against_reference(specs, 32, 8, 128, dtype, num_kv_splits=num_kv_splits, seed=5)
 
 
 @pytest.mark.parametrize("heads", [(16, 1), (32, 1)], ids=lambda h: f"{h[0]}q{h[1]}kv")
