@@ -27,3 +27,22 @@ def cpu_machine_info(device: str, **extra: object) -> dict[str, object]:
     if model:
         info["cpu_model"] = model
     return info
+
+
+def device_info(device: str, **extra: object) -> dict[str, object]:
+    """`cpu_machine_info`, plus the card (name, memory, compute capability, driver-side CUDA
+    and torch versions) when `device` is CUDA."""
+    info = cpu_machine_info(device, **extra)
+    if device.startswith("cuda"):
+        import torch
+
+        props = torch.cuda.get_device_properties(torch.cuda.current_device())
+        info.update(
+            gpu=props.name,
+            gpu_memory_gib=round(props.total_memory / 2**30, 1),
+            gpu_compute_capability=f"{props.major}.{props.minor}",
+            gpu_count=torch.cuda.device_count(),
+            cuda=torch.version.cuda,
+            torch=torch.__version__,
+        )
+    return info

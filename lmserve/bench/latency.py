@@ -14,7 +14,9 @@ Warm-up iterations run first and are not counted.
 
 `--output-json` writes vLLM's avg_latency, latencies (s, one per iteration) and percentiles
 ({"10": s, "25": ..., "99": ...}), plus avg_ttft, ttfts, avg_decode_step_latency,
-decode_step_percentiles, decode_step_latencies (s, every timed decode step), and the settings.
+decode_step_percentiles, decode_step_latencies (s, every timed decode step), and the settings;
+with `--speculative-config`, spec_decode (draft and accepted tokens, acceptance rates; all
+iterations, warm-up included). A decode step then gives each request 1..k+1 tokens.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from lmserve.bench.spec_decode import format_spec_decode
 from lmserve.sampling_params import RequestOutputKind, SamplingParams
 
 PERCENTILES = (10, 25, 50, 75, 90, 99)
@@ -109,9 +112,12 @@ def main(args: argparse.Namespace, engine_kwargs: dict[str, Any]) -> int:
     llm = LLM(args.model, **engine_kwargs)
     try:
         timings = _measure(llm, args)
+        spec_stats = llm.get_spec_decode_stats()  # all iterations, warm-up included
     finally:
         llm.shutdown()
     result = _result(args, timings)
+    if spec_stats is not None:
+        result["spec_decode"] = spec_stats.to_dict()
     print(_format(result))
     if args.output_json:
         with open(args.output_json, "w", encoding="utf-8") as f:
@@ -177,4 +183,6 @@ def _format(result: dict[str, Any]) -> str:
         latency = result["percentiles"][str(p)]
         step = result["decode_step_percentiles"][str(p)] * 1000
         lines.append(f"{p:>10} {latency:>12.4f} {step:>15.3f}")
+    if result.get("spec_decode"):
+        lines.append(format_spec_decode(result["spec_decode"]))
     return "\n".join(lines)

@@ -78,6 +78,7 @@ from lmserve.bench.metrics import (
     summarize,
     timings_from_events,
 )
+from lmserve.bench.spec_decode import difference, format_spec_decode, scrape_spec_decode
 
 ENDPOINTS = ("/v1/completions", "/v1/chat/completions")
 PREFLIGHT_TIMEOUT_S = 10.0
@@ -654,9 +655,14 @@ def main(args: argparse.Namespace) -> int:
         workload = _build_workload(args, tokenizer, endpoint)
     except ValueError as e:
         raise BenchError(str(e)) from None
+    spec_before = scrape_spec_decode(base_url)  # lmserve's counters, if it speculates
     records, duration = asyncio.run(_run(args, endpoint, sampling, tokenizer, workload))
     summary = summarize(records, duration, slos, percentiles)
     print(format_summary(summary, percentiles))
+    spec_after = scrape_spec_decode(base_url)
+    if spec_after is not None:  # includes the test request
+        summary["spec_decode"] = difference(spec_after, spec_before).to_dict()
+        print(format_spec_decode(summary["spec_decode"]))
     if dataset_name(args) == "multi-round-qa":
         print(_format_rounds(per_round_summary(records)))
     failed = [r.error for r in records if not r.success]

@@ -19,7 +19,8 @@ model, the folder it was converted to).
 `--output-json` writes, for one backend, vLLM's keys: elapsed_time (s), num_requests,
 total_num_tokens, requests_per_second, tokens_per_second (prompt + output), plus
 output_tokens_per_second, total_prompt_tokens, total_output_tokens, backend, model,
-dataset_name, temperature. With `--backend both`: {"results": [lmserve's, hf's],
+dataset_name, temperature, and with `--speculative-config` spec_decode (draft and accepted
+tokens, acceptance rate overall and by position). With `--backend both`: {"results": [lmserve's, hf's],
 "lmserve_over_hf_output_tokens_per_second": ratio}.
 """
 
@@ -35,6 +36,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from lmserve.bench.datasets import add_dataset_args, build_requests, dataset_name
+from lmserve.bench.spec_decode import format_spec_decode
 
 BACKENDS = ("lmserve", "hf", "both")
 
@@ -46,6 +48,7 @@ class ThroughputResult:
     num_requests: int
     total_prompt_tokens: int
     total_output_tokens: int  # tokens actually generated
+    spec_decode: dict[str, Any] | None = None  # lmserve with speculative decoding: its figures
 
     def __post_init__(self) -> None:
         assert self.elapsed_time > 0, self
@@ -72,7 +75,7 @@ class ThroughputResult:
             f"[{self.backend}] Total num prompt tokens: {self.total_prompt_tokens}, "
             f"total num output tokens: {self.total_output_tokens}, "
             f"elapsed: {self.elapsed_time:.2f} s"
-        )
+        ) + (f"\n{format_spec_decode(self.spec_decode)}" if self.spec_decode else "")
 
 
 def run_lmserve(
@@ -98,6 +101,7 @@ def run_lmserve(
         start = time.perf_counter()
         outputs = llm.generate(inputs, params, use_tqdm=use_tqdm)
         elapsed = time.perf_counter() - start
+        spec_stats = llm.get_spec_decode_stats()
     finally:
         llm.shutdown()
     return ThroughputResult(
@@ -106,6 +110,7 @@ def run_lmserve(
         num_requests=len(prompts),
         total_prompt_tokens=sum(len(p) for p in prompts),
         total_output_tokens=sum(len(o.outputs[0].token_ids) for o in outputs),
+        spec_decode=spec_stats.to_dict() if spec_stats is not None else None,
     )
 
 

