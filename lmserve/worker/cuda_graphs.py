@@ -143,6 +143,14 @@ class CudaGraphRunner:
         self.attn_backend = attn_backend
         self.decode_sizes = sorted(decode_sizes)
         self.piecewise_sizes = sorted(piecewise_sizes)
+        # Every captured size must fit the static buffers it reads.
+        max_decode = min(inputs.max_num_reqs, inputs.max_num_tokens)
+        if self.decode_sizes and self.decode_sizes[-1] > max_decode:
+            raise ValueError(f"decode graph size {self.decode_sizes[-1]} > {max_decode}")
+        if self.piecewise_sizes and self.piecewise_sizes[-1] > inputs.max_num_tokens:
+            raise ValueError(
+                f"piecewise graph size {self.piecewise_sizes[-1]} > {inputs.max_num_tokens}"
+            )
         self.full: dict[int, _FullGraph] = {}
         self.piecewise: dict[int, _PiecewiseGraph] = {}
         self.pool = None

@@ -100,7 +100,8 @@ class ModelRunner:
             logger.info("attention backend %r: no full CUDA graphs", self.attn_backend.name)
             full = False
         piecewise = mc.cuda_graph_mode in ("piecewise", "full_and_piecewise")
-        max_batch = min(mc.max_cuda_graph_size, sched.max_num_seqs)
+        # A decode batch of n requests is n tokens: it must fit the token budget as well.
+        max_batch = min(mc.max_cuda_graph_size, sched.max_num_seqs, sched.max_num_batched_tokens)
         max_tokens = min(mc.max_cuda_graph_size, sched.max_num_batched_tokens)
         self.graphs = CudaGraphRunner(
             self.model,

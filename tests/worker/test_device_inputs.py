@@ -40,6 +40,17 @@ def test_graph_sizes_are_bucketed_like_vllm():
     assert [_bucket(sizes, n) for n in (1, 3, 5, 9, 256, 257)] == [1, 4, 8, 16, 256, None]
 
 
+def test_graphs_larger_than_the_static_buffers_are_refused():
+    from lmserve.worker.cuda_graphs import CudaGraphRunner
+
+    inputs = DeviceInputs(max_num_tokens=32, max_num_reqs=64, max_blocks_per_req=4,
+                          device=torch.device("cpu"))  # fmt: skip
+    with pytest.raises(ValueError, match="decode graph size 40 > 32"):
+        CudaGraphRunner(None, inputs, [], None, decode_sizes=[8, 40], piecewise_sizes=[])
+    with pytest.raises(ValueError, match="piecewise graph size 64 > 32"):
+        CudaGraphRunner(None, inputs, [], None, decode_sizes=[8], piecewise_sizes=[16, 64])
+
+
 def test_stage_without_padding_copies_the_step_exactly():
     inputs = DeviceInputs(64, 8, 16, torch.device("cpu"))
     flat = _flat([3, 1, 2], [7, 5, 2])
