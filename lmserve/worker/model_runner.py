@@ -72,6 +72,8 @@ class ModelRunner:
         return target_bytes + spec_bytes  # the draft model's layers share the blocks
 
     def initialize_kv_cache(self, num_blocks: int) -> None:
+        if self.spec_decode is not None:  # first: it frees the draft's profiling cache
+            self.spec_decode.initialize_kv_cache(num_blocks)  # the draft's, on the same block ids
         num_layers, num_kv_heads, head_dim = get_kv_cache_spec(self.config.model_config.hf_config)
         shape = (num_blocks, self.block_size, num_kv_heads, head_dim)
         # NOTE: on the CPU the pool is left uninitialised so pages are touched lazily (zeroing
@@ -85,8 +87,6 @@ class ModelRunner:
             )
             for _ in range(num_layers)
         ]
-        if self.spec_decode is not None:  # the draft model's caches, on the same block ids
-            self.spec_decode.initialize_kv_cache(num_blocks)
 
     def capture_model(self) -> None:
         """Capture CUDA graphs (after the KV cache exists). No-op on CPU, with

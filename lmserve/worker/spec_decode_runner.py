@@ -51,6 +51,7 @@ class _Verified:
 
 class SpecDecodeRunner:
     def __init__(self, runner: ModelRunner, config: SpeculativeConfig) -> None:
+        config = config.finalize(runner.config.model_config)  # the draft's config (idempotent)
         self.runner = runner
         self.num_spec_tokens = config.num_speculative_tokens
         self.max_model_len = runner.input_batch.max_model_len
