@@ -146,6 +146,7 @@ def main() -> None:
     parser.add_argument("--tps", default="2,1", help="TP sizes for the 8B shape, largest first")
     parser.add_argument("--tps-70b", default="", help="TP sizes for the 70B shape (>= 4 GPUs)")
     parser.add_argument("--throughput", type=int, default=0, help="requests x (256, 256)")
+    parser.add_argument("--throughput-70b", type=int, default=0, help="same, 70B shape")
     args = parser.parse_args()
     tps = [int(t) for t in args.tps.split(",")]
     tps_70b = [int(t) for t in args.tps_70b.split(",") if t]
@@ -163,7 +164,7 @@ def main() -> None:
     }
     with tempfile.TemporaryDirectory() as tmp:
         result["parity_bf16_vs_tp1"] = [parity(tmp, tp) for tp in tps if tp > 1]
-        runs = [tp_run(tmp, tp, "70b", args.throughput) for tp in tps_70b]
+        runs = [tp_run(tmp, tp, "70b", args.throughput_70b) for tp in tps_70b]
         runs += [tp_run(tmp, tp, "8b", args.throughput) for tp in tps]
         result["runs"] = runs
         result["scaling_8b"] = _scaling([r for r in runs if r["shape"] == "8b"])
