@@ -106,6 +106,8 @@ def run_engine(
         enforce_eager=args.enforce_eager,
         enable_prefix_caching=False,
         speculative_config=speculative_config,
+        # token ids in and out: a config-only folder (dummy weights) has no tokenizer
+        skip_tokenizer_init=args.load_format == "dummy",
     )
     inputs = [{"prompt_token_ids": p} for p in prompts]
     decode = SamplingParams(
