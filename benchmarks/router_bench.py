@@ -12,13 +12,15 @@ For each concurrency the client sends the same requests once straight to the sta
 through the router. Added latency = through-router minus direct, per percentile; requests/s is
 through the router. Non-streamed and streamed (3 SSE chunks) answers are both measured. It also
 records how long `lmserve router` takes from exec to its first healthy /health.
-Prints a table; writes benchmarks/results/router_bench_cpu.json. Never asserts on time.
+Prints a table; writes benchmarks/results/router_bench_cpu.json, one entry per server stack
+(h11+asyncio as installed plainly; httptools+uvloop with the `router` extra). Never asserts.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import json
 import os
 import socket
@@ -206,9 +208,13 @@ def main() -> None:
             if proc is not None:
                 proc.terminate()
                 proc.wait(timeout=10)
-    result = {
-        "benchmark": "router_bench",
-        "machine": cpu_machine_info("cpu", note="stand-in, router and client share these cores"),
+    stack = server_stack()
+    result = {"benchmark": "router_bench", "runs": {}}
+    if os.path.exists(RESULT_PATH):  # one run per server stack, kept side by side
+        with open(RESULT_PATH) as f:
+            result = json.load(f)
+    result["machine"] = cpu_machine_info("cpu", note="stand-in, router and client share the cores")
+    result["runs"][stack] = {
         "router_startup_s": startup_s,
         "routing_logic": "roundrobin",
         "rows": rows,
@@ -216,7 +222,17 @@ def main() -> None:
     os.makedirs(os.path.dirname(RESULT_PATH), exist_ok=True)
     with open(RESULT_PATH, "w") as f:
         json.dump(result, f, indent=2)
-    print(f"router start-up to first healthy /health: {startup_s:.2f} s; written {RESULT_PATH}")
+    print(
+        f"[{stack}] router start-up to first healthy /health: {startup_s:.2f} s; written {RESULT_PATH}"
+    )
+
+
+def server_stack() -> str:
+    """What uvicorn will run the router on: its fast parser and loop when installed (the
+    `router` extra), else h11 and asyncio (the plain install)."""
+    http = "httptools" if importlib.util.find_spec("httptools") else "h11"
+    loop = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
+    return f"{http}+{loop}"
 
 
 def _row(stream: bool, concurrency: int, direct: dict, routed: dict) -> dict:

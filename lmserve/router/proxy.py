@@ -72,7 +72,6 @@ class BackendFailed(Exception):
 class ParsedBody:
     data: dict[str, Any]
     model: str | None
-    stream: bool
 
 
 class Proxy:
@@ -117,6 +116,8 @@ class Proxy:
             candidates = [b for b in self.candidates(parsed.model) if b.url not in tried]
             if not candidates:
                 break
+            if failure is not None:
+                self.metrics.retries.labels(failure.reason).inc()
             decision = self.logic.choose(route_request, candidates)
             self.metrics.routing_decisions.labels(decision.reason).inc()
             tried.add(decision.backend.url)
@@ -126,8 +127,6 @@ class Proxy:
                 failure = e
                 logger.warning("%s failed on %s (attempt %d): %s", path, decision.backend.url,
                                attempt + 1, e)  # fmt: skip
-                if attempt < self.max_retries:
-                    self.metrics.retries.labels(e.reason).inc()
         if failure is not None and failure.response is not None:
             return failure.response  # the backend's own answer (e.g. its 503), unchanged
         raise no_backend(parsed.model, failure)
@@ -283,7 +282,7 @@ def parse_body(raw: bytes) -> ParsedBody:
     model = data.get("model")
     if model is not None and not isinstance(model, str):
         raise invalid_request(f"model: Input should be a valid string (got {model!r})", "model")
-    return ParsedBody(data, model, bool(data.get("stream")))
+    return ParsedBody(data, model)
 
 
 def prompt_of(data: dict[str, Any]) -> str | Sequence[int] | None:
