@@ -226,7 +226,7 @@ def run_engine_core(
     signal.signal(signal.SIGTERM, _raise_system_exit)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the front-end decides when we stop
     exit_with_parent()
-    logger.info("EngineCore process up (interpreter and imports) in %.2f s", process_age_s())
+    logger.info("EngineCore configured %.2f s after its process started", process_age_s())
     proc = None
     try:
         proc = EngineCoreProc(config, input_address, output_address, handshake_address)

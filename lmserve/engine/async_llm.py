@@ -8,12 +8,14 @@ outputs, turns them into RequestOutputs and hands each to its request's queue.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import AsyncIterator
 
 from lmserve.config import EngineConfig
 from lmserve.engine.core_client import EngineCoreClient, EngineDeadError
 from lmserve.engine.input_processor import InputProcessor, PromptType
+from lmserve.engine.launcher import EngineLauncher
 from lmserve.engine.llm_engine import split_into_samples, start_engine_and_tokenizer
 from lmserve.engine.output_processor import OutputProcessor
 from lmserve.metrics.stats import StatsRecorder
@@ -35,11 +37,17 @@ class AsyncLLM:
     engine.shutdown()
     """
 
-    def __init__(self, config: EngineConfig, stats: StatsRecorder | None = None) -> None:
+    def __init__(
+        self,
+        config: EngineConfig,
+        stats: StatsRecorder | None = None,
+        launcher: EngineLauncher | None = None,
+    ) -> None:
+        """`launcher`: an EngineCore process started before the configuration was built."""
         self.config = config
         self.model_config = config.model_config
         self.engine_core, self.tokenizer = start_engine_and_tokenizer(
-            config, EngineCoreClient.make_async_mp_client
+            config, functools.partial(EngineCoreClient.make_async_mp_client, launcher=launcher)
         )
         self.input_processor = InputProcessor(config.model_config, self.tokenizer)
         self.output_processor = OutputProcessor(self.tokenizer)

@@ -32,6 +32,7 @@ import zmq.asyncio
 
 from lmserve import envs
 from lmserve.config import EngineConfig
+from lmserve.engine.launcher import EngineLauncher
 from lmserve.engine.messages import (
     EngineCoreOutputs,
     EngineCoreRequest,
@@ -78,8 +79,10 @@ class EngineCoreClient(ABC):
         return InprocClient(config)
 
     @staticmethod
-    def make_async_mp_client(config: EngineConfig) -> AsyncMPClient:
-        return AsyncMPClient(config)
+    def make_async_mp_client(
+        config: EngineConfig, launcher: EngineLauncher | None = None
+    ) -> AsyncMPClient:
+        return AsyncMPClient(config, launcher)
 
 
 class InprocClient(EngineCoreClient):
@@ -114,9 +117,12 @@ class InprocClient(EngineCoreClient):
 class _EngineProcess:
     """Starts the EngineCore process, performs the handshake, watches for its death."""
 
-    def __init__(self, config: EngineConfig, rpc_dir: str) -> None:
-        """The caller has bound a PULL socket at `output_address` already (so the engine's
-        PUSH and this watcher's can connect to it)."""
+    def __init__(
+        self, config: EngineConfig, rpc_dir: str, launcher: EngineLauncher | None = None
+    ) -> None:
+        """`launcher`: a process started earlier, waiting for its configuration (see
+        lmserve/engine/launcher.py); None starts one now. The caller has bound a PULL socket
+        at `output_address` already (so the engine's PUSH and this watcher's can connect)."""
         if getattr(multiprocessing.current_process(), "_inheriting", False):
             raise RuntimeError(
                 "lmserve starts its EngineCore in a new process (spawn), which re-imports your "
@@ -132,16 +138,10 @@ class _EngineProcess:
         ctx = zmq.Context.instance()
         handshake = ctx.socket(zmq.PULL)
         handshake.bind(self.handshake_address)
-        from lmserve.core.engine_core import run_engine_core
-
-        self.proc = multiprocessing.get_context("spawn").Process(
-            target=run_engine_core,
-            args=(config, self.input_address, self.output_address, self.handshake_address),
-            name="lmserve::EngineCore",
-            daemon=False,  # it may start tensor-parallel workers; it exits with us regardless
-        )
+        launcher = launcher or EngineLauncher()
+        self.proc = launcher.proc
         try:
-            self.proc.start()
+            launcher.launch(config, self.input_address, self.output_address, self.handshake_address)
             self.ready = self._wait_ready(handshake)
         except BaseException:
             self.shutdown()
@@ -201,7 +201,9 @@ class _EngineProcess:
 class _MPClientBase:
     """Shared by the sync and async clients: the process, the codec, utility call ids."""
 
-    def __init__(self, config: EngineConfig, ctx: zmq.Context) -> None:
+    def __init__(
+        self, config: EngineConfig, ctx: zmq.Context, launcher: EngineLauncher | None = None
+    ) -> None:
         rpc_dir = tempfile.mkdtemp(prefix="lmserve-", dir=envs.LMSERVE_RPC_BASE_PATH)
         self.ctx = ctx
         self.output_socket = ctx.socket(zmq.PULL)
@@ -209,7 +211,7 @@ class _MPClientBase:
         self.input_socket = ctx.socket(zmq.PUSH)
         self.input_socket.connect(f"ipc://{rpc_dir}/input")  # the engine binds it
         try:
-            self.engine = _EngineProcess(config, rpc_dir)
+            self.engine = _EngineProcess(config, rpc_dir, launcher)
         except BaseException:
             self.input_socket.close(linger=0)
             self.output_socket.close(linger=0)
@@ -295,8 +297,8 @@ class SyncMPClient(_MPClientBase, EngineCoreClient):
 class AsyncMPClient(_MPClientBase):
     """Create inside the event loop that will use it."""
 
-    def __init__(self, config: EngineConfig) -> None:
-        super().__init__(config, zmq.asyncio.Context.instance())
+    def __init__(self, config: EngineConfig, launcher: EngineLauncher | None = None) -> None:
+        super().__init__(config, zmq.asyncio.Context.instance(), launcher)
         self._pending_calls: dict[int, asyncio.Future] = {}
 
     async def add_request_async(self, request: EngineCoreRequest) -> None:

@@ -36,6 +36,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from lmserve import __version__, envs
+from lmserve.engine.launcher import EngineLauncher
 from lmserve.entrypoints.openai.errors import (
     AUTHENTICATION,
     SERVICE_UNAVAILABLE,
@@ -326,12 +327,17 @@ class APIServer(uvicorn.Server):
             await asyncio.sleep(TICK_S)
 
 
-def run_server(args: argparse.Namespace) -> int:
-    """`lmserve serve`: returns 0 after a drain (SIGTERM/SIGINT), 1 if the engine died."""
+def run_server(args: argparse.Namespace, launcher: EngineLauncher | None = None) -> int:
+    """`lmserve serve`: returns 0 after a drain (SIGTERM/SIGINT), 1 if the engine died.
+    `launcher`: an EngineCore process already started (it gets the configuration)."""
     logging.basicConfig(
         level=envs.LMSERVE_LOGGING_LEVEL, format="%(asctime)s %(levelname)s [%(name)s] %(message)s"
     )
-    exit_code = asyncio.run(_serve(args))
+    try:
+        exit_code = asyncio.run(_serve(args, launcher))
+    finally:
+        if launcher is not None and not launcher.launched:
+            launcher.cancel()  # the configuration never came (bad flags, a missing model)
     if exit_code != 0:
         # Leave even if some thread or child would keep the interpreter from exiting.
         timer = threading.Timer(HARD_EXIT_S, os._exit, args=(exit_code,))
@@ -340,7 +346,7 @@ def run_server(args: argparse.Namespace) -> int:
     return exit_code
 
 
-async def _serve(args: argparse.Namespace) -> int:
+async def _serve(args: argparse.Namespace, launcher: EngineLauncher | None) -> int:
     from lmserve.config import EngineConfig
     from lmserve.engine.async_llm import AsyncLLM
     from lmserve.entrypoints.cli import engine_kwargs
@@ -348,7 +354,8 @@ async def _serve(args: argparse.Namespace) -> int:
 
     config = EngineConfig.from_kwargs(args.model, **engine_kwargs(args))
     logger.info("configuration ready %.2f s after launch", process_age_s())
-    engine = AsyncLLM(config, stats=StatsRecorder(model_name=served_model_names(args)[0]))
+    stats = StatsRecorder(model_name=served_model_names(args)[0])
+    engine = AsyncLLM(config, stats=stats, launcher=launcher)
     logger.info("engine ready %.2f s after launch", process_age_s())
     try:
         app = build_app(engine, args)

@@ -39,6 +39,35 @@ def test_serve_with_a_bad_model_exits_2(capsys, tmp_path):
     assert "missing" in capsys.readouterr().err
 
 
+def test_serve_with_a_bad_model_stops_the_engine_process_started_early(
+    capsys, tmp_path, monkeypatch
+):
+    """With multiprocessing, `serve` starts the EngineCore before it has a configuration; when
+    the configuration fails, that process is told so and exits: no orphan is left."""
+    import psutil
+
+    monkeypatch.setenv("LMSERVE_ENABLE_MULTIPROCESSING", "1")
+    rc = main(["serve", str(tmp_path / "missing"), "--device", "cpu"])
+    assert rc == 2
+    assert "missing" in capsys.readouterr().err
+    alive = [
+        " ".join(c.cmdline())
+        for c in psutil.Process().children(recursive=True)
+        if c.is_running() and c.status() != psutil.STATUS_ZOMBIE
+    ]
+    # multiprocessing's own resource tracker may stay; no spawned engine may.
+    assert not [cmd for cmd in alive if "resource_tracker" not in cmd], alive
+
+
+def test_an_engine_launcher_without_a_configuration_exits_cleanly():
+    from lmserve.engine.launcher import EngineLauncher
+
+    launcher = EngineLauncher()
+    assert launcher.proc.is_alive() and not launcher.launched
+    launcher.cancel()
+    assert launcher.proc.exitcode == 0
+
+
 @pytest.mark.parametrize(
     "body",
     [

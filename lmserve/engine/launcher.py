@@ -1,0 +1,59 @@
+"""Start the EngineCore process before its configuration exists.
+
+`lmserve serve` spends its first seconds importing the server and building the configuration
+(transformers' AutoConfig); the EngineCore process then spends seconds more importing torch and
+the engine. An `EngineLauncher` started first lets the two overlap: its process imports the
+engine at once and then waits on a pipe for `(config, addresses)`; `_EngineProcess` hands them
+over when the client is built. This module imports nothing heavy, so it can run first.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+from multiprocessing.connection import Connection
+
+
+def _engine_main(conn: Connection) -> None:
+    """The process: heavy imports first (while the front-end builds its config), then wait."""
+    from lmserve.core.engine_core import run_engine_core
+
+    try:
+        args = conn.recv()
+    except (EOFError, KeyboardInterrupt):  # the front-end gave up before it had a config
+        return
+    finally:
+        conn.close()
+    run_engine_core(*args)
+
+
+class EngineLauncher:
+    """A started EngineCore process waiting for its configuration. Hand it to the client with
+    `launch(...)` exactly once, or `cancel()` it."""
+
+    def __init__(self) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        self._conn, child_conn = ctx.Pipe()
+        self.proc = ctx.Process(
+            target=_engine_main,
+            args=(child_conn,),
+            name="lmserve::EngineCore",
+            daemon=False,  # it may start tensor-parallel workers; it exits with us regardless
+        )
+        self.proc.start()
+        child_conn.close()
+        self.launched = False
+
+    def launch(self, *run_engine_core_args) -> None:
+        """Send `run_engine_core`'s arguments (once)."""
+        self.launched = True
+        self._conn.send(run_engine_core_args)
+        self._conn.close()
+
+    def cancel(self) -> None:
+        """No configuration is coming: the process sees the pipe close and exits."""
+        if not self._conn.closed:
+            self._conn.close()
+        self.proc.join(timeout=10)
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join(timeout=5)
