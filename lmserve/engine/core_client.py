@@ -16,7 +16,6 @@ import atexit
 import contextlib
 import itertools
 import logging
-import multiprocessing
 import shutil
 import tempfile
 import threading
@@ -73,9 +72,11 @@ class EngineCoreClient(ABC):
     def shutdown(self) -> None: ...
 
     @staticmethod
-    def make_client(config: EngineConfig) -> EngineCoreClient:
+    def make_client(
+        config: EngineConfig, launcher: EngineLauncher | None = None
+    ) -> EngineCoreClient:
         if envs.LMSERVE_ENABLE_MULTIPROCESSING:
-            return SyncMPClient(config)
+            return SyncMPClient(config, launcher)
         return InprocClient(config)
 
     @staticmethod
@@ -123,22 +124,16 @@ class _EngineProcess:
         """`launcher`: a process started earlier, waiting for its configuration (see
         lmserve/engine/launcher.py); None starts one now. The caller has bound a PULL socket
         at `output_address` already (so the engine's PUSH and this watcher's can connect)."""
-        if getattr(multiprocessing.current_process(), "_inheriting", False):
-            raise RuntimeError(
-                "lmserve starts its EngineCore in a new process (spawn), which re-imports your "
-                "main script: put the code that creates LLM(...) under "
-                '`if __name__ == "__main__":`, or set LMSERVE_ENABLE_MULTIPROCESSING=0'
-            )
         self._rpc_dir = rpc_dir
         self.input_address = f"ipc://{rpc_dir}/input"
         self.output_address = f"ipc://{rpc_dir}/output"
         self.handshake_address = f"ipc://{rpc_dir}/handshake"
         self.dead_error: EngineDeadError | None = None
         self._shutting_down = False
+        launcher = launcher or EngineLauncher()  # refuses to start inside a spawned child
         ctx = zmq.Context.instance()
         handshake = ctx.socket(zmq.PULL)
         handshake.bind(self.handshake_address)
-        launcher = launcher or EngineLauncher()
         self.proc = launcher.proc
         try:
             launcher.launch(config, self.input_address, self.output_address, self.handshake_address)
@@ -259,8 +254,8 @@ class _MPClientBase:
 
 
 class SyncMPClient(_MPClientBase, EngineCoreClient):
-    def __init__(self, config: EngineConfig) -> None:
-        super().__init__(config, zmq.Context.instance())
+    def __init__(self, config: EngineConfig, launcher: EngineLauncher | None = None) -> None:
+        super().__init__(config, zmq.Context.instance(), launcher)
         self._buffered: deque[EngineCoreOutputs] = deque()
 
     def add_request(self, request: EngineCoreRequest) -> None:

@@ -13,6 +13,13 @@ import multiprocessing
 from multiprocessing.connection import Connection
 
 
+def start_launcher() -> EngineLauncher | None:
+    """A launcher when the EngineCore runs in its own process, else None."""
+    from lmserve import envs
+
+    return EngineLauncher() if envs.LMSERVE_ENABLE_MULTIPROCESSING else None
+
+
 def _engine_main(conn: Connection) -> None:
     """The process: heavy imports first (while the front-end builds its config), then wait."""
     from lmserve.core.engine_core import run_engine_core
@@ -31,6 +38,12 @@ class EngineLauncher:
     `launch(...)` exactly once, or `cancel()` it."""
 
     def __init__(self) -> None:
+        if getattr(multiprocessing.current_process(), "_inheriting", False):
+            raise RuntimeError(
+                "lmserve starts its EngineCore in a new process (spawn), which re-imports your "
+                "main script: put the code that creates LLM(...) under "
+                '`if __name__ == "__main__":`, or set LMSERVE_ENABLE_MULTIPROCESSING=0'
+            )
         ctx = multiprocessing.get_context("spawn")
         self._conn, child_conn = ctx.Pipe()
         self.proc = ctx.Process(
@@ -50,7 +63,10 @@ class EngineLauncher:
         self._conn.close()
 
     def cancel(self) -> None:
-        """No configuration is coming: the process sees the pipe close and exits."""
+        """No configuration is coming: the process sees the pipe close and exits. A no-op
+        once launched (the engine client owns the process then)."""
+        if self.launched:
+            return
         if not self._conn.closed:
             self._conn.close()
         self.proc.join(timeout=10)

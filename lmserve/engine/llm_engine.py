@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -12,6 +13,7 @@ import msgspec
 from lmserve.config import EngineConfig
 from lmserve.engine.core_client import EngineCoreClient
 from lmserve.engine.input_processor import InputProcessor, PromptType
+from lmserve.engine.launcher import EngineLauncher
 from lmserve.engine.messages import EngineCoreRequest, SpecDecodeStats
 from lmserve.engine.output_processor import OutputProcessor
 from lmserve.outputs import RequestOutput
@@ -21,11 +23,12 @@ logger = logging.getLogger(__name__)
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, launcher: EngineLauncher | None = None) -> None:
+        """`launcher`: an EngineCore process started before the configuration was built."""
         self.config = config
         # The tokenizer loads while the EngineCore process starts (they take seconds each).
         self.engine_core, self.tokenizer = start_engine_and_tokenizer(
-            config, EngineCoreClient.make_client
+            config, functools.partial(EngineCoreClient.make_client, launcher=launcher)
         )
         self.input_processor = InputProcessor(config.model_config, self.tokenizer)
         self.output_processor = OutputProcessor(self.tokenizer)

@@ -177,15 +177,11 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from lmserve import envs
+    from lmserve.engine.launcher import start_launcher
 
     # The EngineCore process starts first and imports torch and the engine while this one
     # imports the server and builds the configuration (lmserve/engine/launcher.py).
-    launcher = None
-    if envs.LMSERVE_ENABLE_MULTIPROCESSING:
-        from lmserve.engine.launcher import EngineLauncher
-
-        launcher = EngineLauncher()
+    launcher = start_launcher()
     from lmserve.entrypoints.openai.server import run_server
 
     return run_server(args, launcher)

@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 from lmserve.config import EngineConfig
 from lmserve.engine.chat import apply_chat_template, validate_conversation
 from lmserve.engine.input_processor import PromptType
+from lmserve.engine.launcher import start_launcher
 from lmserve.engine.llm_engine import LLMEngine
 from lmserve.engine.messages import SpecDecodeStats
 from lmserve.outputs import RequestOutput
@@ -28,8 +29,14 @@ class LLM:
     """
 
     def __init__(self, model: str | None = None, **engine_kwargs: Any) -> None:
-        self.config = EngineConfig.from_kwargs(model, **engine_kwargs)
-        self.llm_engine = LLMEngine(self.config)
+        # The EngineCore process starts first: its imports overlap building the config.
+        launcher = start_launcher()
+        try:
+            self.config = EngineConfig.from_kwargs(model, **engine_kwargs)
+            self.llm_engine = LLMEngine(self.config, launcher)
+        finally:
+            if launcher is not None:
+                launcher.cancel()  # no-op once the engine client took it
         self._request_counter = itertools.count()
 
     def shutdown(self) -> None:

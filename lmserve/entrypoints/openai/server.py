@@ -336,7 +336,7 @@ def run_server(args: argparse.Namespace, launcher: EngineLauncher | None = None)
     try:
         exit_code = asyncio.run(_serve(args, launcher))
     finally:
-        if launcher is not None and not launcher.launched:
+        if launcher is not None:
             launcher.cancel()  # the configuration never came (bad flags, a missing model)
     if exit_code != 0:
         # Leave even if some thread or child would keep the interpreter from exiting.
