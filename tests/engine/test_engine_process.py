@@ -75,12 +75,13 @@ def test_failed_start_reports_the_real_cause(tiny_model_dir, tmp_path, multiproc
 def test_bad_config_stops_the_engine_process_started_before_it(tmp_path, multiprocessing_on):
     """LLM() starts the EngineCore process before building its configuration; a configuration
     error still raises at once and leaves no EngineCore behind."""
+    before = {c.pid for c in psutil.Process().children(recursive=True)}  # other tests' servers
     with pytest.raises(Exception, match="missing"):
         LLM(str(tmp_path / "missing"), device="cpu")
     alive = [
         " ".join(c.cmdline())
         for c in psutil.Process().children(recursive=True)
-        if c.is_running() and c.status() != psutil.STATUS_ZOMBIE
+        if c.pid not in before and c.is_running() and c.status() != psutil.STATUS_ZOMBIE
     ]
     assert not [cmd for cmd in alive if "resource_tracker" not in cmd], alive
 

@@ -47,13 +47,14 @@ def test_serve_with_a_bad_model_stops_the_engine_process_started_early(
     import psutil
 
     monkeypatch.setenv("LMSERVE_ENABLE_MULTIPROCESSING", "1")
+    before = {c.pid for c in psutil.Process().children(recursive=True)}  # other tests' servers
     rc = main(["serve", str(tmp_path / "missing"), "--device", "cpu"])
     assert rc == 2
     assert "missing" in capsys.readouterr().err
     alive = [
         " ".join(c.cmdline())
         for c in psutil.Process().children(recursive=True)
-        if c.is_running() and c.status() != psutil.STATUS_ZOMBIE
+        if c.pid not in before and c.is_running() and c.status() != psutil.STATUS_ZOMBIE
     ]
     # multiprocessing's own resource tracker may stay; no spawned engine may.
     assert not [cmd for cmd in alive if "resource_tracker" not in cmd], alive
