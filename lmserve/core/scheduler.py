@@ -32,7 +32,6 @@ from lmserve.core.sched_output import (
 )
 from lmserve.engine.messages import (
     EngineCoreOutput,
-    LogprobsLists,
     SchedulerStats,
     SpecDecodeStats,
 )
@@ -316,7 +315,7 @@ class Scheduler:
                 self._store_drafts(request, runner_output.spec_token_ids[index])
             logprobs = runner_output.logprobs[index] if runner_output.logprobs else None
             if logprobs is not None and len(new_token_ids) < len(sampled):  # a stop cut them
-                logprobs = _first_rows(logprobs, len(new_token_ids))
+                logprobs = logprobs.rows(0, len(new_token_ids))
             outputs.append(
                 EngineCoreOutput(
                     request_id=req_id,
@@ -381,10 +380,6 @@ class Scheduler:
         self.kv_cache_manager.free(request)
         self.finished_req_ids.add(request.request_id)
         del self.requests[request.request_id]
-
-
-def _first_rows(logprobs: LogprobsLists, n: int) -> LogprobsLists:
-    return LogprobsLists(logprobs.token_ids[:n], logprobs.logprobs[:n], logprobs.ranks[:n])
 
 
 class _StepPlan:

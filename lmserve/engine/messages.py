@@ -30,6 +30,22 @@ class LogprobsLists(msgspec.Struct, array_like=True):
     logprobs: Any  # [k, N + 1] float32
     ranks: Any  # [k] int64, rank of column 0's token (1 = most likely)
 
+    @classmethod
+    def from_tensors(cls, tensors: Any) -> LogprobsLists:
+        """From device tensors with the same fields (a LogprobsTensors): host numpy arrays,
+        which travel to the front-end as zero-copy frames."""
+        return cls(
+            token_ids=tensors.token_ids.cpu().numpy(),
+            logprobs=tensors.logprobs.cpu().numpy(),
+            ranks=tensors.ranks.cpu().numpy(),
+        )
+
+    def rows(self, start: int, end: int) -> LogprobsLists:
+        """Positions [start, end)."""
+        return LogprobsLists(
+            self.token_ids[start:end], self.logprobs[start:end], self.ranks[start:end]
+        )
+
 
 class EngineCoreOutput(msgspec.Struct, array_like=True, omit_defaults=True):
     request_id: str

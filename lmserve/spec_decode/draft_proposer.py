@@ -27,10 +27,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from lmserve.attention import AttentionMetadata, ForwardContext
+from lmserve.attention import ForwardContext
 from lmserve.attention.backend import AttentionBackend
 from lmserve.config import ModelConfig
 from lmserve.model.loader import get_kv_cache_spec, load_model
+from lmserve.worker.device_inputs import DeviceInputs
 from lmserve.worker.input_batch import FlatInputs, InputBatch
 
 
@@ -39,12 +40,15 @@ class DraftModelProposer:
         self,
         model_config: ModelConfig,
         block_size: int,
-        device: torch.device,
+        inputs: DeviceInputs,
         attn_backend: AttentionBackend,
     ) -> None:
+        """`inputs`: the target runner's static device inputs; the draft's forwards come after
+        the target's in the same stream, so they stage into the same buffers."""
         self.model_config = model_config
         self.block_size = block_size
-        self.device = device
+        self.inputs = inputs
+        self.device = inputs.device
         self.attn_backend = attn_backend
         self.model: torch.nn.Module | None = None
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -101,25 +105,10 @@ class DraftModelProposer:
         return drafts
 
     def _forward(self, flat: FlatInputs) -> torch.Tensor:  # [num_tokens, hidden]
-        dev = self.device
-
-        def to_dev(array: np.ndarray) -> torch.Tensor:
-            return torch.from_numpy(np.ascontiguousarray(array)).to(dev, non_blocking=True)
-
-        metadata = AttentionMetadata(
-            num_reqs=len(flat.req_rows),
-            num_tokens=len(flat.input_ids),
-            max_query_len=int(np.diff(flat.query_start_loc).max()),
-            max_seq_len=int(flat.seq_lens.max()),
-            slot_mapping=to_dev(flat.slot_mapping),
-            query_start_loc=to_dev(flat.query_start_loc),
-            seq_lens=to_dev(flat.seq_lens),
-            block_tables=to_dev(flat.block_tables),
-            query_start_loc_cpu=flat.query_start_loc.tolist(),
-            seq_lens_cpu=flat.seq_lens.tolist(),
-        )
+        num_tokens, num_reqs = len(flat.input_ids), len(flat.req_rows)
+        input_ids, positions, metadata = self.inputs.stage(flat, num_tokens, num_reqs)
         ctx = ForwardContext(metadata, self.kv_caches, self.attn_backend)
-        return self.model(to_dev(flat.input_ids), to_dev(flat.positions), ctx)
+        return self.model(input_ids, positions, ctx)
 
 
 def _single_token_inputs(

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from lmserve.worker.device_inputs import host_to_device
+
 PLACEHOLDER_TOKEN_ID = -1  # pads draft and output token rows
 
 
@@ -73,16 +75,13 @@ class SpecDecodeMetadata:
         j = np.arange(max_k + 1)[None, :]
         target_rows = row_start[:, None] + np.minimum(j, num_draft[:, None])  # [num_reqs, max_k+1]
 
-        def to_dev(array: np.ndarray) -> torch.Tensor:
-            return torch.from_numpy(array).to(device, non_blocking=True)
-
         return cls(
             num_draft_tokens=num_draft,
             logits_indices=np.repeat(first, num_rows) + offsets,
             row_start=row_start,
-            draft_token_ids=to_dev(drafts),
-            target_rows=to_dev(target_rows),
-            num_draft_tokens_dev=to_dev(num_draft),
+            draft_token_ids=host_to_device(drafts, device),
+            target_rows=host_to_device(target_rows, device),
+            num_draft_tokens_dev=host_to_device(num_draft, device),
         )
 
     def row_repeats(self) -> np.ndarray:  # [num_reqs] target rows per request (k_i + 1)

@@ -12,7 +12,7 @@ from lmserve.config import EngineConfig
 from lmserve.core.sched_output import ModelRunnerOutput, SchedulerOutput
 from lmserve.engine.messages import LogprobsLists
 from lmserve.model.loader import get_kv_cache_spec, load_model
-from lmserve.sample.logprobs import LogprobsTensors, compute_logprobs_tensors
+from lmserve.sample.logprobs import compute_logprobs_tensors
 from lmserve.sample.metadata import SamplingMetadata
 from lmserve.sample.sampler import Sampler, SamplerOutput
 from lmserve.worker.cuda_graphs import CudaGraphRunner, decode_graph_sizes, piecewise_graph_sizes
@@ -220,7 +220,7 @@ class ModelRunner:
             ).to(self.device)
             logits = self.model.compute_logits(hidden[start : start + last_pos - first_pos])
             tensors = compute_logprobs_tensors(logits, targets, params.prompt_logprobs)
-            result[batch.req_ids[row]] = _to_lists(tensors)
+            result[batch.req_ids[row]] = LogprobsLists.from_tensors(tensors)
         return result
 
     def _collect(
@@ -240,11 +240,11 @@ class ModelRunner:
             batch.append_sampled(sample_rows, sampled)
             positions = np.nonzero(flat.completes_known_tokens)[0]
             lp = sampler_output.logprobs
-            lp_lists = _to_lists(lp) if lp is not None else None
+            lp_lists = LogprobsLists.from_tensors(lp) if lp is not None else None
             for j, (pos, token) in enumerate(zip(positions.tolist(), sampled.tolist())):
                 sampled_token_ids[pos] = [token]
                 if lp_lists is not None and batch.num_logprobs[sample_rows[j]] >= 0:
-                    logprobs[pos] = _row(lp_lists, j)
+                    logprobs[pos] = lp_lists.rows(j, j + 1)
         return ModelRunnerOutput(
             req_ids=req_ids,
             req_id_to_index={r: i for i, r in enumerate(req_ids)},
@@ -276,19 +276,4 @@ def _profile_inputs(num_tokens: int, num_reqs: int, block_size: int) -> FlatInpu
         block_tables=(first_block[:, None] + cols).astype(np.int32),  # [num_reqs, max_blocks]
         logits_indices=(starts[1:] - 1).astype(np.int64),
         completes_known_tokens=np.ones(num_reqs, dtype=bool),
-    )
-
-
-def _to_lists(tensors: LogprobsTensors) -> LogprobsLists:
-    """Host numpy arrays: they travel to the front-end as zero-copy frames."""
-    return LogprobsLists(
-        token_ids=tensors.token_ids.cpu().numpy(),
-        logprobs=tensors.logprobs.cpu().numpy(),
-        ranks=tensors.ranks.cpu().numpy(),
-    )
-
-
-def _row(lists: LogprobsLists, j: int) -> LogprobsLists:
-    return LogprobsLists(
-        lists.token_ids[j : j + 1], lists.logprobs[j : j + 1], lists.ranks[j : j + 1]
     )

@@ -62,7 +62,7 @@ class SpecDecodeRunner:
             self.ngram = NgramProposer(config.prompt_lookup_min, config.prompt_lookup_max)
         else:
             self.drafter = DraftModelProposer(
-                config.draft_model_config, runner.block_size, runner.device, runner.attn_backend
+                config.draft_model_config, runner.block_size, runner.inputs, runner.attn_backend
             )
 
     # ---- set-up hooks (the draft model's weights and KV cache) --------------------------------
@@ -129,7 +129,7 @@ class SpecDecodeRunner:
         host = host.cpu().numpy()  # one device->host copy for tokens and counts
         token_ids, num_tokens_out = host[:, :-1], host[:, -1]
         batch.append_token_ids(sample_rows, token_ids, num_tokens_out)
-        logprobs = _to_lists(out.logprobs) if out.logprobs is not None else None
+        logprobs = LogprobsLists.from_tensors(out.logprobs) if out.logprobs is not None else None
         return _Verified(token_ids, num_tokens_out, spec.row_start, logprobs)
 
     def _num_drafts(self, rows: np.ndarray) -> np.ndarray:  # [n] drafts worth proposing
@@ -174,7 +174,7 @@ class SpecDecodeRunner:
             spec_token_ids[pos] = drafts[j]
             if verified.logprobs is not None and batch.num_logprobs[sample_rows[j]] >= 0:
                 start = int(verified.row_start[j])
-                logprobs[pos] = _rows(verified.logprobs, start, start + n)
+                logprobs[pos] = verified.logprobs.rows(start, start + n)
         return ModelRunnerOutput(
             req_ids=req_ids,
             req_id_to_index={r: i for i, r in enumerate(req_ids)},
@@ -183,17 +183,3 @@ class SpecDecodeRunner:
             prompt_logprobs=prompt_logprobs,
             spec_token_ids=spec_token_ids,
         )
-
-
-def _to_lists(tensors) -> LogprobsLists:
-    return LogprobsLists(
-        token_ids=tensors.token_ids.cpu().numpy(),
-        logprobs=tensors.logprobs.cpu().numpy(),
-        ranks=tensors.ranks.cpu().numpy(),
-    )
-
-
-def _rows(lists: LogprobsLists, start: int, end: int) -> LogprobsLists:
-    return LogprobsLists(
-        lists.token_ids[start:end], lists.logprobs[start:end], lists.ranks[start:end]
-    )
