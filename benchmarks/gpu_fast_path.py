@@ -31,7 +31,13 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 os.environ.setdefault("LMSERVE_ENABLE_MULTIPROCESSING", "0")
 
-from benchmarks.gpu_shapes import SHAPES, copy_bandwidth_gbs, roofline_tok_s, write_shape  # noqa: E402
+from benchmarks.gpu_shapes import (  # noqa: E402
+    SHAPES,
+    batch1_decode_tok_s,
+    copy_bandwidth_gbs,
+    roofline_tok_s,
+    write_shape,
+)
 from lmserve import LLM, SamplingParams  # noqa: E402
 
 PROMPT_LEN, DECODE_TOKENS = 128, 128
@@ -50,19 +56,9 @@ def lmserve_decode(path: str, enforce_eager: bool) -> dict:
         max_model_len=2048, gpu_memory_utilization=0.8, enforce_eager=enforce_eager,
     )  # fmt: skip
     init_s = time.perf_counter() - start
-    prompt = [{"prompt_token_ids": list(range(1000, 1000 + PROMPT_LEN))}]
-
-    def run(max_tokens: int) -> float:
-        params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
-        t = time.perf_counter()
-        llm.generate(prompt, params, use_tqdm=False)
-        return time.perf_counter() - t
-
-    run(8)  # warm-up
-    first = min(run(1) for _ in range(3))
-    full = min(run(DECODE_TOKENS + 1) for _ in range(3))
+    tok_s = batch1_decode_tok_s(llm, PROMPT_LEN, DECODE_TOKENS)
     _free(llm)
-    return {"init_s": round(init_s, 1), "tok_s": round(DECODE_TOKENS / (full - first), 1)}
+    return {"init_s": round(init_s, 1), "tok_s": round(tok_s, 1)}
 
 
 def profile_decode(path: str, out_path: str) -> None:

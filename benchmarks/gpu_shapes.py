@@ -1,4 +1,5 @@
-"""Real model shapes for GPU benchmarks (dummy weights) and the copy-bandwidth roofline."""
+"""Real model shapes for GPU benchmarks (dummy weights), the copy-bandwidth roofline, and the
+batch-1 decode measurement they share."""
 
 from __future__ import annotations
 
@@ -71,6 +72,25 @@ def copy_bandwidth_gbs() -> float:
     elapsed = time.perf_counter() - start
     del x, y
     return 2 * 20 * (1 << 30) / elapsed / 1e9
+
+
+def batch1_decode_tok_s(llm, prompt_len: int = 128, decode_tokens: int = 128) -> float:
+    """Decode tok/s of one request: (time for 1 + n tokens - time for 1 token) / n, best of
+    three each after a warm-up, so prefill and per-request overhead cancel."""
+    from lmserve import SamplingParams
+
+    prompt = [{"prompt_token_ids": list(range(1000, 1000 + prompt_len))}]
+
+    def run(max_tokens: int) -> float:
+        params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+        start = time.perf_counter()
+        llm.generate(prompt, params, use_tqdm=False)
+        return time.perf_counter() - start
+
+    run(8)  # warm-up
+    first = min(run(1) for _ in range(3))
+    full = min(run(decode_tokens + 1) for _ in range(3))
+    return decode_tokens / (full - first)
 
 
 def roofline_tok_s(bandwidth_gbs: float, shape: str, tp: int = 1) -> float:

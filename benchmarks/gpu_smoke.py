@@ -17,6 +17,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from benchmarks.gpu_shapes import write_shape  # noqa: E402
 from lmserve import LLM, SamplingParams  # noqa: E402
 from tests.engine.test_hf_parity import MAX_TOKENS, make_prompts  # noqa: E402
 from tests.tiny_models import make_tiny_model  # noqa: E402
@@ -52,20 +53,7 @@ def tiny_parity(arch: str, tmp: str) -> dict:
 
 
 def dummy_qwen_shape(tmp: str) -> dict:
-    from transformers import Qwen2Config
-
-    path = os.path.join(tmp, "qwen2.5-0.5b-shape")
-    Qwen2Config(
-        hidden_size=896,
-        intermediate_size=4864,
-        num_hidden_layers=24,
-        num_attention_heads=14,
-        num_key_value_heads=2,
-        vocab_size=151936,
-        max_position_embeddings=32768,
-        tie_word_embeddings=True,
-        architectures=["Qwen2ForCausalLM"],
-    ).save_pretrained(path)
+    path = write_shape(tmp, "0.5b")
     start = time.perf_counter()
     llm = LLM(
         path,

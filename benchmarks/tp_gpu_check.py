@@ -28,7 +28,12 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 os.environ.setdefault("LMSERVE_ENABLE_MULTIPROCESSING", "0")
 
-from benchmarks.gpu_shapes import copy_bandwidth_gbs, roofline_tok_s, write_shape  # noqa: E402
+from benchmarks.gpu_shapes import (  # noqa: E402
+    batch1_decode_tok_s,
+    copy_bandwidth_gbs,
+    roofline_tok_s,
+    write_shape,
+)  # noqa: E402
 from lmserve import LLM, SamplingParams  # noqa: E402
 from tests.engine.test_hf_parity import make_prompts  # noqa: E402
 from tests.tiny_models import make_tiny_model  # noqa: E402
@@ -98,22 +103,12 @@ def tp_run(tmp: str, tp: int, shape: str, num_requests: int) -> dict:
         gpu_memory_utilization=0.85,
     )
     init_s = time.perf_counter() - start
-    prompt = [{"prompt_token_ids": list(range(1000, 1128))}]
-
-    def run(max_tokens: int) -> float:
-        params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
-        t = time.perf_counter()
-        llm.generate(prompt, params, use_tqdm=False)
-        return time.perf_counter() - t
-
-    run(8)  # warm-up
-    first = min(run(1) for _ in range(3))
-    full = min(run(129) for _ in range(2))
+    tok_s = batch1_decode_tok_s(llm)
     result = {
         "shape": shape,
         "tp": tp,
         "init_s": round(init_s, 1),
-        "decode_tok_s": round(128 / (full - first), 1),
+        "decode_tok_s": round(tok_s, 1),
     }
     if num_requests:
         rng = random.Random(0)
