@@ -31,6 +31,7 @@ from lmserve.attention.triton_backend import (  # noqa: E402
     triton_paged_attention,
     triton_write_kv_cache,
 )
+from tests.engine.test_hf_parity import hf_greedy_with_top_k, top5_rule_holds  # noqa: E402
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="engine tests need CUDA")
 
@@ -274,29 +275,6 @@ ENGINE_IDS = ["llama-hd16", "qwen3-hd32", "llama-hd64-gqa4"]
 ENGINE_MAX_TOKENS = 16
 
 
-def hf_greedy_with_logprobs(model_dir: str, prompts, dtype: torch.dtype, top_k: int = 5):
-    """HF `generate` on CUDA, greedy, one prompt at a time: (token ids, per-position top-k
-    token ids) for each prompt."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).cuda().eval()
-    tokens, tops = [], []
-    for ids in prompts:
-        with torch.no_grad():
-            gen = model.generate(
-                torch.tensor([ids], device="cuda"),
-                max_new_tokens=ENGINE_MAX_TOKENS,
-                do_sample=False,
-                pad_token_id=3,
-                output_logits=True,
-                return_dict_in_generate=True,
-            )
-        tokens.append(gen.sequences[0, len(ids) :].tolist())
-        tops.append([set(step[0].float().topk(top_k).indices.tolist()) for step in gen.logits])
-    del model
-    return tokens, tops
-
-
 def run_engine(model_dir: str, prompts, dtype: str, logprobs: int | None = None):
     """Two passes through one LLM (triton backend, chunked prefill with a 32-token budget,
     prefix caching on): the second pass serves prompts from the prefix cache."""
@@ -334,17 +312,14 @@ def test_engine_bf16_greedy_close_to_hf(tiny_model_dir, monkeypatch, arch, overr
     monkeypatch.setenv("LMSERVE_ATTENTION_BACKEND", "triton")
     model_dir = tiny_model_dir(arch, **overrides)
     prompts = make_prompts()
-    hf_tokens, hf_tops = hf_greedy_with_logprobs(model_dir, prompts, torch.bfloat16)
+    hf_tokens, hf_tops = hf_greedy_with_top_k(model_dir, prompts, torch.bfloat16, ENGINE_MAX_TOKENS)
     passes = run_engine(model_dir, prompts, "bfloat16", logprobs=5)
     assert sum(o.num_cached_tokens for o in passes[1]) > 0  # the second pass hit the cache
     for outputs in passes:
         for i, out in enumerate(outputs):
             ours = out.outputs[0]
-            for pos, (a, b) in enumerate(zip(ours.token_ids, hf_tokens[i])):
-                if a != b:
-                    assert a in hf_tops[i][pos], f"prompt {i} pos {pos}: ours {a} not in HF top-5"
-                    assert b in ours.logprobs[pos], f"prompt {i} pos {pos}: HF {b} not in ours"
-                    break
+            ours_top5 = [set(lp) for lp in ours.logprobs]
+            assert top5_rule_holds(ours.token_ids, ours_top5, hf_tokens[i], hf_tops[i]), i
 
 
 @needs_cuda
@@ -356,6 +331,6 @@ def test_engine_fp32_greedy_equals_hf(tiny_model_dir, monkeypatch, arch, overrid
     monkeypatch.setenv("LMSERVE_ATTENTION_BACKEND", "triton")
     model_dir = tiny_model_dir(arch, **overrides)
     prompts = make_prompts()
-    expected, _ = hf_greedy_with_logprobs(model_dir, prompts, torch.float32)
+    expected, _ = hf_greedy_with_top_k(model_dir, prompts, torch.float32, ENGINE_MAX_TOKENS)
     for outputs in run_engine(model_dir, prompts, "float32"):
         assert [o.outputs[0].token_ids for o in outputs] == expected

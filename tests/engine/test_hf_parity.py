@@ -43,6 +43,47 @@ def hf_greedy(model_dir: str, prompts: list[list[int]]) -> list[list[int]]:
     return _hf_cache[key]
 
 
+def hf_greedy_with_top_k(
+    model_dir: str,
+    prompts: list[list[int]],
+    dtype: torch.dtype,
+    max_new_tokens: int,
+    device: str = "cuda",
+    top_k: int = 5,
+) -> tuple[list[list[int]], list[list[set[int]]]]:
+    """HF `generate`, greedy, one prompt at a time: (token ids, per-position top-k token ids)
+    for each prompt — the reference side of vLLM's top-5 rule on the GPU."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+    tokens, tops = [], []
+    for ids in prompts:
+        with torch.no_grad():
+            gen = model.generate(
+                torch.tensor([ids], device=device),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=3,
+                output_logits=True,
+                return_dict_in_generate=True,
+            )
+        tokens.append(gen.sequences[0, len(ids) :].tolist())
+        tops.append([set(step[0].float().topk(top_k).indices.tolist()) for step in gen.logits])
+    del model
+    if device == "cuda":
+        torch.cuda.empty_cache()  # the engine under test comes next on the same GPU
+    return tokens, tops
+
+
+def top5_rule_holds(ours, ours_top5, theirs, theirs_top5) -> bool:
+    """vLLM's rule: at the first position where the tokens differ, each side's token is in the
+    other's top-5 (after that the sequences may diverge freely)."""
+    for i, (a, b) in enumerate(zip(ours, theirs)):
+        if a != b:
+            return a in theirs_top5[i] and b in ours_top5[i]
+    return len(ours) == len(theirs)
+
+
 def lmserve_greedy(llm: LLM, prompts: list[list[int]]):
     params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)

@@ -14,7 +14,11 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton")
 
 from lmserve import LLM, SamplingParams  # noqa: E402
-from tests.engine.test_hf_parity import make_prompts  # noqa: E402
+from tests.engine.test_hf_parity import (  # noqa: E402
+    hf_greedy_with_top_k,
+    make_prompts,
+    top5_rule_holds,
+)
 
 MAX_TOKENS = 16
 
@@ -56,39 +60,6 @@ def test_every_graph_mode_matches_eager_float32(tiny_model_dir, mode):
                 assert abs(lp_g[token].logprob - lp.logprob) < 1e-3
 
 
-def _hf_greedy_with_top5(model_dir, prompts):
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).cuda().eval()
-    results = []
-    for ids in prompts:
-        with torch.no_grad():
-            gen = model.generate(
-                torch.tensor([ids], device="cuda"),
-                max_new_tokens=MAX_TOKENS,
-                do_sample=False,
-                pad_token_id=3,
-                output_logits=True,
-                return_dict_in_generate=True,
-            )
-        tokens = gen.sequences[0, len(ids) :].tolist()
-        top5 = [set(step[0].float().topk(5).indices.tolist()) for step in gen.logits]
-        results.append((tokens, top5))
-    del model
-    gc.collect()
-    torch.cuda.empty_cache()
-    return results
-
-
-def _top5_rule_holds(ours, ours_top5, theirs, theirs_top5) -> bool:
-    """vLLM's rule: at the first differing position, each side's token is in the other's top-5
-    (after that position the sequences may diverge freely)."""
-    for i, (a, b) in enumerate(zip(ours, theirs)):
-        if a != b:
-            return a in theirs_top5[i] and b in ours_top5[i]
-    return len(ours) == len(theirs)
-
-
 @pytest.mark.parametrize(
     "engine_kwargs",
     [
@@ -101,7 +72,7 @@ def _top5_rule_holds(ours, ours_top5, theirs, theirs_top5) -> bool:
 def test_bf16_with_graphs_keeps_top5_parity_with_hf(tiny_model_dir, engine_kwargs):
     model_dir = tiny_model_dir("llama")
     prompts = make_prompts()
-    hf = _hf_greedy_with_top5(model_dir, prompts)
+    hf = list(zip(*hf_greedy_with_top_k(model_dir, prompts, torch.bfloat16, MAX_TOKENS)))
     # Twice through one engine: the second pass hits the prefix cache.
     llm = LLM(model_dir, dtype="bfloat16", device="cuda", gpu_memory_utilization=0.3,
               **engine_kwargs)  # fmt: skip
@@ -111,7 +82,7 @@ def test_bf16_with_graphs_keeps_top5_parity_with_hf(tiny_model_dir, engine_kwarg
         for out, (hf_tokens, hf_top5) in zip(outs, hf):
             completion = out.outputs[0]
             ours_top5 = [set(lp) for lp in completion.logprobs]
-            assert _top5_rule_holds(completion.token_ids, ours_top5, hf_tokens, hf_top5)
+            assert top5_rule_holds(completion.token_ids, ours_top5, hf_tokens, hf_top5)
     scheduler = llm.llm_engine.engine_core.engine_core.scheduler
     if "num_gpu_blocks_override" in engine_kwargs:
         assert scheduler.num_preemptions > 0
