@@ -1,7 +1,8 @@
 """The GPU fast path's figures on one GPU, in one run, next to their peers (dummy weights at real
 shapes, bf16):
 
-  decode      batch-1 decode tok/s for each shape: lmserve with CUDA graphs, lmserve eager, HF
+  decode      batch-1 decode tok/s for each shape: lmserve with CUDA graphs (async scheduling
+              on, the default, and off), lmserve eager, HF
               transformers `generate`, and the memory-bandwidth roofline from a copy measured here;
   throughput  (--throughput) 1000 requests x (256 in, 256 out), ignore_eos, Llama-3-8B shape:
               lmserve total tok/s; HF `generate` on one static batch of 64 of the same requests;
@@ -49,11 +50,11 @@ def _free(llm) -> None:
     torch.cuda.empty_cache()
 
 
-def lmserve_decode(path: str, enforce_eager: bool) -> dict:
+def lmserve_decode(path: str, **engine_kwargs) -> dict:
     start = time.perf_counter()
     llm = LLM(
         path, load_format="dummy", dtype="bfloat16", device="cuda", skip_tokenizer_init=True,
-        max_model_len=2048, gpu_memory_utilization=0.8, enforce_eager=enforce_eager,
+        max_model_len=2048, gpu_memory_utilization=0.8, **engine_kwargs,
     )  # fmt: skip
     init_s = time.perf_counter() - start
     tok_s = batch1_decode_tok_s(llm, PROMPT_LEN, DECODE_TOKENS)
@@ -216,7 +217,8 @@ def main() -> None:
             path = write_shape(tmp, shape)
             row = {
                 "roofline_tok_s": round(roofline_tok_s(bandwidth, shape), 1),
-                "lmserve_graphs": lmserve_decode(path, enforce_eager=False),
+                "lmserve_graphs": lmserve_decode(path),  # async scheduling on (CUDA default)
+                "lmserve_graphs_sync": lmserve_decode(path, async_scheduling=False),
                 "lmserve_eager": lmserve_decode(path, enforce_eager=True),
                 "hf": hf_decode(shape),
             }

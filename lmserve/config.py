@@ -209,6 +209,10 @@ class SchedulerConfig:
     enable_chunked_prefill: bool = True
     long_prefill_token_threshold: int = 0  # >0: cap one request's prompt tokens per step
     policy: str = "fcfs"  # or "priority"
+    # Schedule and prepare step N+1 while the device runs step N (its input tokens come from
+    # step N's sampled tokens on the device). None = auto: on for CUDA, without speculative
+    # decoding and tensor parallelism (see EngineConfig.__post_init__).
+    async_scheduling: bool | None = None
 
     def __post_init__(self) -> None:
         _require_int("SchedulerConfig", "max_num_seqs", self.max_num_seqs)
@@ -381,6 +385,23 @@ class EngineConfig:
     parallel_config: ParallelConfig
     device_config: DeviceConfig
     speculative_config: SpeculativeConfig | None = None  # None = no speculative decoding
+
+    def __post_init__(self) -> None:
+        sched = self.scheduler_config
+        blockers = []
+        if self.speculative_config is not None:
+            blockers.append("speculative decoding")
+        if self.parallel_config.tensor_parallel_size > 1:
+            blockers.append("tensor_parallel_size > 1")
+        if sched.async_scheduling is None:
+            sched.async_scheduling = self.device_config.device == "cuda" and not blockers
+        elif sched.async_scheduling and blockers:
+            _fail(
+                "SchedulerConfig",
+                "async_scheduling",
+                True,
+                f"is not supported with {' and '.join(blockers)}",
+            )
 
     @classmethod
     def from_kwargs(cls, model: str, **kwargs: Any) -> EngineConfig:

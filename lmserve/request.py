@@ -61,6 +61,7 @@ class Request:
         "block_hashes",
         "queue_time",
         "spec_token_ids",
+        "num_output_placeholders",
     )
 
     def __init__(
@@ -98,6 +99,9 @@ class Request:
         # Draft tokens proposed for the positions after the last known token (speculative
         # decoding); scheduled next step after it, verified, then replaced by new proposals.
         self.spec_token_ids: list[int] = []
+        # Steps scheduled whose sampled token is not known yet (async scheduling): the next
+        # step is scheduled as if they were, with the device feeding those tokens to it.
+        self.num_output_placeholders = 0
 
     @property
     def num_tokens(self) -> int:

@@ -4,6 +4,12 @@
             runner_output    = executor.execute_model(scheduler_output)
             outputs          = scheduler.update_from_output(scheduler_output, runner_output)
 
+With async scheduling (`SchedulerConfig.async_scheduling`) two steps are in flight: step()
+schedules and launches step N+1 while the device still runs step N, then waits for step N's
+output, so the host's scheduling and input preparation hide behind the device's work:
+
+    step(): launch(schedule(N+1)); outputs = update_from_output(N, wait(N))
+
 Tokenization, detokenization and streaming happen in the front-end. `EngineCore` runs
 in-process (LMSERVE_ENABLE_MULTIPROCESSING=0); `EngineCoreProc` wraps it in its own process:
 
@@ -23,12 +29,14 @@ import sys
 import threading
 import time
 import traceback
+from collections import deque
 from typing import Any
 
 import msgspec
 
 from lmserve import envs
 from lmserve.config import ConfigError, EngineConfig
+from lmserve.core.sched_output import SchedulerOutput
 from lmserve.core.scheduler import Scheduler
 from lmserve.engine.messages import (
     EngineCoreOutput,
@@ -66,6 +74,10 @@ class EngineCore:
             num_gpu_blocks,
             config.speculative_config,
         )
+        # Steps launched and not yet collected (async scheduling only; at most two).
+        self.in_flight: deque[tuple[SchedulerOutput, Any]] | None = None
+        if config.scheduler_config.async_scheduling:
+            self.in_flight = deque()
         logger.info("EngineCore ready in %.2f s", time.perf_counter() - start)
 
     def add_request(self, request: EngineCoreRequest) -> None:
@@ -87,13 +99,37 @@ class EngineCore:
         return [EngineCoreOutput(r.request_id, [], finish_reason="abort") for r in aborted]
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests()
+        return self.scheduler.has_unfinished_requests() or bool(self.in_flight)
 
     def step(self) -> EngineCoreOutputs:
+        if self.in_flight is not None:
+            return self._step_async(self.in_flight)
         if not self.scheduler.has_unfinished_requests():
             return EngineCoreOutputs(timestamp=time.monotonic())
         scheduler_output = self.scheduler.schedule()
         runner_output = self.executor.execute_model(scheduler_output)
+        return self._update(scheduler_output, runner_output)
+
+    def _step_async(self, in_flight: deque[tuple[SchedulerOutput, Any]]) -> EngineCoreOutputs:
+        """Launch the next step if there is one, then collect the oldest step in flight —
+        unless only the just-launched step is in flight (then return at once and launch
+        another, so the device always has queued work while the host waits)."""
+        launched = False
+        if len(in_flight) < 2 and self.scheduler.has_unfinished_requests():
+            scheduler_output = self.scheduler.schedule()
+            if scheduler_output.is_empty:  # still tell the worker of finished requests
+                self.executor.execute_model(scheduler_output)
+            else:
+                in_flight.append(
+                    (scheduler_output, self.executor.execute_model_async(scheduler_output))
+                )
+                launched = True
+        if not in_flight or (launched and len(in_flight) == 1):
+            return EngineCoreOutputs(timestamp=time.monotonic())
+        scheduler_output, pending = in_flight.popleft()
+        return self._update(scheduler_output, pending.result())
+
+    def _update(self, scheduler_output: SchedulerOutput, runner_output) -> EngineCoreOutputs:
         outputs = self.scheduler.update_from_output(scheduler_output, runner_output)
         return EngineCoreOutputs(
             outputs=outputs, timestamp=time.monotonic(), scheduler_stats=self.scheduler.make_stats()

@@ -10,7 +10,11 @@ Each step decides `num_scheduled_tokens = {request_id: num_tokens}` under one bu
                        with `num_computed_tokens = 0` (recompute; its cached blocks often hit);
   - speculative decoding: a running request's draft tokens (`spec_token_ids`) count as tokens
                        to compute, under the same budget, after its last known token; after
-                       verification `num_computed_tokens` is taken back by the drafts rejected.
+                       verification `num_computed_tokens` is taken back by the drafts rejected;
+  - async scheduling:  a step that samples leaves a placeholder (`num_output_placeholders`)
+                       until its output arrives; the next step is scheduled as if that token
+                       were known (the worker feeds it from the device), and a request whose
+                       steps in flight reach its length limit is not scheduled again.
 Running requests are served first, then waiting ones (only in a step with no preemption).
 """
 
@@ -176,6 +180,8 @@ class Scheduler:
             self._schedule_waiting(step)
         for request in step.scheduled:  # the decision is made: advance progress
             request.num_computed_tokens += step.num_scheduled_tokens[request.request_id]
+            if request.num_computed_tokens >= request.num_tokens + request.num_output_placeholders:
+                request.num_output_placeholders += 1  # this step samples its next token
         out = SchedulerOutput(
             scheduled_new_reqs=step.new_reqs,
             scheduled_cached_reqs=step.cached_reqs,
@@ -189,7 +195,13 @@ class Scheduler:
         return out
 
     def _num_new_tokens(self, request: Request, num_computed_tokens: int, budget: int) -> int:
-        num_new = request.num_tokens_with_spec - num_computed_tokens
+        pending = request.num_output_placeholders  # > 0 only under async scheduling
+        if pending and (
+            request.num_output_tokens + pending >= request.max_tokens
+            or request.num_tokens + pending >= self.max_model_len
+        ):
+            return 0  # the steps in flight already reach its length limit
+        num_new = request.num_tokens_with_spec + pending - num_computed_tokens
         threshold = self.config.long_prefill_token_threshold
         if 0 < threshold < num_new:
             num_new = threshold
@@ -249,6 +261,7 @@ class Scheduler:
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
         request.spec_token_ids = []
+        request.num_output_placeholders = 0  # a token sampled in flight is dropped
         request.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.add(request, front=True)
@@ -303,7 +316,9 @@ class Scheduler:
             index = runner_output.req_id_to_index[req_id]
             sampled = runner_output.sampled_token_ids[index]
             prompt_logprobs = runner_output.prompt_logprobs.get(req_id)
-            if not sampled and prompt_logprobs is None:
+            if sampled:
+                request.num_output_placeholders -= 1
+            elif prompt_logprobs is None:
                 continue  # mid-prompt chunk: nothing to report yet
             scheduled_spec = scheduler_output.scheduled_spec_decode_tokens.get(req_id)
             if scheduled_spec:

@@ -71,11 +71,18 @@ ENGINE_FLAGS: list[tuple[str, str, Any, Any, str]] = [
     ),
     ("--revision", "revision", str, None, "hub revision"),
 ]
-BOOL_FLAGS: list[tuple[str, str, bool, str]] = [
+BOOL_FLAGS: list[tuple[str, str, bool | None, str]] = [
     ("enable-prefix-caching", "enable_prefix_caching", True, "reuse KV of shared prefixes"),
     ("enable-chunked-prefill", "enable_chunked_prefill", True, "split long prompts across steps"),
     ("skip-tokenizer-init", "skip_tokenizer_init", False, "token ids only, no tokenizer"),
     ("enforce-eager", "enforce_eager", False, "never capture CUDA graphs"),
+    (
+        "async-scheduling",
+        "async_scheduling",
+        None,
+        "prepare the next step while the GPU runs this one (default: on for CUDA without "
+        "speculative decoding or tensor parallelism)",
+    ),
 ]
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from lmserve.config import EngineConfig
 from lmserve.core.sched_output import ModelRunnerOutput, SchedulerOutput
+from lmserve.worker.model_runner import StepOutput
 from lmserve.worker.worker import Worker
 
 
@@ -20,3 +21,7 @@ class UniProcExecutor:
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         return self.worker.execute_model(scheduler_output)
+
+    def execute_model_async(self, scheduler_output: SchedulerOutput) -> StepOutput:
+        """Queue the step; its `.result()` waits for it (async scheduling)."""
+        return self.worker.execute_model_async(scheduler_output)

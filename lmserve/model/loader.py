@@ -102,7 +102,7 @@ def load_model(
     else:
         if model_path is None:
             raise ValueError(f"load_format={load_format!r} needs a model_path")
-        loaded = model.load_weights(iterate_safetensors(model_path))
+        loaded = model.load_weights(iterate_safetensors(model_path, device))
         missing = sorted(set(dict(model.named_parameters())) - loaded)
         if missing:
             raise ValueError(f"checkpoint in {model_path} lacks weights for parameters: {missing}")
@@ -130,12 +130,18 @@ def safetensors_files(model_path: str) -> list[str]:
     return files
 
 
-def iterate_safetensors(model_path: str) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) for every tensor of the checkpoint, read lazily one tensor at a time."""
+def iterate_safetensors(
+    model_path: str, device: torch.device | str = "cpu"
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) for every tensor of the checkpoint, read lazily one tensor at a time,
+    straight onto `device` (no CPU copy to convert or shard on the host)."""
     from safetensors import safe_open
 
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
     for path in safetensors_files(model_path):
-        with safe_open(path, framework="pt", device="cpu") as f:
+        with safe_open(path, framework="pt", device=str(device)) as f:
             for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
                 yield name, f.get_tensor(name)
 

@@ -86,6 +86,8 @@ class DeviceInputs:
             self._copied.synchronize()
         self._fill_host(flat, real_tokens, real_reqs, num_tokens, num_reqs)
         input_ids = self.input_ids.upload(num_tokens)
+        if flat.input_ids_on_device is not None:  # tokens the host has not seen yet
+            input_ids.index_copy_(0, *flat.input_ids_on_device)
         positions = self.positions.upload(num_tokens)
         metadata = AttentionMetadata(
             num_reqs=num_reqs,

@@ -29,6 +29,9 @@ class FlatInputs:
     block_tables: np.ndarray  # [num_reqs, max_blocks_in_step] int32
     logits_indices: np.ndarray  # [num_reqs] flat index of each request's last scheduled token
     completes_known_tokens: np.ndarray  # [num_reqs] bool: samples a new token this step
+    # Async scheduling: (flat indices, token ids), both [n] on the device, of input tokens the
+    # previous step sampled and the host has not seen yet (`input_ids` holds junk there).
+    input_ids_on_device: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 class InputBatch:

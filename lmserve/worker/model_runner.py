@@ -12,7 +12,7 @@ from lmserve.config import EngineConfig
 from lmserve.core.sched_output import ModelRunnerOutput, SchedulerOutput
 from lmserve.engine.messages import LogprobsLists
 from lmserve.model.loader import get_kv_cache_spec, load_model
-from lmserve.sample.logprobs import compute_logprobs_tensors
+from lmserve.sample.logprobs import LogprobsTensors, compute_logprobs_tensors
 from lmserve.sample.metadata import SamplingMetadata
 from lmserve.sample.sampler import Sampler, SamplerOutput
 from lmserve.worker.cuda_graphs import CudaGraphRunner, decode_graph_sizes, piecewise_graph_sizes
@@ -50,6 +50,7 @@ class ModelRunner:
             device=device,
         )
         self.graphs: CudaGraphRunner | None = None  # set by capture_model()
+        self._last_sampled: SampledTokens | None = None  # the latest step's sampled tokens
         self.spec_decode: SpecDecodeRunner | None = None  # speculative decoding, if configured
         if config.speculative_config is not None:
             self.spec_decode = SpecDecodeRunner(self, config.speculative_config)
@@ -145,17 +146,28 @@ class ModelRunner:
         return cache_bytes
 
     # ---- one step ---------------------------------------------------------------------------
-    @torch.inference_mode()
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        return self.execute_model_async(scheduler_output).result()
+
+    @torch.inference_mode()
+    def execute_model_async(self, scheduler_output: SchedulerOutput) -> StepOutput:
+        """Queue one step on the device and return at once; `.result()` waits for its
+        device->host copies. The step may read tokens the previous step sampled that the host
+        has not seen yet: they go from the device's sampled tokens straight into the inputs."""
         self._update_states(scheduler_output)
         if scheduler_output.is_empty:
-            return ModelRunnerOutput(req_ids=[], req_id_to_index={}, sampled_token_ids=[])
+            return StepOutput.done(
+                ModelRunnerOutput(req_ids=[], req_id_to_index={}, sampled_token_ids=[])
+            )
         if self.spec_decode is not None:
             self.spec_decode.write_drafts(scheduler_output)
         flat = self.input_batch.prepare_inputs(scheduler_output.num_scheduled_tokens)
+        flat.input_ids_on_device = self._tokens_in_flight(flat)
         hidden = self._forward(flat)  # [num_tokens, hidden_size]
         if self.spec_decode is not None:  # verify drafts, then propose the next ones
-            return self.spec_decode.sample_and_propose(scheduler_output, flat, hidden)
+            return StepOutput.done(
+                self.spec_decode.sample_and_propose(scheduler_output, flat, hidden)
+            )
         # Only rows that reach their last known token sample; a mid-prompt chunk's logits are
         # never computed (and its seeded generator never advanced).
         sampling = flat.completes_known_tokens  # [num_reqs] bool
@@ -166,12 +178,14 @@ class ModelRunner:
             # while the GPU runs; the step's one sync is the sampled tokens' copy back.
             logits_indices = host_to_device(flat.logits_indices[sampling], self.device)
             logits = self.model.compute_logits(hidden[logits_indices])  # [num_sampling, vocab]
+            if self._needs_token_history(sample_rows):
+                self._wait_for_tokens_in_flight()
             metadata = build_sampling_metadata(
                 self.input_batch, sample_rows, self.vocab_size, self.device
             )
             sampler_output = self.sampler(logits, metadata)
         prompt_logprobs = self._prompt_logprobs(flat, hidden)
-        return self._collect(flat, sample_rows, sampler_output, prompt_logprobs)
+        return self._launch_copies(flat, sample_rows, sampler_output, prompt_logprobs)
 
     def _update_states(self, scheduler_output: SchedulerOutput) -> None:
         batch = self.input_batch
@@ -199,12 +213,14 @@ class ModelRunner:
         ctx = ForwardContext(metadata, self.kv_caches, self.attn_backend)
         return self.model(input_ids, positions, ctx)
 
-    def _prompt_logprobs(self, flat: FlatInputs, hidden: torch.Tensor) -> dict[str, LogprobsLists]:
+    def _prompt_logprobs(
+        self, flat: FlatInputs, hidden: torch.Tensor
+    ) -> dict[str, LogprobsTensors]:
         """Logprobs of each scheduled prompt token's successor, for requests that asked.
         Prompt logprobs requests skip the prefix cache, so every prompt position is computed
         here, chunk by chunk."""
         batch = self.input_batch
-        result: dict[str, LogprobsLists] = {}
+        result: dict[str, LogprobsTensors] = {}
         for i, row in enumerate(flat.req_rows.tolist()):
             params = batch.sampling_params[row]
             if params.prompt_logprobs is None:
@@ -215,43 +231,194 @@ class ModelRunner:
             last_pos = min(first_pos + (end - start), num_prompt - 1)  # exclusive
             if last_pos <= first_pos:
                 continue
-            targets = torch.from_numpy(
-                batch.token_ids[row, first_pos + 1 : last_pos + 1].astype(np.int64)
-            ).to(self.device)
+            targets = host_to_device(
+                batch.token_ids[row, first_pos + 1 : last_pos + 1].astype(np.int64), self.device
+            )
             logits = self.model.compute_logits(hidden[start : start + last_pos - first_pos])
             tensors = compute_logprobs_tensors(logits, targets, params.prompt_logprobs)
-            result[batch.req_ids[row]] = LogprobsLists.from_tensors(tensors)
+            result[batch.req_ids[row]] = tensors
         return result
 
-    def _collect(
+    # ---- tokens sampled on the device, not yet seen by the host (async scheduling) -----------
+    def _tokens_in_flight(self, flat: FlatInputs) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(flat indices, token ids) on the device for the inputs that are tokens the previous
+        step sampled and the host does not have yet, or None when there are none."""
+        last = self._last_sampled
+        if last is None or last.on_host:
+            return None
+        batch = self.input_batch
+        row_to_req = np.full(batch.max_num_reqs, -1, dtype=np.int64)
+        row_to_req[flat.req_rows] = np.arange(len(flat.req_rows))
+        rows = np.array([batch.req_id_to_index.get(r, -1) for r in last.req_ids], dtype=np.int64)
+        reqs = np.where(rows >= 0, row_to_req[np.maximum(rows, 0)], -1)  # [n] index in flat
+        starts = flat.query_start_loc[np.maximum(reqs, 0)]  # [n]
+        ends = flat.query_start_loc[np.maximum(reqs, 0) + 1]
+        first_pos = flat.positions[np.minimum(starts, len(flat.positions) - 1)]
+        dst = starts + (last.positions - first_pos)  # [n] flat index of each token
+        used = (reqs >= 0) & (dst >= starts) & (dst < ends)
+        if not used.any():
+            return None
+        index = host_to_device(
+            np.stack([dst[used], np.nonzero(used)[0]]).astype(np.int64), self.device
+        )
+        return index[0], last.token_ids.index_select(0, index[1])
+
+    def _needs_token_history(self, rows: np.ndarray) -> bool:
+        """Penalties read every output token on the host."""
+        batch = self.input_batch
+        return bool(
+            (batch.presence_penalty[rows] != 0).any()
+            or (batch.frequency_penalty[rows] != 0).any()
+            or (batch.repetition_penalty[rows] != 1).any()
+        )
+
+    def _wait_for_tokens_in_flight(self) -> None:
+        if self._last_sampled is not None:
+            self._last_sampled.write_to(self.input_batch)
+
+    # ---- output ----------------------------------------------------------------------------
+    def _launch_copies(
         self,
         flat: FlatInputs,
         sample_rows: np.ndarray,
         sampler_output: SamplerOutput | None,
-        prompt_logprobs: dict[str, LogprobsLists],
-    ) -> ModelRunnerOutput:
-        """Append sampled tokens to the persistent batch; one device->host copy per step."""
+        prompt_logprobs: dict[str, LogprobsTensors],
+    ) -> StepOutput:
+        """Queue the step's device->host copies and count its sampled tokens in the persistent
+        batch (their values land there when the copies are done)."""
         batch = self.input_batch
         req_ids = [batch.req_ids[r] for r in flat.req_rows]
-        sampled_token_ids: list[list[int]] = [[] for _ in req_ids]
-        logprobs: list[LogprobsLists | None] = [None] * len(req_ids)
+        sampled = logprobs = None
         if sampler_output is not None:
-            sampled = sampler_output.sampled_token_ids.cpu().numpy()  # [num_sampling]
-            batch.append_sampled(sample_rows, sampled)
-            positions = np.nonzero(flat.completes_known_tokens)[0]
+            sampled = SampledTokens(
+                req_ids=[batch.req_ids[r] for r in sample_rows],
+                positions=batch.num_tokens[sample_rows].copy(),
+                token_ids=sampler_output.sampled_token_ids,
+                host=copy_to_host(sampler_output.sampled_token_ids),
+            )
+            batch.num_tokens[sample_rows] += 1
+            self._last_sampled = sampled
             lp = sampler_output.logprobs
-            lp_lists = LogprobsLists.from_tensors(lp) if lp is not None else None
-            for j, (pos, token) in enumerate(zip(positions.tolist(), sampled.tolist())):
-                sampled_token_ids[pos] = [token]
-                if lp_lists is not None and batch.num_logprobs[sample_rows[j]] >= 0:
-                    logprobs[pos] = lp_lists.rows(j, j + 1)
-        return ModelRunnerOutput(
+            if lp is not None:
+                logprobs = (batch.num_logprobs[sample_rows] >= 0, _logprobs_to_host(lp))
+        step = StepOutput(
             req_ids=req_ids,
-            req_id_to_index={r: i for i, r in enumerate(req_ids)},
+            sample_positions=np.nonzero(flat.completes_known_tokens)[0],
+            sampled=sampled,
+            logprobs=logprobs,
+            prompt_logprobs={r: _logprobs_to_host(t) for r, t in prompt_logprobs.items()},
+            batch=batch,
+        )
+        if self.device.type == "cuda":
+            step.copied = torch.cuda.Event()
+            step.copied.record()
+        return step
+
+
+class SampledTokens:
+    """One step's sampled tokens: on the device at once (the next step's inputs may read them
+    there), on the host once the non-blocking copy is done."""
+
+    __slots__ = ("req_ids", "positions", "token_ids", "host", "on_host", "copied")
+
+    def __init__(
+        self, req_ids: list[str], positions: np.ndarray, token_ids: torch.Tensor, host: torch.Tensor
+    ) -> None:
+        self.req_ids = req_ids  # the requests that sampled, in sampling order
+        self.positions = positions  # [n] where each token goes in its request's token ids
+        self.token_ids = token_ids  # [n] int64, device
+        self.host = host  # [n] int64, host (pinned on CUDA), valid once `copied` is done
+        self.on_host = False  # written into the persistent batch
+        self.copied = torch.cuda.Event() if token_ids.is_cuda else None
+        if self.copied is not None:
+            self.copied.record()
+
+    def write_to(self, batch: InputBatch) -> np.ndarray:
+        """Wait for the copy, write the tokens into the rows still holding their requests
+        (idempotent). Returns them, [n] int64."""
+        if self.copied is not None:
+            self.copied.synchronize()
+        tokens = self.host.numpy()
+        if not self.on_host:
+            self.on_host = True
+            for req_id, pos, token in zip(self.req_ids, self.positions.tolist(), tokens.tolist()):
+                row = batch.req_id_to_index.get(req_id)
+                if row is not None:
+                    batch.token_ids[row, pos] = token
+        return tokens
+
+
+class StepOutput:
+    """A step queued on the device; `result()` waits for its copies and builds the
+    ModelRunnerOutput. Steps are collected in launch order."""
+
+    def __init__(
+        self,
+        req_ids: list[str],
+        sample_positions: np.ndarray,  # [num_sampling] index in req_ids of each sampled token
+        sampled: SampledTokens | None,
+        logprobs: tuple[np.ndarray, LogprobsTensors] | None,  # (asked per sampling row, host)
+        prompt_logprobs: dict[str, LogprobsTensors],  # host tensors
+        batch: InputBatch | None,
+    ) -> None:
+        self.req_ids = req_ids
+        self.sample_positions = sample_positions
+        self.sampled = sampled
+        self.logprobs = logprobs
+        self.prompt_logprobs = prompt_logprobs
+        self.batch = batch
+        self.copied: torch.cuda.Event | None = None
+        self.output: ModelRunnerOutput | None = None
+
+    @classmethod
+    def done(cls, output: ModelRunnerOutput) -> StepOutput:
+        step = cls([], np.zeros(0, dtype=np.int64), None, None, {}, None)
+        step.output = output
+        return step
+
+    def result(self) -> ModelRunnerOutput:
+        if self.output is not None:
+            return self.output
+        if self.copied is not None:
+            self.copied.synchronize()
+        sampled_token_ids: list[list[int]] = [[] for _ in self.req_ids]
+        logprobs: list[LogprobsLists | None] = [None] * len(self.req_ids)
+        if self.sampled is not None:
+            tokens = self.sampled.write_to(self.batch).tolist()
+            lp_lists = None
+            if self.logprobs is not None:
+                asked, lp_tensors = self.logprobs
+                lp_lists = LogprobsLists.from_tensors(lp_tensors)
+            for j, (pos, token) in enumerate(zip(self.sample_positions.tolist(), tokens)):
+                sampled_token_ids[pos] = [token]
+                if lp_lists is not None and asked[j]:
+                    logprobs[pos] = lp_lists.rows(j, j + 1)
+        self.output = ModelRunnerOutput(
+            req_ids=self.req_ids,
+            req_id_to_index={r: i for i, r in enumerate(self.req_ids)},
             sampled_token_ids=sampled_token_ids,
             logprobs=logprobs,
-            prompt_logprobs=prompt_logprobs,
+            prompt_logprobs={
+                r: LogprobsLists.from_tensors(t) for r, t in self.prompt_logprobs.items()
+            },
         )
+        self.batch = self.sampled = None  # drop references to device tensors
+        return self.output
+
+
+def copy_to_host(tensor: torch.Tensor) -> torch.Tensor:
+    """A non-blocking copy into pinned memory on CUDA (valid after an event recorded later on
+    the stream completes); the tensor itself on the CPU."""
+    if not tensor.is_cuda:
+        return tensor
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    return host.copy_(tensor, non_blocking=True)
+
+
+def _logprobs_to_host(tensors: LogprobsTensors) -> LogprobsTensors:
+    return LogprobsTensors(
+        copy_to_host(tensors.token_ids), copy_to_host(tensors.logprobs), copy_to_host(tensors.ranks)
+    )
 
 
 def _profile_inputs(num_tokens: int, num_reqs: int, block_size: int) -> FlatInputs:

@@ -95,7 +95,10 @@ class SpecDecodeRunner:
         verified = None
         if len(sample_rows):
             verified = self._verify(scheduler_output, flat, hidden, sample_rows)
-        prompt_logprobs = self.runner._prompt_logprobs(flat, hidden)
+        prompt_logprobs = {
+            req_id: LogprobsLists.from_tensors(tensors)
+            for req_id, tensors in self.runner._prompt_logprobs(flat, hidden).items()
+        }
         if self.drafter is not None:
             self.drafter.forward_scheduled(flat)
         drafts = self._propose(sample_rows)

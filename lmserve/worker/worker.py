@@ -10,7 +10,7 @@ import torch
 
 from lmserve.config import EngineConfig
 from lmserve.core.sched_output import ModelRunnerOutput, SchedulerOutput
-from lmserve.worker.model_runner import ModelRunner
+from lmserve.worker.model_runner import ModelRunner, StepOutput
 
 logger = logging.getLogger(__name__)
 
@@ -102,6 +102,9 @@ class Worker:
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         return self.model_runner.execute_model(scheduler_output)
+
+    def execute_model_async(self, scheduler_output: SchedulerOutput) -> StepOutput:
+        return self.model_runner.execute_model_async(scheduler_output)
 
 
 def _allocated(device: torch.device) -> int:

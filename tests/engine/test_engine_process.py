@@ -30,12 +30,13 @@ def engine_process(llm: LLM) -> psutil.Process:
     return psutil.Process(llm.llm_engine.engine_core.engine_pid)
 
 
-def test_background_engine_matches_in_process_engine(tiny_model_dir, monkeypatch):
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_background_engine_matches_in_process_engine(tiny_model_dir, monkeypatch, async_scheduling):
     model = tiny_model_dir("llama")
     inproc = LLM(model, device="cpu", dtype="float32")
     expected = [o.outputs[0].token_ids for o in inproc.generate(PROMPTS, GREEDY, use_tqdm=False)]
     monkeypatch.setenv("LMSERVE_ENABLE_MULTIPROCESSING", "1")
-    llm = LLM(model, device="cpu", dtype="float32")
+    llm = LLM(model, device="cpu", dtype="float32", async_scheduling=async_scheduling)
     try:
         outs = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
         assert [o.outputs[0].token_ids for o in outs] == expected
@@ -100,9 +101,13 @@ def test_killed_engine_surfaces_as_engine_death(tiny_model_dir, multiprocessing_
     llm.shutdown()
 
 
-def test_async_engine_streams_and_abort_frees_blocks(tiny_model_dir):
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_async_engine_streams_and_abort_frees_blocks(tiny_model_dir, async_scheduling):
     config = EngineConfig.from_kwargs(
-        tiny_model_dir("llama"), device="cpu", num_gpu_blocks_override=256
+        tiny_model_dir("llama"),
+        device="cpu",
+        num_gpu_blocks_override=256,
+        async_scheduling=async_scheduling,
     )
 
     async def scenario():
