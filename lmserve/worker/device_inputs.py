@@ -75,6 +75,7 @@ class DeviceInputs:
         # The pinned buffers are rewritten every step: wait until the previous step's copies
         # have left them (a step with no sampling never synchronises with the device).
         self._copied = torch.cuda.Event() if device.type == "cuda" else None
+        self._stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
 
     def stage(
         self, flat: FlatInputs, num_tokens: int, num_reqs: int
@@ -87,7 +88,11 @@ class DeviceInputs:
         self._fill_host(flat, real_tokens, real_reqs, num_tokens, num_reqs)
         input_ids = self.input_ids.upload(num_tokens)
         if flat.input_ids_on_device is not None:  # tokens the host has not seen yet
-            input_ids.index_copy_(0, *flat.input_ids_on_device)
+            index, token_ids = flat.input_ids_on_device
+            if index is None:  # the first len(token_ids) inputs
+                input_ids[: len(token_ids)].copy_(token_ids)
+            else:
+                input_ids.index_copy_(0, index, token_ids)
         positions = self.positions.upload(num_tokens)
         metadata = AttentionMetadata(
             num_reqs=num_reqs,
@@ -102,7 +107,7 @@ class DeviceInputs:
             seq_lens_cpu=self.seq_lens.host_np[:num_reqs].tolist(),
         )
         if self._copied is not None:
-            self._copied.record()
+            self._copied.record(self._stream)
         return input_ids, positions, metadata
 
     def _fill_host(

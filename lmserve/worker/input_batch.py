@@ -30,8 +30,9 @@ class FlatInputs:
     logits_indices: np.ndarray  # [num_reqs] flat index of each request's last scheduled token
     completes_known_tokens: np.ndarray  # [num_reqs] bool: samples a new token this step
     # Async scheduling: (flat indices, token ids), both [n] on the device, of input tokens the
-    # previous step sampled and the host has not seen yet (`input_ids` holds junk there).
-    input_ids_on_device: tuple[torch.Tensor, torch.Tensor] | None = None
+    # previous step sampled and the host has not seen yet (`input_ids` holds junk there);
+    # indices None = the first n inputs.
+    input_ids_on_device: tuple[torch.Tensor | None, torch.Tensor] | None = None
 
 
 class InputBatch:

@@ -51,6 +51,8 @@ class ModelRunner:
         )
         self.graphs: CudaGraphRunner | None = None  # set by capture_model()
         self._last_sampled: SampledTokens | None = None  # the latest step's sampled tokens
+        self._sampled_host = _HostRing(config.scheduler_config.max_num_seqs, device)
+        self._stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
         self.spec_decode: SpecDecodeRunner | None = None  # speculative decoding, if configured
         if config.speculative_config is not None:
             self.spec_decode = SpecDecodeRunner(self, config.speculative_config)
@@ -176,10 +178,13 @@ class ModelRunner:
         if len(sample_rows):
             # Queued behind the forward, no host stall: the host builds the sampling inputs
             # while the GPU runs; the step's one sync is the sampled tokens' copy back.
-            logits_indices = host_to_device(flat.logits_indices[sampling], self.device)
-            logits = self.model.compute_logits(hidden[logits_indices])  # [num_sampling, vocab]
-            if self._needs_token_history(sample_rows):
-                self._wait_for_tokens_in_flight()
+            if len(sample_rows) == len(hidden):  # decode only: one row per request
+                logits = self.model.compute_logits(hidden)  # [num_sampling, vocab]
+            else:
+                logits_indices = host_to_device(flat.logits_indices[sampling], self.device)
+                logits = self.model.compute_logits(hidden[logits_indices])
+            if self._tokens_pending() and self._needs_token_history(sample_rows):
+                self._last_sampled.write_to(self.input_batch)
             metadata = build_sampling_metadata(
                 self.input_batch, sample_rows, self.vocab_size, self.device
             )
@@ -243,10 +248,16 @@ class ModelRunner:
     def _tokens_in_flight(self, flat: FlatInputs) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(flat indices, token ids) on the device for the inputs that are tokens the previous
         step sampled and the host does not have yet, or None when there are none."""
-        last = self._last_sampled
-        if last is None or last.on_host:
+        if not self._tokens_pending():
             return None
-        batch = self.input_batch
+        last, batch = self._last_sampled, self.input_batch
+        n = len(last.req_ids)
+        if (
+            n == len(flat.req_rows) == len(flat.input_ids)  # decode only, same requests
+            and last.req_ids == [batch.req_ids[r] for r in flat.req_rows]
+            and (flat.positions == last.positions).all()
+        ):
+            return None, last.token_ids  # input token i is sampled token i
         row_to_req = np.full(batch.max_num_reqs, -1, dtype=np.int64)
         row_to_req[flat.req_rows] = np.arange(len(flat.req_rows))
         rows = np.array([batch.req_id_to_index.get(r, -1) for r in last.req_ids], dtype=np.int64)
@@ -272,9 +283,8 @@ class ModelRunner:
             or (batch.repetition_penalty[rows] != 1).any()
         )
 
-    def _wait_for_tokens_in_flight(self) -> None:
-        if self._last_sampled is not None:
-            self._last_sampled.write_to(self.input_batch)
+    def _tokens_pending(self) -> bool:
+        return self._last_sampled is not None and not self._last_sampled.on_host
 
     # ---- output ----------------------------------------------------------------------------
     def _launch_copies(
@@ -290,11 +300,12 @@ class ModelRunner:
         req_ids = [batch.req_ids[r] for r in flat.req_rows]
         sampled = logprobs = None
         if sampler_output is not None:
+            token_ids = sampler_output.sampled_token_ids  # [num_sampling] int64
             sampled = SampledTokens(
                 req_ids=[batch.req_ids[r] for r in sample_rows],
                 positions=batch.num_tokens[sample_rows].copy(),
-                token_ids=sampler_output.sampled_token_ids,
-                host=copy_to_host(sampler_output.sampled_token_ids),
+                token_ids=token_ids,
+                host=self._sampled_host.copy(token_ids),
             )
             batch.num_tokens[sample_rows] += 1
             self._last_sampled = sampled
@@ -311,7 +322,9 @@ class ModelRunner:
         )
         if self.device.type == "cuda":
             step.copied = torch.cuda.Event()
-            step.copied.record()
+            step.copied.record(self._stream)
+            if sampled is not None:
+                sampled.copied = step.copied
         return step
 
 
@@ -329,9 +342,7 @@ class SampledTokens:
         self.token_ids = token_ids  # [n] int64, device
         self.host = host  # [n] int64, host (pinned on CUDA), valid once `copied` is done
         self.on_host = False  # written into the persistent batch
-        self.copied = torch.cuda.Event() if token_ids.is_cuda else None
-        if self.copied is not None:
-            self.copied.record()
+        self.copied: torch.cuda.Event | None = None  # recorded after the step's copies
 
     def write_to(self, batch: InputBatch) -> np.ndarray:
         """Wait for the copy, write the tokens into the rows still holding their requests
@@ -404,6 +415,24 @@ class StepOutput:
         )
         self.batch = self.sampled = None  # drop references to device tensors
         return self.output
+
+
+class _HostRing:
+    """Pinned host slots for the sampled tokens of the last few steps, reused in turn: a slot
+    is read (`StepOutput.result`) before the step two launches later, which is the soonest it
+    is written again."""
+
+    def __init__(self, max_num_reqs: int, device: torch.device, num_slots: int = 3) -> None:
+        pin = device.type == "cuda"
+        self.slots = torch.zeros((num_slots, max_num_reqs), dtype=torch.int64, pin_memory=pin)
+        self.next = 0
+
+    def copy(self, tensor: torch.Tensor) -> torch.Tensor:  # [n] int64 -> [n] host view
+        if not tensor.is_cuda:
+            return tensor
+        slot = self.slots[self.next, : len(tensor)]
+        self.next = (self.next + 1) % len(self.slots)
+        return slot.copy_(tensor, non_blocking=True)
 
 
 def copy_to_host(tensor: torch.Tensor) -> torch.Tensor:

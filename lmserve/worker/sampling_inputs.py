@@ -33,7 +33,12 @@ def build_sampling_metadata(
     random_rows = temperature > 0
     row_pos = {int(r): i for i, r in enumerate(rows)}
     metadata = SamplingMetadata(
-        temperature=to_dev(temperature),
+        # All greedy: no row reads it; zeros on the device cost no host->device copy.
+        temperature=(
+            to_dev(temperature)
+            if random_rows.any()
+            else torch.zeros(len(rows), dtype=torch.float32, device=device)
+        ),
         all_greedy=not random_rows.any(),
         all_random=bool(random_rows.all()),
         generators={row_pos[r]: g for r, g in batch.generators.items() if r in row_pos},
