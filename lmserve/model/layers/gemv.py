@@ -1,0 +1,316 @@
+"""A Triton GEMV for small-batch decode: y = x W^T (+ b) for 1..GEMV_MAX_ROWS rows of activations,
+a drop-in for `F.linear` that streams the weight at close to memory bandwidth.
+
+Why: batch-1 decode of a Llama-3-8B shape reads every weight once per token (16 GB) and does ~2
+flops per weight byte, so a linear layer takes (weight bytes) / (achieved bandwidth). cuBLAS's
+GEMVs reach ~77-80% of copy bandwidth on an H100. What decides the rest is how many bytes each SM
+keeps in flight (bandwidth x latency: ~3 MB over the chip), which this kernel is shaped for.
+
+Design: one program per [BLOCK_N outputs] x [one K range]; a K loop over [BLOCK_N, BLOCK_K] tiles.
+
+          K -> (contiguous)
+    W  +-----------+-----------+-----------+
+  N |  |  split 0  |  split 1  |  split 2  |  <- pid_n: BLOCK_N rows; pid_k: its K range
+  | |  |===========|===========|===========|     (SPLIT_K programs per row block)
+  v |  |           |           |           |
+       +-----------+-----------+-----------+
+    per iteration:  acc[16, BLOCK_N] += x[16, BLOCK_K] @ w[BLOCK_N, BLOCK_K]^T   (tl.dot)
+
+- The tiles go through `tl.dot`, with x padded to the 16 rows of the smallest MMA (rows past M
+  are masked: zeros that are never read from memory). The tensor cores' waste is free here, and
+  it is what buys bandwidth: Triton pipelines loads that feed a dot as asynchronous copies into
+  shared memory (cp.async, `num_stages` - 1 tiles ahead), so bytes in flight are bounded by
+  shared memory rather than by registers or occupancy -- the limit of an FMA-and-reduce GEMV
+  (register loads: one tile per warp outstanding, at most 2048 threads per SM). The same loop
+  serves M = 1..8 at about the same cost: the weight is read once whatever M is.
+- Copies are 16 bytes: K % 8 == 0 and the kernel gets K as 8 * (K // 8), so the compiler can
+  prove each row starts on a 16-byte boundary (Triton infers that on its own only for K % 16 ==
+  0), and the K-tail mask (only when K % BLOCK_K != 0, EVEN_K) is constant over 8 elements.
+- Rows past N are clamped to the last row instead of masked (the store drops them): no row mask
+  on the weight copies.
+- Split-K when the row blocks alone are too few (fewer programs than SMs, or too few bytes in
+  flight: small N with large K -- Qwen's down projection, tensor-parallel shards): each split
+  writes float32 partial sums to a [SPLIT_K, M, N] workspace and a second small kernel adds them
+  in a fixed order (deterministic; no atomics, so no workspace to zero), adds the bias and casts.
+  Weights under `_SPLIT_K_MIN_BYTES` are read in about a launch latency; they never split.
+- CUDA-graph capturable: no host syncs; the output and the split-K workspace come from the
+  caching allocator (the graph's pool under capture), as `F.linear`'s own output does.
+
+Numerics: float32 sums of the exact bf16/fp16 products, the bias added in float32, one rounding to
+the dtype at the end -- what cuBLAS does, up to summation order. tests/model/test_gemv.py bounds
+the relative error against a float32 reference.
+
+`linear(x, weight, bias)` is the entry point for layers: `gemv_linear` where `use_gemv(x, weight)`
+holds (CUDA, triton installed, bf16/fp16, few rows; `LMSERVE_DISABLE_GEMV=1` turns it off), else
+`F.linear`. Importing this module does not import triton.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib.util
+import os
+
+import torch
+import torch.nn.functional as F
+
+GEMV_MAX_ROWS = 8  # above this a GEMM (cuBLAS) starts to reuse each weight load across rows
+_DTYPES = (torch.bfloat16, torch.float16)
+_BLOCK_M = 16  # the smallest M of an MMA: x is padded to 16 rows
+# Heuristic constants (H100; benchmarks/gemv_bench.py --sweep measures the alternatives):
+_TARGET_BYTES_IN_FLIGHT = 6 << 20  # ~2x the H100's bandwidth x loaded latency (~3 TB/s x ~1 us)
+_SPLIT_K_MIN_BYTES = 4 << 20  # read in ~1.3 us: a second kernel would cost about as much
+_MAX_SPLIT_K = 16  # the workspace is SPLIT_K x M x N float32 and the reduce reads all of it
+_SMEM_PER_SM = 200 << 10  # shared memory for resident programs (H100: 228 KB; A100: 164 KB)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class GemvConfig:
+    """Launch shape of `gemv_kernel`; `gemv_config` picks one per (M, N, K)."""
+
+    block_n: int  # outputs per program: power of 2, >= 16 (tl.dot)
+    block_k: int  # K elements per loop iteration: power of 2, >= 64
+    split_k: int  # programs that share one row block, each over its own K range
+    num_warps: int
+    num_stages: int  # tiles in the copy pipeline (num_stages - 1 in flight per program)
+
+    def __post_init__(self) -> None:
+        for v in (self.block_n, self.block_k, self.num_warps):
+            assert v > 0 and v & (v - 1) == 0, f"not a power of 2: {self}"
+        assert self.block_n >= 16 and self.block_k >= 64, self
+        assert self.split_k >= 1 and self.num_stages >= 2, self  # 1 would not pipeline
+
+    def smem_bytes(self, elem_bytes: int = 2) -> int:
+        """Shared memory of the copy pipeline: Triton keeps num_stages - 1 (x, w) tile buffers."""
+        return (self.num_stages - 1) * (_BLOCK_M + self.block_n) * self.block_k * elem_bytes
+
+    def bytes_in_flight(self, n: int, num_sms: int, elem_bytes: int = 2) -> int:
+        """Weight bytes being fetched at once over the chip, from resident programs."""
+        programs = _cdiv(n, self.block_n) * self.split_k
+        resident = min(programs, num_sms * max(1, _SMEM_PER_SM // self.smem_bytes(elem_bytes)))
+        return resident * (self.num_stages - 1) * self.block_n * self.block_k * elem_bytes
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def gemv_config(m: int, n: int, k: int, num_sms: int, elem_bytes: int = 2) -> GemvConfig:
+    """Heuristic launch shape for x [m, k] @ W[n, k]^T on a GPU with `num_sms` SMs.
+
+    - block_n 16: the most programs for a given N; with 2 warps each warp owns one 16 x 8 MMA
+      column of the output, so no warp re-reads the tile from shared memory (4 warps would
+      split 16 x 16 as 2 x 2 and read everything twice).
+    - block_k the largest of 256/128/64 dividing K (no tail mask): 4-8 KB of weight per stage.
+    - 4 stages: 3 tiles in flight per program, 48 KB of shared memory (4 programs per SM).
+    - split_k doubles while the grid has fewer programs than SMs or fewer than
+      `_TARGET_BYTES_IN_FLIGHT` bytes in flight, as long as each split keeps >= num_stages
+      iterations (a pipeline to fill). Never below `_SPLIT_K_MIN_BYTES` of weight: there, with
+      fewer programs than SMs, up to 8 stages put a program's whole K range in flight at once.
+    m does not change the pick: x is padded to 16 rows, and the weight traffic is the same.
+    """
+    del m
+    block_k = next((bk for bk in (256, 128, 64) if k % bk == 0), 256)
+    config = GemvConfig(block_n=16, block_k=block_k, split_k=1, num_warps=2, num_stages=4)
+    k_blocks = _cdiv(k, block_k)
+    if n * k * elem_bytes < _SPLIT_K_MIN_BYTES:
+        if _cdiv(n, config.block_n) < num_sms:  # latency-bound: all of K in flight at once
+            config = dataclasses.replace(config, num_stages=min(8, k_blocks + 1))
+        return config
+    while (
+        config.split_k < _MAX_SPLIT_K
+        and k_blocks // (2 * config.split_k) >= config.num_stages
+        and (
+            _cdiv(n, config.block_n) * config.split_k < num_sms
+            or config.bytes_in_flight(n, num_sms, elem_bytes) < _TARGET_BYTES_IN_FLIGHT
+        )
+    ):
+        config = dataclasses.replace(config, split_k=2 * config.split_k)
+    return config
+
+
+@functools.cache
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+@functools.cache
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def gemv_supports(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """The shapes, dtypes and layouts `gemv_linear` takes (on any device): x [M, K] contiguous
+    with 1 <= M <= GEMV_MAX_ROWS, W [N, K] contiguous, both bf16 or both fp16, K % 8 == 0."""
+    return (
+        x.dim() == 2
+        and weight.dim() == 2
+        and 1 <= x.shape[0] <= GEMV_MAX_ROWS
+        and x.shape[1] == weight.shape[1]
+        and x.shape[1] % 8 == 0
+        and x.dtype in _DTYPES
+        and weight.dtype == x.dtype
+        and x.is_contiguous()
+        and weight.is_contiguous()
+        and weight.device == x.device
+    )
+
+
+def use_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether `linear` takes the GEMV: CUDA tensors `gemv_supports`, triton installed, and not
+    turned off with LMSERVE_DISABLE_GEMV=1."""
+    return (
+        x.is_cuda
+        and gemv_supports(x, weight)
+        and _triton_installed()
+        and os.environ.get("LMSERVE_DISABLE_GEMV", "0") != "1"
+    )
+
+
+def linear(
+    x: torch.Tensor,  # [M, K] (or any [..., K] when the GEMV does not apply)
+    weight: torch.Tensor,  # [N, K]
+    bias: torch.Tensor | None = None,  # [N]
+) -> torch.Tensor:  # [M, N]
+    """`F.linear`, through the GEMV kernel for a few rows on CUDA (`use_gemv`)."""
+    if use_gemv(x, weight):
+        return gemv_linear(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
+def gemv_linear(
+    x: torch.Tensor,  # [M, K] contiguous, M <= GEMV_MAX_ROWS, K % 8 == 0
+    weight: torch.Tensor,  # [N, K] contiguous, x's dtype
+    bias: torch.Tensor | None = None,  # [N] contiguous
+    config: GemvConfig | None = None,  # None: `gemv_config`'s pick (benchmarks pass their own)
+) -> torch.Tensor:  # [M, N] in x's dtype
+    """x @ weight.T + bias on x's device, which must be the current CUDA device (Triton launches
+    there); under TRITON_INTERPRET=1 CPU tensors work too."""
+    m, k = x.shape
+    n = weight.shape[0]
+    assert gemv_supports(x, weight), (x.shape, x.dtype, weight.shape, weight.dtype)
+    assert bias is None or (bias.shape == (n,) and bias.is_contiguous())
+    if config is None:
+        num_sms = _num_sms(x.device.index) if x.is_cuda else 132  # CPU: TRITON_INTERPRET=1
+        config = gemv_config(m, n, k, num_sms, x.element_size())
+    k_blocks = _cdiv(k, config.block_k)
+    k_blocks_per_split = _cdiv(k_blocks, config.split_k)
+    split_k = _cdiv(k_blocks, k_blocks_per_split)  # no empty split, whatever the config says
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)  # [M, N]
+    partials = out  # [M, N]: without split-K the kernel writes the result itself
+    if split_k > 1:
+        partials = torch.empty((split_k, m, n), dtype=torch.float32, device=x.device)
+    gemv_kernel, reduce_kernel = _kernels()
+    gemv_kernel[(_cdiv(n, config.block_n), split_k)](
+        x,
+        weight,
+        bias if bias is not None else weight,  # not read without HAS_BIAS
+        partials,
+        m,
+        n,
+        k // 8,
+        k_blocks_per_split,
+        BLOCK_M=_BLOCK_M,
+        BLOCK_N=config.block_n,
+        BLOCK_K=config.block_k,
+        SPLIT_K=split_k,
+        EVEN_K=k % config.block_k == 0,
+        HAS_BIAS=bias is not None,
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+    )
+    if split_k > 1:
+        block = 1024
+        reduce_kernel[(_cdiv(m * n, block),)](
+            partials,
+            bias if bias is not None else partials,
+            out,
+            m * n,
+            n,
+            SPLIT_K=split_k,
+            HAS_BIAS=bias is not None,
+            BLOCK=block,
+            num_warps=4,
+        )
+    return out
+
+
+@functools.cache
+def _kernels():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def gemv_kernel(
+        x_ptr,  # [M, K] contiguous
+        w_ptr,  # [N, K] contiguous
+        bias_ptr,  # [N], read only with HAS_BIAS
+        out_ptr,  # [M, N] in x's dtype (SPLIT_K == 1), else float32 partial sums [SPLIT_K, M, N]
+        M,
+        N,
+        K_DIV_8,  # K // 8: K = 8 * K_DIV_8 tells the compiler rows are 16-byte aligned
+        k_blocks_per_split,
+        BLOCK_M: tl.constexpr,  # 16 >= M: x rows past M are masked to zero
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        SPLIT_K: tl.constexpr,
+        EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no K mask
+        HAS_BIAS: tl.constexpr,
+    ):
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        K = K_DIV_8 * 8
+        rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N] output features
+        ms = tl.arange(0, BLOCK_M)  # [BLOCK_M] activation rows
+        cols = tl.arange(0, BLOCK_K)  # [BLOCK_K]
+        # Rows past N re-read row N - 1 (dropped at the store): the weight copies need no mask.
+        w_rows = tl.minimum(rows, N - 1).to(tl.int64)
+        w_ptrs = w_ptr + w_rows[:, None] * K + cols[None, :]  # [BLOCK_N, BLOCK_K]
+        x_ptrs = x_ptr + ms[:, None] * K + cols[None, :]  # [BLOCK_M, BLOCK_K]
+        x_rows_ok = (ms < M)[:, None]  # [BLOCK_M, 1]
+        kb_start = pid_k * k_blocks_per_split
+        kb_end = tl.minimum(kb_start + k_blocks_per_split, tl.cdiv(K, BLOCK_K))
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for kb in range(kb_start, kb_end):
+            k = kb * BLOCK_K  # a visible multiple of BLOCK_K: the copies stay 16-byte aligned
+            if EVEN_K:
+                w = tl.load(w_ptrs + k)
+                x = tl.load(x_ptrs + k, mask=x_rows_ok, other=0.0)
+            else:
+                k_ok = (k + cols < K)[None, :]  # [1, BLOCK_K], constant over 8 elements
+                w = tl.load(w_ptrs + k, mask=k_ok, other=0.0)
+                x = tl.load(x_ptrs + k, mask=x_rows_ok & k_ok, other=0.0)
+            acc = tl.dot(x, tl.trans(w), acc)  # [BLOCK_M, BLOCK_N], float32
+        out_mask = x_rows_ok & (rows < N)[None, :]  # [BLOCK_M, BLOCK_N]
+        if SPLIT_K == 1:
+            if HAS_BIAS:
+                bias = tl.load(bias_ptr + rows, mask=rows < N, other=0.0)
+                acc += bias.to(tl.float32)[None, :]
+            out = acc.to(out_ptr.dtype.element_ty)
+            tl.store(out_ptr + ms[:, None] * N + rows[None, :], out, mask=out_mask)
+        else:
+            offs = (pid_k * M + ms[:, None]) * N + rows[None, :]
+            tl.store(out_ptr + offs, acc, mask=out_mask)
+
+    @triton.jit
+    def splitk_reduce_kernel(
+        partials_ptr,  # [SPLIT_K, M * N] float32
+        bias_ptr,  # [N], read only with HAS_BIAS
+        out_ptr,  # [M * N]
+        MN,
+        N,
+        SPLIT_K: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # [BLOCK] flat (m, n)
+        mask = offs < MN
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for s in tl.static_range(SPLIT_K):  # a fixed order: the same sum on every call
+            acc += tl.load(partials_ptr + s * MN + offs, mask=mask, other=0.0)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs % N, mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+    return gemv_kernel, splitk_reduce_kernel
