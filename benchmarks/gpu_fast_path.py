@@ -2,7 +2,7 @@
 shapes, bf16):
 
   decode      batch-1 decode tok/s for each shape: lmserve with CUDA graphs (async scheduling
-              on, the default, and off), lmserve eager, HF
+              on, the default, and off; Triton GEMV on, the default, and off), lmserve eager, HF
               transformers `generate`, and the memory-bandwidth roofline from a copy measured here;
   throughput  (--throughput) 1000 requests x (256 in, 256 out), ignore_eos, Llama-3-8B shape:
               lmserve total tok/s; HF `generate` on one static batch of 64 of the same requests;
@@ -50,7 +50,16 @@ def _free(llm) -> None:
     torch.cuda.empty_cache()
 
 
-def lmserve_decode(path: str, **engine_kwargs) -> dict:
+def lmserve_decode(path: str, gemv: bool = True, **engine_kwargs) -> dict:
+    """`gemv=False`: cuBLAS (F.linear) for every layer, the Triton GEMV turned off."""
+    os.environ["LMSERVE_DISABLE_GEMV"] = "0" if gemv else "1"
+    try:
+        return _lmserve_decode(path, **engine_kwargs)
+    finally:
+        os.environ.pop("LMSERVE_DISABLE_GEMV")
+
+
+def _lmserve_decode(path: str, **engine_kwargs) -> dict:
     start = time.perf_counter()
     llm = LLM(
         path, load_format="dummy", dtype="bfloat16", device="cuda", skip_tokenizer_init=True,
@@ -189,7 +198,7 @@ def cold_start(path: str) -> dict:
     finally:
         proc.terminate()
         log = proc.communicate(timeout=60)[0].decode(errors="replace")
-    result["log_tail"] = [line for line in log.splitlines() if "INFO" in line][-12:]
+    result["log"] = [line for line in log.splitlines() if "INFO" in line and "HTTP" not in line]
     return result
 
 
@@ -218,6 +227,7 @@ def main() -> None:
             row = {
                 "roofline_tok_s": round(roofline_tok_s(bandwidth, shape), 1),
                 "lmserve_graphs": lmserve_decode(path),  # async scheduling on (CUDA default)
+                "lmserve_graphs_cublas": lmserve_decode(path, gemv=False),
                 "lmserve_graphs_sync": lmserve_decode(path, async_scheduling=False),
                 "lmserve_eager": lmserve_decode(path, enforce_eager=True),
                 "hf": hf_decode(shape),

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmserve.distributed.parallel_state import get_tp_group
+from lmserve.model.layers.gemv import linear
 from lmserve.model.layers.utils import default_weight_loader, make_param
 
 
@@ -72,7 +73,7 @@ class LMHead(nn.Module):
             )
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:  # [n, hidden] -> [n, vocab]
-        logits = F.linear(hidden_states, self.weight)
+        logits = linear(hidden_states, self.weight)
         tp = self.partition.tp
         if tp.world_size == 1:
             return logits

@@ -14,10 +14,10 @@ tell when every piece has arrived.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lmserve.distributed.parallel_state import get_tp_group
+from lmserve.model.layers.gemv import linear
 from lmserve.model.layers.utils import default_weight_loader, make_param
 
 
@@ -46,7 +46,7 @@ class _Linear(nn.Module):
         default_weight_loader(param, loaded_weight, shard_id)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., input_size] -> [..., output]
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:
         return (
@@ -82,8 +82,8 @@ class RowParallelLinear(_Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp.world_size == 1:
-            return F.linear(x, self.weight, self.bias)
-        y = self.tp.all_reduce(F.linear(x, self.weight))  # [..., output_size]
+            return linear(x, self.weight, self.bias)
+        y = self.tp.all_reduce(linear(x, self.weight))  # [..., output_size]
         return y if self.bias is None else y + self.bias
 
 
