@@ -131,7 +131,6 @@ def gemv_config(m: int, n: int, k: int, num_sms: int, elem_bytes: int = 2) -> Ge
 
 
 @functools.cache
-@functools.cache
 def _triton_installed() -> bool:
     return importlib.util.find_spec("triton") is not None
 
