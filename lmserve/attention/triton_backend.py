@@ -421,7 +421,10 @@ def triton_paged_attention(
 
 
 MAX_KV_SPLITS = 16
-MIN_SPLIT_KEYS = 256  # shorter segments cost more in merging than they gain in parallelism
+# One KV tile per segment at least: the merge reads all NUM_SPLITS partials whatever their
+# length, so shorter segments cost nothing there, and a short serial tile loop (each tile waits
+# on its block ids, then its keys) is what limits small-batch decode.
+MIN_SPLIT_KEYS = 64
 
 
 @functools.cache

@@ -74,13 +74,27 @@ class Sampler(torch.nn.Module):
     ) -> torch.Tensor:  # [num_reqs] int64
         processed = apply_logit_edits(logits, metadata)  # `logits` itself when there are none
         if metadata.all_greedy:
-            return processed.argmax(dim=-1)
-        greedy = None if metadata.all_random else processed.argmax(dim=-1)  # [num_reqs]
+            return greedy_argmax(processed)
+        greedy = None if metadata.all_random else greedy_argmax(processed)  # [num_reqs]
         probs = random_probs(processed, metadata, in_place=processed is not logits)
         sampled = exponential_race(probs, metadata.generators)
         if greedy is None:
             return sampled
         return torch.where(metadata.temperature > 0, sampled, greedy)
+
+
+def greedy_argmax(logits: torch.Tensor) -> torch.Tensor:  # [num_reqs, vocab] -> [num_reqs]
+    """`logits.argmax(-1)` (the first maximum), in two passes on CUDA: a one-row argmax over a
+    large vocabulary runs on a single block (~27 us on an H100 for 128k entries); split into
+    chunks, every chunk's max runs in parallel, and the first chunk holding the overall max
+    holds its first occurrence."""
+    rows, vocab = logits.shape
+    chunks = next((c for c in (64, 32, 16, 8) if vocab % c == 0 and vocab // c >= 512), 1)
+    if not logits.is_cuda or rows > 8 or chunks == 1:
+        return logits.argmax(dim=-1)
+    values, index = logits.view(rows, chunks, vocab // chunks).max(dim=-1)  # [rows, chunks]
+    best = values.argmax(dim=-1, keepdim=True)  # [rows, 1] the first chunk with the max
+    return best[:, 0] * (vocab // chunks) + index.gather(1, best)[:, 0]
 
 
 def random_probs(
