@@ -125,34 +125,6 @@ def test_gemv_any_config_matches_float32_reference(config, shape, m):
 
 
 @needs_cuda
-@pytest.mark.parametrize("m", [1, 4, 8])
-@pytest.mark.parametrize("shape", ["8b_down", "0.5b_down", "ragged"])
-def test_gemv_with_fused_silu_mul_matches_activation_then_gemv(shape, m):
-    """x = [gate | up]: the fused prologue computes silu(gate) * up rounded as the separate
-    activation kernel rounds it, so the result equals that kernel followed by the GEMV."""
-    from lmserve.model.layers.fused_ops import silu_and_mul
-
-    n, k = SHAPES[shape]
-    gate_up, w, b = _problem(m, n, 2 * k, torch.bfloat16, bias=True)
-    w = w[:, :k].contiguous() * 2**0.5
-    fused = gemv_linear(gate_up, w, b, silu_mul=True)
-    separate = gemv_linear(silu_and_mul(gate_up), w, b)
-    assert fused.shape == (m, n)
-    assert _rel(fused, separate.float()) <= 1e-6  # the same activations, the same sums
-    gate, up = gate_up.float().chunk(2, dim=-1)
-    reference = _reference(F.silu(gate) * up, w, b)
-    assert _rel(fused, reference) <= 2 * MAX_REL[torch.bfloat16]  # + the activations' rounding
-
-
-def test_gemv_supports_a_gate_up_input_only_when_fused():
-    w = torch.zeros(16, 64, dtype=torch.bfloat16)
-    gate_up = torch.zeros(2, 128, dtype=torch.bfloat16)
-    assert gemv_supports(gate_up, w, silu_mul=True)
-    assert not gemv_supports(gate_up, w)
-    assert not gemv_supports(gate_up[:, :64].contiguous(), w, silu_mul=True)
-
-
-@needs_cuda
 def test_split_k_sums_in_a_fixed_order():
     """No atomics: the same inputs give the same bits on every call."""
     x, w, b = _problem(4, 896, 4864, torch.bfloat16, bias=True)

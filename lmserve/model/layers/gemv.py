@@ -62,7 +62,6 @@ _BLOCK_M = 16  # the smallest M of an MMA: x is padded to 16 rows
 _TARGET_BYTES_IN_FLIGHT = 6 << 20  # ~2x the H100's bandwidth x loaded latency (~3 TB/s x ~1 us)
 _SPLIT_K_MIN_BYTES = 4 << 20  # read in ~1.3 us: a second kernel would cost about as much
 _MAX_SPLIT_K = 16  # the workspace is SPLIT_K x M x N float32 and the reduce reads all of it
-_WIDE_K_MAX_BYTES = 64 << 20  # up to here (and K % 512 == 0) 512-wide K tiles, no split
 _SMEM_PER_SM = 200 << 10  # shared memory for resident programs (H100: 228 KB; A100: 164 KB)
 
 
@@ -112,11 +111,6 @@ def gemv_config(m: int, n: int, k: int, num_sms: int, elem_bytes: int = 2) -> Ge
     m does not change the pick: x is padded to 16 rows, and the weight traffic is the same.
     """
     del m
-    wide_k = k % 512 == 0 and _cdiv(n, 16) >= num_sms  # enough rows to fill the GPU unsplit
-    if wide_k and _SPLIT_K_MIN_BYTES <= n * k * elem_bytes <= _WIDE_K_MAX_BYTES:
-        # Mid-size weights (the 8B shape's qkv and o_proj): 16 KB tiles, 3 stages measured best
-        # (gemv_bench --sweep on an H200: o_proj 11.9 -> 11.3 us, qkv 15.1 -> 14.8 us).
-        return GemvConfig(block_n=16, block_k=512, split_k=1, num_warps=2, num_stages=3)
     block_k = next((bk for bk in (256, 128, 64) if k % bk == 0), 256)
     config = GemvConfig(block_n=16, block_k=block_k, split_k=1, num_warps=2, num_stages=4)
     k_blocks = _cdiv(k, block_k)
@@ -146,15 +140,14 @@ def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def gemv_supports(x: torch.Tensor, weight: torch.Tensor, silu_mul: bool = False) -> bool:
+def gemv_supports(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """The shapes, dtypes and layouts `gemv_linear` takes (on any device): x [M, K] contiguous
-    ([M, 2K] = [gate | up] with `silu_mul`) with 1 <= M <= GEMV_MAX_ROWS, W [N, K] contiguous,
-    both bf16 or both fp16, K % 8 == 0."""
+    with 1 <= M <= GEMV_MAX_ROWS, W [N, K] contiguous, both bf16 or both fp16, K % 8 == 0."""
     return (
         x.dim() == 2
         and weight.dim() == 2
         and 1 <= x.shape[0] <= GEMV_MAX_ROWS
-        and x.shape[1] == weight.shape[1] * (2 if silu_mul else 1)
+        and x.shape[1] == weight.shape[1]
         and x.shape[1] % 8 == 0
         and x.dtype in _DTYPES
         and weight.dtype == x.dtype
@@ -164,12 +157,12 @@ def gemv_supports(x: torch.Tensor, weight: torch.Tensor, silu_mul: bool = False)
     )
 
 
-def use_gemv(x: torch.Tensor, weight: torch.Tensor, silu_mul: bool = False) -> bool:
+def use_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether `linear` takes the GEMV: CUDA tensors `gemv_supports`, triton installed, and not
     turned off with LMSERVE_DISABLE_GEMV=1."""
     return (
         x.is_cuda
-        and gemv_supports(x, weight, silu_mul)
+        and gemv_supports(x, weight)
         and _triton_installed()
         and os.environ.get("LMSERVE_DISABLE_GEMV", "0") != "1"
     )
@@ -191,15 +184,12 @@ def gemv_linear(
     weight: torch.Tensor,  # [N, K] contiguous, x's dtype
     bias: torch.Tensor | None = None,  # [N] contiguous
     config: GemvConfig | None = None,  # None: `gemv_config`'s pick (benchmarks pass their own)
-    silu_mul: bool = False,  # x is [M, 2K] = [gate | up]: multiply by silu(gate) * up instead
 ) -> torch.Tensor:  # [M, N] in x's dtype
     """x @ weight.T + bias on x's device, which must be the current CUDA device (Triton launches
-    there); under TRITON_INTERPRET=1 CPU tensors work too. With `silu_mul` the gated activation
-    is computed on each x tile as it is loaded (rounded as `fused_ops.silu_and_mul` rounds), so
-    the MLP's down projection needs no separate activation kernel."""
-    m, x_width = x.shape
-    n, k = weight.shape
-    assert gemv_supports(x, weight, silu_mul), (x.shape, x.dtype, weight.shape, weight.dtype)
+    there); under TRITON_INTERPRET=1 CPU tensors work too."""
+    m, k = x.shape
+    n = weight.shape[0]
+    assert gemv_supports(x, weight), (x.shape, x.dtype, weight.shape, weight.dtype)
     assert bias is None or (bias.shape == (n,) and bias.is_contiguous())
     if config is None:
         num_sms = _num_sms(x.device.index) if x.is_cuda else 132  # CPU: TRITON_INTERPRET=1
@@ -220,7 +210,6 @@ def gemv_linear(
         m,
         n,
         k // 8,
-        x_width // 8,
         k_blocks_per_split,
         BLOCK_M=_BLOCK_M,
         BLOCK_N=config.block_n,
@@ -228,7 +217,6 @@ def gemv_linear(
         SPLIT_K=split_k,
         EVEN_K=k % config.block_k == 0,
         HAS_BIAS=bias is not None,
-        SILU_MUL=silu_mul,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )
@@ -262,7 +250,6 @@ def _kernels():
         M,
         N,
         K_DIV_8,  # K // 8: K = 8 * K_DIV_8 tells the compiler rows are 16-byte aligned
-        X_STRIDE_DIV_8,  # x's row stride // 8: K, or 2K with SILU_MUL
         k_blocks_per_split,
         BLOCK_M: tl.constexpr,  # 16 >= M: x rows past M are masked to zero
         BLOCK_N: tl.constexpr,
@@ -270,7 +257,6 @@ def _kernels():
         SPLIT_K: tl.constexpr,
         EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no K mask
         HAS_BIAS: tl.constexpr,
-        SILU_MUL: tl.constexpr,  # x = [gate | up]: use silu(gate) * up
     ):
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
@@ -281,7 +267,7 @@ def _kernels():
         # Rows past N re-read row N - 1 (dropped at the store): the weight copies need no mask.
         w_rows = tl.minimum(rows, N - 1).to(tl.int64)
         w_ptrs = w_ptr + w_rows[:, None] * K + cols[None, :]  # [BLOCK_N, BLOCK_K]
-        x_ptrs = x_ptr + ms[:, None] * (X_STRIDE_DIV_8 * 8) + cols[None, :]  # [BLOCK_M, BLOCK_K]
+        x_ptrs = x_ptr + ms[:, None] * K + cols[None, :]  # [BLOCK_M, BLOCK_K]
         x_rows_ok = (ms < M)[:, None]  # [BLOCK_M, 1]
         kb_start = pid_k * k_blocks_per_split
         kb_end = tl.minimum(kb_start + k_blocks_per_split, tl.cdiv(K, BLOCK_K))
@@ -290,17 +276,11 @@ def _kernels():
             k = kb * BLOCK_K  # a visible multiple of BLOCK_K: the copies stay 16-byte aligned
             if EVEN_K:
                 w = tl.load(w_ptrs + k)
-                x_mask = x_rows_ok
+                x = tl.load(x_ptrs + k, mask=x_rows_ok, other=0.0)
             else:
                 k_ok = (k + cols < K)[None, :]  # [1, BLOCK_K], constant over 8 elements
                 w = tl.load(w_ptrs + k, mask=k_ok, other=0.0)
-                x_mask = x_rows_ok & k_ok
-            x = tl.load(x_ptrs + k, mask=x_mask, other=0.0)
-            if SILU_MUL:  # x was the gate; the up half starts K further on
-                up = tl.load(x_ptrs + K + k, mask=x_mask, other=0.0)
-                g = x.to(tl.float32)
-                act = (g / (1.0 + tl.exp(-g))).to(x.dtype)  # silu, rounded like F.silu
-                x = (act.to(tl.float32) * up.to(tl.float32)).to(x.dtype)
+                x = tl.load(x_ptrs + k, mask=x_rows_ok & k_ok, other=0.0)
             acc = tl.dot(x, tl.trans(w), acc)  # [BLOCK_M, BLOCK_N], float32
         out_mask = x_rows_ok & (rows < N)[None, :]  # [BLOCK_M, BLOCK_N]
         if SPLIT_K == 1:

@@ -17,8 +17,7 @@ import torch
 from torch import nn
 
 from lmserve.distributed.parallel_state import get_tp_group
-from lmserve.model.layers.activation import SiluAndMul
-from lmserve.model.layers.gemv import gemv_linear, linear, use_gemv
+from lmserve.model.layers.gemv import linear
 from lmserve.model.layers.utils import default_weight_loader, make_param
 
 
@@ -81,17 +80,10 @@ class RowParallelLinear(_Linear):
             loaded_weight = loaded_weight[:, start:end]
         default_weight_loader(param, loaded_weight)
 
-    def forward(self, x: torch.Tensor, act_fn: nn.Module | None = None) -> torch.Tensor:
-        """`act_fn(x) W^T + b`; a SiluAndMul `act_fn` is fused into the GEMV when it applies
-        (x is then [..., 2 * input_size] = [gate | up])."""
-        bias = self.bias if self.tp.world_size == 1 else None
-        if isinstance(act_fn, SiluAndMul) and use_gemv(x, self.weight, silu_mul=True):
-            y = gemv_linear(x, self.weight, bias, silu_mul=True)
-        else:
-            y = linear(x if act_fn is None else act_fn(x), self.weight, bias)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp.world_size == 1:
-            return y
-        y = self.tp.all_reduce(y)  # [..., output_size]
+            return linear(x, self.weight, self.bias)
+        y = self.tp.all_reduce(linear(x, self.weight))  # [..., output_size]
         return y if self.bias is None else y + self.bias
 
 

@@ -48,7 +48,7 @@ class LlamaMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [num_tokens, hidden_size]
         gate_up = self.gate_up_proj(x)  # [num_tokens, 2 * intermediate_size]
-        return self.down_proj(gate_up, act_fn=self.act_fn)  # the activation may fuse into it
+        return self.down_proj(self.act_fn(gate_up))
 
 
 class LlamaAttention(nn.Module):
