@@ -17,7 +17,6 @@ import contextlib
 import itertools
 import logging
 import shutil
-import tempfile
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -118,25 +117,21 @@ class InprocClient(EngineCoreClient):
 class _EngineProcess:
     """Starts the EngineCore process, performs the handshake, watches for its death."""
 
-    def __init__(
-        self, config: EngineConfig, rpc_dir: str, launcher: EngineLauncher | None = None
-    ) -> None:
-        """`launcher`: a process started earlier, waiting for its configuration (see
-        lmserve/engine/launcher.py); None starts one now. The caller has bound a PULL socket
-        at `output_address` already (so the engine's PUSH and this watcher's can connect)."""
-        self._rpc_dir = rpc_dir
-        self.input_address = f"ipc://{rpc_dir}/input"
-        self.output_address = f"ipc://{rpc_dir}/output"
-        self.handshake_address = f"ipc://{rpc_dir}/handshake"
+    def __init__(self, config: EngineConfig, launcher: EngineLauncher) -> None:
+        """`launcher`: the started process (lmserve/engine/launcher.py), given `config` here
+        unless the caller launched it earlier. The caller has bound a PULL socket at
+        `output_address` already (so the engine's PUSH and this watcher's can connect)."""
+        self._rpc_dir = launcher.rpc_dir
+        self.output_address = launcher.output_address
         self.dead_error: EngineDeadError | None = None
         self._shutting_down = False
-        launcher = launcher or EngineLauncher()  # refuses to start inside a spawned child
         ctx = zmq.Context.instance()
         handshake = ctx.socket(zmq.PULL)
-        handshake.bind(self.handshake_address)
+        handshake.bind(launcher.handshake_address)
         self.proc = launcher.proc
         try:
-            launcher.launch(config, self.input_address, self.output_address, self.handshake_address)
+            if not launcher.launched:
+                launcher.launch(config)
             self.ready = self._wait_ready(handshake)
         except BaseException:
             self.shutdown()
@@ -199,14 +194,14 @@ class _MPClientBase:
     def __init__(
         self, config: EngineConfig, ctx: zmq.Context, launcher: EngineLauncher | None = None
     ) -> None:
-        rpc_dir = tempfile.mkdtemp(prefix="lmserve-", dir=envs.LMSERVE_RPC_BASE_PATH)
+        launcher = launcher or EngineLauncher()  # refuses to start inside a spawned child
         self.ctx = ctx
         self.output_socket = ctx.socket(zmq.PULL)
-        self.output_socket.bind(f"ipc://{rpc_dir}/output")
+        self.output_socket.bind(launcher.output_address)
         self.input_socket = ctx.socket(zmq.PUSH)
-        self.input_socket.connect(f"ipc://{rpc_dir}/input")  # the engine binds it
+        self.input_socket.connect(launcher.input_address)  # the engine binds it
         try:
-            self.engine = _EngineProcess(config, rpc_dir, launcher)
+            self.engine = _EngineProcess(config, launcher)
         except BaseException:
             self.input_socket.close(linger=0)
             self.output_socket.close(linger=0)

@@ -10,6 +10,8 @@ over when the client is built. This module imports nothing heavy, so it can run 
 from __future__ import annotations
 
 import multiprocessing
+import shutil
+import tempfile
 from multiprocessing.connection import Connection
 
 
@@ -55,11 +57,19 @@ class EngineLauncher:
         self.proc.start()
         child_conn.close()
         self.launched = False
+        # The sockets' addresses: fixed now, so the configuration can be sent before the client
+        # that binds them exists (ZMQ connects whichever side comes first).
+        from lmserve import envs
 
-    def launch(self, *run_engine_core_args) -> None:
-        """Send `run_engine_core`'s arguments (once)."""
+        self.rpc_dir = tempfile.mkdtemp(prefix="lmserve-", dir=envs.LMSERVE_RPC_BASE_PATH)
+        self.input_address = f"ipc://{self.rpc_dir}/input"
+        self.output_address = f"ipc://{self.rpc_dir}/output"
+        self.handshake_address = f"ipc://{self.rpc_dir}/handshake"
+
+    def launch(self, config) -> None:
+        """Send the configuration and the addresses (once): the EngineCore starts building."""
         self.launched = True
-        self._conn.send(run_engine_core_args)
+        self._conn.send((config, self.input_address, self.output_address, self.handshake_address))
         self._conn.close()
 
     def cancel(self) -> None:
@@ -67,6 +77,7 @@ class EngineLauncher:
         once launched (the engine client owns the process then)."""
         if self.launched:
             return
+        shutil.rmtree(self.rpc_dir, ignore_errors=True)
         if not self._conn.closed:
             self._conn.close()
         self.proc.join(timeout=10)

@@ -189,9 +189,21 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     # The EngineCore process starts first and imports torch and the engine while this one
     # imports the server and builds the configuration (lmserve/engine/launcher.py).
     launcher = start_launcher()
+    config = None
+    if launcher is not None:
+        # The configuration goes to the EngineCore before the server's imports, so the engine
+        # builds (load, profile, capture) while this process imports FastAPI and the rest.
+        from lmserve.config import EngineConfig
+
+        try:
+            config = EngineConfig.from_kwargs(args.model, **engine_kwargs(args))
+        except Exception:  # noqa: BLE001 - run_server builds it again and reports the error
+            config = None
+        else:
+            launcher.launch(config)
     from lmserve.entrypoints.openai.server import run_server
 
-    return run_server(args, launcher)
+    return run_server(args, launcher, config)
 
 
 def _cmd_router(args: argparse.Namespace) -> int:

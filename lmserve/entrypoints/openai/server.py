@@ -36,6 +36,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from lmserve import __version__, envs
+from lmserve.config import EngineConfig
 from lmserve.engine.launcher import EngineLauncher
 from lmserve.entrypoints.openai.errors import (
     AUTHENTICATION,
@@ -327,14 +328,19 @@ class APIServer(uvicorn.Server):
             await asyncio.sleep(TICK_S)
 
 
-def run_server(args: argparse.Namespace, launcher: EngineLauncher | None = None) -> int:
+def run_server(
+    args: argparse.Namespace,
+    launcher: EngineLauncher | None = None,
+    config: EngineConfig | None = None,
+) -> int:
     """`lmserve serve`: returns 0 after a drain (SIGTERM/SIGINT), 1 if the engine died.
-    `launcher`: an EngineCore process already started (it gets the configuration)."""
+    `launcher`: an EngineCore process already started (it gets the configuration, unless it
+    was launched with `config` already)."""
     logging.basicConfig(
         level=envs.LMSERVE_LOGGING_LEVEL, format="%(asctime)s %(levelname)s [%(name)s] %(message)s"
     )
     try:
-        exit_code = asyncio.run(_serve(args, launcher))
+        exit_code = asyncio.run(_serve(args, launcher, config))
     finally:
         if launcher is not None:
             launcher.cancel()  # the configuration never came (bad flags, a missing model)
@@ -346,14 +352,16 @@ def run_server(args: argparse.Namespace, launcher: EngineLauncher | None = None)
     return exit_code
 
 
-async def _serve(args: argparse.Namespace, launcher: EngineLauncher | None) -> int:
-    from lmserve.config import EngineConfig
+async def _serve(
+    args: argparse.Namespace, launcher: EngineLauncher | None, config: EngineConfig | None
+) -> int:
     from lmserve.engine.async_llm import AsyncLLM
     from lmserve.entrypoints.cli import engine_kwargs
     from lmserve.metrics.stats import StatsRecorder
 
-    config = EngineConfig.from_kwargs(args.model, **engine_kwargs(args))
-    logger.info("configuration ready %.2f s after launch", process_age_s())
+    if config is None:
+        config = EngineConfig.from_kwargs(args.model, **engine_kwargs(args))
+    logger.info("server imported, configuration ready %.2f s after launch", process_age_s())
     stats = StatsRecorder(model_name=served_model_names(args)[0])
     engine = AsyncLLM(config, stats=stats, launcher=launcher)
     logger.info("engine ready %.2f s after launch", process_age_s())

@@ -3,6 +3,8 @@ mapping, the schema helper."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from pydantic import ValidationError
 
@@ -65,8 +67,10 @@ def test_an_engine_launcher_without_a_configuration_exits_cleanly():
 
     launcher = EngineLauncher()
     assert launcher.proc.is_alive() and not launcher.launched
+    assert os.path.isdir(launcher.rpc_dir)  # the sockets' folder exists before any client
     launcher.cancel()
     assert launcher.proc.exitcode == 0
+    assert not os.path.exists(launcher.rpc_dir)
 
 
 @pytest.mark.parametrize(
