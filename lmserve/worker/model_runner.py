@@ -18,7 +18,7 @@ from lmserve.sample.sampler import Sampler, SamplerOutput
 from lmserve.worker.cuda_graphs import CudaGraphRunner, decode_graph_sizes, piecewise_graph_sizes
 from lmserve.worker.device_inputs import DeviceInputs, host_to_device
 from lmserve.worker.input_batch import FlatInputs, InputBatch
-from lmserve.worker.sampling_inputs import build_sampling_metadata
+from lmserve.worker.sampling_inputs import build_sampling_metadata, uses_penalties
 from lmserve.worker.spec_decode_runner import SpecDecodeRunner
 
 logger = logging.getLogger(__name__)
@@ -183,8 +183,8 @@ class ModelRunner:
             else:
                 logits_indices = host_to_device(flat.logits_indices[sampling], self.device)
                 logits = self.model.compute_logits(hidden[logits_indices])
-            if self._tokens_pending() and self._needs_token_history(sample_rows):
-                self._last_sampled.write_to(self.input_batch)
+            if self._tokens_pending() and uses_penalties(self.input_batch, sample_rows):
+                self._last_sampled.write_to(self.input_batch)  # penalties read every token
             metadata = build_sampling_metadata(
                 self.input_batch, sample_rows, self.vocab_size, self.device
             )
@@ -245,9 +245,12 @@ class ModelRunner:
         return result
 
     # ---- tokens sampled on the device, not yet seen by the host (async scheduling) -----------
-    def _tokens_in_flight(self, flat: FlatInputs) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def _tokens_in_flight(
+        self, flat: FlatInputs
+    ) -> tuple[torch.Tensor | None, torch.Tensor] | None:
         """(flat indices, token ids) on the device for the inputs that are tokens the previous
-        step sampled and the host does not have yet, or None when there are none."""
+        step sampled and the host does not have yet (indices None: the first n inputs), or
+        None when there are none."""
         if not self._tokens_pending():
             return None
         last, batch = self._last_sampled, self.input_batch
@@ -273,15 +276,6 @@ class ModelRunner:
             np.stack([dst[used], np.nonzero(used)[0]]).astype(np.int64), self.device
         )
         return index[0], last.token_ids.index_select(0, index[1])
-
-    def _needs_token_history(self, rows: np.ndarray) -> bool:
-        """Penalties read every output token on the host."""
-        batch = self.input_batch
-        return bool(
-            (batch.presence_penalty[rows] != 0).any()
-            or (batch.frequency_penalty[rows] != 0).any()
-            or (batch.repetition_penalty[rows] != 1).any()
-        )
 
     def _tokens_pending(self) -> bool:
         return self._last_sampled is not None and not self._last_sampled.on_host

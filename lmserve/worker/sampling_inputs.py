@@ -61,12 +61,22 @@ def build_sampling_metadata(
     return metadata
 
 
+def uses_penalties(batch: InputBatch, rows: np.ndarray) -> bool:
+    """Whether any of `rows` has a presence, frequency or repetition penalty (these read every
+    prompt and output token of the row)."""
+    return bool(
+        (batch.presence_penalty[rows] != 0).any()
+        or (batch.frequency_penalty[rows] != 0).any()
+        or (batch.repetition_penalty[rows] != 1).any()
+    )
+
+
 def _add_penalties(metadata, batch: InputBatch, rows, num_tokens, vocab_size: int, to_dev) -> None:
+    if not uses_penalties(batch, rows):
+        return
     presence = batch.presence_penalty[rows]
     frequency = batch.frequency_penalty[rows]
     repetition = batch.repetition_penalty[rows]
-    if not ((presence != 0).any() or (frequency != 0).any() or (repetition != 1).any()):
-        return
     metadata.presence_penalties = to_dev(presence)
     metadata.frequency_penalties = to_dev(frequency)
     metadata.repetition_penalties = to_dev(repetition)
