@@ -243,6 +243,13 @@ class SchedulerConfig:
             )
         if self.policy not in SCHEDULING_POLICIES:
             _fail("SchedulerConfig", "policy", self.policy, f"must be one of {SCHEDULING_POLICIES}")
+        if self.async_scheduling is not None and not isinstance(self.async_scheduling, bool):
+            _fail(
+                "SchedulerConfig",
+                "async_scheduling",
+                self.async_scheduling,
+                "must be True, False or None (auto)",
+            )
 
 
 @dataclass

@@ -162,3 +162,6 @@ def test_async_scheduling_is_auto_on_for_cuda_only_and_refused_with_speculation(
         )
     config = EngineConfig.from_kwargs(model_dir, device="cpu", speculative_config=spec)
     assert config.scheduler_config.async_scheduling is False
+    for bad in ("yes", 1, 0.0):  # no truthiness: a typo must not switch it on
+        with pytest.raises(ConfigError, match="async_scheduling"):
+            EngineConfig.from_kwargs(model_dir, device="cpu", async_scheduling=bad)
