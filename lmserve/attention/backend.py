@@ -65,10 +65,15 @@ class AttentionBackend(ABC):
         metadata: AttentionMetadata,
         scale: float,
         out: torch.Tensor | None = None,  # [num_tokens, num_heads, head_dim]; None: allocate
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,  # (cos, sin) [num_tokens, hd]
     ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
         """Write key/value into `kv_cache` at `metadata.slot_mapping` (mutates the cache), then
         return causal attention of each query over its request's first `seq_lens[i]` tokens,
-        written into `out` when given (piecewise CUDA graphs read it from a static address)."""
+        written into `out` when given (piecewise CUDA graphs read it from a static address).
+
+        With `rope`, query and key are first rotated (rotary embedding, rotate-half layout):
+        the query may be rotated in place; the cache gets the rotated key. A backend can then
+        fuse the rotation into its cache write (one kernel where there were two)."""
 
 
 @dataclass(slots=True)

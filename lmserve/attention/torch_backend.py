@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from lmserve.attention.backend import AttentionBackend, AttentionMetadata
+from lmserve.model.layers.rotary import apply_rotary_emb
 
 
 def write_kv_cache(
@@ -74,8 +75,12 @@ class TorchAttentionBackend(AttentionBackend):
             plan.multi_token_reqs = sorted(multi + decode)
         metadata.backend_state = plan
 
-    def forward(self, query, key, value, kv_cache, metadata: AttentionMetadata, scale, out=None):
+    def forward(
+        self, query, key, value, kv_cache, metadata: AttentionMetadata, scale, out=None, rope=None
+    ):
         key_cache, value_cache = kv_cache
+        if rope is not None:
+            query, key = apply_rotary_emb(query, key, *rope)
         write_kv_cache(key, value, key_cache, value_cache, metadata.slot_mapping)
         if metadata.backend_state is None:  # the first layer plans for all of them
             self.prepare(metadata, block_size=key_cache.shape[1])

@@ -4,6 +4,8 @@ block shapes, CUDA graphs) comes on top of this.
 
 Write kernel: one program per token copies its [num_kv_heads, head_dim] key and value rows into
 the cache at `slot_mapping[token]` (a negative slot is skipped: padding tokens write nothing).
+Given the rotary tables (`rope`), the same program first rotates the token's query heads in place
+and rotates the key heads on their way into the cache: rotary embedding costs no launch of its own.
 
 Attention kernel, grid = (query tiles, num_kv_heads). A program owns BLOCK_Q consecutive query
 tokens of ONE request and ALL the query heads that share one KV head (GQA group of size
@@ -29,7 +31,9 @@ num_reqs * num_kv_heads programs above, each walking a whole sequence — too fe
 132 SMs when the context is long. When that product is below the SM count, decode runs instead
 as one program per (request, kv head, segment): each request's keys are cut into NUM_SPLITS
 segments (at least MIN_SPLIT_KEYS each, so short sequences use one), each program writes its
-partial output and log-sum-exp, and a second kernel merges the segments. NUM_SPLITS depends only
+partial output and log-sum-exp, then takes a ticket (an atomic counter per request and KV head);
+the segment that draws the last ticket merges all of them in segment order (deterministic) and
+resets the counter: one launch, not a split kernel and a merge kernel. NUM_SPLITS depends only
 on the batch shape, never on sequence lengths, so a CUDA graph captures it once per batch size.
 
 NOTE (later, speed): interior KV tiles (wholly below the causal diagonal) could skip the mask.
@@ -55,39 +59,76 @@ def _kernels():
 
     @triton.jit
     def write_kv_cache_kernel(
+        query_ptr,  # [num_tokens, num_heads, head_dim]; HAS_ROPE: rotated in place
         key_ptr,  # [num_tokens, num_kv_heads, head_dim]
         value_ptr,  # [num_tokens, num_kv_heads, head_dim]
         key_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_dim]
         value_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_dim]
         slot_mapping_ptr,  # [num_tokens] int64
+        cos_ptr,  # HAS_ROPE: [num_tokens, head_dim] (two equal halves)
+        sin_ptr,  # HAS_ROPE: [num_tokens, head_dim]
+        stride_q_tok,
+        stride_q_head,
         stride_k_tok,
         stride_k_head,
         stride_v_tok,
         stride_v_head,
+        stride_cs_tok,
         stride_cache_block,
         stride_cache_slot,
         stride_cache_head,
         block_size,
+        num_heads,
         num_kv_heads,
         head_dim,
-        BLOCK_H: tl.constexpr,
-        BLOCK_D: tl.constexpr,
+        HAS_ROPE: tl.constexpr,
+        BLOCK_QH: tl.constexpr,  # num_heads padded to a power of two
+        BLOCK_H: tl.constexpr,  # num_kv_heads padded to a power of two
+        BLOCK_D: tl.constexpr,  # head_dim padded to a power of two
+        BLOCK_HALF: tl.constexpr,  # head_dim // 2 padded to a power of two
     ):
-        token = tl.program_id(0)
+        token = tl.program_id(0).to(tl.int64)
+        half = head_dim // 2
+        heads = tl.arange(0, BLOCK_H)[:, None]
+        if HAS_ROPE:  # the query: rotated in place, padding tokens included (never read)
+            dims = tl.arange(0, BLOCK_HALF)[None, :]
+            cos = tl.load(cos_ptr + token * stride_cs_tok + dims, mask=dims < half, other=0.0)
+            sin = tl.load(sin_ptr + token * stride_cs_tok + dims, mask=dims < half, other=0.0)
+            cos, sin = cos.to(tl.float32), sin.to(tl.float32)  # [1, BLOCK_HALF]
+            q_heads = tl.arange(0, BLOCK_QH)[:, None]
+            q_mask = (q_heads < num_heads) & (dims < half)
+            q_ptrs = query_ptr + token * stride_q_tok + q_heads * stride_q_head + dims
+            q1 = tl.load(q_ptrs, mask=q_mask).to(tl.float32)
+            q2 = tl.load(q_ptrs + half, mask=q_mask).to(tl.float32)
+            dtype = query_ptr.dtype.element_ty  # rotate-half in float32, rounded once
+            tl.store(q_ptrs, (q1 * cos - q2 * sin).to(dtype), mask=q_mask)
+            tl.store(q_ptrs + half, (q2 * cos + q1 * sin).to(dtype), mask=q_mask)
         slot = tl.load(slot_mapping_ptr + token)
         if slot < 0:  # padding token: nothing to write
             return
-        block = slot // block_size
-        offset = slot % block_size
-        heads = tl.arange(0, BLOCK_H)[:, None]
-        dims = tl.arange(0, BLOCK_D)[None, :]
-        mask = (heads < num_kv_heads) & (dims < head_dim)
-        cache_off = block * stride_cache_block + offset * stride_cache_slot
-        cache_off += heads * stride_cache_head + dims
-        k = tl.load(key_ptr + token * stride_k_tok + heads * stride_k_head + dims, mask=mask)
-        v = tl.load(value_ptr + token * stride_v_tok + heads * stride_v_head + dims, mask=mask)
-        tl.store(key_cache_ptr + cache_off, k, mask=mask)
-        tl.store(value_cache_ptr + cache_off, v, mask=mask)
+        cache_row = (slot // block_size) * stride_cache_block + (
+            slot % block_size
+        ) * stride_cache_slot
+        cache_ptrs = cache_row + heads * stride_cache_head  # [BLOCK_H, 1]
+        k_ptrs = key_ptr + token * stride_k_tok + heads * stride_k_head
+        if HAS_ROPE:
+            mask = (heads < num_kv_heads) & (dims < half)
+            k1 = tl.load(k_ptrs + dims, mask=mask).to(tl.float32)
+            k2 = tl.load(k_ptrs + half + dims, mask=mask).to(tl.float32)
+            dtype = key_cache_ptr.dtype.element_ty
+            k1, k2 = (k1 * cos - k2 * sin).to(dtype), (k2 * cos + k1 * sin).to(dtype)
+            tl.store(key_cache_ptr + cache_ptrs + dims, k1, mask=mask)
+            tl.store(key_cache_ptr + cache_ptrs + half + dims, k2, mask=mask)
+        else:
+            full = tl.arange(0, BLOCK_D)[None, :]
+            mask = (heads < num_kv_heads) & (full < head_dim)
+            tl.store(
+                key_cache_ptr + cache_ptrs + full, tl.load(k_ptrs + full, mask=mask), mask=mask
+            )
+        full = tl.arange(0, BLOCK_D)[None, :]
+        mask = (heads < num_kv_heads) & (full < head_dim)
+        v = tl.load(value_ptr + token * stride_v_tok + heads * stride_v_head + full, mask=mask)
+        tl.store(value_cache_ptr + cache_ptrs + full, v, mask=mask)
 
     @triton.jit
     def paged_attention_kernel(
@@ -199,8 +240,10 @@ def _kernels():
 
     @triton.jit
     def decode_split_kernel(
+        out_ptr,  # [num_tokens, num_heads, head_dim]
         partial_out_ptr,  # [num_tokens, num_heads, NUM_SPLITS, BLOCK_D] float32
         partial_lse_ptr,  # [num_tokens, num_heads, NUM_SPLITS] float32, log2 domain
+        tickets_ptr,  # [num_reqs * num_kv_heads] int32, zero at rest
         query_ptr,  # [num_tokens, num_heads, head_dim]; one query token per request
         key_cache_ptr,
         value_cache_ptr,
@@ -209,8 +252,11 @@ def _kernels():
         seq_lens_ptr,
         qk_scale,
         num_heads,
+        num_kv_heads,
         stride_q_tok,
         stride_q_head,
+        stride_o_tok,
+        stride_o_head,
         stride_cache_block,
         stride_cache_slot,
         stride_cache_head,
@@ -270,43 +316,42 @@ def _kernels():
         empty = l_i == 0.0  # a segment past the end of the sequence (or a padding request)
         lse = tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
         out = acc / tl.where(empty, 1.0, l_i)[:, None]
-        part = (token.to(tl.int64) * num_heads + head) * NUM_SPLITS + split  # [BLOCK_M]
-        tl.store(partial_lse_ptr + part, lse, mask=row_valid)
-        tl.store(
-            partial_out_ptr + part[:, None] * BLOCK_D + dims[None, :], out, mask=row_valid[:, None]
-        )
+        head_base = (token.to(tl.int64) * num_heads + head) * NUM_SPLITS  # [BLOCK_M]
+        tl.store(partial_lse_ptr + head_base + split, lse, mask=row_valid)
+        out_ptrs = partial_out_ptr + (head_base + split)[:, None] * BLOCK_D + dims[None, :]
+        tl.store(out_ptrs, out, mask=row_valid[:, None])
 
-    @triton.jit
-    def merge_splits_kernel(
-        out_ptr,  # [num_tokens, num_heads, head_dim]
-        partial_out_ptr,  # [num_tokens, num_heads, NUM_SPLITS, BLOCK_D] float32
-        partial_lse_ptr,  # [num_tokens, num_heads, NUM_SPLITS] float32
-        stride_o_tok,
-        stride_o_head,
-        num_heads,
-        head_dim,
-        NUM_SPLITS: tl.constexpr,
-        BLOCK_D: tl.constexpr,
-    ):
-        token = tl.program_id(0).to(tl.int64)
-        head = tl.program_id(1)
-        splits = tl.arange(0, NUM_SPLITS)
-        dims = tl.arange(0, BLOCK_D)
-        base = (token * num_heads + head) * NUM_SPLITS
-        lse = tl.load(partial_lse_ptr + base + splits)  # [NUM_SPLITS]
-        m = tl.max(lse, axis=0)
-        m = tl.where(m == float("-inf"), 0.0, m)  # no keys at all: every weight is 0
-        w = tl.exp2(lse - m)  # [NUM_SPLITS]
-        parts = tl.load(partial_out_ptr + (base + splits)[:, None] * BLOCK_D + dims[None, :])
-        total = tl.sum(w, axis=0)
-        out = tl.sum(w[:, None] * parts, axis=0) / tl.where(total == 0.0, 1.0, total)
-        tl.store(
-            out_ptr + token * stride_o_tok + head * stride_o_head + dims,
-            out.to(out_ptr.dtype.element_ty),
-            mask=dims < head_dim,
-        )
+        # The segment that finishes last (an atomic ticket per request and KV head) merges all
+        # of them, in segment order whichever it is; then it resets the ticket.
+        tl.debug_barrier()  # every thread's partials before the ticket (release)
+        ticket_ptr = tickets_ptr + req * num_kv_heads + kv_head
+        if tl.atomic_add(ticket_ptr, 1, sem="acq_rel", scope="gpu") == NUM_SPLITS - 1:
+            m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+            for s in tl.static_range(NUM_SPLITS):
+                lse_s = tl.load(partial_lse_ptr + head_base + s, mask=row_valid,
+                                other=float("-inf"), cache_modifier=".cg")  # fmt: skip
+                m = tl.maximum(m, lse_s)
+            m = tl.where(m == float("-inf"), 0.0, m)  # no keys at all: every weight is 0
+            total = tl.zeros([BLOCK_M], dtype=tl.float32)
+            acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+            for s in tl.static_range(NUM_SPLITS):
+                lse_s = tl.load(partial_lse_ptr + head_base + s, mask=row_valid,
+                                other=float("-inf"), cache_modifier=".cg")  # fmt: skip
+                w = tl.exp2(lse_s - m)  # [BLOCK_M]
+                part = tl.load(partial_out_ptr + (head_base + s)[:, None] * BLOCK_D + dims[None, :],
+                               mask=row_valid[:, None], other=0.0, cache_modifier=".cg")  # fmt: skip
+                total += w
+                acc += w[:, None] * part
+            merged = acc / tl.where(total == 0.0, 1.0, total)[:, None]
+            o_off = token.to(tl.int64) * stride_o_tok + head[:, None] * stride_o_head
+            tl.store(
+                out_ptr + o_off + dims[None, :],
+                merged.to(out_ptr.dtype.element_ty),
+                mask=row_valid[:, None] & dim_valid[None, :],
+            )
+            tl.store(ticket_ptr, 0)
 
-    return write_kv_cache_kernel, paged_attention_kernel, decode_split_kernel, merge_splits_kernel
+    return write_kv_cache_kernel, paged_attention_kernel, decode_split_kernel
 
 
 def _next_power_of_2(n: int) -> int:
@@ -319,32 +364,50 @@ def triton_write_kv_cache(
     key_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
     value_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
     slot_mapping: torch.Tensor,  # [num_tokens] int64; < 0 = skip
+    query: torch.Tensor | None = None,  # [num_tokens, num_heads, head_dim]; with rope
+    rope: tuple[torch.Tensor, torch.Tensor] | None = None,  # (cos, sin) [num_tokens, head_dim]
 ) -> None:
-    """Copy each token's key/value into the cache at its slot (mutates both caches)."""
+    """Copy each token's key/value into the cache at its slot (mutates both caches). With
+    `rope`, the query is rotated in place and the key is rotated on its way to the cache, all
+    in the same kernel."""
     num_tokens, num_kv_heads, head_dim = key.shape
     if num_tokens == 0:
         return
     assert key.stride(2) == 1 and value.stride(2) == 1, "head_dim must be contiguous"
     assert key_cache.stride() == value_cache.stride() and key_cache.stride(3) == 1
-    write_kernel = _kernels()[0]
-    write_kernel[(num_tokens,)](
+    cos, sin = rope if rope is not None else (key, key)  # not read without HAS_ROPE
+    if rope is not None:
+        assert query is not None and query.stride(2) == 1 and head_dim % 2 == 0
+        assert cos.stride() == sin.stride() and cos.stride(1) == 1
+    q = query if query is not None else key
+    _kernels()[0][(num_tokens,)](
+        q,
         key,
         value,
         key_cache,
         value_cache,
         slot_mapping,
+        cos,
+        sin,
+        q.stride(0),
+        q.stride(1),
         key.stride(0),
         key.stride(1),
         value.stride(0),
         value.stride(1),
+        cos.stride(0),
         key_cache.stride(0),
         key_cache.stride(1),
         key_cache.stride(2),
         key_cache.shape[1],
+        q.shape[1],
         num_kv_heads,
         head_dim,
+        HAS_ROPE=rope is not None,
+        BLOCK_QH=_next_power_of_2(q.shape[1]),
         BLOCK_H=_next_power_of_2(num_kv_heads),
         BLOCK_D=_next_power_of_2(head_dim),
+        BLOCK_HALF=_next_power_of_2(head_dim // 2),
     )
 
 
@@ -444,21 +507,35 @@ def _num_kv_splits(metadata: AttentionMetadata, num_kv_heads: int, device: torch
     return min(MAX_KV_SPLITS, _next_power_of_2(-(-2 * sm_count // programs)))
 
 
+# Split-KV tickets: one int32 per (request, KV head), zero at rest (the merging segment resets
+# its own). Split-KV runs only while requests x KV heads < SMs, so a few thousand always suffice;
+# kernels on one device run one after another on its stream, so one buffer serves all layers.
+_MAX_TICKETS = 4096
+
+
+@functools.cache
+def _split_tickets(device: torch.device) -> torch.Tensor:  # [_MAX_TICKETS] int32
+    return torch.zeros(_MAX_TICKETS, dtype=torch.int32, device=device)
+
+
 def _split_kv_decode(query, key_cache, value_cache, metadata, scale, output, num_splits) -> None:
     num_tokens, num_heads, head_dim = query.shape
     num_kv_heads = key_cache.shape[2]
     group_size = num_heads // num_kv_heads
     block_d = max(16, _next_power_of_2(head_dim))
+    assert metadata.num_reqs * num_kv_heads <= _MAX_TICKETS
     partial_out = torch.empty(
         (num_tokens, num_heads, num_splits, block_d), dtype=torch.float32, device=query.device
     )
     partial_lse = torch.empty(
         (num_tokens, num_heads, num_splits), dtype=torch.float32, device=query.device
     )
-    _, _, split_kernel, merge_kernel = _kernels()
+    split_kernel = _kernels()[2]
     split_kernel[(metadata.num_reqs, num_kv_heads, num_splits)](
+        output,
         partial_out,
         partial_lse,
+        _split_tickets(query.device),
         query,
         key_cache,
         value_cache,
@@ -467,8 +544,11 @@ def _split_kv_decode(query, key_cache, value_cache, metadata, scale, output, num
         metadata.seq_lens,
         scale * 1.4426950408889634,
         num_heads,
+        num_kv_heads,
         query.stride(0),
         query.stride(1),
+        output.stride(0),
+        output.stride(1),
         key_cache.stride(0),
         key_cache.stride(1),
         key_cache.stride(2),
@@ -485,22 +565,11 @@ def _split_kv_decode(query, key_cache, value_cache, metadata, scale, output, num
         num_warps=4,
         num_stages=2,
     )
-    merge_kernel[(num_tokens, num_heads)](
-        output,
-        partial_out,
-        partial_lse,
-        output.stride(0),
-        output.stride(1),
-        num_heads,
-        head_dim,
-        NUM_SPLITS=num_splits,
-        BLOCK_D=block_d,
-        num_warps=1,
-    )
 
 
 class TritonAttentionBackend(AttentionBackend):
-    """Paged attention in two Triton kernels (cache write, then attention). CUDA only.
+    """Paged attention in two Triton kernels (cache write with rotary, then attention). CUDA
+    only.
 
     float32 inputs use exact float32 dots (no tf32), so float32 serving keeps its precision;
     bf16/fp16 dots run on the tensor cores with float32 accumulation."""
@@ -508,10 +577,14 @@ class TritonAttentionBackend(AttentionBackend):
     name = "triton"
     supports_full_cuda_graph = True
 
-    def forward(self, query, key, value, kv_cache, metadata: AttentionMetadata, scale, out=None):
+    def forward(
+        self, query, key, value, kv_cache, metadata: AttentionMetadata, scale, out=None, rope=None
+    ):
         key_cache, value_cache = kv_cache
         _check_inputs(query, key_cache)
-        triton_write_kv_cache(key, value, key_cache, value_cache, metadata.slot_mapping)
+        triton_write_kv_cache(
+            key, value, key_cache, value_cache, metadata.slot_mapping, query=query, rope=rope
+        )
         return triton_paged_attention(query, key_cache, value_cache, metadata, scale, out=out)
 
 

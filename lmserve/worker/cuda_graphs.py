@@ -65,6 +65,7 @@ class _AttentionCall:
     kv_cache: tuple[torch.Tensor, torch.Tensor]
     scale: float
     out: torch.Tensor  # [size, num_heads, head_dim], read by the next piece
+    rope: tuple[torch.Tensor, torch.Tensor] | None  # (cos, sin) [size, head_dim], or None
 
 
 class _FullGraph:
@@ -90,9 +91,10 @@ class _PiecewiseGraph:
         n = num_tokens
         for graph, call in zip(self.graphs, self.calls):
             graph.replay()
+            rope = None if call.rope is None else (call.rope[0][:n], call.rope[1][:n])
             backend.forward(
                 call.query[:n], call.key[:n], call.value[:n], call.kv_cache, metadata,
-                call.scale, out=call.out[:n],
+                call.scale, out=call.out[:n], rope=rope,
             )  # fmt: skip
         self.graphs[-1].replay()
         return self.output[:n]
@@ -117,10 +119,10 @@ class _GraphSplitter(AttentionBackend):
     def end(self) -> None:
         self.graphs[-1].capture_end()
 
-    def forward(self, query, key, value, kv_cache, metadata, scale, out=None):
+    def forward(self, query, key, value, kv_cache, metadata, scale, out=None, rope=None):
         out = torch.empty_like(query)  # in the pool, kept alive by the call record
         self.end()
-        self.calls.append(_AttentionCall(query, key, value, kv_cache, scale, out))
+        self.calls.append(_AttentionCall(query, key, value, kv_cache, scale, out, rope))
         self.begin()
         return out
 

@@ -28,9 +28,11 @@ from lmserve.attention.backend import AttentionMetadata  # noqa: E402
 from lmserve.attention.torch_backend import TorchAttentionBackend  # noqa: E402
 from lmserve.attention.triton_backend import (  # noqa: E402
     TritonAttentionBackend,
+    _split_tickets,
     triton_paged_attention,
     triton_write_kv_cache,
 )
+from lmserve.model.layers.rotary import rotate_half  # noqa: E402
 from tests.engine.test_hf_parity import hf_greedy_with_top_k, top5_rule_holds  # noqa: E402
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="engine tests need CUDA")
@@ -193,6 +195,8 @@ def test_split_kv_decode_matches_reference(dtype, num_kv_splits):
     kernel): segments past a short sequence's end are empty and must merge to nothing."""
     specs = [(4000, 1), (700, 1), (0, 1), (255, 1), (256, 1), (1500, 1)]
     check_against_reference(specs, 32, 8, 128, dtype, num_kv_splits=num_kv_splits, seed=5)
+    # The segment that merges resets its ticket: the next launch starts from zero.
+    assert int(_split_tickets(torch.device(DEVICE)).abs().sum()) == 0
 
 
 @pytest.mark.parametrize("heads", [(16, 1), (32, 1)], ids=lambda h: f"{h[0]}q{h[1]}kv")
@@ -247,6 +251,61 @@ def test_write_skips_negative_slots():
         kept = slots >= 0
         expected[slots[kept]] = new[kept]
         assert torch.equal(cache.view(-1, 4, 64), expected)
+
+
+def _rope_tables(num_tokens: int, head_dim: int, dtype: torch.dtype, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    angles = torch.rand(num_tokens, head_dim // 2, generator=gen) * 100
+    emb = torch.cat([angles, angles], dim=-1)
+    return emb.cos().to(dtype).to(DEVICE), emb.sin().to(dtype).to(DEVICE)
+
+
+def _rotated(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x * cos + rotate_half(x) * sin in float64 on the CPU, over [tokens, heads, head_dim]."""
+    x, c, s = (t.to("cpu", torch.float64) for t in (x, cos[:, None, :], sin[:, None, :]))
+    return x * c + rotate_half(x) * s
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("heads, head_dim", [((32, 8), 128), ((14, 2), 64), ((4, 4), 32)])
+def test_write_with_rope_rotates_query_in_place_and_caches_rotated_key(heads, head_dim, dtype):
+    """One kernel: every query (padding tokens too) is rotated in place; the cache gets the
+    rotated key and the untouched value at each non-negative slot; the key input is unchanged."""
+    query, key, value, kv_cache, metadata = make_batch(MIXED, *heads, head_dim, dtype)
+    cos, sin = _rope_tables(metadata.num_tokens, head_dim, dtype)
+    slots = metadata.slot_mapping.clone()
+    slots[::4] = -1  # padding tokens
+    q_ref, k_ref = _rotated(query, cos, sin), _rotated(key, cos, sin)
+    key_before, caches_before = key.clone(), (kv_cache[0].clone(), kv_cache[1].clone())
+    triton_write_kv_cache(key, value, *kv_cache, slots, query=query, rope=(cos, sin))
+    tol = 1e-6 if dtype == torch.float32 else 4e-3  # one rounding of float32 math
+    assert relative_error(query, q_ref) < tol
+    assert torch.equal(key, key_before)
+    kept = slots >= 0
+    key_cache = kv_cache[0].view(-1, heads[1], head_dim)
+    assert relative_error(key_cache[slots[kept]], k_ref[kept.cpu()]) < tol
+    expected_values = caches_before[1].view(-1, heads[1], head_dim).clone()
+    expected_values[slots[kept]] = value[kept]
+    assert torch.equal(kv_cache[1].view(-1, heads[1], head_dim), expected_values)
+    untouched = torch.ones(key_cache.shape[0], dtype=torch.bool, device=DEVICE)
+    untouched[slots[kept]] = False
+    assert torch.equal(key_cache[untouched], caches_before[0].view_as(key_cache)[untouched])
+
+
+def test_backend_forward_with_rope_equals_rotating_first():
+    """forward(..., rope=(cos, sin)) = the reference over the rotated query and key."""
+    if DEVICE != "cuda":
+        pytest.skip("the backend refuses non-CUDA tensors")
+    query, key, value, kv_cache, metadata = make_batch(MIXED, 14, 2, 64, torch.bfloat16)
+    cos, sin = _rope_tables(metadata.num_tokens, 64, torch.bfloat16, seed=3)
+    q_rot = _rotated(query, cos, sin).to(DEVICE, torch.bfloat16)
+    k_rot = _rotated(key, cos, sin).to(DEVICE, torch.bfloat16)
+    ref_caches = (kv_cache[0].clone(), kv_cache[1].clone())
+    ref_out, _, _ = reference(q_rot, k_rot, value, ref_caches, metadata, 0.125)
+    out = TritonAttentionBackend().forward(
+        query, key, value, kv_cache, metadata, 0.125, rope=(cos, sin)
+    )
+    assert relative_error(out, ref_out) < MAX_REL_ERROR[torch.bfloat16]
 
 
 def test_backend_forward_writes_cache_then_attends():

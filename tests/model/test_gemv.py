@@ -13,8 +13,10 @@ import torch.nn.functional as F
 from lmserve.model.layers.gemv import (
     GEMV_MAX_ROWS,
     GemvConfig,
+    _split_k_tickets,
     gemv_config,
     gemv_linear,
+    gemv_silu_and_mul,
     gemv_supports,
     linear,
     use_gemv,
@@ -125,11 +127,56 @@ def test_gemv_any_config_matches_float32_reference(config, shape, m):
 
 
 @needs_cuda
-def test_split_k_sums_in_a_fixed_order():
-    """No atomics: the same inputs give the same bits on every call."""
+def test_split_k_sums_in_a_fixed_order_and_leaves_its_tickets_at_zero():
+    """Whichever split finishes last adds the partials in split order: the same inputs give
+    the same bits on every call, and every row block's ticket counter is back to zero."""
     x, w, b = _problem(4, 896, 4864, torch.bfloat16, bias=True)
     config = GemvConfig(block_n=16, block_k=256, split_k=8, num_warps=2, num_stages=4)
-    assert torch.equal(gemv_linear(x, w, b, config), gemv_linear(x, w, b, config))
+    first = gemv_linear(x, w, b, config)
+    for _ in range(20):
+        assert torch.equal(gemv_linear(x, w, b, config), first)
+    assert int(_split_k_tickets(x.device).abs().sum()) == 0
+
+
+def _gated_reference(x, w, b):
+    """The unfused path in the dtype: the projection rounded, then silu, then the product."""
+    gate_up = _reference(x, w, b).to(x.dtype)
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+# (2 * intermediate, hidden) of the gated MLPs, and a small-N shard that splits K.
+GATED_SHAPES = {
+    "8b": (2 * 14336, 4096),
+    "0.5b": (2 * 4864, 896),
+    "tp8_8b": (2 * 1792, 4096),
+    "ragged": (2 * 1000, 904),
+}
+
+
+@needs_cuda
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("m", [1, 2, 5, 8])
+@pytest.mark.parametrize("shape", GATED_SHAPES)
+def test_gated_gemv_matches_projection_then_silu_and_mul(shape, m, bias):
+    n2, k = GATED_SHAPES[shape]
+    x, w, b = _problem(m, n2, k, torch.bfloat16, bias)
+    out = gemv_silu_and_mul(x, w, b)
+    assert out.shape == (m, n2 // 2) and out.dtype == torch.bfloat16
+    assert _rel(out, _gated_reference(x, w, b)) <= MAX_REL[torch.bfloat16]
+
+
+def _gated_fits(c: GemvConfig) -> bool:  # a gated stage holds two weight tiles
+    return (c.num_stages - 1) * (16 + 2 * c.block_n) * c.block_k * 2 <= 200 << 10
+
+
+@needs_cuda
+@pytest.mark.parametrize("config", [c for c in CONFIGS if _gated_fits(c)], ids=str)
+def test_gated_gemv_any_config_matches(config):
+    x, w, b = _problem(3, 2 * 1000, 904, torch.bfloat16, bias=True)
+    got = gemv_silu_and_mul(x, w, b, config)
+    assert _rel(got, _gated_reference(x, w, b)) <= MAX_REL[torch.bfloat16]
+    assert int(_split_k_tickets(x.device).abs().sum()) == 0
 
 
 @needs_cuda
@@ -156,6 +203,7 @@ def test_gemv_replays_in_a_cuda_graph_with_new_inputs(config, m):
         static_x.copy_(new_x)
         graph.replay()
         assert _rel(static_out, _reference(new_x, w, b)) <= MAX_REL[torch.bfloat16]
+    assert int(_split_k_tickets(x.device).abs().sum()) == 0
 
 
 @needs_cuda
@@ -238,7 +286,7 @@ def test_config_is_a_valid_launch(shape, m):
 
 def test_config_splits_k_only_for_small_n_with_large_k():
     """Large-N layers fill the GPU by rows; small N with long K rows splits; small weights
-    (read in about a launch latency) never pay for the second kernel."""
+    (read in about a launch latency) never pay for partial sums."""
     for shape in ["8b_qkv", "8b_o_proj", "8b_gate_up", "8b_down", "8b_lm_head", "0.5b_gate_up"]:
         assert gemv_config(1, *SHAPES[shape], num_sms=132).split_k == 1, shape
     for shape in ["0.5b_down", "tp8_qkv"]:

@@ -30,11 +30,17 @@ Design: one program per [BLOCK_N outputs] x [one K range]; a K loop over [BLOCK_
   on the weight copies.
 - Split-K when the row blocks alone are too few (fewer programs than SMs, or too few bytes in
   flight: small N with large K -- Qwen's down projection, tensor-parallel shards): each split
-  writes float32 partial sums to a [SPLIT_K, M, N] workspace and a second small kernel adds them
-  in a fixed order (deterministic; no atomics, so no workspace to zero), adds the bias and casts.
-  Weights under `_SPLIT_K_MIN_BYTES` are read in about a launch latency; they never split.
+  writes float32 partial sums to a [SPLIT_K, M, N] workspace, then takes a ticket (an atomic
+  counter per row block); the split that draws the last ticket adds all partials in split order
+  (deterministic: the order never depends on which split finished last), adds the bias, casts,
+  and resets the counter to zero. One launch, where a separate reduce kernel would cost a second
+  launch (~2 us, which is what a whole small GEMV takes at batch 1). Weights under
+  `_SPLIT_K_MIN_BYTES` are read in about a launch latency; they never split.
+- Gated variant (`gemv_silu_and_mul`): each program also reads the up-projection rows that match
+  its gate rows and writes silu(gate) * up, so a SwiGLU MLP's activation costs no extra kernel.
 - CUDA-graph capturable: no host syncs; the output and the split-K workspace come from the
-  caching allocator (the graph's pool under capture), as `F.linear`'s own output does.
+  caching allocator (the graph's pool under capture), as `F.linear`'s own output does; the
+  ticket counters are one persistent buffer per device, zero between launches.
 
 Numerics: float32 sums of the exact bf16/fp16 products, the bias added in float32, one rounding to
 the dtype at the end -- what cuBLAS does, up to summation order. tests/model/test_gemv.py bounds
@@ -60,7 +66,7 @@ _DTYPES = (torch.bfloat16, torch.float16)
 _BLOCK_M = 16  # the smallest M of an MMA: x is padded to 16 rows
 # Heuristic constants (H100; benchmarks/gemv_bench.py --sweep measures the alternatives):
 _TARGET_BYTES_IN_FLIGHT = 6 << 20  # ~2x the H100's bandwidth x loaded latency (~3 TB/s x ~1 us)
-_SPLIT_K_MIN_BYTES = 4 << 20  # read in ~1.3 us: a second kernel would cost about as much
+_SPLIT_K_MIN_BYTES = 4 << 20  # read in ~1.3 us: splitting would not pay for its partials
 _MAX_SPLIT_K = 16  # the workspace is SPLIT_K x M x N float32 and the reduce reads all of it
 _SMEM_PER_SM = 200 << 10  # shared memory for resident programs (H100: 228 KB; A100: 164 KB)
 
@@ -187,26 +193,59 @@ def gemv_linear(
 ) -> torch.Tensor:  # [M, N] in x's dtype
     """x @ weight.T + bias on x's device, which must be the current CUDA device (Triton launches
     there); under TRITON_INTERPRET=1 CPU tensors work too."""
+    return _gemv(x, weight, bias, config, gated=False)
+
+
+def gemv_silu_and_mul(
+    x: torch.Tensor,  # [M, K] contiguous, M <= GEMV_MAX_ROWS, K % 8 == 0
+    weight: torch.Tensor,  # [2D, K] contiguous: the gate rows, then the up rows
+    bias: torch.Tensor | None = None,  # [2D] contiguous
+    config: GemvConfig | None = None,
+) -> torch.Tensor:  # [M, D] in x's dtype
+    """silu(x W_gate^T + b_gate) * (x W_up^T + b_up): a gated MLP's first projection and its
+    activation in one kernel. Each program reads the gate rows of its outputs and the matching up
+    rows, so the [M, 2D] intermediate never reaches memory; the roundings are those of the
+    unfused path (the projection to the dtype, then silu, then the product)."""
+    assert weight.shape[0] % 2 == 0, weight.shape
+    return _gemv(x, weight, bias, config, gated=True)
+
+
+# Split-K tickets: one int32 per row block, zero at rest (the last split of a row block resets
+# its own). Kernels on one device run one after another on its stream, so one buffer serves all.
+_MAX_ROW_BLOCKS = 4096
+
+
+@functools.cache
+def _split_k_tickets(device: torch.device) -> torch.Tensor:  # [_MAX_ROW_BLOCKS] int32
+    return torch.zeros(_MAX_ROW_BLOCKS, dtype=torch.int32, device=device)
+
+
+def _gemv(x, weight, bias, config: GemvConfig | None, gated: bool) -> torch.Tensor:
     m, k = x.shape
-    n = weight.shape[0]
+    n = weight.shape[0] // 2 if gated else weight.shape[0]  # outputs
     assert gemv_supports(x, weight), (x.shape, x.dtype, weight.shape, weight.dtype)
-    assert bias is None or (bias.shape == (n,) and bias.is_contiguous())
+    assert bias is None or (bias.shape == weight.shape[:1] and bias.is_contiguous())
     if config is None:
-        num_sms = _num_sms(x.device.index) if x.is_cuda else 132  # CPU: TRITON_INTERPRET=1
-        config = gemv_config(m, n, k, num_sms, x.element_size())
+        config = _pick_config(x, weight.shape[0], k, gated)
     k_blocks = _cdiv(k, config.block_k)
     k_blocks_per_split = _cdiv(k_blocks, config.split_k)
     split_k = _cdiv(k_blocks, k_blocks_per_split)  # no empty split, whatever the config says
+    row_blocks = _cdiv(n, config.block_n)
+    if row_blocks > _MAX_ROW_BLOCKS:  # more row blocks than tickets: enough programs anyway
+        split_k, k_blocks_per_split = 1, k_blocks
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)  # [M, N]
-    partials = out  # [M, N]: without split-K the kernel writes the result itself
+    partials = tickets = out  # not read without split-K
     if split_k > 1:
-        partials = torch.empty((split_k, m, n), dtype=torch.float32, device=x.device)
-    gemv_kernel, reduce_kernel = _kernels()
-    gemv_kernel[(_cdiv(n, config.block_n), split_k)](
+        width = 2 * n if gated else n
+        partials = torch.empty((split_k, m, width), dtype=torch.float32, device=x.device)
+        tickets = _split_k_tickets(x.device)
+    _kernels()[(row_blocks, split_k)](
         x,
         weight,
         bias if bias is not None else weight,  # not read without HAS_BIAS
+        out,
         partials,
+        tickets,
         m,
         n,
         k // 8,
@@ -217,23 +256,21 @@ def gemv_linear(
         SPLIT_K=split_k,
         EVEN_K=k % config.block_k == 0,
         HAS_BIAS=bias is not None,
+        GATED=gated,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )
-    if split_k > 1:
-        block = 1024
-        reduce_kernel[(_cdiv(m * n, block),)](
-            partials,
-            bias if bias is not None else partials,
-            out,
-            m * n,
-            n,
-            SPLIT_K=split_k,
-            HAS_BIAS=bias is not None,
-            BLOCK=block,
-            num_warps=4,
-        )
     return out
+
+
+def _pick_config(x: torch.Tensor, weight_rows: int, k: int, gated: bool) -> GemvConfig:
+    """`gemv_config` for the weight's shape. A gated program reads two row tiles (gate and up)
+    per step: the same bytes as two plain programs, so half the split."""
+    num_sms = _num_sms(x.device.index) if x.is_cuda else 132  # CPU: TRITON_INTERPRET=1
+    config = gemv_config(x.shape[0], weight_rows, k, num_sms, x.element_size())
+    if gated and config.split_k > 1:
+        config = dataclasses.replace(config, split_k=config.split_k // 2)
+    return config
 
 
 @functools.cache
@@ -244,9 +281,11 @@ def _kernels():
     @triton.jit
     def gemv_kernel(
         x_ptr,  # [M, K] contiguous
-        w_ptr,  # [N, K] contiguous
-        bias_ptr,  # [N], read only with HAS_BIAS
-        out_ptr,  # [M, N] in x's dtype (SPLIT_K == 1), else float32 partial sums [SPLIT_K, M, N]
+        w_ptr,  # [N, K] contiguous; GATED: [2N, K], gate rows then up rows
+        bias_ptr,  # [N] (GATED: [2N]), read only with HAS_BIAS
+        out_ptr,  # [M, N] in x's dtype
+        partials_ptr,  # SPLIT_K > 1: float32 partial sums [SPLIT_K, M, N] (GATED: [.., 2N])
+        counters_ptr,  # SPLIT_K > 1: int32 [cdiv(N, BLOCK_N)], zero at rest
         M,
         N,
         K_DIV_8,  # K // 8: K = 8 * K_DIV_8 tells the compiler rows are 16-byte aligned
@@ -257,6 +296,7 @@ def _kernels():
         SPLIT_K: tl.constexpr,
         EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no K mask
         HAS_BIAS: tl.constexpr,
+        GATED: tl.constexpr,  # out = silu(x W_gate^T) * (x W_up^T)
     ):
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
@@ -267,50 +307,64 @@ def _kernels():
         # Rows past N re-read row N - 1 (dropped at the store): the weight copies need no mask.
         w_rows = tl.minimum(rows, N - 1).to(tl.int64)
         w_ptrs = w_ptr + w_rows[:, None] * K + cols[None, :]  # [BLOCK_N, BLOCK_K]
+        wu_ptrs = w_ptrs + N.to(tl.int64) * K  # GATED: the matching up-projection rows
         x_ptrs = x_ptr + ms[:, None] * K + cols[None, :]  # [BLOCK_M, BLOCK_K]
         x_rows_ok = (ms < M)[:, None]  # [BLOCK_M, 1]
         kb_start = pid_k * k_blocks_per_split
         kb_end = tl.minimum(kb_start + k_blocks_per_split, tl.cdiv(K, BLOCK_K))
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)  # GATED only
         for kb in range(kb_start, kb_end):
             k = kb * BLOCK_K  # a visible multiple of BLOCK_K: the copies stay 16-byte aligned
             if EVEN_K:
-                w = tl.load(w_ptrs + k)
                 x = tl.load(x_ptrs + k, mask=x_rows_ok, other=0.0)
+                w = tl.load(w_ptrs + k)
+                if GATED:
+                    w_up = tl.load(wu_ptrs + k)
             else:
                 k_ok = (k + cols < K)[None, :]  # [1, BLOCK_K], constant over 8 elements
-                w = tl.load(w_ptrs + k, mask=k_ok, other=0.0)
                 x = tl.load(x_ptrs + k, mask=x_rows_ok & k_ok, other=0.0)
+                w = tl.load(w_ptrs + k, mask=k_ok, other=0.0)
+                if GATED:
+                    w_up = tl.load(wu_ptrs + k, mask=k_ok, other=0.0)
             acc = tl.dot(x, tl.trans(w), acc)  # [BLOCK_M, BLOCK_N], float32
+            if GATED:
+                acc_up = tl.dot(x, tl.trans(w_up), acc_up)
         out_mask = x_rows_ok & (rows < N)[None, :]  # [BLOCK_M, BLOCK_N]
-        if SPLIT_K == 1:
-            if HAS_BIAS:
-                bias = tl.load(bias_ptr + rows, mask=rows < N, other=0.0)
-                acc += bias.to(tl.float32)[None, :]
-            out = acc.to(out_ptr.dtype.element_ty)
-            tl.store(out_ptr + ms[:, None] * N + rows[None, :], out, mask=out_mask)
-        else:
-            offs = (pid_k * M + ms[:, None]) * N + rows[None, :]
-            tl.store(out_ptr + offs, acc, mask=out_mask)
-
-    @triton.jit
-    def splitk_reduce_kernel(
-        partials_ptr,  # [SPLIT_K, M * N] float32
-        bias_ptr,  # [N], read only with HAS_BIAS
-        out_ptr,  # [M * N]
-        MN,
-        N,
-        SPLIT_K: tl.constexpr,
-        HAS_BIAS: tl.constexpr,
-        BLOCK: tl.constexpr,
-    ):
-        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # [BLOCK] flat (m, n)
-        mask = offs < MN
-        acc = tl.zeros([BLOCK], dtype=tl.float32)
-        for s in tl.static_range(SPLIT_K):  # a fixed order: the same sum on every call
-            acc += tl.load(partials_ptr + s * MN + offs, mask=mask, other=0.0)
+        if SPLIT_K > 1:
+            # Every split stores its partial sums; the split that arrives last (an atomic
+            # ticket per row block) adds all of them in split order -- deterministic, and no
+            # second kernel -- and resets the ticket for the next launch.
+            width = 2 * N if GATED else N
+            offs = (pid_k * M + ms[:, None]) * width + rows[None, :]  # [BLOCK_M, BLOCK_N]
+            tl.store(partials_ptr + offs, acc, mask=out_mask)
+            if GATED:
+                tl.store(partials_ptr + offs + N, acc_up, mask=out_mask)
+            tl.debug_barrier()  # all threads' partials before the ticket (release)
+            ticket = tl.atomic_add(counters_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
+            if ticket != SPLIT_K - 1:
+                return
+            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            base = ms[:, None] * width + rows[None, :]
+            for s in tl.static_range(SPLIT_K):  # a fixed order: the same sum on every call
+                part_ptrs = partials_ptr + s * M * width + base
+                acc += tl.load(part_ptrs, mask=out_mask, other=0.0, cache_modifier=".cg")
+                if GATED:
+                    acc_up += tl.load(part_ptrs + N, mask=out_mask, other=0.0, cache_modifier=".cg")
+            tl.store(counters_ptr + pid_n, 0)
         if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs % N, mask=mask, other=0.0).to(tl.float32)
-        tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+            acc += tl.load(bias_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)[None, :]
+            if GATED:
+                up_bias = tl.load(bias_ptr + N + rows, mask=rows < N, other=0.0)
+                acc_up += up_bias.to(tl.float32)[None, :]
+        dtype = out_ptr.dtype.element_ty
+        if GATED:  # the roundings of the unfused path: gate_up to the dtype, silu, product
+            gate = acc.to(dtype).to(tl.float32)
+            act = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
+            out = (act * acc_up.to(dtype).to(tl.float32)).to(dtype)
+        else:
+            out = acc.to(dtype)
+        tl.store(out_ptr + ms[:, None] * N + rows[None, :], out, mask=out_mask)
 
-    return gemv_kernel, splitk_reduce_kernel
+    return gemv_kernel

@@ -3,6 +3,7 @@
     x = embed(input_ids)
     for each layer:
         x = x + o_proj(attention(rope(q), rope(k), v))   with q, k, v = qkv_proj(rms_norm(x))
+                                                         (the attention backend applies rope)
         x = x + down_proj(silu(gate) * up)               with gate, up = gate_up_proj(rms_norm(x))
     logits = lm_head(rms_norm(x))
 
@@ -18,15 +19,16 @@ import torch
 from torch import nn
 
 from lmserve.attention.backend import ForwardContext
-from lmserve.model.layers.activation import get_gated_activation
+from lmserve.model.layers.activation import SiluAndMul, get_gated_activation
 from lmserve.model.layers.embedding import LMHead, VocabEmbedding
+from lmserve.model.layers.gemv import gemv_silu_and_mul, use_gemv
 from lmserve.model.layers.linear import (
     MergedColumnParallelLinear,
     QKVParallelLinear,
     RowParallelLinear,
 )
 from lmserve.model.layers.norm import RMSNorm
-from lmserve.model.layers.rotary import RotaryEmbedding, apply_rotary_emb, get_rope_parameters
+from lmserve.model.layers.rotary import RotaryEmbedding, get_rope_parameters
 
 
 def get_head_dim(hf_config) -> int:
@@ -47,8 +49,12 @@ class LlamaMLP(nn.Module):
         self.down_proj = RowParallelLinear(intermediate_size, hidden_size, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [num_tokens, hidden_size]
-        gate_up = self.gate_up_proj(x)  # [num_tokens, 2 * intermediate_size]
-        return self.down_proj(self.act_fn(gate_up))
+        gate_up = self.gate_up_proj
+        if isinstance(self.act_fn, SiluAndMul) and use_gemv(x, gate_up.weight):
+            # Few rows on CUDA: projection and activation in one kernel.
+            h = gemv_silu_and_mul(x, gate_up.weight, gate_up.bias)  # [num_tokens, intermediate]
+            return self.down_proj(h)
+        return self.down_proj(self.act_fn(gate_up(x)))  # via [num_tokens, 2 * intermediate]
 
 
 class LlamaAttention(nn.Module):
@@ -94,12 +100,15 @@ class LlamaAttention(nn.Module):
         ctx: ForwardContext,
     ) -> torch.Tensor:  # [num_tokens, hidden_size]
         q, k, v = self.project_qkv(hidden_states)
-        q, k = apply_rotary_emb(q, k, cos, sin)
-        return self.attend(q, k, v, ctx)
+        return self.attend(q, k, v, cos, sin, ctx)
 
-    def attend(self, q, k, v, ctx: ForwardContext) -> torch.Tensor:
+    def attend(self, q, k, v, cos, sin, ctx: ForwardContext) -> torch.Tensor:
+        """Rotary on q and k, attention, o_proj. The backend applies the rotary embedding, so it
+        can fuse it into its KV-cache write."""
         kv_cache = ctx.kv_caches[self.layer_idx]
-        out = ctx.attn_backend.forward(q, k, v, kv_cache, ctx.attn_metadata, self.scale)
+        out = ctx.attn_backend.forward(
+            q, k, v, kv_cache, ctx.attn_metadata, self.scale, rope=(cos, sin)
+        )  # [num_tokens, num_heads, head_dim]
         return self.o_proj(out.reshape(out.shape[0], self.q_size))  # [num_tokens, hidden_size]
 
 

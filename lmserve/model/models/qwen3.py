@@ -7,7 +7,6 @@ import torch
 
 from lmserve.attention.backend import ForwardContext
 from lmserve.model.layers.norm import RMSNorm
-from lmserve.model.layers.rotary import apply_rotary_emb
 from lmserve.model.models.llama import LlamaAttention, LlamaDecoderLayer, LlamaMLP
 from lmserve.model.models.qwen2 import Qwen2ForCausalLM
 
@@ -27,8 +26,7 @@ class Qwen3Attention(LlamaAttention):
     ) -> torch.Tensor:  # [num_tokens, hidden_size]
         q, k, v = self.project_qkv(hidden_states)
         q, k = self.q_norm(q), self.k_norm(k)  # per head, over head_dim
-        q, k = apply_rotary_emb(q, k, cos, sin)
-        return self.attend(q, k, v, ctx)
+        return self.attend(q, k, v, cos, sin, ctx)  # rotary, attention, o_proj
 
 
 class Qwen3ForCausalLM(Qwen2ForCausalLM):
