@@ -2,7 +2,8 @@
 shapes, bf16):
 
   decode      batch-1 decode tok/s for each shape: lmserve with CUDA graphs (async scheduling
-              on, the default, and off; Triton GEMV on, the default, and off), lmserve eager, HF
+              on, the default, and off; Triton GEMV on, the default, and off; programmatic
+              dependent launch on, the default, and off), lmserve eager, HF
               transformers `generate`, and the memory-bandwidth roofline from a copy measured here;
   throughput  (--throughput) 1000 requests x (256 in, 256 out), ignore_eos, Llama-3-8B shape:
               lmserve total tok/s; HF `generate` on one static batch of 64 of the same requests;
@@ -50,13 +51,16 @@ def _free(llm) -> None:
     torch.cuda.empty_cache()
 
 
-def lmserve_decode(path: str, gemv: bool = True, **engine_kwargs) -> dict:
-    """`gemv=False`: cuBLAS (F.linear) for every layer, the Triton GEMV turned off."""
+def lmserve_decode(path: str, gemv: bool = True, pdl: bool = True, **engine_kwargs) -> dict:
+    """`gemv=False`: cuBLAS (F.linear) for every layer, the Triton GEMV turned off;
+    `pdl=False`: Triton kernels launched without programmatic dependent launch."""
     os.environ["LMSERVE_DISABLE_GEMV"] = "0" if gemv else "1"
+    os.environ["LMSERVE_DISABLE_PDL"] = "0" if pdl else "1"
     try:
         return _lmserve_decode(path, **engine_kwargs)
     finally:
         os.environ.pop("LMSERVE_DISABLE_GEMV")
+        os.environ.pop("LMSERVE_DISABLE_PDL")
 
 
 def _lmserve_decode(path: str, **engine_kwargs) -> dict:
@@ -227,6 +231,7 @@ def main() -> None:
             row = {
                 "roofline_tok_s": round(roofline_tok_s(bandwidth, shape), 1),
                 "lmserve_graphs": lmserve_decode(path),  # async scheduling on (CUDA default)
+                "lmserve_graphs_no_pdl": lmserve_decode(path, pdl=False),
                 "lmserve_graphs_cublas": lmserve_decode(path, gemv=False),
                 "lmserve_graphs_sync": lmserve_decode(path, async_scheduling=False),
                 "lmserve_eager": lmserve_decode(path, enforce_eager=True),

@@ -46,6 +46,7 @@ import functools
 import torch
 
 from lmserve.attention.backend import AttentionBackend, AttentionMetadata
+from lmserve.triton_utils import pdl_launch_options
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_HEAD_DIM = 256
@@ -86,7 +87,11 @@ def _kernels():
         BLOCK_H: tl.constexpr,  # num_kv_heads padded to a power of two
         BLOCK_D: tl.constexpr,  # head_dim padded to a power of two
         BLOCK_HALF: tl.constexpr,  # head_dim // 2 padded to a power of two
+        USE_PDL: tl.constexpr,  # programmatic dependent launch (lmserve.triton_utils)
     ):
+        if USE_PDL:  # the previous kernel's writes are visible past this line
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         token = tl.program_id(0).to(tl.int64)
         half = head_dim // 2
         heads = tl.arange(0, BLOCK_H)[:, None]
@@ -157,7 +162,11 @@ def _kernels():
         BLOCK_N: tl.constexpr,  # keys per inner-loop tile
         BLOCK_D: tl.constexpr,  # head_dim padded to a power of two (>= 16)
         DOT_PRECISION: tl.constexpr,  # "ieee" for float32 inputs, else the tensor-core default
+        USE_PDL: tl.constexpr,  # programmatic dependent launch (lmserve.triton_utils)
     ):
+        if USE_PDL:  # the previous kernel's writes are visible past this line
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         tile = tl.program_id(0)
         kv_head = tl.program_id(1)
 
@@ -270,7 +279,11 @@ def _kernels():
         NUM_SPLITS: tl.constexpr,
         MIN_SPLIT_KEYS: tl.constexpr,
         DOT_PRECISION: tl.constexpr,
+        USE_PDL: tl.constexpr,  # programmatic dependent launch (lmserve.triton_utils)
     ):
+        if USE_PDL:  # the previous kernel's writes are visible past this line
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         req = tl.program_id(0)
         kv_head = tl.program_id(1)
         split = tl.program_id(2)
@@ -408,6 +421,7 @@ def triton_write_kv_cache(
         BLOCK_H=_next_power_of_2(num_kv_heads),
         BLOCK_D=_next_power_of_2(head_dim),
         BLOCK_HALF=_next_power_of_2(head_dim // 2),
+        **pdl_launch_options(key),
     )
 
 
@@ -479,6 +493,7 @@ def triton_paged_attention(
         DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
         num_warps=4,
         num_stages=2,
+        **pdl_launch_options(query),
     )
     return output
 
@@ -564,6 +579,7 @@ def _split_kv_decode(query, key_cache, value_cache, metadata, scale, output, num
         DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
         num_warps=4,
         num_stages=2,
+        **pdl_launch_options(query),
     )
 
 

@@ -21,6 +21,8 @@ import importlib.util
 
 import torch
 
+from lmserve.triton_utils import pdl_launch_options
+
 
 @functools.cache
 def _triton_installed() -> bool:
@@ -54,7 +56,11 @@ def _kernels():
         eps,
         HAS_RESIDUAL: tl.constexpr,
         BLOCK: tl.constexpr,
+        USE_PDL: tl.constexpr,  # programmatic dependent launch (lmserve.triton_utils)
     ):
+        if USE_PDL:  # the previous kernel's writes are visible past this line
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         pid = tl.program_id(0)
         row = pid // num_heads
         head = pid % num_heads
@@ -103,7 +109,11 @@ def _kernels():
         HALF: tl.constexpr,
         BLOCK_H: tl.constexpr,
         BLOCK_D: tl.constexpr,
+        USE_PDL: tl.constexpr,  # programmatic dependent launch (lmserve.triton_utils)
     ):
+        if USE_PDL:  # the previous kernel's writes are visible past this line
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         token = tl.program_id(0).to(tl.int64)
         dims = tl.arange(0, BLOCK_D)
         dim_ok = dims < HALF
@@ -122,7 +132,11 @@ def _kernels():
         stride_in,
         d,
         BLOCK: tl.constexpr,
+        USE_PDL: tl.constexpr,  # programmatic dependent launch (lmserve.triton_utils)
     ):
+        if USE_PDL:  # the previous kernel's writes are visible past this line
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         token = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = cols < d
@@ -168,6 +182,7 @@ def rms_norm(
         HAS_RESIDUAL=residual is not None,
         BLOCK=block,
         num_warps=min(max(block // 256, 1), 16),
+        **pdl_launch_options(x),
     )
     return out
 
@@ -199,6 +214,7 @@ def rotary_inplace(
         BLOCK_H=_next_power_of_2(max(num_heads, key.shape[1])),
         BLOCK_D=_next_power_of_2(half),
         num_warps=4,
+        **pdl_launch_options(query),
     )
     return query, key
 
@@ -212,6 +228,12 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:  # [num_tokens, 2d] -> 
         return out
     block = 1024
     _kernels()[2][(num_tokens, -(-d // block))](
-        gate_up, out, gate_up.stride(0), d, BLOCK=block, num_warps=4
+        gate_up,
+        out,
+        gate_up.stride(0),
+        d,
+        BLOCK=block,
+        num_warps=4,
+        **pdl_launch_options(gate_up),
     )
     return out

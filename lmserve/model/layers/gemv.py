@@ -61,6 +61,8 @@ import os
 import torch
 import torch.nn.functional as F
 
+from lmserve.triton_utils import pdl_launch_options
+
 GEMV_MAX_ROWS = 8  # above this a GEMM (cuBLAS) starts to reuse each weight load across rows
 _DTYPES = (torch.bfloat16, torch.float16)
 _BLOCK_M = 16  # the smallest M of an MMA: x is padded to 16 rows
@@ -257,8 +259,10 @@ def _gemv(x, weight, bias, config: GemvConfig | None, gated: bool) -> torch.Tens
         EVEN_K=k % config.block_k == 0,
         HAS_BIAS=bias is not None,
         GATED=gated,
+        PREFETCH_TILES=min(config.num_stages - 1, k_blocks_per_split),
         num_warps=config.num_warps,
         num_stages=config.num_stages,
+        **pdl_launch_options(x),
     )
     return out
 
@@ -279,6 +283,18 @@ def _kernels():
     import triton.language as tl
 
     @triton.jit
+    def _prefetch_l2(ptrs):
+        """Ask L2 to fetch the 128-byte lines at `ptrs` (no registers filled, nothing waits)."""
+        tl.inline_asm_elementwise(
+            "prefetch.global.L2 [$1]; mov.u32 $0, 0;",
+            "=r,l",
+            [ptrs],
+            dtype=tl.int32,
+            is_pure=False,
+            pack=1,
+        )
+
+    @triton.jit
     def gemv_kernel(
         x_ptr,  # [M, K] contiguous
         w_ptr,  # [N, K] contiguous; GATED: [2N, K], gate rows then up rows
@@ -297,6 +313,8 @@ def _kernels():
         EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no K mask
         HAS_BIAS: tl.constexpr,
         GATED: tl.constexpr,  # out = silu(x W_gate^T) * (x W_up^T)
+        PREFETCH_TILES: tl.constexpr,  # with USE_PDL: weight tiles sent to L2 before the wait
+        USE_PDL: tl.constexpr,  # programmatic dependent launch (lmserve.triton_utils)
     ):
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
@@ -312,6 +330,17 @@ def _kernels():
         x_rows_ok = (ms < M)[:, None]  # [BLOCK_M, 1]
         kb_start = pid_k * k_blocks_per_split
         kb_end = tl.minimum(kb_start + k_blocks_per_split, tl.cdiv(K, BLOCK_K))
+        if USE_PDL:
+            # The weights never depend on the previous kernel: while it finishes, pull this
+            # program's first tiles into L2, so the loop's first copies do not wait on DRAM.
+            lines = tl.arange(0, BLOCK_K // 64)[None, :] * 64  # one address per 128 bytes
+            for t in tl.static_range(PREFETCH_TILES):
+                k_line = tl.minimum(kb_start + t, kb_end - 1) * BLOCK_K + lines
+                _prefetch_l2(w_ptr + w_rows[:, None] * K + k_line)
+                if GATED:
+                    _prefetch_l2(w_ptr + (w_rows[:, None] + N) * K + k_line)
+            tl.extra.cuda.gdc_wait()  # the previous kernel's writes are visible past this line
+            tl.extra.cuda.gdc_launch_dependents()
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)  # GATED only
         for kb in range(kb_start, kb_end):
