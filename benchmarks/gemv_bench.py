@@ -32,7 +32,13 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from benchmarks.gpu_shapes import copy_bandwidth_gbs  # noqa: E402
-from lmserve.model.layers.gemv import GemvConfig, gemv_config, gemv_linear  # noqa: E402
+from lmserve.model.layers.fused_ops import silu_and_mul  # noqa: E402
+from lmserve.model.layers.gemv import (  # noqa: E402
+    GemvConfig,
+    gemv_config,
+    gemv_linear,
+    gemv_silu_and_mul,
+)
 
 # (out_features, in_features) of each bf16 weight.
 SHAPES = {
@@ -46,7 +52,21 @@ SHAPES = {
     "0.5b_gate_up": (9728, 896),
     "0.5b_down": (896, 4864),
     "0.5b_lm_head": (151936, 896),
+    # The gated MLP projections through `gemv_silu_and_mul` (the peer: F.linear, then the
+    # SiLU-and-mul kernel).
+    "8b_gate_up_silu": (28672, 4096),
+    "0.5b_gate_up_silu": (9728, 896),
 }
+
+
+def _is_gated(shape: str) -> bool:
+    return shape.endswith("_silu")
+
+
+def _peer_gated(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return silu_and_mul(F.linear(x, w))
+
+
 MULTI_ROW_SHAPES = ["8b_qkv", "8b_down", "0.5b_gate_up", "0.5b_down"]  # also at M = 2, 4, 8
 WORKING_SET_BYTES = 256 << 20  # weight copies cycled per graph: >> L2
 MIN_CALLS = 64  # calls per graph replay
@@ -99,11 +119,16 @@ def measure(shape: str, m: int, copy_gbs: float, reps: int, num_sms: int) -> dic
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)  # [M, K]
     weight_gb = n * k * 2 / 1e9
     row = {"shape": shape, "m": m, "n": n, "k": k, "weight_mb": round(weight_gb * 1e3, 2)}
-    row["config"] = dataclasses.asdict(gemv_config(m, n, k, num_sms))
-    reference = x.float() @ weights[0].float().T
-    row["rel_err_gemv"] = _rel(gemv_linear(x, weights[0]), reference)
-    row["rel_err_f_linear"] = _rel(F.linear(x, weights[0]), reference)
-    for name, fn in (("gemv", gemv_linear), ("f_linear", F.linear)):
+    gated = _is_gated(shape)
+    row["config"] = dataclasses.asdict(gemv_config(m, n, k, num_sms, gated=gated))
+    ours, peer = (gemv_silu_and_mul, _peer_gated) if gated else (gemv_linear, F.linear)
+    reference = x.float() @ weights[0].float().T  # [m, n]
+    if gated:
+        gate, up = reference.to(x.dtype).chunk(2, dim=-1)
+        reference = F.silu(gate) * up
+    row["rel_err_gemv"] = _rel(ours(x, weights[0]), reference)
+    row["rel_err_f_linear"] = _rel(peer(x, weights[0]), reference)
+    for name, fn in (("gemv", ours), ("f_linear", peer)):
         us = time_per_call_us(fn, x, weights, reps)
         row[f"{name}_us"] = round(us, 2)
         row[f"{name}_gbs"] = round(weight_gb / (us * 1e-6), 1)
@@ -133,20 +158,33 @@ def sweep_configs(n: int, k: int, num_sms: int) -> list[GemvConfig]:
     return configs
 
 
-def sweep(shape: str, m: int, copy_gbs: float, reps: int, num_sms: int) -> dict:
+def parse_configs(text: str) -> list[GemvConfig]:
+    """'16,256,2,2,4;32,256,1,2,4' -> GemvConfigs (block_n, block_k, split_k, warps, stages)."""
+    return [GemvConfig(*map(int, item.split(","))) for item in text.split(";") if item]
+
+
+def sweep(
+    shape: str,
+    m: int,
+    copy_gbs: float,
+    reps: int,
+    num_sms: int,
+    configs: list[GemvConfig] | None = None,  # None: `sweep_configs`' grid
+) -> dict:
     n, k = SHAPES[shape]
     weights = _weights(n, k)
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     weight_gb = n * k * 2 / 1e9
+    ours = gemv_silu_and_mul if _is_gated(shape) else gemv_linear
     results = []
-    for c in sweep_configs(n, k, num_sms):
-        us = time_per_call_us(lambda x, w, c=c: gemv_linear(x, w, None, c), x, weights, reps)
+    for c in configs or sweep_configs(n, k, num_sms):
+        us = time_per_call_us(lambda x, w, c=c: ours(x, w, None, c), x, weights, reps)
         results.append((us, c))
     results.sort(key=lambda r: r[0])
-    picked = gemv_config(m, n, k, num_sms)
+    picked = gemv_config(m, n, k, num_sms, gated=_is_gated(shape))
     picked_us = next((us for us, c in results if c == picked), None)
     if picked_us is None:
-        picked_us = time_per_call_us(gemv_linear, x, weights, reps)
+        picked_us = time_per_call_us(ours, x, weights, reps)
     del weights
     torch.cuda.empty_cache()
 
@@ -170,6 +208,11 @@ def main() -> None:
     parser.add_argument("--rows", default="2,4,8", help="extra M for MULTI_ROW_SHAPES ('' none)")
     parser.add_argument("--reps", type=int, default=30)
     parser.add_argument("--sweep", action="store_true", help="also time a grid of configs (M=1)")
+    parser.add_argument(
+        "--configs",
+        default="",
+        help="with --sweep, time only these: 'block_n,block_k,split_k,warps,stages;...'",
+    )
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -213,7 +256,10 @@ def main() -> None:
         result["sweep"] = []
         print("\nsweep (M=1): heuristic vs best of the grid")
         for shape in shapes:
-            s = sweep(shape, 1, copy_gbs, max(5, args.reps // 3), props.multi_processor_count)
+            s = sweep(
+                shape, 1, copy_gbs, max(5, args.reps // 3), props.multi_processor_count,
+                parse_configs(args.configs) or None,
+            )  # fmt: skip
             result["sweep"].append(s)
             best = s["best"][0]
             print(

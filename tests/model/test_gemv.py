@@ -279,9 +279,30 @@ def test_config_is_a_valid_launch(shape, m):
     k_blocks = -(-k // c.block_k)
     assert c.block_n >= 16 and c.block_k >= 64 and 1 <= c.split_k <= 16
     assert k % c.block_k == 0 or k % 64 != 0  # the K tail is masked only when it must be
-    if c.split_k > 1:  # every split keeps a pipeline's worth of iterations
-        assert k_blocks // c.split_k >= c.num_stages
+    if c.split_k > 1:  # every split fills its pipeline (num_stages - 1 tiles in flight)
+        assert -(-k_blocks // c.split_k) >= c.num_stages - 1
     assert c.smem_bytes() <= 160 << 10  # fits an SM (and an A100's) with room to spare
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_config_keeps_every_program_in_one_wave_when_it_deepens(shape):
+    """5 or 6 stages only where all programs still fit on the GPU at once."""
+    n, k = SHAPES[shape]
+    for gated, tiles in ((False, 1), (True, 2)):
+        c = gemv_config(1, 2 * n if gated else n, k, num_sms=132, gated=gated)
+        if c.num_stages in (5, 6):
+            programs = -(-n // c.block_n) * c.split_k
+            assert programs <= 132 * c.programs_per_sm(weight_tiles=tiles), (shape, gated, c)
+        assert c.smem_bytes(weight_tiles=tiles) <= 200 << 10
+
+
+def test_config_deepens_the_pipeline_where_the_h100_sweep_found_it_faster():
+    """The picks benchmarks/results/gemv_sweep_h100.json measured fastest on an H100."""
+    assert gemv_config(1, *SHAPES["8b_o_proj"], num_sms=132).num_stages == 6
+    assert gemv_config(1, *SHAPES["8b_qkv"], num_sms=132).num_stages == 5
+    assert gemv_config(1, *SHAPES["0.5b_gate_up"], num_sms=132).num_stages == 6
+    down = gemv_config(1, *SHAPES["0.5b_down"], num_sms=132)
+    assert (down.split_k, down.num_stages) == (4, 6)
 
 
 def test_config_splits_k_only_for_small_n_with_large_k():
