@@ -303,6 +303,8 @@ def test_config_deepens_the_pipeline_where_the_h100_sweep_found_it_faster():
     assert gemv_config(1, *SHAPES["0.5b_gate_up"], num_sms=132).num_stages == 6
     down = gemv_config(1, *SHAPES["0.5b_down"], num_sms=132)
     assert (down.split_k, down.num_stages) == (4, 6)
+    gate_up = gemv_config(1, *SHAPES["8b_gate_up"], num_sms=132, gated=True)
+    assert (gate_up.split_k, gate_up.num_stages) == (2, 4)
 
 
 def test_config_splits_k_only_for_small_n_with_large_k():
