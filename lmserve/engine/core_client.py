@@ -121,6 +121,7 @@ class _EngineProcess:
         """`launcher`: the started process (lmserve/engine/launcher.py), given `config` here
         unless the caller launched it earlier. The caller has bound a PULL socket at
         `output_address` already (so the engine's PUSH and this watcher's can connect)."""
+        launcher.adopt()  # from here on, shutdown() removes the process and the sockets
         self._rpc_dir = launcher.rpc_dir
         self.output_address = launcher.output_address
         self.dead_error: EngineDeadError | None = None

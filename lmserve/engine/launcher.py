@@ -37,7 +37,8 @@ def _engine_main(conn: Connection) -> None:
 
 class EngineLauncher:
     """A started EngineCore process waiting for its configuration. Hand it to the client with
-    `launch(...)` exactly once, or `cancel()` it."""
+    `launch(...)` exactly once, or `cancel()` it. The engine client `adopt()`s it: from then on
+    the client owns the process and the socket folder."""
 
     def __init__(self) -> None:
         if getattr(multiprocessing.current_process(), "_inheriting", False):
@@ -57,6 +58,7 @@ class EngineLauncher:
         self.proc.start()
         child_conn.close()
         self.launched = False
+        self.adopted = False
         # The sockets' addresses: fixed now, so the configuration can be sent before the client
         # that binds them exists (ZMQ connects whichever side comes first).
         from lmserve import envs
@@ -72,14 +74,22 @@ class EngineLauncher:
         self._conn.send((config, self.input_address, self.output_address, self.handshake_address))
         self._conn.close()
 
+    def adopt(self) -> None:
+        """The engine client takes over the process and the socket folder (and their clean-up)."""
+        self.adopted = True
+
     def cancel(self) -> None:
-        """No configuration is coming: the process sees the pipe close and exits. A no-op
-        once launched (the engine client owns the process then)."""
-        if self.launched:
+        """No client will own the process: stop it and remove the socket folder. Without a
+        configuration the process sees the pipe close and exits; launched but never adopted
+        (the front-end failed in between), it is building an engine nobody will use, and is
+        terminated. A no-op once adopted."""
+        if self.adopted:
             return
         shutil.rmtree(self.rpc_dir, ignore_errors=True)
         if not self._conn.closed:
             self._conn.close()
+        if self.launched:
+            self.proc.terminate()
         self.proc.join(timeout=10)
         if self.proc.is_alive():
             self.proc.kill()

@@ -73,6 +73,29 @@ def test_an_engine_launcher_without_a_configuration_exits_cleanly():
     assert not os.path.exists(launcher.rpc_dir)
 
 
+def test_a_launched_engine_that_no_client_adopts_is_stopped_and_its_sockets_removed(
+    tiny_model_dir,
+):
+    """`serve` sends the configuration early; if it fails before its engine client exists,
+    cancel() stops the engine being built and removes the socket folder."""
+    from lmserve.config import EngineConfig
+    from lmserve.engine.launcher import EngineLauncher
+
+    config = EngineConfig.from_kwargs(tiny_model_dir("llama"), device="cpu")
+    launcher = EngineLauncher()
+    launcher.launch(config)
+    launcher.cancel()
+    assert not launcher.proc.is_alive()
+    assert not os.path.exists(launcher.rpc_dir)
+    adopted = EngineLauncher()
+    adopted.adopt()
+    adopted.cancel()  # the client owns it now: cancel leaves it alone
+    assert adopted.proc.is_alive() and os.path.isdir(adopted.rpc_dir)
+    adopted.adopted = False
+    adopted.cancel()
+    assert adopted.proc.exitcode == 0
+
+
 @pytest.mark.parametrize(
     "body",
     [
