@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from lmserve.config import CacheConfig, ConfigError, EngineConfig, SchedulerConfig
+from lmserve.config import CacheConfig, ConfigError, EngineConfig, ModelConfig, SchedulerConfig
 
 
 @pytest.mark.parametrize("block_size", [0, 3, 12, 512, -16, 16.0, True])
@@ -77,3 +77,9 @@ def test_kwargs_land_in_their_sub_configs(tiny_model_dir):
 def test_missing_model_folder_is_a_clear_error(tmp_path):
     with pytest.raises((ConfigError, ValueError, OSError), match="nope"):
         EngineConfig.from_kwargs(str(tmp_path / "nope"))
+
+
+def test_a_malformed_config_json_is_a_config_error(tmp_path):
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="config.json"):
+        ModelConfig(model=str(tmp_path))
