@@ -49,12 +49,12 @@ class LlamaMLP(nn.Module):
         self.down_proj = RowParallelLinear(intermediate_size, hidden_size, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [num_tokens, hidden_size]
-        gate_up = self.gate_up_proj
-        if isinstance(self.act_fn, SiluAndMul) and use_gemv(x, gate_up.weight):
+        proj = self.gate_up_proj
+        if isinstance(self.act_fn, SiluAndMul) and use_gemv(x, proj.weight):
             # Few rows on CUDA: projection and activation in one kernel.
-            h = gemv_silu_and_mul(x, gate_up.weight, gate_up.bias)  # [num_tokens, intermediate]
+            h = gemv_silu_and_mul(x, proj.weight, proj.bias)  # [num_tokens, intermediate]
             return self.down_proj(h)
-        return self.down_proj(self.act_fn(gate_up(x)))  # via [num_tokens, 2 * intermediate]
+        return self.down_proj(self.act_fn(proj(x)))  # via [num_tokens, 2 * intermediate]
 
 
 class LlamaAttention(nn.Module):
