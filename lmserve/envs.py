@@ -55,6 +55,15 @@ ENVIRONMENT_VARIABLES: dict[str, tuple[Callable[[], Any], str]] = {
         "force the attention backend: 'torch' (the reference; any device) or 'triton' (CUDA); "
         "unset: triton on CUDA when triton is installed, torch otherwise",
     ),
+    "LMSERVE_DISABLE_GEMV": (
+        _bool("LMSERVE_DISABLE_GEMV", False),
+        "1: every linear layer goes to cuBLAS (F.linear), never to the Triton GEMV for 1-8 rows",
+    ),
+    "LMSERVE_DISABLE_PDL": (
+        _bool("LMSERVE_DISABLE_PDL", False),
+        "1: launch lmserve's Triton kernels without programmatic dependent launch "
+        "(lmserve/triton_utils.py; it is on for compute capability >= 9.0)",
+    ),
 }
 
 

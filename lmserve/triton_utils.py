@@ -20,9 +20,10 @@ order, both before and after. CUDA graphs capture the dependency as a programmat
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
+
+from lmserve import envs
 
 
 @functools.cache
@@ -34,7 +35,7 @@ def pdl_enabled(x: torch.Tensor) -> bool:
     """Whether kernels on x's device launch with programmatic dependent launch."""
     return (
         x.is_cuda
-        and os.environ.get("LMSERVE_DISABLE_PDL", "0") != "1"
+        and not envs.LMSERVE_DISABLE_PDL
         and _supports_pdl(x.device.index if x.device.index is not None else 0)
     )
 

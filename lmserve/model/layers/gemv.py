@@ -56,11 +56,11 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib.util
-import os
 
 import torch
 import torch.nn.functional as F
 
+from lmserve import envs
 from lmserve.triton_utils import pdl_launch_options
 
 GEMV_MAX_ROWS = 8  # above this a GEMM (cuBLAS) starts to reuse each weight load across rows
@@ -202,7 +202,7 @@ def use_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
         x.is_cuda
         and gemv_supports(x, weight)
         and _triton_installed()
-        and os.environ.get("LMSERVE_DISABLE_GEMV", "0") != "1"
+        and not envs.LMSERVE_DISABLE_GEMV
     )
 
 
