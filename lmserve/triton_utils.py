@@ -1,4 +1,4 @@
-"""Launch options shared by lmserve's Triton kernels (layers, attention, sampler).
+"""Launch options and scratch shared by lmserve's Triton kernels (layers, attention, sampler).
 
 Programmatic dependent launch (PDL, Hopper and later): a kernel launched with it may start while
 the kernel before it on the stream is still finishing -- its programs get SMs as the previous
@@ -46,3 +46,17 @@ def pdl_launch_options(x: torch.Tensor) -> dict:
     if pdl_enabled(x):
         return {"USE_PDL": True, "launch_pdl": True}
     return {"USE_PDL": False}
+
+
+@functools.cache
+def ticket_counters(device: torch.device, kernel: str, size: int) -> torch.Tensor:  # [size] int32
+    """Zeroed int32 counters on `device`, one buffer per kernel family, kept for the process.
+
+    The "last program reduces" pattern (split-K GEMV, split-KV attention, the argmax) works on
+    them: each program stores its partial result, `tl.debug_barrier()`s so every thread's
+    stores come first, then `tl.atomic_add(counter, 1, sem="acq_rel")`; the program that draws
+    the last ticket reads all partials (`cache_modifier=".cg"`, from L2) in a fixed order and
+    stores 0 back, so the counters are zero again for the next launch -- and for CUDA-graph
+    replays, which capture this buffer's address. Kernels on one device run one after another
+    on its stream, so one buffer per family serves every call."""
+    return torch.zeros(size, dtype=torch.int32, device=device)

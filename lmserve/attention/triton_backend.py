@@ -46,7 +46,7 @@ import functools
 import torch
 
 from lmserve.attention.backend import AttentionBackend, AttentionMetadata
-from lmserve.triton_utils import pdl_launch_options
+from lmserve.triton_utils import pdl_launch_options, ticket_counters
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_HEAD_DIM = 256
@@ -522,15 +522,13 @@ def _num_kv_splits(metadata: AttentionMetadata, num_kv_heads: int, device: torch
     return min(MAX_KV_SPLITS, _next_power_of_2(-(-2 * sm_count // programs)))
 
 
-# Split-KV tickets: one int32 per (request, KV head), zero at rest (the merging segment resets
-# its own). Split-KV runs only while requests x KV heads < SMs, so a few thousand always suffice;
-# kernels on one device run one after another on its stream, so one buffer serves all layers.
+# Split-KV tickets (lmserve.triton_utils): one per (request, KV head). Split-KV runs only while
+# requests x KV heads < SMs, so a few thousand always suffice.
 _MAX_TICKETS = 4096
 
 
-@functools.cache
 def _split_tickets(device: torch.device) -> torch.Tensor:  # [_MAX_TICKETS] int32
-    return torch.zeros(_MAX_TICKETS, dtype=torch.int32, device=device)
+    return ticket_counters(device, "split_kv_decode", _MAX_TICKETS)
 
 
 def _split_kv_decode(query, key_cache, value_cache, metadata, scale, output, num_splits) -> None:

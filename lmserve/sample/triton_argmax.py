@@ -16,15 +16,14 @@ import functools
 
 import torch
 
-from lmserve.triton_utils import pdl_launch_options
+from lmserve.triton_utils import pdl_launch_options, ticket_counters
 
 CHUNK = 4096  # entries per program: 16 KB of float32
 MAX_ROWS = 64  # tickets kept per device
 
 
-@functools.cache
 def _tickets(device: torch.device) -> torch.Tensor:  # [MAX_ROWS] int32, zero at rest
-    return torch.zeros(MAX_ROWS, dtype=torch.int32, device=device)
+    return ticket_counters(device, "argmax", MAX_ROWS)
 
 
 def _next_power_of_2(n: int) -> int:

@@ -61,7 +61,7 @@ import torch
 import torch.nn.functional as F
 
 from lmserve import envs
-from lmserve.triton_utils import pdl_launch_options
+from lmserve.triton_utils import pdl_launch_options, ticket_counters
 
 GEMV_MAX_ROWS = 8  # above this a GEMM (cuBLAS) starts to reuse each weight load across rows
 _DTYPES = (torch.bfloat16, torch.float16)
@@ -242,14 +242,11 @@ def gemv_silu_and_mul(
     return _gemv(x, weight, bias, config, gated=True)
 
 
-# Split-K tickets: one int32 per row block, zero at rest (the last split of a row block resets
-# its own). Kernels on one device run one after another on its stream, so one buffer serves all.
-_MAX_ROW_BLOCKS = 4096
+_MAX_ROW_BLOCKS = 4096  # split-K tickets: one per row block (lmserve.triton_utils)
 
 
-@functools.cache
 def _split_k_tickets(device: torch.device) -> torch.Tensor:  # [_MAX_ROW_BLOCKS] int32
-    return torch.zeros(_MAX_ROW_BLOCKS, dtype=torch.int32, device=device)
+    return ticket_counters(device, "gemv_split_k", _MAX_ROW_BLOCKS)
 
 
 def _gemv(x, weight, bias, config: GemvConfig | None, gated: bool) -> torch.Tensor:
