@@ -158,7 +158,7 @@ def run_engine(
 def _copy(stats):
     if stats is None:
         return None
-    from lmserve.engine.messages import SpecDecodeStats
+    from lmserve.core.messages import SpecDecodeStats
 
     return SpecDecodeStats(
         stats.num_drafts,

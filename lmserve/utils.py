@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import logging
+import threading
 import time
+
+logger = logging.getLogger(__name__)
 
 
 def process_age_s() -> float:
@@ -10,3 +14,31 @@ def process_age_s() -> float:
     import psutil
 
     return time.time() - psutil.Process().create_time()
+
+
+def exit_with_parent() -> None:
+    """Exit at once if the parent process dies (a SIGKILLed front-end must not leave its
+    EngineCore behind, nor an EngineCore its workers)."""
+    import multiprocessing
+    import os
+    from multiprocessing.connection import wait as wait_for_sentinels
+
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+
+    def watch() -> None:
+        wait_for_sentinels([parent.sentinel])
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="parent-watcher").start()
+
+
+def set_process_title(title: str) -> None:
+    """Name the process in `ps` and `top` (lmserve::EngineCore, lmserve::Worker-TP1, ...)."""
+    try:
+        import setproctitle
+
+        setproctitle.setproctitle(title)
+    except ImportError:
+        logger.debug("setproctitle not installed; process title unchanged")

@@ -59,3 +59,78 @@ def test_importing_lmserve_does_not_import_torch():
     code = "import sys, lmserve; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def _modules_loaded_by(code: str, prefixes: tuple[str, ...]) -> list[str]:
+    """The modules under `prefixes` that running `code` in a fresh interpreter imported."""
+    import subprocess
+    import sys
+
+    code += (
+        "\nimport json, sys\n"
+        f"print(json.dumps(sorted(m for m in sys.modules if m.startswith({prefixes!r}))))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.splitlines()[-1])
+
+
+def test_serve_command_never_imports_the_benchmark_client_or_the_router():
+    # Everything `lmserve serve` imports up to the server's own code (cli._cmd_serve).
+    code = (
+        "from lmserve.entrypoints import cli\n"
+        "argv = ['serve', '--port', '1']\n"
+        "args = cli.build_parser(argv).parse_args(argv)\n"
+        "assert args.func is cli._cmd_serve\n"
+        "import lmserve.engine.launcher, lmserve.config, lmserve.entrypoints.openai.server\n"
+    )
+    assert _modules_loaded_by(code, ("lmserve.bench", "lmserve.router", "httpx")) == []
+
+
+def test_top_level_help_lists_every_command_without_building_them(capsys):
+    code = (
+        "from lmserve.entrypoints import cli\n"
+        "import contextlib, io\n"
+        "with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n"
+        "    cli.main(['--help'])\n"
+    )
+    assert _modules_loaded_by(code, ("lmserve.bench", "lmserve.router", "torch")) == []
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in ("serve", "generate", "router", "bench"))
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["serve", "--help"], "--max-num-seqs"),
+        (["generate", "--help"], "--max-tokens"),
+        (["router", "--help"], "--routing-logic"),
+        (["bench", "--help"], "throughput"),
+        (["bench", "serve", "--help"], "--request-rate"),
+        (["bench", "throughput", "--help"], "--max-num-seqs"),
+        (["bench", "latency", "--help"], "--max-num-seqs"),
+    ],
+)
+def test_every_command_help_shows_its_flags(argv, expected, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 0
+    assert expected in capsys.readouterr().out
+
+
+def test_unknown_command_is_an_argparse_error(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["srve"])
+    assert exc.value.code == 2
+    assert "invalid choice: 'srve'" in capsys.readouterr().err
+
+
+def test_full_parser_and_lazy_parser_agree_on_serve_flags():
+    from lmserve.entrypoints.cli import build_parser
+
+    argv = ["serve", "m", "--port", "9", "--max-num-seqs", "3", "--no-enable-prefix-caching"]
+    lazy, full = build_parser(argv).parse_args(argv), build_parser().parse_args(argv)
+    assert vars(lazy) == vars(full)
+    assert (lazy.port, lazy.max_num_seqs, lazy.enable_prefix_caching) == (9, 3, False)

@@ -1,7 +1,7 @@
 """`lmserve bench throughput|latency|serve` on the command line.
 
-    add_bench_parser(subparsers)   adds `bench` to `lmserve`'s subcommands; each sub-subcommand
-                                   sets `func(args) -> exit code`
+    init_bench_parser(parser)      gives `lmserve bench` its sub-commands; each sets
+                                   `func(args) -> exit code`
     python -m lmserve.bench.cli throughput ...   the same commands without the `lmserve` entry
 
 A benchmark that cannot run (unreachable server, non-OpenAI answers, bad flags or dataset)
@@ -15,26 +15,26 @@ import sys
 from collections.abc import Callable
 
 from lmserve.bench import BenchError
+from lmserve.engine.arg_utils import add_engine_args, add_model_arg, engine_kwargs
 
 
-def add_bench_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Add `bench` (with `throughput`, `latency` and `serve`) to a subparsers object."""
+def init_bench_parser(bench: argparse.ArgumentParser) -> None:
+    """Give the `bench` parser its sub-commands `throughput`, `latency` and `serve`; each sets
+    `func(args) -> exit code`."""
     from lmserve.bench import latency, serve, throughput
-    from lmserve.entrypoints.cli import add_engine_args, engine_kwargs
 
-    bench = subparsers.add_parser("bench", help="throughput, latency and serving benchmarks")
     sub = bench.add_subparsers(dest="bench_command", required=True)
 
     tput = sub.add_parser(
         "throughput", help="offline throughput on a dataset (lmserve and/or HF transformers)"
     )
-    _add_model_arg(tput)
+    add_model_arg(tput)
     throughput.add_throughput_args(tput)
     add_engine_args(tput)  # --seed, --tokenizer, --device and --dtype also serve the dataset/HF
     tput.set_defaults(func=_guarded(lambda a: throughput.main(a, engine_kwargs(a))))
 
     lat = sub.add_parser("latency", help="end-to-end and per-step latency of one fixed batch")
-    _add_model_arg(lat)
+    add_model_arg(lat)
     latency.add_latency_args(lat)
     add_engine_args(lat)
     lat.set_defaults(func=_guarded(lambda a: latency.main(a, engine_kwargs(a))))
@@ -42,16 +42,6 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     srv = sub.add_parser("serve", help="online benchmark of any OpenAI-compatible server")
     serve.add_serve_args(srv)
     srv.set_defaults(func=_guarded(serve.main))
-    return bench
-
-
-def _add_model_arg(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "model",
-        nargs="?",
-        default=None,
-        help="HF model folder, hub id or .gguf file (default: the default model)",
-    )
 
 
 def _guarded(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
@@ -68,9 +58,9 @@ def _guarded(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Nam
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="lmserve")
-    add_bench_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["bench", *(sys.argv[1:] if argv is None else argv)])
+    parser = argparse.ArgumentParser(prog="lmserve bench")
+    init_bench_parser(parser)
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     return args.func(args)
 
 

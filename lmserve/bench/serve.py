@@ -53,11 +53,11 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-import httpx
+import aiohttp
 import numpy as np
 from tqdm.auto import tqdm
 
-from lmserve.bench import BenchError
+from lmserve.bench import BenchError, http_get
 from lmserve.bench.datasets import (
     SampleRequest,
     UserSession,
@@ -82,6 +82,9 @@ from lmserve.bench.spec_decode import difference, format_spec_decode, scrape_spe
 
 ENDPOINTS = ("/v1/completions", "/v1/chat/completions")
 PREFLIGHT_TIMEOUT_S = 10.0
+# aiohttp's read buffer; one line may be up to twice this long (a server that answers a whole
+# JSON body on one line instead of streaming).
+_READ_BUFSIZE = 1 << 22
 
 
 class RequestFailed(Exception):
@@ -181,23 +184,23 @@ def _error_text(body: Any) -> str:
 
 
 async def _stream(
-    client: httpx.AsyncClient, endpoint: Endpoint, body: dict
+    client: aiohttp.ClientSession, endpoint: Endpoint, body: dict
 ) -> tuple[str, list[float], dict | None]:
     """POST and read the answer: (generated text, perf_counter time of every event that carried
     text, usage or None). A server that ignores `stream` and answers one JSON body is accepted
     (one event, at the time the body arrived)."""
-    async with client.stream("POST", endpoint.url, json=body, headers=endpoint.headers) as resp:
-        if resp.status_code != 200:
-            raw = (await resp.aread()).decode("utf-8", "replace")
+    async with client.post(endpoint.url, json=body, headers=endpoint.headers) as resp:
+        if resp.status != 200:
+            raw = (await resp.read()).decode("utf-8", "replace")
             try:
                 reason = _error_text(json.loads(raw))
             except json.JSONDecodeError:
                 reason = raw[:200]
-            raise RequestFailed(f"HTTP {resp.status_code} from {endpoint.url}: {reason}")
+            raise RequestFailed(f"HTTP {resp.status} from {endpoint.url}: {reason}")
         parts: list[str] = []
         times: list[float] = []
         usage = None
-        lines = resp.aiter_lines()
+        lines = _text_lines(resp.content)
         async for raw_line in lines:
             now = time.perf_counter()
             line = raw_line.strip()
@@ -220,6 +223,12 @@ async def _stream(
         return "".join(parts), times, usage
 
 
+async def _text_lines(content: aiohttp.StreamReader) -> AsyncIterator[str]:
+    """The body's lines as text, each yielded as soon as it has arrived."""
+    async for raw in content:  # split at b"\n"; SSE lines end in "\n" or "\r\n"
+        yield raw.decode("utf-8", "replace")
+
+
 def _whole_body(raw: str, chat: bool, now: float) -> tuple[str, list[float], dict | None]:
     try:
         body = json.loads(raw)
@@ -236,7 +245,7 @@ def _whole_body(raw: str, chat: bool, now: float) -> tuple[str, list[float], dic
 
 
 async def send_request(
-    client: httpx.AsyncClient,
+    client: aiohttp.ClientSession,
     endpoint: Endpoint,
     req: RequestInput,
     sampling: SamplingSettings,
@@ -251,7 +260,7 @@ async def send_request(
     start = record.start_time = time.perf_counter()
     try:
         text, times, usage = await _stream(client, endpoint, body)
-    except (RequestFailed, httpx.HTTPError) as e:
+    except (RequestFailed, aiohttp.ClientError, TimeoutError) as e:
         record.latency = time.perf_counter() - start
         record.error = describe_error(e, endpoint.url)
         return record
@@ -273,12 +282,13 @@ async def send_request(
     return record
 
 
-def describe_error(e: Exception, url: str) -> str:
+def describe_error(e: BaseException, url: str) -> str:
+    """One line on why a request to `url` failed (aiohttp's errors, or http_get's OSErrors)."""
     if isinstance(e, RequestFailed):
         return str(e)
-    if isinstance(e, httpx.ConnectError | httpx.ConnectTimeout):
+    if isinstance(e, aiohttp.ClientConnectorError | ConnectionRefusedError):
         return f"cannot connect to {url}: {e or type(e).__name__}"
-    if isinstance(e, httpx.TimeoutException):
+    if isinstance(e, TimeoutError):  # aiohttp's timeouts and socket timeouts included
         return f"timed out waiting for {url} ({type(e).__name__})"
     return f"{type(e).__name__} from {url}: {e}"
 
@@ -298,7 +308,7 @@ async def arrivals(
 class RunContext:
     """What every request of one benchmark run shares."""
 
-    client: httpx.AsyncClient
+    client: aiohttp.ClientSession
     endpoint: Endpoint
     sampling: SamplingSettings
     tokenizer: Any
@@ -398,18 +408,18 @@ def fetch_models(base_url: str, api_key: str | None, required: bool = True) -> l
     url = f"{base_url}/v1/models"
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     try:
-        resp = httpx.get(url, headers=headers, timeout=PREFLIGHT_TIMEOUT_S)
-    except httpx.HTTPError as e:
+        status, text = http_get(url, headers, PREFLIGHT_TIMEOUT_S)
+    except OSError as e:
         raise BenchError(f"{describe_error(e, url)} (is the server running?)") from None
     try:
-        if resp.status_code != 200:
-            raise BenchError(f"GET {url} answered HTTP {resp.status_code}: {resp.text[:200]!r}")
+        if status != 200:
+            raise BenchError(f"GET {url} answered HTTP {status}: {text[:200]!r}")
         try:
-            cards = resp.json()["data"]
+            cards = json.loads(text)["data"]
             assert isinstance(cards, list) and all(isinstance(c.get("id"), str) for c in cards)
         except (ValueError, KeyError, TypeError, AttributeError, AssertionError):
             raise BenchError(
-                f"GET {url} did not answer an OpenAI model list: {resp.text[:80]!r}"
+                f"GET {url} did not answer an OpenAI model list: {text[:80]!r}"
             ) from None
     except BenchError:
         if required:
@@ -709,9 +719,12 @@ async def _run(
 ) -> tuple[list[RequestRecord], float]:
     """The test request, then the benchmark: (records, duration in seconds)."""
     sessions = workload if workload and isinstance(workload[0], UserSession) else None
-    limits = httpx.Limits(max_connections=args.max_concurrency, max_keepalive_connections=None)
-    timeout = httpx.Timeout(args.request_timeout, connect=PREFLIGHT_TIMEOUT_S)
-    async with httpx.AsyncClient(limits=limits, timeout=timeout) as client:
+    # limit=0: no cap on connections (--max-concurrency caps requests in flight instead).
+    connector = aiohttp.TCPConnector(limit=args.max_concurrency or 0)
+    timeout = aiohttp.ClientTimeout(total=args.request_timeout, sock_connect=PREFLIGHT_TIMEOUT_S)
+    async with aiohttp.ClientSession(
+        connector=connector, timeout=timeout, read_bufsize=_READ_BUFSIZE
+    ) as client:
         first = (
             session_request(sessions[0], 0, [], endpoint, tokenizer) if sessions else workload[0]
         )

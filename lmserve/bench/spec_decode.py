@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from lmserve.engine.messages import SpecDecodeStats
+from lmserve.core.messages import SpecDecodeStats
 
 _PREFIX = "lmserve:spec_decode_"
 
@@ -31,18 +31,19 @@ def format_spec_decode(stats: dict[str, Any]) -> str:
 def scrape_spec_decode(base_url: str, timeout: float = 5.0) -> SpecDecodeStats | None:
     """Totals of lmserve's spec-decode counters on `base_url/metrics` (summed over models);
     None when the page is missing or has none of them."""
-    import httpx
     from prometheus_client.parser import text_string_to_metric_families
 
+    from lmserve.bench import http_get
+
     try:
-        response = httpx.get(base_url.rstrip("/") + "/metrics", timeout=timeout)
-    except httpx.HTTPError:
+        status, text = http_get(base_url.rstrip("/") + "/metrics", {}, timeout)
+    except OSError:
         return None
-    if response.status_code != 200:
+    if status != 200:
         return None
     totals: dict[str, float] = {}
     per_pos: dict[str, dict[int, float]] = {"draft": {}, "accepted": {}}
-    for family in text_string_to_metric_families(response.text):
+    for family in text_string_to_metric_families(text):
         for sample in family.samples:
             if not sample.name.startswith(_PREFIX) or not sample.name.endswith("_total"):
                 continue

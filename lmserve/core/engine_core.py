@@ -36,21 +36,20 @@ import msgspec
 
 from lmserve import envs
 from lmserve.config import ConfigError, EngineConfig
-from lmserve.core.sched_output import SchedulerOutput
-from lmserve.core.scheduler import Scheduler
-from lmserve.engine.messages import (
+from lmserve.core.messages import (
     EngineCoreOutput,
     EngineCoreOutputs,
     EngineCoreRequest,
     EngineCoreRequestType,
-    MsgpackDecoder,
-    MsgpackEncoder,
     ReadyMessage,
     UtilityOutput,
 )
+from lmserve.core.sched_output import SchedulerOutput
+from lmserve.core.scheduler import Scheduler
 from lmserve.executor.uniproc_executor import UniProcExecutor
 from lmserve.request import Request
-from lmserve.utils import process_age_s
+from lmserve.serial_utils import MsgpackDecoder, MsgpackEncoder
+from lmserve.utils import exit_with_parent, process_age_s, set_process_title
 
 logger = logging.getLogger(__name__)
 
@@ -254,7 +253,7 @@ def run_engine_core(
     config: EngineConfig, input_address: str, output_address: str, handshake_address: str
 ) -> None:
     """Entry point of the EngineCore process (spawned by the front-end's client)."""
-    _set_process_title("lmserve::EngineCore")
+    set_process_title("lmserve::EngineCore")
     logging.basicConfig(
         level=envs.LMSERVE_LOGGING_LEVEL,
         format="%(asctime)s %(levelname)s [EngineCore] %(message)s",
@@ -280,34 +279,8 @@ def run_engine_core(
     proc.engine_core.shutdown()
 
 
-def exit_with_parent() -> None:
-    """Exit at once if the parent process dies (a SIGKILLed front-end must not leave us)."""
-    import multiprocessing
-    import os
-    from multiprocessing.connection import wait as wait_for_sentinels
-
-    parent = multiprocessing.parent_process()
-    if parent is None:
-        return
-
-    def watch() -> None:
-        wait_for_sentinels([parent.sentinel])
-        os._exit(1)
-
-    threading.Thread(target=watch, daemon=True, name="parent-watcher").start()
-
-
 def _raise_system_exit(signum, frame) -> None:
     raise SystemExit(0)
-
-
-def _set_process_title(title: str) -> None:
-    try:
-        import setproctitle
-
-        setproctitle.setproctitle(title)
-    except ImportError:
-        logger.debug("setproctitle not installed; process title unchanged")
 
 
 def _make_executor(config: EngineConfig):

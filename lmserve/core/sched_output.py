@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from lmserve.engine.messages import LogprobsLists
+from lmserve.core.messages import LogprobsLists
 from lmserve.sampling_params import SamplingParams
 
 

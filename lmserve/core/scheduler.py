@@ -28,16 +28,12 @@ from collections.abc import Iterable
 
 from lmserve.config import CacheConfig, SchedulerConfig, SpeculativeConfig
 from lmserve.core.kv_cache_manager import KVCacheBlocks, KVCacheManager
+from lmserve.core.messages import EngineCoreOutput, SchedulerStats, SpecDecodeStats
 from lmserve.core.sched_output import (
     CachedRequestData,
     ModelRunnerOutput,
     NewRequestData,
     SchedulerOutput,
-)
-from lmserve.engine.messages import (
-    EngineCoreOutput,
-    SchedulerStats,
-    SpecDecodeStats,
 )
 from lmserve.request import Request, RequestStatus
 from lmserve.sampling_params import SamplingParams

@@ -30,15 +30,14 @@ import zmq.asyncio
 
 from lmserve import envs
 from lmserve.config import EngineConfig
-from lmserve.engine.launcher import EngineLauncher
-from lmserve.engine.messages import (
+from lmserve.core.messages import (
     EngineCoreOutputs,
     EngineCoreRequest,
     EngineCoreRequestType,
-    MsgpackDecoder,
-    MsgpackEncoder,
     ReadyMessage,
 )
+from lmserve.engine.launcher import EngineLauncher
+from lmserve.serial_utils import MsgpackDecoder, MsgpackEncoder
 
 logger = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ import time
 from typing import Any
 
 from lmserve.config import ModelConfig
-from lmserve.engine.messages import EngineCoreRequest
+from lmserve.core.messages import EngineCoreRequest
 from lmserve.sampling_params import SamplingParams
 
 PromptType = str | dict[str, Any]

@@ -11,10 +11,10 @@ from typing import Any
 import msgspec
 
 from lmserve.config import EngineConfig
+from lmserve.core.messages import EngineCoreRequest, SpecDecodeStats
 from lmserve.engine.core_client import EngineCoreClient
 from lmserve.engine.input_processor import InputProcessor, PromptType
 from lmserve.engine.launcher import EngineLauncher
-from lmserve.engine.messages import EngineCoreRequest, SpecDecodeStats
 from lmserve.engine.output_processor import OutputProcessor
 from lmserve.outputs import RequestOutput
 from lmserve.sampling_params import SamplingParams

@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from lmserve.core.messages import EngineCoreOutput, LogprobsLists
 from lmserve.engine.detokenizer import IncrementalDetokenizer
-from lmserve.engine.messages import EngineCoreOutput, LogprobsLists
 from lmserve.outputs import CompletionOutput, Logprob, PromptLogprobs, RequestOutput
 from lmserve.sampling_params import RequestOutputKind, SamplingParams
 

@@ -1,90 +1,19 @@
-"""`lmserve` command line. Engine flags are spelled as vLLM spells them."""
+"""`lmserve` command line: serve, generate, router and bench.
+
+Each sub-command's arguments are added only when it is the one chosen, and each imports its
+heavy modules (torch, the server, the benchmark client) inside its function, so a command
+pays only for what it runs. Engine flags (spelled as vLLM spells them) are in
+`lmserve/engine/arg_utils.py`."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from collections.abc import Callable, Sequence
 from typing import Any
 
-
-def _json_object(flag: str, text: str) -> dict[str, Any]:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise argparse.ArgumentTypeError(f"{flag} is not valid JSON: {e}") from e
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"{flag} must be a JSON object, got {text!r}")
-    return value
-
-
-# (flag, EngineConfig keyword, type, default, help). Booleans get --x / --no-x.
-ENGINE_FLAGS: list[tuple[str, str, Any, Any, str]] = [
-    ("--tokenizer", "tokenizer", str, None, "tokenizer folder or hub id (default: the model)"),
-    ("--dtype", "dtype", str, "auto", "auto | float32 | bfloat16 | float16"),
-    ("--max-model-len", "max_model_len", int, None, "context length (default: the model's)"),
-    ("--block-size", "block_size", int, 16, "tokens per KV-cache block (a power of two)"),
-    ("--max-num-seqs", "max_num_seqs", int, 256, "requests running in one step"),
-    ("--max-num-batched-tokens", "max_num_batched_tokens", int, None, "token budget of one step"),
-    (
-        "--long-prefill-token-threshold",
-        "long_prefill_token_threshold",
-        int,
-        0,
-        "cap one request's prompt tokens per step (0 = off)",
-    ),
-    ("--scheduling-policy", "policy", str, "fcfs", "fcfs | priority"),
-    (
-        "--speculative-config",
-        "speculative_config",
-        lambda text: _json_object("--speculative-config", text),
-        None,
-        'speculative decoding as JSON, e.g. \'{"method": "ngram", "num_speculative_tokens": 4}\'',
-    ),
-    (
-        "--gpu-memory-utilization",
-        "gpu_memory_utilization",
-        float,
-        0.9,
-        "share of GPU memory the engine may use",
-    ),
-    ("--num-gpu-blocks-override", "num_gpu_blocks_override", int, None, "fixed KV pool size"),
-    ("--cpu-kvcache-space-gib", "cpu_kvcache_space_gib", float, 4.0, "KV pool size on CPU"),
-    ("--prefix-caching-hash-algo", "prefix_caching_hash_algo", str, "sha256", "sha256 | xxhash"),
-    ("--load-format", "load_format", str, "auto", "auto | safetensors | dummy"),
-    ("--tensor-parallel-size", "tensor_parallel_size", int, 1, "GPUs per engine"),
-    ("--device", "device", str, "auto", "auto | cpu | cuda"),
-    ("--seed", "seed", int, 0, "random seed"),
-    (
-        "--cuda-graph-mode",
-        "cuda_graph_mode",
-        str,
-        "full_and_piecewise",
-        "full_and_piecewise | full | piecewise | none (CUDA only)",
-    ),
-    (
-        "--max-cuda-graph-size",
-        "max_cuda_graph_size",
-        int,
-        512,
-        "largest decode batch / mixed-batch token count captured in a CUDA graph",
-    ),
-    ("--revision", "revision", str, None, "hub revision"),
-]
-BOOL_FLAGS: list[tuple[str, str, bool | None, str]] = [
-    ("enable-prefix-caching", "enable_prefix_caching", True, "reuse KV of shared prefixes"),
-    ("enable-chunked-prefill", "enable_chunked_prefill", True, "split long prompts across steps"),
-    ("skip-tokenizer-init", "skip_tokenizer_init", False, "token ids only, no tokenizer"),
-    ("enforce-eager", "enforce_eager", False, "never capture CUDA graphs"),
-    (
-        "async-scheduling",
-        "async_scheduling",
-        None,
-        "prepare the next step while the GPU runs this one (default: on for CUDA without "
-        "speculative decoding or tensor parallelism)",
-    ),
-]
-
+from lmserve.engine.arg_utils import add_engine_args, add_model_arg, engine_kwargs
 
 # `lmserve serve` only: (flag, dest, type, default, help).
 SERVER_FLAGS: list[tuple[str, str, Any, Any, str]] = [
@@ -136,25 +65,6 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--disable-access-log", action="store_true", help="no log line per HTTP request"
     )
-
-
-def add_engine_args(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("engine")
-    for flag, dest, typ, default, help_text in ENGINE_FLAGS:
-        group.add_argument(flag, dest=dest, type=typ, default=default, help=help_text)
-    for name, dest, default, help_text in BOOL_FLAGS:
-        group.add_argument(
-            f"--{name}",
-            dest=dest,
-            action=argparse.BooleanOptionalAction,
-            default=default,
-            help=help_text,
-        )
-
-
-def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    names = [f[1] for f in ENGINE_FLAGS] + [f[1] for f in BOOL_FLAGS]
-    return {name: getattr(args, name) for name in names}
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
@@ -212,52 +122,74 @@ def _cmd_router(args: argparse.Namespace) -> int:
     return run_router(args)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _init_generate(parser: argparse.ArgumentParser) -> None:
+    add_model_arg(parser)
+    parser.add_argument("--prompt", action="append", help="a prompt (repeatable); else stdin lines")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--sampling-seed", type=int, default=None)
+    parser.add_argument("--json", action="store_true", help="one JSON object per line")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_engine_args(parser)
+    parser.set_defaults(func=_cmd_generate)
+
+
+def _init_serve(parser: argparse.ArgumentParser) -> None:
+    add_model_arg(parser)
+    add_server_args(parser)
+    add_engine_args(parser)
+    parser.set_defaults(func=_cmd_serve)
+
+
+def _init_router(parser: argparse.ArgumentParser) -> None:
+    from lmserve.router.config import add_router_args
+
+    add_router_args(parser)
+    parser.set_defaults(func=_cmd_router)
+
+
+def _init_bench(parser: argparse.ArgumentParser) -> None:
+    from lmserve.bench.cli import init_bench_parser
+
+    init_bench_parser(parser)
+
+
+# name -> (help, function that adds the sub-command's arguments and sets `func`). Only the
+# chosen sub-command's function runs, so `lmserve serve` never imports the benchmark client or
+# the router, and `lmserve router` never imports the engine.
+SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
+    "serve": ("OpenAI-compatible HTTP server", _init_serve),
+    "generate": ("offline generation for prompts (args or stdin)", _init_generate),
+    "router": ("OpenAI-compatible router in front of several engines (no torch)", _init_router),
+    "bench": ("throughput, latency and serving benchmarks", _init_bench),
+}
+
+
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The `lmserve` parser. With `argv`, only the sub-command it names gets its arguments
+    (the others are listed by name, for `lmserve --help`); without, every sub-command does."""
     from lmserve import __version__
 
+    chosen = _chosen_command(argv) if argv is not None else None
     parser = argparse.ArgumentParser(prog="lmserve", description="LLM inference engine")
     parser.add_argument("--version", action="version", version=f"lmserve {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    gen = sub.add_parser("generate", help="offline generation for prompts (args or stdin)")
-    gen.add_argument(
-        "model",
-        nargs="?",
-        default=None,
-        help="HF model folder, hub id or .gguf file (default: the default model)",
-    )
-    gen.add_argument("--prompt", action="append", help="a prompt (repeatable); else stdin lines")
-    gen.add_argument("--max-tokens", type=int, default=64)
-    gen.add_argument("--temperature", type=float, default=0.0)
-    gen.add_argument("--sampling-seed", type=int, default=None)
-    gen.add_argument("--json", action="store_true", help="one JSON object per line")
-    gen.add_argument("--quiet", action="store_true", help="no progress bar")
-    add_engine_args(gen)
-    gen.set_defaults(func=_cmd_generate)
-    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
-    serve.add_argument(
-        "model",
-        nargs="?",
-        default=None,
-        help="HF model folder, hub id or .gguf file (default: the default model)",
-    )
-    add_server_args(serve)
-    add_engine_args(serve)
-    serve.set_defaults(func=_cmd_serve)
-    from lmserve.router.config import add_router_args
-
-    router = sub.add_parser(
-        "router", help="OpenAI-compatible router in front of several engines (no torch)"
-    )
-    add_router_args(router)
-    router.set_defaults(func=_cmd_router)
-    from lmserve.bench.cli import add_bench_parser
-
-    add_bench_parser(sub)
+    for name, (help_text, init) in SUBCOMMANDS.items():
+        command = sub.add_parser(name, help=help_text, description=help_text)
+        if argv is None or name == chosen:
+            init(command)
     return parser
 
 
+def _chosen_command(argv: Sequence[str]) -> str | None:
+    """The sub-command `argv` names: its first word that is not an option (`lmserve` itself
+    takes no option with a value)."""
+    return next((word for word in argv if not word.startswith("-")), None)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv).parse_args(argv)
     try:
         return args.func(args)
     except (ValueError, TypeError, FileNotFoundError) as e:  # bad configuration: say it plainly

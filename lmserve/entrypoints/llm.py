@@ -10,11 +10,11 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from lmserve.config import EngineConfig
+from lmserve.core.messages import SpecDecodeStats
 from lmserve.engine.chat import apply_chat_template, validate_conversation
 from lmserve.engine.input_processor import PromptType
 from lmserve.engine.launcher import start_launcher
 from lmserve.engine.llm_engine import LLMEngine
-from lmserve.engine.messages import SpecDecodeStats
 from lmserve.outputs import RequestOutput
 from lmserve.sampling_params import RequestOutputKind, SamplingParams
 

@@ -27,7 +27,8 @@ from lmserve import envs
 from lmserve.config import EngineConfig
 from lmserve.core.sched_output import ModelRunnerOutput, SchedulerOutput
 from lmserve.distributed.shm_ring import MessageQueue
-from lmserve.engine.messages import MsgpackDecoder, MsgpackEncoder
+from lmserve.serial_utils import MsgpackDecoder, MsgpackEncoder
+from lmserve.utils import exit_with_parent, set_process_title
 
 logger = logging.getLogger(__name__)
 
@@ -133,11 +134,10 @@ def run_worker(
     config: EngineConfig, rank: int, init_method: str, handle: Any, result_address: str
 ) -> None:
     """Entry point of one tensor-parallel worker process."""
-    from lmserve.core.engine_core import _set_process_title, exit_with_parent
     from lmserve.distributed.parallel_state import destroy_tensor_parallel, init_tensor_parallel
     from lmserve.worker.worker import Worker
 
-    _set_process_title(f"lmserve::Worker-TP{rank}")
+    set_process_title(f"lmserve::Worker-TP{rank}")
     logging.basicConfig(
         level=envs.LMSERVE_LOGGING_LEVEL, format=f"%(asctime)s %(levelname)s [TP{rank}] %(message)s"
     )

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from lmserve.engine.messages import EngineCoreOutput, SchedulerStats, SpecDecodeStats
+from lmserve.core.messages import EngineCoreOutput, SchedulerStats, SpecDecodeStats
 from lmserve.metrics.prometheus import get_metrics
 from lmserve.outputs import RequestOutput
 

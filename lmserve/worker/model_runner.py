@@ -9,8 +9,8 @@ import torch
 
 from lmserve.attention import ForwardContext, get_attention_backend
 from lmserve.config import EngineConfig
+from lmserve.core.messages import LogprobsLists
 from lmserve.core.sched_output import ModelRunnerOutput, SchedulerOutput
-from lmserve.engine.messages import LogprobsLists
 from lmserve.model.loader import get_kv_cache_spec, load_model
 from lmserve.sample.logprobs import LogprobsTensors, compute_logprobs_tensors
 from lmserve.sample.metadata import SamplingMetadata
@@ -66,6 +66,20 @@ class ModelRunner:
         )
         if self.spec_decode is not None:  # the draft model, if any
             self.spec_decode.load_model()
+
+    def weight_bytes(self) -> int:
+        """Bytes of the loaded weights and buffers (the draft model's included), on any
+        device; a tied weight counts once."""
+        models = [self.model]
+        if self.spec_decode is not None and self.spec_decode.drafter is not None:
+            models.append(self.spec_decode.drafter.model)
+        tensors = {
+            id(t): t
+            for model in models
+            if model is not None
+            for t in [*model.parameters(), *model.buffers()]
+        }
+        return sum(t.numel() * t.element_size() for t in tensors.values())
 
     def kv_cache_bytes_per_block(self) -> int:
         num_layers, num_kv_heads, head_dim = get_kv_cache_spec(self.config.model_config.hf_config)
@@ -189,7 +203,7 @@ class ModelRunner:
                 self.input_batch, sample_rows, self.vocab_size, self.device
             )
             sampler_output = self.sampler(logits, metadata)
-        prompt_logprobs = self._prompt_logprobs(flat, hidden)
+        prompt_logprobs = self.compute_prompt_logprobs(flat, hidden)
         return self._launch_copies(flat, sample_rows, sampler_output, prompt_logprobs)
 
     def _update_states(self, scheduler_output: SchedulerOutput) -> None:
@@ -218,7 +232,7 @@ class ModelRunner:
         ctx = ForwardContext(metadata, self.kv_caches, self.attn_backend)
         return self.model(input_ids, positions, ctx)
 
-    def _prompt_logprobs(
+    def compute_prompt_logprobs(
         self, flat: FlatInputs, hidden: torch.Tensor
     ) -> dict[str, LogprobsTensors]:
         """Logprobs of each scheduled prompt token's successor, for requests that asked.

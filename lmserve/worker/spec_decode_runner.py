@@ -20,23 +20,41 @@ its persistent batch only ever appends the tokens actually emitted.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
-from lmserve.config import SpeculativeConfig
+from lmserve.attention import AttentionBackend
+from lmserve.config import EngineConfig, SpeculativeConfig
+from lmserve.core.messages import LogprobsLists
 from lmserve.core.sched_output import ModelRunnerOutput, SchedulerOutput
-from lmserve.engine.messages import LogprobsLists
+from lmserve.sample.logprobs import LogprobsTensors
 from lmserve.sample.rejection_sampler import RejectionSampler
 from lmserve.spec_decode.draft_proposer import DraftModelProposer
 from lmserve.spec_decode.metadata import SpecDecodeMetadata
 from lmserve.spec_decode.ngram_proposer import NgramProposer
-from lmserve.worker.input_batch import FlatInputs
+from lmserve.worker.device_inputs import DeviceInputs
+from lmserve.worker.input_batch import FlatInputs, InputBatch
 from lmserve.worker.sampling_inputs import build_sampling_metadata
 
-if TYPE_CHECKING:
-    from lmserve.worker.model_runner import ModelRunner
+
+class TargetRunner(Protocol):
+    """What this module uses of the target model's runner (ModelRunner satisfies it). A
+    protocol, so that the runner imports this module and not the other way round."""
+
+    config: EngineConfig
+    device: torch.device
+    block_size: int
+    vocab_size: int
+    input_batch: InputBatch
+    inputs: DeviceInputs
+    attn_backend: AttentionBackend
+    model: Any  # the target model: compute_logits(hidden) -> logits
+
+    def compute_prompt_logprobs(
+        self, flat: FlatInputs, hidden: torch.Tensor
+    ) -> dict[str, LogprobsTensors]: ...
 
 
 @dataclass(slots=True)
@@ -50,7 +68,7 @@ class _Verified:
 
 
 class SpecDecodeRunner:
-    def __init__(self, runner: ModelRunner, config: SpeculativeConfig) -> None:
+    def __init__(self, runner: TargetRunner, config: SpeculativeConfig) -> None:
         config = config.finalize(runner.config.model_config)  # the draft's config (idempotent)
         self.runner = runner
         self.num_spec_tokens = config.num_speculative_tokens
@@ -97,7 +115,7 @@ class SpecDecodeRunner:
             verified = self._verify(scheduler_output, flat, hidden, sample_rows)
         prompt_logprobs = {
             req_id: LogprobsLists.from_tensors(tensors)
-            for req_id, tensors in self.runner._prompt_logprobs(flat, hidden).items()
+            for req_id, tensors in self.runner.compute_prompt_logprobs(flat, hidden).items()
         }
         if self.drafter is not None:
             self.drafter.forward_scheduled(flat)

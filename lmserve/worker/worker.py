@@ -34,9 +34,9 @@ class Worker:
         start = time.perf_counter()
         self.model_runner.load_model()
         logger.info(
-            "model loaded in %.2f s (%.2f GiB on %s)",
+            "model loaded in %.2f s (%.2f MiB of weights on %s)",
             time.perf_counter() - start,
-            _allocated(self.device) / _GiB,
+            self.model_runner.weight_bytes() / (1 << 20),
             self.device,
         )
 
@@ -71,7 +71,7 @@ class Worker:
             "%d-token step), budget %.2f GiB, %.2f GiB left for the KV cache",
             time.perf_counter() - start,
             peak / _GiB,
-            _allocated(self.device) / _GiB,
+            self.model_runner.weight_bytes() / _GiB,
             self.config.scheduler_config.max_num_batched_tokens,
             budget / _GiB,
             max(available, 0) / _GiB,
@@ -105,7 +105,3 @@ class Worker:
 
     def execute_model_async(self, scheduler_output: SchedulerOutput) -> StepOutput:
         return self.model_runner.execute_model_async(scheduler_output)
-
-
-def _allocated(device: torch.device) -> int:
-    return torch.cuda.memory_allocated(device) if device.type == "cuda" else 0

@@ -15,7 +15,7 @@ from prometheus_client import REGISTRY, generate_latest
 
 from lmserve.bench.cli import main
 from lmserve.bench.spec_decode import difference, scrape_spec_decode
-from lmserve.engine.messages import SchedulerStats, SpecDecodeStats
+from lmserve.core.messages import SchedulerStats, SpecDecodeStats
 
 ENGINE = ["--device", "cpu", "--dtype", "float32", "--max-num-seqs", "8", "--disable-tqdm"]
 NGRAM = '{"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1}'

@@ -7,14 +7,9 @@ from __future__ import annotations
 import pytest
 from prometheus_client import REGISTRY, generate_latest
 
-from lmserve.engine.messages import (
-    EngineCoreOutputs,
-    MsgpackDecoder,
-    MsgpackEncoder,
-    SchedulerStats,
-    SpecDecodeStats,
-)
+from lmserve.core.messages import EngineCoreOutputs, SchedulerStats, SpecDecodeStats
 from lmserve.metrics.stats import StatsRecorder
+from lmserve.serial_utils import MsgpackDecoder, MsgpackEncoder
 
 
 def test_acceptance_rate_by_position_counts_drafts_at_each_position():

@@ -355,8 +355,8 @@ def run_server(
 async def _serve(
     args: argparse.Namespace, launcher: EngineLauncher | None, config: EngineConfig | None
 ) -> int:
+    from lmserve.engine.arg_utils import engine_kwargs
     from lmserve.engine.async_llm import AsyncLLM
-    from lmserve.entrypoints.cli import engine_kwargs
     from lmserve.metrics.stats import StatsRecorder
 
     if config is None:

@@ -1,4 +1,9 @@
-"""Messages between the front-end and the EngineCore (msgspec Structs, msgpack on the wire)."""
+"""What the EngineCore takes and gives: the messages between the front-end and the EngineCore,
+and the records the workers hand back inside them (msgspec Structs, msgpack on the wire).
+
+They live beside the core, not in the front-end's `engine/`, so the EngineCore, the scheduler and
+the workers import them without depending on the front-end; the front-end imports them from
+here. The codec that puts them on a socket is `lmserve/serial_utils.py`."""
 
 from __future__ import annotations
 
@@ -6,7 +11,6 @@ import enum
 from typing import Any
 
 import msgspec
-import numpy as np
 
 from lmserve.sampling_params import SamplingParams
 
@@ -171,59 +175,3 @@ class ReadyMessage(msgspec.Struct):
     ok: bool
     num_gpu_blocks: int = 0
     error: str | None = None  # the real cause, traceback included, when ok is False
-
-
-# ---- the codec: msgpack, with numpy arrays / CPU tensors as zero-copy extra frames ----------
-_EXT_NDARRAY = 1
-
-
-class MsgpackEncoder:
-    """`encode(obj) -> frames`: frames[0] is the msgpack body; every numpy array or CPU tensor
-    inside becomes its own frame (its buffer, not a copy) referenced by index."""
-
-    def __init__(self) -> None:
-        self._encoder = msgspec.msgpack.Encoder(enc_hook=self._enc_hook)
-        self._frames: list[Any] | None = None
-
-    def encode(self, obj: Any) -> list[Any]:
-        self._frames = [b""]
-        try:
-            self._frames[0] = self._encoder.encode(obj)
-            return self._frames
-        finally:
-            self._frames = None
-
-    def _enc_hook(self, obj: Any) -> Any:
-        if isinstance(obj, np.ndarray):
-            return self._array_ext(obj)
-        if type(obj).__module__ == "torch" and hasattr(obj, "numpy"):  # a torch.Tensor
-            return self._array_ext(obj.detach().cpu().numpy())
-        raise NotImplementedError(f"cannot encode {type(obj).__name__}")
-
-    def _array_ext(self, array: np.ndarray) -> msgspec.msgpack.Ext:
-        array = np.ascontiguousarray(array)
-        index = len(self._frames)
-        self._frames.append(array.data if array.nbytes else b"")
-        header = msgspec.msgpack.encode((array.dtype.str, array.shape, index))
-        return msgspec.msgpack.Ext(_EXT_NDARRAY, header)
-
-
-class MsgpackDecoder:
-    """Inverse of MsgpackEncoder; arrays come back as read-only numpy views of their frames."""
-
-    def __init__(self, type_: Any) -> None:
-        self._decoder = msgspec.msgpack.Decoder(type_, ext_hook=self._ext_hook)
-        self._frames: list[Any] | None = None
-
-    def decode(self, frames: list[Any]) -> Any:
-        self._frames = [memoryview(f.buffer if hasattr(f, "buffer") else f) for f in frames]
-        try:
-            return self._decoder.decode(self._frames[0])
-        finally:
-            self._frames = None
-
-    def _ext_hook(self, code: int, data: memoryview) -> Any:
-        if code != _EXT_NDARRAY:
-            raise NotImplementedError(f"unknown msgpack extension {code}")
-        dtype, shape, index = msgspec.msgpack.decode(data)
-        return np.frombuffer(self._frames[index], dtype=dtype).reshape(shape)
