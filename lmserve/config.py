@@ -384,6 +384,112 @@ class SpeculativeConfig:
         return self
 
 
+KV_CONNECTORS = ("TieredConnector",)
+KV_ROLES = ("kv_both", "kv_producer", "kv_consumer")
+
+
+@dataclass
+class TieredConnectorOptions:
+    """`kv_connector_extra_config` of the TieredConnector (lmserve/kv_transfer/tiered.py).
+    A tier is on when its key is set: the CPU tier by default (cpu_size_gib=0 turns it off),
+    the disk tier with `disk_path`, the remote tier with `remote_url`."""
+
+    chunk_size: int = 256  # tokens per stored chunk (LMCache's default); a block_size multiple
+    cpu_size_gib: float = 4.0  # host-memory tier, LRU
+    disk_path: str | None = None  # one file per chunk, LRU under disk_size_gib
+    disk_size_gib: float = 50.0
+    remote_url: str | None = None  # redis://host:port/db, shared by every engine
+    remote_timeout_s: float = 0.5  # per Redis call; a slow or dead Redis is a miss
+    model_id: str | None = None  # overrides the model fingerprint in the keys (same weights
+    #                              at different paths hit anyway; set it only to share across
+    #                              re-exported copies of one model)
+
+    def __post_init__(self) -> None:
+        section = "kv_transfer_config.kv_connector_extra_config"
+        _require_int(section, "chunk_size", self.chunk_size)
+        for name in ("cpu_size_gib", "disk_size_gib", "remote_timeout_s"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+                _fail(section, name, value, "must be a number >= 0")
+        if not self.remote_timeout_s > 0:
+            _fail(section, "remote_timeout_s", self.remote_timeout_s, "must be > 0")
+        for name in ("disk_path", "remote_url", "model_id"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                _fail(section, name, value, "must be a non-empty string")
+        if self.remote_url is not None and not self.remote_url.startswith(
+            ("redis://", "rediss://", "unix://")
+        ):
+            _fail(section, "remote_url", self.remote_url, "must be a redis:// URL")
+        if self.cpu_size_gib == 0 and self.disk_path is None and self.remote_url is None:
+            _fail(section, "cpu_size_gib", 0, "turns off the only tier: set disk_path/remote_url")
+
+
+@dataclass
+class KVTransferConfig:
+    """KV storage outside the GPU pool: `kv_transfer_config={...}` on `LLM`,
+    `--kv-transfer-config '<json>'` on the CLI (vLLM's keys).
+
+        {"kv_connector": "TieredConnector", "kv_role": "kv_both",
+         "kv_connector_extra_config": {"chunk_size": 256, "cpu_size_gib": 4,
+             "disk_path": "/var/cache/lmserve-kv", "disk_size_gib": 50,
+             "remote_url": "redis://127.0.0.1:6379/0"}}
+
+    kv_role: kv_both loads and saves; kv_producer only saves; kv_consumer only loads.
+    """
+
+    kv_connector: str
+    kv_role: str = "kv_both"
+    kv_connector_extra_config: dict[str, Any] = field(default_factory=dict)
+    options: TieredConnectorOptions = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        section = "kv_transfer_config"
+        if self.kv_connector not in KV_CONNECTORS:
+            _fail(section, "kv_connector", self.kv_connector, f"must be one of {KV_CONNECTORS}")
+        if self.kv_role not in KV_ROLES:
+            _fail(section, "kv_role", self.kv_role, f"must be one of {KV_ROLES}")
+        extra = self.kv_connector_extra_config
+        if not isinstance(extra, dict):
+            _fail(section, "kv_connector_extra_config", extra, "must be a dict")
+        accepted = sorted(f.name for f in dataclasses.fields(TieredConnectorOptions))
+        unknown = sorted(set(extra) - set(accepted))
+        if unknown:
+            raise ConfigError(
+                f"{section}.kv_connector_extra_config: unknown key(s) {unknown}; "
+                f"accepted: {accepted}"
+            )
+        self.options = TieredConnectorOptions(**extra)
+
+    @property
+    def loads(self) -> bool:
+        return self.kv_role in ("kv_both", "kv_consumer")
+
+    @property
+    def saves(self) -> bool:
+        return self.kv_role in ("kv_both", "kv_producer")
+
+    @classmethod
+    def from_user(cls, value: Any) -> KVTransferConfig | None:
+        """From a dict, a JSON object string or a KVTransferConfig; None stays None."""
+        if value is None or isinstance(value, cls):
+            return value
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"kv_transfer_config is not valid JSON: {e}") from e
+        if not isinstance(value, dict):
+            raise ConfigError(f"kv_transfer_config={value!r} is invalid: must be a dict")
+        accepted = ["kv_connector", "kv_connector_extra_config", "kv_role"]
+        unknown = sorted(set(value) - set(accepted))
+        if unknown:
+            raise ConfigError(f"kv_transfer_config: unknown key(s) {unknown}; accepted: {accepted}")
+        if "kv_connector" not in value:
+            raise ConfigError("kv_transfer_config: missing required key 'kv_connector'")
+        return cls(**value)
+
+
 @dataclass
 class EngineConfig:
     model_config: ModelConfig
@@ -392,9 +498,16 @@ class EngineConfig:
     parallel_config: ParallelConfig
     device_config: DeviceConfig
     speculative_config: SpeculativeConfig | None = None  # None = no speculative decoding
+    kv_transfer_config: KVTransferConfig | None = None  # None = KV only in the GPU pool
 
     def __post_init__(self) -> None:
         sched = self.scheduler_config
+        kv = self.kv_transfer_config
+        if kv is not None and kv.options.chunk_size % self.cache_config.block_size:
+            _fail(
+                "kv_transfer_config.kv_connector_extra_config", "chunk_size",
+                kv.options.chunk_size, f"must be a multiple of block_size={self.cache_config.block_size}",
+            )  # fmt: skip
         blockers = []
         if self.speculative_config is not None:
             blockers.append("speculative decoding")
@@ -423,12 +536,13 @@ class EngineConfig:
         }
         aliases = {"scheduling_policy": "policy"}
         speculative = kwargs.pop("speculative_config", None)
+        kv_transfer = kwargs.pop("kv_transfer_config", None)
         for key, value in kwargs.items():
             name = aliases.get(key, key)
             target = next((c for c in sections if name in _init_fields(c)), None)
             if target is None:
                 allowed = sorted(set().union(*(_init_fields(c) for c in sections)) - {"hf_config"})
-                allowed = sorted([*allowed, "speculative_config"])
+                allowed = sorted([*allowed, "speculative_config", "kv_transfer_config"])
                 raise TypeError(f"unknown engine argument {key!r}; accepted: {allowed}")
             sections[target][name] = value
         model_config = ModelConfig(**sections[ModelConfig])
@@ -440,6 +554,7 @@ class EngineConfig:
             parallel_config=ParallelConfig(**sections[ParallelConfig]),
             device_config=DeviceConfig(**sections[DeviceConfig]),
             speculative_config=SpeculativeConfig.from_user(speculative, model_config),
+            kv_transfer_config=KVTransferConfig.from_user(kv_transfer),
         )
 
 

@@ -10,6 +10,9 @@ from lmserve.sampling_params import SamplingParams
 
 class RequestStatus(enum.IntEnum):
     WAITING = enum.auto()
+    # Admitted with KV to load from a connector (lmserve/kv_transfer/): its blocks are
+    # allocated and it is not scheduled until the workers report what arrived.
+    WAITING_FOR_REMOTE_KVS = enum.auto()
     RUNNING = enum.auto()
     PREEMPTED = enum.auto()
     # Everything after this point is finished.

@@ -53,12 +53,15 @@ from lmserve.utils import exit_with_parent, process_age_s, set_process_title
 
 logger = logging.getLogger(__name__)
 
+_LOAD_POLL_S = 0.001  # pause of a step that scheduled nothing while KV loads are in flight
+
 
 class EngineCore:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         start = time.perf_counter()
-        self.executor = _make_executor(config)
+        self.kv_connector, kv_store = _make_kv_connector(config)
+        self.executor = _make_executor(config, kv_store)
         try:
             num_gpu_blocks = self.executor.determine_num_gpu_blocks()
             _check_pool_holds_one_sequence(config, num_gpu_blocks)
@@ -72,6 +75,7 @@ class EngineCore:
             config.cache_config,
             num_gpu_blocks,
             config.speculative_config,
+            self.kv_connector,
         )
         # Steps launched and not yet collected (async scheduling only; at most two).
         self.in_flight: deque[tuple[SchedulerOutput, Any]] | None = None
@@ -107,6 +111,8 @@ class EngineCore:
             return EngineCoreOutputs(timestamp=time.monotonic())
         scheduler_output = self.scheduler.schedule()
         runner_output = self.executor.execute_model(scheduler_output)
+        if scheduler_output.is_empty and self.scheduler.loading:
+            time.sleep(_LOAD_POLL_S)  # only KV loads pending: poll them without spinning
         return self._update(scheduler_output, runner_output)
 
     def _step_async(self, in_flight: deque[tuple[SchedulerOutput, Any]]) -> EngineCoreOutputs:
@@ -117,7 +123,8 @@ class EngineCore:
         if len(in_flight) < 2 and self.scheduler.has_unfinished_requests():
             scheduler_output = self.scheduler.schedule()
             if scheduler_output.is_empty:  # still tell the worker of finished requests
-                self.executor.execute_model(scheduler_output)
+                runner_output = self.executor.execute_model(scheduler_output)
+                self.scheduler.update_from_kv_connector(runner_output.kv_connector_output)
             else:
                 in_flight.append(
                     (scheduler_output, self.executor.execute_model_async(scheduler_output))
@@ -145,6 +152,9 @@ class EngineCore:
         executor, self.executor = getattr(self, "executor", None), None
         if executor is not None and hasattr(executor, "shutdown"):
             executor.shutdown()
+        connector, self.kv_connector = getattr(self, "kv_connector", None), None
+        if connector is not None:
+            connector.shutdown()
 
 
 # Methods the front-end may call by name (UTILITY messages); nothing else is reachable.
@@ -283,12 +293,33 @@ def _raise_system_exit(signum, frame) -> None:
     raise SystemExit(0)
 
 
-def _make_executor(config: EngineConfig):
+def _make_executor(config: EngineConfig, kv_store: Any = None):
     if config.parallel_config.tensor_parallel_size > 1:
         from lmserve.executor.multiproc_executor import MultiprocExecutor
 
         return MultiprocExecutor(config)
-    return UniProcExecutor(config)
+    return UniProcExecutor(config, kv_store)
+
+
+def _make_kv_connector(config: EngineConfig) -> tuple[Any, Any]:
+    """The scheduler side of the configured KV connector and the store a worker in this
+    process shares with it (TP=1); (None, None) without one. Workers in their own processes
+    build their own stores; this side then sees only the shared tiers (disk, Redis)."""
+    if config.kv_transfer_config is None:
+        return None, None
+    from lmserve.kv_transfer.base import KVConnectorRole
+    from lmserve.kv_transfer.tiered import build_store, make_kv_connector
+
+    in_process = config.parallel_config.tensor_parallel_size == 1
+    store = build_store(config, with_cpu_tier=in_process)
+    if store is None:
+        logger.warning(
+            "kv_transfer_config: with tensor parallelism the scheduler looks chunks up in the "
+            "shared tiers only, and none is set (add disk_path or remote_url): KV is saved to "
+            "the workers' CPU tiers but never loaded"
+        )
+    connector = make_kv_connector(config, KVConnectorRole.SCHEDULER, store=store)
+    return connector, (store if in_process else None)
 
 
 def _check_pool_holds_one_sequence(config: EngineConfig, num_gpu_blocks: int) -> None:

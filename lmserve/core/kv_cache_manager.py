@@ -221,11 +221,15 @@ class KVCacheManager:
         num_new_computed_tokens: int = 0,
         new_computed_blocks: KVCacheBlocks | None = None,
         num_lookahead_tokens: int = 0,
+        delay_cache_blocks: bool = False,
     ) -> KVCacheBlocks | None:
         """Make room for `num_new_tokens` more tokens of `request` (plus lookahead slots for
         speculative tokens), first claiming `new_computed_blocks` (a prefix hit worth
         `num_new_computed_tokens` tokens). Returns the newly allocated blocks, or None —
-        with nothing changed — when the pool cannot supply them."""
+        with nothing changed — when the pool cannot supply them.
+
+        `delay_cache_blocks`: the new tokens' KV is loaded by a KV connector, not computed by
+        this step; the caller hashes the blocks (`cache_blocks`) once it has arrived."""
         num_tokens_need_slot = min(
             request.num_computed_tokens
             + num_new_computed_tokens
@@ -259,9 +263,10 @@ class KVCacheManager:
         # in the same step (e.g. the other n-1 samples of a prompt) then shares them. Safe
         # because every backend writes a layer's new KV before any query of that layer reads
         # it; `free(..., num_computed_tokens)` un-hashes them if this step is taken back.
-        self.cache_blocks(
-            request, request.num_computed_tokens + num_new_computed_tokens + num_new_tokens
-        )
+        if not delay_cache_blocks:
+            self.cache_blocks(
+                request, request.num_computed_tokens + num_new_computed_tokens + num_new_tokens
+            )
         return KVCacheBlocks(tuple(new_blocks))
 
     def _pop_free_block(self) -> KVCacheBlock:

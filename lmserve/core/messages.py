@@ -12,6 +12,7 @@ from typing import Any
 
 import msgspec
 
+from lmserve.kv_transfer.base import KVTransferStats
 from lmserve.sampling_params import SamplingParams
 
 
@@ -146,6 +147,7 @@ class SchedulerStats(msgspec.Struct, array_like=True, omit_defaults=True):
     prefix_cache_hits: int = 0  # prompt tokens found (increment)
     num_preemptions: int = 0  # (increment)
     spec_decode: SpecDecodeStats | None = None  # (increments) None: nothing verified
+    kv_transfer: KVTransferStats | None = None  # (increments) None: no connector activity
 
 
 class UtilityOutput(msgspec.Struct, array_like=True, omit_defaults=True):

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from lmserve.core.messages import LogprobsLists
+from lmserve.kv_transfer.base import KVConnectorMetadata, KVConnectorOutput
 from lmserve.sampling_params import SamplingParams
 
 
@@ -48,6 +49,8 @@ class SchedulerOutput:
     # req_id -> draft tokens scheduled this step (speculative decoding): the last len(...) of
     # the request's num_scheduled_tokens, right after its last known token.
     scheduled_spec_decode_tokens: dict[str, list[int]] = field(default_factory=dict)
+    # The KV connector's loads and saves for this step (None: no connector configured).
+    kv_connector_metadata: KVConnectorMetadata | None = None
 
     @property
     def is_empty(self) -> bool:
@@ -68,3 +71,5 @@ class ModelRunnerOutput:
     # Parallel to req_ids: draft tokens proposed for each request's next step ([] for none);
     # empty when speculative decoding is off.
     spec_token_ids: list[list[int]] = field(default_factory=list)
+    # The KV connector's report: loads finished since the last step, counters.
+    kv_connector_output: KVConnectorOutput | None = None

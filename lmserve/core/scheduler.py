@@ -11,6 +11,11 @@ Each step decides `num_scheduled_tokens = {request_id: num_tokens}` under one bu
   - speculative decoding: a running request's draft tokens (`spec_token_ids`) count as tokens
                        to compute, under the same budget, after its last known token; after
                        verification `num_computed_tokens` is taken back by the drafts rejected;
+  - KV connector:      a request whose prompt chunks are stored outside the GPU pool
+                       (lmserve/kv_transfer/) is admitted with its blocks allocated and waits
+                       aside (WAITING_FOR_REMOTE_KVS, not blocking anyone) while the workers
+                       load them; what arrived advances `num_computed_tokens`, the rest is
+                       computed like any prompt;
   - async scheduling:  a step that samples leaves a placeholder (`num_output_placeholders`)
                        until its output arrives; the next step is scheduled as if that token
                        were known (the worker feeds it from the device), and a request whose
@@ -35,6 +40,7 @@ from lmserve.core.sched_output import (
     NewRequestData,
     SchedulerOutput,
 )
+from lmserve.kv_transfer.base import KVConnectorBase, KVConnectorOutput, KVTransferStats
 from lmserve.request import Request, RequestStatus
 from lmserve.sampling_params import SamplingParams
 
@@ -85,6 +91,7 @@ class Scheduler:
         cache_config: CacheConfig,
         num_gpu_blocks: int,
         speculative_config: SpeculativeConfig | None = None,
+        kv_connector: KVConnectorBase | None = None,
     ) -> None:
         self.config = scheduler_config
         self.max_num_batched_tokens: int = scheduler_config.max_num_batched_tokens
@@ -111,6 +118,11 @@ class Scheduler:
             self.num_spec_tokens if spec and spec.method == "draft_model" else 0
         )
         self._spec_stats = SpecDecodeStats()  # since the last make_stats()
+        self.kv_connector = kv_connector  # the scheduler side of a KV connector, if any
+        self.loading: dict[str, Request] = {}  # WAITING_FOR_REMOTE_KVS, by id
+        self.aborted_loading: dict[str, Request] = {}  # aborted mid-load: blocks freed on report
+        self.kv_loaded: set[str] = set()  # waiting again after a load, holding their blocks
+        self._kv_stats = KVTransferStats()  # since the last make_stats()
 
     # ---- requests in and out ---------------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -128,22 +140,26 @@ class Scheduler:
                 continue
             if request.status == RequestStatus.RUNNING:
                 self.running.remove(request)
+            elif request.status == RequestStatus.WAITING_FOR_REMOTE_KVS:
+                # A worker thread may still be writing its blocks: free them once it reports.
+                self.aborted_loading[req_id] = self.loading.pop(req_id)
             else:
                 self.waiting.remove(request)
+            keep_blocks = req_id in self.aborted_loading
             request.status = RequestStatus.FINISHED_ABORTED
-            self._free_request(request)
+            self._free_request(request, free_blocks=not keep_blocks)
             aborted.append(request)
         return aborted
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self.running) or len(self.waiting) > 0
+        return bool(self.running or self.loading or self.aborted_loading) or len(self.waiting) > 0
 
     def has_finished_requests(self) -> bool:
         return bool(self.finished_req_ids)
 
     @property
     def num_unfinished_requests(self) -> int:
-        return len(self.running) + len(self.waiting)
+        return len(self.running) + len(self.waiting) + len(self.loading)
 
     def make_stats(self) -> SchedulerStats:
         """Current gauges, and counter increments since the previous call."""
@@ -153,13 +169,22 @@ class Scheduler:
         self._last_reported = totals
         return SchedulerStats(
             num_running_reqs=len(self.running),
-            num_waiting_reqs=len(self.waiting),
+            num_waiting_reqs=len(self.waiting) + len(self.loading),
             kv_cache_usage=self.kv_cache_manager.usage,
             prefix_cache_queries=totals[0] - last[0],
             prefix_cache_hits=totals[1] - last[1],
             num_preemptions=totals[2] - last[2],
             spec_decode=self._take_spec_stats(),
+            kv_transfer=self._take_kv_stats(),
         )
+
+    def _take_kv_stats(self) -> KVTransferStats | None:
+        if self.kv_connector is not None:
+            scheduler_side = self.kv_connector.take_stats()
+            if scheduler_side is not None:
+                self._kv_stats.add(scheduler_side)
+        stats, self._kv_stats = self._kv_stats, KVTransferStats()
+        return None if stats.is_empty() else stats
 
     def _take_spec_stats(self) -> SpecDecodeStats | None:
         stats = self._spec_stats
@@ -187,6 +212,10 @@ class Scheduler:
             preempted_req_ids={r.request_id for r in step.preempted},
             scheduled_spec_decode_tokens=step.spec_tokens,
         )
+        if self.kv_connector is not None:
+            out.kv_connector_metadata = self.kv_connector.build_connector_meta(
+                out, self.requests, self.kv_cache_manager.get_block_ids
+            )
         self.finished_req_ids = set()
         return out
 
@@ -267,9 +296,21 @@ class Scheduler:
         kv = self.kv_cache_manager
         while len(self.waiting) and step.budget > 0 and len(self.running) < self.max_num_seqs:
             request = self.waiting.peek()
-            computed_blocks, num_hit = kv.get_computed_blocks(request)
-            num_new = self._num_new_tokens(request, num_hit, step.budget)
-            if not self.config.enable_chunked_prefill and num_new < request.num_tokens - num_hit:
+            # A request back from a connector load holds its blocks and its computed tokens.
+            loaded = request.request_id in self.kv_loaded
+            computed_blocks, num_hit = (None, 0) if loaded else kv.get_computed_blocks(request)
+            if not loaded and self.kv_connector is not None:
+                num_external = self._num_external_tokens(request, num_hit)
+                if num_external:
+                    if not self._admit_for_loading(request, computed_blocks, num_hit, num_external):
+                        break  # no room: wait for running requests to finish
+                    continue
+            num_computed = request.num_computed_tokens + num_hit
+            num_new = self._num_new_tokens(request, num_computed, step.budget)
+            if (
+                not self.config.enable_chunked_prefill
+                and num_new < request.num_tokens - num_computed
+            ):
                 break  # the whole prompt must fit in one step
             new_blocks = kv.allocate_slots(
                 request, num_new, num_hit, computed_blocks, self.num_lookahead_tokens
@@ -277,14 +318,15 @@ class Scheduler:
             if new_blocks is None:
                 break  # no room: wait for running requests to finish
             self.waiting.pop()
-            kv.prefix_cache_stats.record(request.num_tokens, num_hit)
-            self.running.append(request)
-            request.status = RequestStatus.RUNNING
-            request.num_computed_tokens = num_hit
-            if request.queue_time is None:
-                request.queue_time = max(time.monotonic() - request.arrival_time, 0.0)
-            if request.num_cached_tokens < 0:
-                request.num_cached_tokens = num_hit
+            if loaded:
+                self.kv_loaded.discard(request.request_id)
+            else:
+                kv.prefix_cache_stats.record(request.num_tokens, num_hit)
+            self._admit(request, num_computed)
+            if not loaded and self.kv_connector is not None:
+                self.kv_connector.update_state_after_alloc(
+                    request, kv.get_block_ids(request.request_id), 0
+                )
             step.schedule(request, num_new)
             step.new_reqs.append(
                 NewRequestData(
@@ -294,15 +336,75 @@ class Scheduler:
                     sampling_params=request.sampling_params,
                     eos_token_id=request.eos_token_id,
                     block_ids=kv.get_block_ids(request.request_id),
-                    num_computed_tokens=num_hit,
+                    num_computed_tokens=num_computed,
                 )
             )
+
+    def _admit(self, request: Request, num_computed: int) -> None:
+        self.running.append(request)
+        request.status = RequestStatus.RUNNING
+        request.num_computed_tokens = num_computed
+        if request.queue_time is None:
+            request.queue_time = max(time.monotonic() - request.arrival_time, 0.0)
+        if request.num_cached_tokens < 0:  # the GPU hit plus what a connector loaded
+            request.num_cached_tokens = num_computed
+
+    # ---- the KV connector's loads -----------------------------------------------------------
+    def _num_external_tokens(self, request: Request, num_hit: int) -> int:
+        """Tokens after the GPU hit that the connector would load (asynchronously)."""
+        num_external, load_async = self.kv_connector.get_num_new_matched_tokens(request, num_hit)
+        assert load_async or not num_external, "only asynchronous connector loads are supported"
+        return min(num_external, self.max_model_len - num_hit)
+
+    def _admit_for_loading(
+        self, request: Request, computed_blocks: KVCacheBlocks, num_hit: int, num_external: int
+    ) -> bool:
+        """Allocate blocks for the GPU hit and the tokens to load, and set the request aside
+        until they arrive. The loaded blocks are hashed into the prefix cache only then (never
+        before their KV is there). False when the pool cannot hold them."""
+        kv = self.kv_cache_manager
+        blocks = kv.allocate_slots(
+            request, num_external, num_hit, computed_blocks, delay_cache_blocks=True
+        )
+        if blocks is None:
+            return False
+        self.waiting.pop()
+        kv.prefix_cache_stats.record(request.num_tokens, num_hit)
+        request.status = RequestStatus.WAITING_FOR_REMOTE_KVS
+        request.num_computed_tokens = num_hit
+        self.loading[request.request_id] = request
+        self.kv_connector.update_state_after_alloc(
+            request, kv.get_block_ids(request.request_id), num_external
+        )
+        return True
+
+    def update_from_kv_connector(self, output: KVConnectorOutput | None) -> None:
+        """Loads the workers finished: what arrived counts as computed (and joins the prefix
+        cache); the request goes back to the front of the queue for the rest."""
+        if output is None:
+            return
+        if output.stats is not None:
+            self._kv_stats.add(output.stats)
+        for req_id, num_loaded in output.finished_loading.items():
+            aborted = self.aborted_loading.pop(req_id, None)
+            if aborted is not None:
+                self.kv_cache_manager.free(aborted)
+                continue
+            request = self.loading.pop(req_id, None)
+            if request is None:
+                continue
+            request.num_computed_tokens += num_loaded
+            self.kv_cache_manager.cache_blocks(request, request.num_computed_tokens)
+            request.status = RequestStatus.WAITING
+            self.kv_loaded.add(req_id)
+            self.waiting.add(request, front=True)
 
     # ---- after the forward -----------------------------------------------------------------
     def update_from_output(
         self, scheduler_output: SchedulerOutput, runner_output: ModelRunnerOutput
     ) -> list[EngineCoreOutput]:
         """Append sampled tokens, check stop conditions, free finished requests."""
+        self.update_from_kv_connector(runner_output.kv_connector_output)
         outputs: list[EngineCoreOutput] = []
         finished: list[Request] = []
         for req_id in scheduler_output.num_scheduled_tokens:
@@ -387,8 +489,12 @@ class Scheduler:
             return True
         return False
 
-    def _free_request(self, request: Request) -> None:
-        self.kv_cache_manager.free(request)
+    def _free_request(self, request: Request, free_blocks: bool = True) -> None:
+        if free_blocks:
+            self.kv_cache_manager.free(request)
+        if self.kv_connector is not None:
+            self.kv_connector.request_finished(request)
+            self.kv_loaded.discard(request.request_id)
         self.finished_req_ids.add(request.request_id)
         del self.requests[request.request_id]
 

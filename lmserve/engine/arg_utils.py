@@ -49,6 +49,15 @@ ENGINE_FLAGS: list[tuple[str, str, Any, Any, str]] = [
         'speculative decoding as JSON, e.g. \'{"method": "ngram", "num_speculative_tokens": 4}\'',
     ),
     (
+        "--kv-transfer-config",
+        "kv_transfer_config",
+        lambda text: _json_object("--kv-transfer-config", text),
+        None,
+        'KV storage outside the GPU as JSON, e.g. \'{"kv_connector": "TieredConnector", '
+        '"kv_role": "kv_both", "kv_connector_extra_config": {"cpu_size_gib": 4, '
+        '"disk_path": "/tmp/kv", "remote_url": "redis://127.0.0.1:6379/0"}}\'',
+    ),
+    (
         "--gpu-memory-utilization",
         "gpu_memory_utilization",
         float,

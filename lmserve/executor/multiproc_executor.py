@@ -27,6 +27,7 @@ from lmserve import envs
 from lmserve.config import EngineConfig
 from lmserve.core.sched_output import ModelRunnerOutput, SchedulerOutput
 from lmserve.distributed.shm_ring import MessageQueue
+from lmserve.kv_transfer.base import KVConnectorOutput
 from lmserve.serial_utils import MsgpackDecoder, MsgpackEncoder
 from lmserve.utils import exit_with_parent, set_process_title
 
@@ -73,6 +74,8 @@ class MultiprocExecutor:
             proc.start()
         self.encoder = MsgpackEncoder()
         self.result_decoder = MsgpackDecoder(_Result)
+        # With a KV connector, a load is done when every rank has loaded its share.
+        self.kv_loads = _KVLoadsAcrossRanks(self.world_size) if config.kv_transfer_config else None
         self.broadcast.wait_until_ready(timeout=envs.LMSERVE_ENGINE_READY_TIMEOUT_S)
         self._collect(all_ranks=True)  # each worker reports once its model is loaded
 
@@ -83,8 +86,17 @@ class MultiprocExecutor:
         self._call("initialize_kv_cache", num_gpu_blocks, all_ranks=True)
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
-        (output,) = self._call("execute_model", scheduler_output, all_ranks=False)
-        return msgspec.convert(output, ModelRunnerOutput)  # arrays stay zero-copy views
+        if self.kv_loads is None:
+            (output,) = self._call("execute_model", scheduler_output, all_ranks=False)
+            return msgspec.convert(output, ModelRunnerOutput)  # arrays stay zero-copy views
+        outputs = [
+            msgspec.convert(o, ModelRunnerOutput)
+            for o in self._call("execute_model", scheduler_output, all_ranks=True)
+        ]
+        outputs[0].kv_connector_output = self.kv_loads.merge(
+            [o.kv_connector_output for o in outputs]
+        )
+        return outputs[0]
 
     def _call(self, method: str, arg: Any, all_ranks: bool) -> list[Any]:
         self.broadcast.enqueue(msgspec.msgpack.encode((method, arg)))
@@ -162,13 +174,16 @@ def run_worker(
         raise
     reply(True)
     try:
-        _serve(worker, rank, commands, reply)
+        _serve(worker, rank, commands, reply, config.kv_transfer_config is not None)
     finally:
+        worker.shutdown()
         destroy_tensor_parallel()
         commands.close()
 
 
-def _serve(worker: Any, rank: int, commands: MessageQueue, reply) -> None:
+def _serve(worker: Any, rank: int, commands: MessageQueue, reply, all_ranks_step: bool) -> None:
+    """Run commands until "shutdown". A step's answer comes from rank 0 only, unless a KV
+    connector runs: then every rank reports which of its loads finished."""
     decoders = {m: msgspec.msgpack.Decoder(tuple[str, t]) for m, t in _ARG_TYPES.items() if t}
     while True:
         raw = commands.dequeue()
@@ -181,8 +196,28 @@ def _serve(worker: Any, rank: int, commands: MessageQueue, reply) -> None:
         except Exception:
             reply(False, error=traceback.format_exc())
             raise
-        if method != "execute_model" or rank == 0:
+        if method != "execute_model" or rank == 0 or all_ranks_step:
             reply(True, value)
+
+
+class _KVLoadsAcrossRanks:
+    """Joins the ranks' KV connector reports: a request's load is finished once every rank
+    reported it, with the fewest tokens any rank loaded (all ranks must hold the KV)."""
+
+    def __init__(self, world_size: int) -> None:
+        self.world_size = world_size
+        self.pending: dict[str, list[int]] = {}  # req_id -> tokens loaded, per reporting rank
+
+    def merge(self, outputs: list[KVConnectorOutput | None]) -> KVConnectorOutput:
+        finished: dict[str, int] = {}
+        for output in outputs:
+            for req_id, num_tokens in (output.finished_loading if output else {}).items():
+                reports = self.pending.setdefault(req_id, [])
+                reports.append(num_tokens)
+                if len(reports) == self.world_size:
+                    finished[req_id] = min(self.pending.pop(req_id))
+        stats = outputs[0].stats if outputs[0] is not None else None  # rank 0's counters
+        return KVConnectorOutput(finished_loading=finished, stats=stats)
 
 
 def _free_port() -> int:

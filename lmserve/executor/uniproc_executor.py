@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from lmserve.config import EngineConfig
 from lmserve.core.sched_output import ModelRunnerOutput, SchedulerOutput
 from lmserve.worker.model_runner import StepOutput
@@ -9,8 +11,9 @@ from lmserve.worker.worker import Worker
 
 
 class UniProcExecutor:
-    def __init__(self, config: EngineConfig) -> None:
-        self.worker = Worker(config)
+    def __init__(self, config: EngineConfig, kv_store: Any = None) -> None:
+        """`kv_store`: the KV connector's store, shared with the scheduler's side."""
+        self.worker = Worker(config, kv_store=kv_store)
         self.worker.load_model()
 
     def determine_num_gpu_blocks(self) -> int:
@@ -25,3 +28,6 @@ class UniProcExecutor:
     def execute_model_async(self, scheduler_output: SchedulerOutput) -> StepOutput:
         """Queue the step; its `.result()` waits for it (async scheduling)."""
         return self.worker.execute_model_async(scheduler_output)
+
+    def shutdown(self) -> None:
+        self.worker.shutdown()

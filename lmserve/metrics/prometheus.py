@@ -78,6 +78,14 @@ class Metrics:
     spec_decode_num_accepted_tokens_per_pos: Counter  # label position
     spec_decode_acceptance_rate: Gauge
     spec_decode_acceptance_rate_per_pos: Gauge  # label position
+    # KV connector (lmserve/kv_transfer/): counters per storage tier ("cpu", "disk", "redis")
+    kv_offload_query_tokens: Counter
+    kv_offload_hit_tokens: Counter  # label tier
+    kv_offload_loaded_bytes: Counter  # label tier
+    kv_offload_load_seconds: Counter  # label tier
+    kv_offload_saved_bytes: Counter  # label tier
+    kv_offload_save_seconds: Counter  # label tier
+    kv_offload_failures: Counter  # labels tier, reason
 
 
 _lock = threading.Lock()
@@ -145,6 +153,38 @@ def _create() -> Metrics:
             buckets=_TOKEN_BUCKETS,
         ),
         **_spec_decode_metrics(m),
+        **_kv_offload_metrics(m),
+    )
+
+
+def _kv_offload_metrics(m: list[str]) -> dict[str, Counter]:
+    tier = m + ["tier"]
+    return dict(
+        kv_offload_query_tokens=Counter(
+            "lmserve:kv_offload_query_tokens",
+            "Prompt tokens looked up in the KV connector's tiers beyond the GPU prefix-cache hit",
+            m,
+        ),
+        kv_offload_hit_tokens=Counter(
+            "lmserve:kv_offload_hit_tokens", "Tokens whose KV was loaded from the tier", tier
+        ),
+        kv_offload_loaded_bytes=Counter(
+            "lmserve:kv_offload_loaded_bytes", "Bytes of KV read from the tier", tier
+        ),
+        kv_offload_load_seconds=Counter(
+            "lmserve:kv_offload_load_seconds", "Seconds spent reading KV from the tier", tier
+        ),
+        kv_offload_saved_bytes=Counter(
+            "lmserve:kv_offload_saved_bytes", "Bytes of KV written to the tier", tier
+        ),
+        kv_offload_save_seconds=Counter(
+            "lmserve:kv_offload_save_seconds", "Seconds spent writing KV to the tier", tier
+        ),
+        kv_offload_failures=Counter(
+            "lmserve:kv_offload_failures",
+            "KV tier faults (each one a miss: the tokens are recomputed)",
+            tier + ["reason"],
+        ),
     )
 
 

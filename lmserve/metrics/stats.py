@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass, field
 
 from lmserve.core.messages import EngineCoreOutput, SchedulerStats, SpecDecodeStats
+from lmserve.kv_transfer.base import KVTransferStats
 from lmserve.metrics.prometheus import get_metrics
 from lmserve.outputs import RequestOutput
 
@@ -65,6 +66,25 @@ class StatsRecorder:
         m.num_preemptions.labels(**labels).inc(stats.num_preemptions)
         if stats.spec_decode is not None:
             self._on_spec_decode(stats.spec_decode)
+        if stats.kv_transfer is not None:
+            self._on_kv_transfer(stats.kv_transfer)
+
+    def _on_kv_transfer(self, kv: KVTransferStats) -> None:
+        m, labels = self.metrics, self._labels
+        m.kv_offload_query_tokens.labels(**labels).inc(kv.query_tokens)
+        per_tier = (
+            (m.kv_offload_hit_tokens, kv.hit_tokens),
+            (m.kv_offload_loaded_bytes, kv.bytes_loaded),
+            (m.kv_offload_load_seconds, kv.seconds_loaded),
+            (m.kv_offload_saved_bytes, kv.bytes_saved),
+            (m.kv_offload_save_seconds, kv.seconds_saved),
+        )
+        for counter, values in per_tier:
+            for tier, value in values.items():
+                counter.labels(**labels, tier=tier).inc(value)
+        for key, count in kv.failures.items():
+            tier, _, reason = key.partition(":")
+            m.kv_offload_failures.labels(**labels, tier=tier, reason=reason).inc(count)
 
     def _on_spec_decode(self, spec: SpecDecodeStats) -> None:
         m, labels = self.metrics, self._labels

@@ -11,6 +11,7 @@ from lmserve.attention import ForwardContext, get_attention_backend
 from lmserve.config import EngineConfig
 from lmserve.core.messages import LogprobsLists
 from lmserve.core.sched_output import ModelRunnerOutput, SchedulerOutput
+from lmserve.kv_transfer.base import KVConnectorBase, KVConnectorMetadata, KVConnectorOutput
 from lmserve.model.loader import get_kv_cache_spec, load_model
 from lmserve.sample.logprobs import LogprobsTensors, compute_logprobs_tensors
 from lmserve.sample.metadata import SamplingMetadata
@@ -25,8 +26,15 @@ logger = logging.getLogger(__name__)
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, device: torch.device) -> None:
+    def __init__(
+        self,
+        config: EngineConfig,
+        device: torch.device,
+        kv_connector: KVConnectorBase | None = None,
+    ) -> None:
+        """`kv_connector`: the worker side of a KV connector (lmserve/kv_transfer/), if any."""
         self.config = config
+        self.kv_connector = kv_connector
         self.device = device
         model_config = config.model_config
         self.dtype = model_config.dtype
@@ -104,6 +112,8 @@ class ModelRunner:
             )
             for _ in range(num_layers)
         ]
+        if self.kv_connector is not None:
+            self.kv_connector.register_kv_caches(self.kv_caches)
 
     def capture_model(self) -> None:
         """Capture CUDA graphs (after the KV cache exists). No-op on CPU, with
@@ -171,6 +181,16 @@ class ModelRunner:
         device->host copies. The step may read tokens the previous step sampled that the host
         has not seen yet: they go from the device's sampled tokens straight into the inputs."""
         self._update_states(scheduler_output)
+        if self.kv_connector is None:
+            return self._execute(scheduler_output)
+        connector = self.kv_connector
+        connector.start_load_kv(scheduler_output.kv_connector_metadata or KVConnectorMetadata())
+        step = self._execute(scheduler_output)
+        connector.wait_for_save()  # gathers queued after this step's forward
+        step.kv_connector_output = connector.get_finished()
+        return step
+
+    def _execute(self, scheduler_output: SchedulerOutput) -> StepOutput:
         if scheduler_output.is_empty:
             return StepOutput.done(
                 ModelRunnerOutput(req_ids=[], req_id_to_index={}, sampled_token_ids=[])
@@ -388,6 +408,7 @@ class StepOutput:
         self.batch = batch
         self.copied: torch.cuda.Event | None = None
         self.output: ModelRunnerOutput | None = None
+        self.kv_connector_output: KVConnectorOutput | None = None  # set by execute_model_async
 
     @classmethod
     def done(cls, output: ModelRunnerOutput) -> StepOutput:
@@ -396,8 +417,13 @@ class StepOutput:
         return step
 
     def result(self) -> ModelRunnerOutput:
-        if self.output is not None:
-            return self.output
+        if self.output is None:
+            self.output = self._build_output()
+        if self.kv_connector_output is not None:
+            self.output.kv_connector_output = self.kv_connector_output
+        return self.output
+
+    def _build_output(self) -> ModelRunnerOutput:
         if self.copied is not None:
             self.copied.synchronize()
         sampled_token_ids: list[list[int]] = [[] for _ in self.req_ids]
@@ -412,7 +438,7 @@ class StepOutput:
                 sampled_token_ids[pos] = [token]
                 if lp_lists is not None and asked[j]:
                     logprobs[pos] = lp_lists.rows(j, j + 1)
-        self.output = ModelRunnerOutput(
+        output = ModelRunnerOutput(
             req_ids=self.req_ids,
             req_id_to_index={r: i for i, r in enumerate(self.req_ids)},
             sampled_token_ids=sampled_token_ids,
@@ -422,7 +448,7 @@ class StepOutput:
             },
         )
         self.batch = self.sampled = None  # drop references to device tensors
-        return self.output
+        return output
 
 
 class _HostRing:

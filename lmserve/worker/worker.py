@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Any
 
 import torch
 
@@ -18,8 +19,11 @@ _GiB = 1 << 30
 
 
 class Worker:
-    def __init__(self, config: EngineConfig, local_rank: int | None = None) -> None:
-        """`local_rank`: this worker's tensor-parallel rank, which is also its GPU index."""
+    def __init__(
+        self, config: EngineConfig, local_rank: int | None = None, kv_store: Any = None
+    ) -> None:
+        """`local_rank`: this worker's tensor-parallel rank, which is also its GPU index.
+        `kv_store`: the KV connector's store when the scheduler shares this process."""
         self.config = config
         self.device = torch.device(config.device_config.device)
         if self.device.type == "cuda":
@@ -28,7 +32,9 @@ class Worker:
             elif self.device.index is None:
                 self.device = torch.device("cuda", torch.cuda.current_device())
             torch.cuda.set_device(self.device)
-        self.model_runner = ModelRunner(config, self.device)
+        self.model_runner = ModelRunner(
+            config, self.device, _make_kv_connector(config, local_rank or 0, kv_store)
+        )
 
     def load_model(self) -> None:
         start = time.perf_counter()
@@ -105,3 +111,17 @@ class Worker:
 
     def execute_model_async(self, scheduler_output: SchedulerOutput) -> StepOutput:
         return self.model_runner.execute_model_async(scheduler_output)
+
+    def shutdown(self) -> None:
+        """Finish background work (the KV connector's pending saves)."""
+        if self.model_runner.kv_connector is not None:
+            self.model_runner.kv_connector.shutdown()
+
+
+def _make_kv_connector(config: EngineConfig, rank: int, store: Any):
+    if config.kv_transfer_config is None:
+        return None
+    from lmserve.kv_transfer.base import KVConnectorRole
+    from lmserve.kv_transfer.tiered import make_kv_connector
+
+    return make_kv_connector(config, KVConnectorRole.WORKER, store=store, rank=rank)

@@ -1,0 +1,508 @@
+"""TieredConnector: KV chunks in host memory, on local disk and in Redis, shared by engines.
+
+A request's tokens are cut into chunks of `chunk_size` tokens (256 by default). Chunk i is
+named by a hash chain that any process on any machine computes alike:
+
+    root   = sha256("lmserve-kv-v1" + model fingerprint + dtype + KV layout + TP size + chunk)
+    h_0    = sha256(root [+ cache_salt] + token ids of chunk 0)      (int64 little-endian)
+    h_i    = sha256(h_{i-1} + token ids of chunk i)
+    key    = sha256(h_i + ":rank" + TP rank)                          (what the store holds)
+
+No Python `hash` and no PYTHONHASHSEED anywhere, so a chunk saved by one engine is a hit on
+another; the model fingerprint (its config and a digest of its weight files) and the layout
+make a key unable to return another model's KV. A chunk's payload is one rank's KV for its
+tokens, all layers: [num_layers, 2 (key, value), chunk_size, num_kv_heads, head_dim] in the
+model's dtype.
+
+Loads are asynchronous: the scheduler admits a request with its blocks allocated but not
+hashed, a worker thread fetches the chunks (CPU → disk → Redis, promoting what it finds) and
+copies them into the blocks, and the next step the scheduler learns how many tokens arrived;
+the rest are recomputed. Saves happen after the forward of the step that completed a chunk:
+the blocks are gathered on the device in stream order, copied to the host off the critical
+path, and handed to the store (CPU at once; disk and Redis from its writer thread).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import threading
+import time
+from array import array
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from lmserve.kv_transfer.base import (
+    ChunkTransfer,
+    KVConnectorBase,
+    KVConnectorMetadata,
+    KVConnectorOutput,
+    KVConnectorRole,
+    KVTransferStats,
+)
+from lmserve.kv_transfer.store import CPUTier, DiskTier, RedisTier, TieredStore
+
+if TYPE_CHECKING:
+    from lmserve.config import EngineConfig
+    from lmserve.request import Request
+
+logger = logging.getLogger(__name__)
+
+_GiB = 1 << 30
+_LAYOUT = "layers,kv,tokens,heads,head_dim/v1"
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt")
+
+
+# ---- keys ------------------------------------------------------------------------------------
+def model_fingerprint(config: EngineConfig) -> str:
+    """The model's identity: its config (without paths and versions) and, per weight file,
+    name, size and a digest of its first and last MiB. Same weights at another path give the
+    same fingerprint; `model_id` in the options overrides it."""
+    options = config.kv_transfer_config.options
+    if options.model_id:
+        return options.model_id
+    mc = config.model_config
+    hf = mc.hf_config.to_dict() if hasattr(mc.hf_config, "to_dict") else dict(vars(mc.hf_config))
+    for volatile in ("_name_or_path", "transformers_version", "_commit_hash", "name_or_path"):
+        hf.pop(volatile, None)
+    digest = hashlib.sha256(json.dumps(hf, sort_keys=True, default=str).encode())
+    if mc.load_format == "dummy":
+        digest.update(f"dummy-weights-seed-{mc.seed}".encode())
+    else:
+        for path in _weight_files(mc.model_path):
+            digest.update(_file_digest(path))
+    return digest.hexdigest()
+
+
+def _weight_files(folder: str | None) -> list[str]:
+    if not folder or not os.path.isdir(folder):
+        return []
+    names = sorted(n for n in os.listdir(folder) if n.endswith(_WEIGHT_SUFFIXES))
+    return [os.path.join(folder, n) for n in names]
+
+
+def _file_digest(path: str, span: int = 1 << 20) -> bytes:
+    size = os.path.getsize(path)
+    digest = hashlib.sha256(f"{os.path.basename(path)}:{size}".encode())
+    with open(path, "rb") as f:
+        digest.update(f.read(span))
+        if size > span:
+            f.seek(max(size - span, span))
+            digest.update(f.read(span))
+    return digest.digest()
+
+
+def chain_root(config: EngineConfig, num_layers: int, num_kv_heads: int, head_dim: int) -> bytes:
+    """Root of every chunk hash chain of this engine (all TP ranks share it)."""
+    parts = {
+        "model": model_fingerprint(config),
+        "dtype": str(config.model_config.dtype),
+        "layout": _LAYOUT,
+        "num_layers": num_layers,
+        "num_kv_heads": num_kv_heads,  # all ranks together
+        "head_dim": head_dim,
+        "tp_size": config.parallel_config.tensor_parallel_size,
+        "chunk_size": config.kv_transfer_config.options.chunk_size,
+    }
+    return hashlib.sha256(b"lmserve-kv-v1" + json.dumps(parts, sort_keys=True).encode()).digest()
+
+
+def extend_chunk_hashes(
+    hashes: list[str], token_ids: list[int], chunk_size: int, root: bytes, salt: str | None
+) -> None:
+    """Append the chain hashes (hex) of the full chunks of `token_ids` not hashed yet."""
+    for i in range(len(hashes), len(token_ids) // chunk_size):
+        if i:
+            parent = bytes.fromhex(hashes[i - 1])
+        else:
+            parent = root if not salt else hashlib.sha256(root + salt.encode()).digest()
+        chunk = array("q", token_ids[i * chunk_size : (i + 1) * chunk_size]).tobytes()
+        hashes.append(hashlib.sha256(parent + chunk).hexdigest())
+
+
+def rank_key(chunk_hash: str, rank: int) -> str:
+    """The store key of one rank's share of a chunk (64 hex characters)."""
+    return hashlib.sha256(f"{chunk_hash}:rank{rank}".encode()).hexdigest()
+
+
+def build_store(config: EngineConfig, with_cpu_tier: bool = True) -> TieredStore | None:
+    """The tiers the options turn on, fastest first; None when none is left.
+    `with_cpu_tier=False` for a scheduler that does not share a process with its workers (it
+    sees only the shared tiers)."""
+    options = config.kv_transfer_config.options
+    tiers: list[Any] = []
+    if with_cpu_tier and options.cpu_size_gib > 0:
+        tiers.append(CPUTier(int(options.cpu_size_gib * _GiB)))
+    if options.disk_path:
+        tiers.append(DiskTier(options.disk_path, int(options.disk_size_gib * _GiB)))
+    if options.remote_url:
+        tiers.append(RedisTier(options.remote_url, timeout_s=options.remote_timeout_s))
+    return TieredStore(tiers) if tiers else None
+
+
+# ---- the connector -------------------------------------------------------------------------
+class TieredConnector(KVConnectorBase):
+    """One class, either role (see lmserve/kv_transfer/base.py). With one worker in the
+    EngineCore process, both halves share one store (`store=`), so the scheduler's lookups
+    see the CPU tier; with several, the scheduler sees disk and Redis only."""
+
+    def __init__(
+        self,
+        config: EngineConfig,
+        role: KVConnectorRole,
+        store: TieredStore | None = None,
+        rank: int = 0,
+    ) -> None:
+        super().__init__(role)
+        from lmserve.model.loader import get_kv_cache_spec
+
+        kv_config = config.kv_transfer_config
+        self.loads, self.saves = kv_config.loads, kv_config.saves
+        self.chunk_size = kv_config.options.chunk_size
+        self.block_size = config.cache_config.block_size
+        self.blocks_per_chunk = self.chunk_size // self.block_size
+        self.tp_size = config.parallel_config.tensor_parallel_size
+        self.rank = rank
+        hf = config.model_config.hf_config
+        from lmserve.model.loader import get_num_kv_heads
+
+        num_layers, _, head_dim = get_kv_cache_spec(hf)
+        self.root = chain_root(config, num_layers, get_num_kv_heads(hf), head_dim)
+        self.dtype = config.model_config.dtype
+        if store is None and role == KVConnectorRole.WORKER:
+            store = build_store(config)
+        # None: a scheduler whose workers are in other processes and share no tier with it
+        # (tensor parallelism with only the CPU tier) — chunks are saved, never looked up.
+        self.store = store
+        self._stats = KVTransferStats()
+        self._stats_lock = threading.Lock()
+        if role == KVConnectorRole.SCHEDULER:
+            self._hashes: dict[str, list[str]] = {}  # req_id -> chunk chain hashes (hex)
+            self._saved_chunks: dict[str, int] = {}  # req_id -> chunks saved or known stored
+            self._pending_loads: list[ChunkTransfer] = []
+        else:
+            self._worker = _WorkerSide(self)
+
+    # ---- scheduler side ---------------------------------------------------------------------
+    def _chunk_hashes(self, request: Request) -> list[str]:
+        hashes = self._hashes.setdefault(request.request_id, [])
+        extend_chunk_hashes(
+            hashes, request.all_token_ids, self.chunk_size, self.root, request.cache_salt
+        )
+        return hashes
+
+    def _max_loadable_chunks(self, request: Request) -> int:
+        """Chunks before the last known token (its logits must be computed)."""
+        if request.sampling_params.prompt_logprobs is not None:
+            return 0  # prompt logprobs need every prompt position computed
+        return (request.num_tokens - 1) // self.chunk_size
+
+    def get_num_new_matched_tokens(
+        self, request: Request, num_computed_tokens: int
+    ) -> tuple[int, bool]:
+        max_chunks = self._max_loadable_chunks(request)
+        if (
+            self.store is None
+            or not self.loads
+            or max_chunks * self.chunk_size <= num_computed_tokens
+        ):
+            return 0, False
+        hashes = self._chunk_hashes(request)[:max_chunks]
+        first = num_computed_tokens // self.chunk_size  # chunks before it are on the GPU
+        available = first + min(
+            self.store.num_prefix_available([rank_key(h, r) for h in hashes[first:]])
+            for r in self._lookup_ranks()
+        )
+        num_tokens = available * self.chunk_size - num_computed_tokens
+        return (num_tokens, True) if num_tokens > 0 else (0, False)
+
+    def _lookup_ranks(self) -> range:
+        """Every rank's share must be there (all ranks load the same tokens)."""
+        return range(self.tp_size)
+
+    def update_state_after_alloc(
+        self, request: Request, block_ids: list[int], num_external_tokens: int
+    ) -> None:
+        req_id, num_hit = request.request_id, request.num_computed_tokens
+        if self.loads:
+            max_tokens = self._max_loadable_chunks(request) * self.chunk_size
+            self._add_stats(KVTransferStats(query_tokens=max(max_tokens - num_hit, 0)))
+        end_chunk = (num_hit + num_external_tokens) // self.chunk_size
+        self._saved_chunks[req_id] = max(self._saved_chunks.get(req_id, 0), end_chunk)
+        if num_external_tokens <= 0:
+            return
+        first = num_hit // self.chunk_size
+        bpc = self.blocks_per_chunk
+        self._pending_loads.append(
+            ChunkTransfer(
+                req_id=req_id,
+                chunk_hashes=self._chunk_hashes(request)[first:end_chunk],
+                first_chunk=first,
+                block_ids=block_ids[first * bpc : end_chunk * bpc],
+                skip_tokens=num_hit - first * self.chunk_size,
+            )
+        )
+
+    def build_connector_meta(
+        self,
+        scheduler_output: Any,
+        requests: Mapping[str, Request] | None = None,
+        block_ids_of: Callable[[str], list[int]] | None = None,
+    ) -> KVConnectorMetadata:
+        loads, self._pending_loads = self._pending_loads, []
+        saves = []
+        if self.saves and requests is not None and block_ids_of is not None:
+            for req_id in scheduler_output.num_scheduled_tokens:
+                transfer = self._chunks_to_save(requests[req_id], block_ids_of)
+                if transfer is not None:
+                    saves.append(transfer)
+        return KVConnectorMetadata(loads=loads, saves=saves)
+
+    def _chunks_to_save(
+        self, request: Request, block_ids_of: Callable[[str], list[int]]
+    ) -> ChunkTransfer | None:
+        """Chunks whose KV is written by the end of this step (`num_computed_tokens` already
+        counts it), of known tokens only (never a draft's), not saved yet."""
+        req_id = request.request_id
+        done = min(request.num_computed_tokens, request.num_tokens) // self.chunk_size
+        saved = self._saved_chunks.get(req_id, 0)
+        if done <= saved:
+            return None
+        self._saved_chunks[req_id] = done
+        bpc = self.blocks_per_chunk
+        return ChunkTransfer(
+            req_id=req_id,
+            chunk_hashes=self._chunk_hashes(request)[saved:done],
+            first_chunk=saved,
+            block_ids=block_ids_of(req_id)[saved * bpc : done * bpc],
+        )
+
+    def request_finished(self, request: Request) -> None:
+        self._hashes.pop(request.request_id, None)
+        self._saved_chunks.pop(request.request_id, None)
+
+    def take_stats(self) -> KVTransferStats | None:
+        with self._stats_lock:
+            stats, self._stats = self._stats, KVTransferStats()
+        return None if stats.is_empty() else stats
+
+    def _add_stats(self, stats: KVTransferStats) -> None:
+        with self._stats_lock:
+            self._stats.add(stats)
+
+    # ---- worker side ------------------------------------------------------------------------
+    def register_kv_caches(self, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        self._worker.kv_caches = kv_caches
+
+    def start_load_kv(self, metadata: KVConnectorMetadata) -> None:
+        self._worker.start(metadata)
+
+    def wait_for_save(self) -> None:
+        self._worker.save_pending()
+
+    def get_finished(self) -> KVConnectorOutput:
+        finished = self._worker.take_finished()
+        stats = self._worker_stats()
+        return KVConnectorOutput(finished_loading=finished, stats=stats)
+
+    def _worker_stats(self) -> KVTransferStats | None:
+        store = self.store.stats.take()
+        stats = self.take_stats() or KVTransferStats()
+        stats.add(
+            KVTransferStats(
+                bytes_loaded=dict(store.bytes_loaded),
+                seconds_loaded=dict(store.seconds_loaded),
+                bytes_saved=dict(store.bytes_saved),
+                seconds_saved=dict(store.seconds_saved),
+                failures={f"{tier}:{reason}": n for (tier, reason), n in store.failures.items()},
+            )
+        )
+        return None if stats.is_empty() else stats
+
+    def shutdown(self) -> None:
+        if self.role == KVConnectorRole.WORKER:
+            self._worker.shutdown()
+        if self.store is not None:
+            self.store.close()
+
+
+def _stored_locally(store: TieredStore, key: str) -> bool:
+    """In a tier of this machine (CPU or disk): saving it again would only rewrite it."""
+    return any(tier.contains(key) for tier in store.tiers if not isinstance(tier, RedisTier))
+
+
+class _WorkerSide:
+    """The worker half's moving parts: the load threads and the save copies."""
+
+    def __init__(self, connector: TieredConnector) -> None:
+        self.connector = connector
+        self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="kv-load")
+        self.saver = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kv-save")
+        self.loading: dict[str, Future] = {}
+        self.pending_saves: list[ChunkTransfer] = []
+
+    @property
+    def device(self) -> torch.device:
+        return self.kv_caches[0][0].device
+
+    def start(self, metadata: KVConnectorMetadata) -> None:
+        self.pending_saves = list(metadata.saves)
+        if not metadata.loads:
+            return
+        # NOTE the blocks of a load may have belonged, until this step's schedule, to a request
+        # that a step still queued on the device writes: the copies start after it.
+        ready = None
+        if self.device.type == "cuda":
+            ready = torch.cuda.Event()
+            ready.record(torch.cuda.current_stream(self.device))
+        for transfer in metadata.loads:
+            self.loading[transfer.req_id] = self.pool.submit(self._load, transfer, ready)
+
+    def take_finished(self) -> dict[str, int]:
+        done = {req_id: f for req_id, f in self.loading.items() if f.done()}
+        for req_id in done:
+            del self.loading[req_id]
+        return {req_id: _load_result(req_id, f) for req_id, f in done.items()}
+
+    # ---- loading (a worker thread) ----------------------------------------------------------
+    def _load(self, transfer: ChunkTransfer, ready: torch.cuda.Event | None) -> int:
+        """Fetch the chunks in order, stop at the first missing or bad one, copy the ones that
+        arrived into their blocks. Returns the tokens loaded after `skip_tokens`."""
+        c = self.connector
+        payloads, tiers = [], []
+        for chunk_hash in transfer.chunk_hashes:
+            payload, tier = c.store.get(rank_key(chunk_hash, c.rank))
+            if payload is None or len(payload) != self.chunk_bytes:
+                if payload is not None:
+                    c._add_stats(KVTransferStats(failures={f"{tier}:size": 1}))
+                break
+            payloads.append(payload)
+            tiers.append(tier)
+        if not payloads:
+            return 0
+        self._write_blocks(transfer, payloads, ready)
+        hits: dict[str, int] = {}
+        for j, tier in enumerate(tiers):
+            skipped = transfer.skip_tokens if j == 0 else 0
+            hits[tier] = hits.get(tier, 0) + c.chunk_size - skipped
+        c._add_stats(KVTransferStats(hit_tokens=hits))
+        return len(payloads) * c.chunk_size - transfer.skip_tokens
+
+    @property
+    def chunk_bytes(self) -> int:
+        key_cache = self.kv_caches[0][0]
+        num_layers = len(self.kv_caches)
+        per_token = key_cache.shape[2] * key_cache.shape[3] * key_cache.element_size()
+        return num_layers * 2 * self.connector.chunk_size * per_token
+
+    def _write_blocks(
+        self, transfer: ChunkTransfer, payloads: list[bytes], ready: torch.cuda.Event | None
+    ) -> None:
+        key_cache = self.kv_caches[0][0]
+        bpc, block_size = self.connector.blocks_per_chunk, self.connector.block_size
+        num_heads, head_dim = key_cache.shape[2], key_cache.shape[3]
+        host = torch.frombuffer(bytearray(b"".join(payloads)), dtype=key_cache.dtype)
+        # [num_layers, 2, num_chunks * chunk_size, num_kv_heads, head_dim] -> blocks
+        host = host.view(
+            len(payloads), len(self.kv_caches), 2, bpc, block_size, num_heads, head_dim
+        )
+        host = host.permute(1, 2, 0, 3, 4, 5, 6).reshape(
+            len(self.kv_caches), 2, len(payloads) * bpc, block_size, num_heads, head_dim
+        )
+        first_block = transfer.skip_tokens // block_size  # blocks already on the GPU
+        block_ids = transfer.block_ids[first_block : len(payloads) * bpc]
+        host = host[:, :, first_block : len(payloads) * bpc]
+        if not block_ids:
+            return
+        if ready is None:
+            self._copy_in(host, block_ids)
+            return
+        stream = torch.cuda.Stream(self.device)
+        with torch.cuda.stream(stream):
+            stream.wait_event(ready)
+            self._copy_in(host.pin_memory().to(self.device, non_blocking=True), block_ids)
+        stream.synchronize()
+
+    def _copy_in(self, blocks: torch.Tensor, block_ids: list[int]) -> None:
+        # blocks: [num_layers, 2, n, block_size, num_kv_heads, head_dim]
+        index = torch.tensor(block_ids, dtype=torch.long, device=blocks.device)
+        for layer, (key_cache, value_cache) in enumerate(self.kv_caches):
+            key_cache.index_copy_(0, index, blocks[layer, 0])
+            value_cache.index_copy_(0, index, blocks[layer, 1])
+
+    # ---- saving (after the forward) ---------------------------------------------------------
+    def save_pending(self) -> None:
+        """Gather the chunks to save on the device now (in stream order, so no later step can
+        overwrite them first), then copy to the host and store off the critical path."""
+        transfers, self.pending_saves = self.pending_saves, []
+        c = self.connector
+        for transfer in transfers:
+            keys = [rank_key(h, c.rank) for h in transfer.chunk_hashes]
+            if all(_stored_locally(c.store, k) for k in keys):
+                continue
+            index = torch.tensor(transfer.block_ids, dtype=torch.long, device=self.device)
+            # [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]
+            gathered = torch.stack(
+                [torch.stack((k.index_select(0, index), v.index_select(0, index)))
+                 for k, v in self.kv_caches]
+            )  # fmt: skip
+            if self.device.type == "cuda":
+                host = torch.empty(gathered.shape, dtype=gathered.dtype, pin_memory=True)
+                host.copy_(gathered, non_blocking=True)
+                copied = torch.cuda.Event()
+                copied.record(torch.cuda.current_stream(self.device))
+                self.saver.submit(self._store_chunks, keys, host, copied)
+            else:
+                self._store_chunks(keys, gathered, None)
+
+    def _store_chunks(
+        self, keys: list[str], blocks: torch.Tensor, copied: torch.cuda.Event | None
+    ) -> None:
+        if copied is not None:
+            copied.synchronize()
+        bpc = self.connector.blocks_per_chunk
+        for j, key in enumerate(keys):
+            # one chunk: [num_layers, 2, chunk_size, num_kv_heads, head_dim], contiguous
+            chunk = blocks[:, :, j * bpc : (j + 1) * bpc].contiguous()
+            self.connector.store.put(key, chunk.view(torch.uint8).numpy().tobytes())
+
+    def shutdown(self) -> None:
+        self.pool.shutdown(wait=True)
+        self.saver.shutdown(wait=True)
+
+
+def _load_result(req_id: str, future: Future) -> int:
+    try:
+        return future.result()
+    except Exception:  # noqa: BLE001 - a failed load is a miss: recompute, keep serving
+        logger.exception("KV load for request %s failed; its tokens are recomputed", req_id)
+        return 0
+
+
+def make_kv_connector(
+    config: EngineConfig,
+    role: KVConnectorRole,
+    store: TieredStore | None = None,
+    rank: int = 0,
+) -> KVConnectorBase | None:
+    """The connector `config.kv_transfer_config` names, or None without one."""
+    if config.kv_transfer_config is None:
+        return None
+    start = time.perf_counter()
+    connector = TieredConnector(config, role, store=store, rank=rank)
+    logger.info(
+        "KV connector %s (%s, rank %d): tiers %s, chunk %d tokens, ready in %.2f s",
+        config.kv_transfer_config.kv_connector,
+        role.value,
+        rank,
+        [t.name for t in connector.store.tiers] if connector.store is not None else "none here",
+        connector.chunk_size,
+        time.perf_counter() - start,
+    )
+    return connector
