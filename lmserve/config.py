@@ -338,20 +338,10 @@ class SpeculativeConfig:
         Unknown keys raise ConfigError listing the accepted ones."""
         if value is None or isinstance(value, cls):
             return value.finalize(target) if value is not None else None
-        if isinstance(value, str):
-            try:
-                value = json.loads(value)
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"speculative_config is not valid JSON: {e}") from e
-        if not isinstance(value, dict):
-            raise ConfigError(f"speculative_config={value!r} is invalid: must be a dict")
         accepted = sorted(f.name for f in dataclasses.fields(cls) if f.init)
-        unknown = sorted(set(value) - set(accepted))
-        if unknown:
-            raise ConfigError(f"speculative_config: unknown key(s) {unknown}; accepted: {accepted}")
-        missing = [k for k in ("method", "num_speculative_tokens") if k not in value]
-        if missing:
-            raise ConfigError(f"speculative_config: missing required key(s) {missing}")
+        value = _user_dict(
+            "speculative_config", value, accepted, ("method", "num_speculative_tokens")
+        )
         return cls(**value).finalize(target)
 
     def finalize(self, target: ModelConfig) -> SpeculativeConfig:
@@ -474,20 +464,29 @@ class KVTransferConfig:
         """From a dict, a JSON object string or a KVTransferConfig; None stays None."""
         if value is None or isinstance(value, cls):
             return value
-        if isinstance(value, str):
-            try:
-                value = json.loads(value)
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"kv_transfer_config is not valid JSON: {e}") from e
-        if not isinstance(value, dict):
-            raise ConfigError(f"kv_transfer_config={value!r} is invalid: must be a dict")
         accepted = ["kv_connector", "kv_connector_extra_config", "kv_role"]
-        unknown = sorted(set(value) - set(accepted))
-        if unknown:
-            raise ConfigError(f"kv_transfer_config: unknown key(s) {unknown}; accepted: {accepted}")
-        if "kv_connector" not in value:
-            raise ConfigError("kv_transfer_config: missing required key 'kv_connector'")
-        return cls(**value)
+        return cls(**_user_dict("kv_transfer_config", value, accepted, ("kv_connector",)))
+
+
+def _user_dict(
+    section: str, value: Any, accepted: list[str], required: tuple[str, ...]
+) -> dict[str, Any]:
+    """A JSON-object section as the user gave it (a dict, or its JSON text), checked for
+    unknown and missing keys; ConfigError names them and the accepted ones."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{section} is not valid JSON: {e}") from e
+    if not isinstance(value, dict):
+        raise ConfigError(f"{section}={value!r} is invalid: must be a dict")
+    unknown = sorted(set(value) - set(accepted))
+    if unknown:
+        raise ConfigError(f"{section}: unknown key(s) {unknown}; accepted: {accepted}")
+    missing = [k for k in required if k not in value]
+    if missing:
+        raise ConfigError(f"{section}: missing required key(s) {missing}")
+    return value
 
 
 @dataclass

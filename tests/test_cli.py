@@ -7,6 +7,7 @@ import json
 import pytest
 
 from lmserve.entrypoints.cli import main
+from tests.modules_loaded import modules_loaded_by
 
 
 def test_generate_prints_one_json_line_per_prompt(tiny_model_dir, capsys):
@@ -61,19 +62,6 @@ def test_importing_lmserve_does_not_import_torch():
     assert out.stdout.strip() == "False"
 
 
-def _modules_loaded_by(code: str, prefixes: tuple[str, ...]) -> list[str]:
-    """The modules under `prefixes` that running `code` in a fresh interpreter imported."""
-    import subprocess
-    import sys
-
-    code += (
-        "\nimport json, sys\n"
-        f"print(json.dumps(sorted(m for m in sys.modules if m.startswith({prefixes!r}))))"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.splitlines()[-1])
-
-
 def test_serve_command_never_imports_the_benchmark_client_or_the_router():
     # Everything `lmserve serve` imports up to the server's own code (cli._cmd_serve).
     code = (
@@ -83,7 +71,7 @@ def test_serve_command_never_imports_the_benchmark_client_or_the_router():
         "assert args.func is cli._cmd_serve\n"
         "import lmserve.engine.launcher, lmserve.config, lmserve.entrypoints.openai.server\n"
     )
-    assert _modules_loaded_by(code, ("lmserve.bench", "lmserve.router", "httpx")) == []
+    assert modules_loaded_by(code, ("lmserve.bench", "lmserve.router", "httpx")) == []
 
 
 def test_top_level_help_lists_every_command_without_building_them(capsys):
@@ -93,7 +81,7 @@ def test_top_level_help_lists_every_command_without_building_them(capsys):
         "with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n"
         "    cli.main(['--help'])\n"
     )
-    assert _modules_loaded_by(code, ("lmserve.bench", "lmserve.router", "torch")) == []
+    assert modules_loaded_by(code, ("lmserve.bench", "lmserve.router", "torch")) == []
     with pytest.raises(SystemExit) as exc:
         main(["--help"])
     assert exc.value.code == 0

@@ -114,37 +114,31 @@ def graph() -> dict[str, set[str]]:
     return import_graph()
 
 
-def test_engine_side_never_imports_the_front_end(graph):
-    wrong = sorted(
+def imports_across(graph, importer, imported) -> list[str]:
+    """`module -> target` for every import whose sides the two predicates pick."""
+    return sorted(
         f"{module} -> {target}"
         for module, targets in graph.items()
-        if room(module) in ENGINE_SIDE
+        if importer(module)
         for target in targets
-        if room(target) in FRONT_END
+        if imported(target)
     )
-    assert wrong == []
+
+
+def test_engine_side_never_imports_the_front_end(graph):
+    assert (
+        imports_across(graph, lambda m: room(m) in ENGINE_SIDE, lambda t: room(t) in FRONT_END)
+        == []
+    )
 
 
 def test_core_never_imports_the_worker(graph):
-    wrong = sorted(
-        f"{module} -> {target}"
-        for module, targets in graph.items()
-        if room(module) == "core"
-        for target in targets
-        if room(target) == "worker"
-    )
-    assert wrong == []
+    assert imports_across(graph, lambda m: room(m) == "core", lambda t: room(t) == "worker") == []
 
 
 def test_router_imports_only_itself_and_light_shared_modules(graph):
-    wrong = sorted(
-        f"{module} -> {target}"
-        for module, targets in graph.items()
-        if room(module) == "router"
-        for target in targets
-        if room(target) != "router" and target not in ROUTER_MAY_IMPORT
-    )
-    assert wrong == []
+    outside = lambda t: room(t) != "router" and t not in ROUTER_MAY_IMPORT  # noqa: E731
+    assert imports_across(graph, lambda m: room(m) == "router", outside) == []
 
 
 def test_no_import_cycles(graph):

@@ -30,6 +30,7 @@ import logging
 import os
 import threading
 import time
+import warnings
 from array import array
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -346,6 +347,8 @@ class _WorkerSide:
         self.saver = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kv-save")
         self.loading: dict[str, Future] = {}
         self.pending_saves: list[ChunkTransfer] = []
+        self._save_stream: torch.cuda.Stream | None = None  # the saver thread's
+        self._staging: torch.Tensor | None = None  # pinned, one chunk (the saver thread's)
 
     @property
     def device(self) -> torch.device:
@@ -401,45 +404,50 @@ class _WorkerSide:
         per_token = key_cache.shape[2] * key_cache.shape[3] * key_cache.element_size()
         return num_layers * 2 * self.connector.chunk_size * per_token
 
+    def _chunk_view(self, chunk: torch.Tensor) -> torch.Tensor:
+        """A flat chunk as [num_layers, 2, blocks_per_chunk, block_size, num_kv_heads, head_dim]."""
+        key_cache = self.kv_caches[0][0]
+        c = self.connector
+        return chunk.view(
+            len(self.kv_caches), 2, c.blocks_per_chunk, c.block_size, *key_cache.shape[2:]
+        )
+
     def _write_blocks(
         self, transfer: ChunkTransfer, payloads: list[bytes], ready: torch.cuda.Event | None
     ) -> None:
-        key_cache = self.kv_caches[0][0]
-        bpc, block_size = self.connector.blocks_per_chunk, self.connector.block_size
-        num_heads, head_dim = key_cache.shape[2], key_cache.shape[3]
-        host = torch.frombuffer(bytearray(b"".join(payloads)), dtype=key_cache.dtype)
-        # [num_layers, 2, num_chunks * chunk_size, num_kv_heads, head_dim] -> blocks
-        host = host.view(
-            len(payloads), len(self.kv_caches), 2, bpc, block_size, num_heads, head_dim
-        )
-        host = host.permute(1, 2, 0, 3, 4, 5, 6).reshape(
-            len(self.kv_caches), 2, len(payloads) * bpc, block_size, num_heads, head_dim
-        )
-        first_block = transfer.skip_tokens // block_size  # blocks already on the GPU
-        block_ids = transfer.block_ids[first_block : len(payloads) * bpc]
-        host = host[:, :, first_block : len(payloads) * bpc]
-        if not block_ids:
-            return
+        """Copy the payloads into the request's blocks (on the GPU from a side stream that
+        first waits for `ready`), skipping the blocks the GPU prefix cache already held."""
+        first_block = transfer.skip_tokens // self.connector.block_size
         if ready is None:
-            self._copy_in(host, block_ids)
+            self._copy_chunks_in(transfer, payloads, first_block)
             return
         stream = torch.cuda.Stream(self.device)
         with torch.cuda.stream(stream):
             stream.wait_event(ready)
-            self._copy_in(host.pin_memory().to(self.device, non_blocking=True), block_ids)
+            self._copy_chunks_in(transfer, payloads, first_block)
         stream.synchronize()
 
-    def _copy_in(self, blocks: torch.Tensor, block_ids: list[int]) -> None:
-        # blocks: [num_layers, 2, n, block_size, num_kv_heads, head_dim]
-        index = torch.tensor(block_ids, dtype=torch.long, device=blocks.device)
-        for layer, (key_cache, value_cache) in enumerate(self.kv_caches):
-            key_cache.index_copy_(0, index, blocks[layer, 0])
-            value_cache.index_copy_(0, index, blocks[layer, 1])
+    def _copy_chunks_in(self, transfer: ChunkTransfer, payloads: list[bytes], first_block: int):
+        bpc, dtype = self.connector.blocks_per_chunk, self.kv_caches[0][0].dtype
+        with warnings.catch_warnings():  # the payloads are read-only bytes; only read here
+            warnings.simplefilter("ignore", UserWarning)
+            for j, payload in enumerate(payloads):
+                lo = max(first_block - j * bpc, 0)  # blocks of this chunk the GPU already has
+                if lo >= bpc:
+                    continue
+                host = torch.frombuffer(payload, dtype=dtype)
+                blocks = self._chunk_view(host.to(self.device))[:, :, lo:]
+                ids = transfer.block_ids[j * bpc + lo : (j + 1) * bpc]
+                index = torch.tensor(ids, dtype=torch.long, device=self.device)
+                for layer, (key_cache, value_cache) in enumerate(self.kv_caches):
+                    key_cache.index_copy_(0, index, blocks[layer, 0])
+                    value_cache.index_copy_(0, index, blocks[layer, 1])
 
     # ---- saving (after the forward) ---------------------------------------------------------
     def save_pending(self) -> None:
-        """Gather the chunks to save on the device now (in stream order, so no later step can
-        overwrite them first), then copy to the host and store off the critical path."""
+        """Gather the chunks to save on the device now, in stream order (no later step can
+        overwrite their blocks first); copy them to the host and store them off the critical
+        path (on the GPU: the saver thread, through one reused pinned buffer)."""
         transfers, self.pending_saves = self.pending_saves, []
         c = self.connector
         for transfer in transfers:
@@ -447,30 +455,36 @@ class _WorkerSide:
             if all(_stored_locally(c.store, k) for k in keys):
                 continue
             index = torch.tensor(transfer.block_ids, dtype=torch.long, device=self.device)
-            # [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]
+            # [num_chunks, num_layers, 2, blocks_per_chunk, block_size, num_kv_heads, head_dim]
             gathered = torch.stack(
                 [torch.stack((k.index_select(0, index), v.index_select(0, index)))
                  for k, v in self.kv_caches]
-            )  # fmt: skip
-            if self.device.type == "cuda":
-                host = torch.empty(gathered.shape, dtype=gathered.dtype, pin_memory=True)
-                host.copy_(gathered, non_blocking=True)
-                copied = torch.cuda.Event()
-                copied.record(torch.cuda.current_stream(self.device))
-                self.saver.submit(self._store_chunks, keys, host, copied)
-            else:
+            ).unflatten(2, (len(keys), c.blocks_per_chunk)).movedim(2, 0).contiguous()  # fmt: skip
+            if self.device.type != "cuda":
                 self._store_chunks(keys, gathered, None)
+                continue
+            gathered_event = torch.cuda.Event()
+            gathered_event.record(torch.cuda.current_stream(self.device))
+            self.saver.submit(self._store_chunks, keys, gathered, gathered_event)
 
     def _store_chunks(
-        self, keys: list[str], blocks: torch.Tensor, copied: torch.cuda.Event | None
+        self, keys: list[str], chunks: torch.Tensor, gathered: torch.cuda.Event | None
     ) -> None:
-        if copied is not None:
-            copied.synchronize()
-        bpc = self.connector.blocks_per_chunk
-        for j, key in enumerate(keys):
-            # one chunk: [num_layers, 2, chunk_size, num_kv_heads, head_dim], contiguous
-            chunk = blocks[:, :, j * bpc : (j + 1) * bpc].contiguous()
-            self.connector.store.put(key, chunk.view(torch.uint8).numpy().tobytes())
+        """chunks: [num_chunks, ...one chunk...] contiguous, on the CPU or the GPU."""
+        if gathered is None:
+            for key, chunk in zip(keys, chunks):
+                self.connector.store.put(key, chunk.view(torch.uint8).numpy().tobytes())
+            return
+        stream = self._save_stream or torch.cuda.Stream(self.device)
+        self._save_stream = stream
+        if self._staging is None:  # one chunk of pinned memory, reused
+            self._staging = torch.empty(chunks[0].numel(), dtype=chunks.dtype, pin_memory=True)
+        with torch.cuda.stream(stream):
+            stream.wait_event(gathered)
+            for key, chunk in zip(keys, chunks):
+                self._staging.copy_(chunk.view(-1), non_blocking=True)
+                stream.synchronize()
+                self.connector.store.put(key, self._staging.view(torch.uint8).numpy().tobytes())
 
     def shutdown(self) -> None:
         self.pool.shutdown(wait=True)

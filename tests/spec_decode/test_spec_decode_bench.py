@@ -9,10 +9,10 @@ import os
 import subprocess
 import sys
 
-import httpx
 import pytest
 from prometheus_client import REGISTRY, generate_latest
 
+import lmserve.bench
 from lmserve.bench.cli import main
 from lmserve.bench.spec_decode import difference, scrape_spec_decode
 from lmserve.core.messages import SchedulerStats, SpecDecodeStats
@@ -48,11 +48,11 @@ def test_bench_serve_reads_the_run_from_metrics(monkeypatch):
     """What a run added is the difference of the counters (others may be on the page)."""
     from lmserve.metrics.stats import StatsRecorder
 
-    def get(url, timeout):
+    def get(url, headers, timeout):
         assert url == "http://server/metrics"
-        return httpx.Response(200, text=generate_latest(REGISTRY).decode())
+        return 200, generate_latest(REGISTRY).decode()
 
-    monkeypatch.setattr(httpx, "get", get)
+    monkeypatch.setattr(lmserve.bench, "http_get", get)
     recorder = StatsRecorder(model_name="bench-serve")
     step = SpecDecodeStats()
     step.observe(3, 2)
@@ -68,9 +68,11 @@ def test_bench_serve_reads_the_run_from_metrics(monkeypatch):
 
 
 def test_scrape_without_spec_decode_counters_is_none(monkeypatch):
-    monkeypatch.setattr(httpx, "get", lambda url, timeout: httpx.Response(200, text="# nothing\n"))
+    monkeypatch.setattr(
+        lmserve.bench, "http_get", lambda url, headers, timeout: (200, "# nothing\n")
+    )
     assert scrape_spec_decode("http://server") is None
-    monkeypatch.setattr(httpx, "get", lambda url, timeout: httpx.Response(404))
+    monkeypatch.setattr(lmserve.bench, "http_get", lambda url, headers, timeout: (404, ""))
     assert scrape_spec_decode("http://server") is None
 
 
