@@ -34,7 +34,7 @@ import warnings
 from array import array
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
@@ -46,7 +46,8 @@ from lmserve.kv_transfer.base import (
     KVConnectorRole,
     KVTransferStats,
 )
-from lmserve.kv_transfer.store import CPUTier, DiskTier, RedisTier, TieredStore
+from lmserve.kv_transfer.slab_tier import SlabCPUTier
+from lmserve.kv_transfer.store import DiskTier, RedisTier, TieredStore
 
 if TYPE_CHECKING:
     from lmserve.config import EngineConfig
@@ -55,6 +56,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 _GiB = 1 << 30
+_GROUP = 8  # chunks copied in per index_copy (bounds the device staging buffer)
 _LAYOUT = "layers,kv,tokens,heads,head_dim/v1"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt")
 
@@ -138,7 +140,8 @@ def build_store(config: EngineConfig, with_cpu_tier: bool = True) -> TieredStore
     options = config.kv_transfer_config.options
     tiers: list[Any] = []
     if with_cpu_tier and options.cpu_size_gib > 0:
-        tiers.append(CPUTier(int(options.cpu_size_gib * _GiB)))
+        pinned = config.device_config.device == "cuda"  # the copy engines read it directly
+        tiers.append(SlabCPUTier(int(options.cpu_size_gib * _GiB), pin=pinned))
     if options.disk_path:
         tiers.append(DiskTier(options.disk_path, int(options.disk_size_gib * _GiB)))
     if options.remote_url:
@@ -348,7 +351,6 @@ class _WorkerSide:
         self.loading: dict[str, Future] = {}
         self.pending_saves: list[ChunkTransfer] = []
         self._save_stream: torch.cuda.Stream | None = None  # the saver thread's
-        self._staging: torch.Tensor | None = None  # pinned, one chunk (the saver thread's)
 
     @property
     def device(self) -> torch.device:
@@ -378,24 +380,48 @@ class _WorkerSide:
         """Fetch the chunks in order, stop at the first missing or bad one, copy the ones that
         arrived into their blocks. Returns the tokens loaded after `skip_tokens`."""
         c = self.connector
-        payloads, tiers = [], []
-        for chunk_hash in transfer.chunk_hashes:
-            payload, tier = c.store.get(rank_key(chunk_hash, c.rank))
-            if payload is None or len(payload) != self.chunk_bytes:
-                if payload is not None:
-                    c._add_stats(KVTransferStats(failures={f"{tier}:size": 1}))
-                break
-            payloads.append(payload)
-            tiers.append(tier)
-        if not payloads:
-            return 0
-        self._write_blocks(transfer, payloads, ready)
+        sources: list[_Source] = []
+        try:
+            for chunk_hash in transfer.chunk_hashes:
+                source = self._fetch(rank_key(chunk_hash, c.rank))
+                if source is None:
+                    break
+                sources.append(source)
+            if sources:
+                self._write_blocks(transfer, [s.data for s in sources], ready)
+        finally:
+            for source in sources:
+                if source.slot is not None:
+                    self.slab.release(source.slot)
         hits: dict[str, int] = {}
-        for j, tier in enumerate(tiers):
+        for j, source in enumerate(sources):
             skipped = transfer.skip_tokens if j == 0 else 0
-            hits[tier] = hits.get(tier, 0) + c.chunk_size - skipped
-        c._add_stats(KVTransferStats(hit_tokens=hits))
-        return len(payloads) * c.chunk_size - transfer.skip_tokens
+            hits[source.tier] = hits.get(source.tier, 0) + c.chunk_size - skipped
+        if hits:
+            c._add_stats(KVTransferStats(hit_tokens=hits))
+        return max(len(sources) * c.chunk_size - transfer.skip_tokens, 0)
+
+    def _fetch(self, key: str) -> _Source | None:
+        """The chunk from the CPU slots (held until released), else from the slower tiers
+        (which promote it into the slots)."""
+        if self.slab is not None:
+            held = self.slab.acquire(key)
+            if held is not None:
+                return _Source(held[1], "cpu", held[0])
+        payload, tier = self.connector.store.get(key)
+        if payload is None:
+            return None
+        if len(payload) != self.chunk_bytes:
+            self.connector._add_stats(KVTransferStats(failures={f"{tier}:size": 1}))
+            return None
+        with warnings.catch_warnings():  # read-only bytes, only read from
+            warnings.simplefilter("ignore", UserWarning)
+            return _Source(torch.frombuffer(payload, dtype=torch.uint8), tier, None)
+
+    @property
+    def slab(self) -> SlabCPUTier | None:
+        tiers = self.connector.store.tiers
+        return tiers[0] if isinstance(tiers[0], SlabCPUTier) else None
 
     @property
     def chunk_bytes(self) -> int:
@@ -404,91 +430,133 @@ class _WorkerSide:
         per_token = key_cache.shape[2] * key_cache.shape[3] * key_cache.element_size()
         return num_layers * 2 * self.connector.chunk_size * per_token
 
-    def _chunk_view(self, chunk: torch.Tensor) -> torch.Tensor:
-        """A flat chunk as [num_layers, 2, blocks_per_chunk, block_size, num_kv_heads, head_dim]."""
-        key_cache = self.kv_caches[0][0]
-        c = self.connector
-        return chunk.view(
-            len(self.kv_caches), 2, c.blocks_per_chunk, c.block_size, *key_cache.shape[2:]
-        )
-
     def _write_blocks(
-        self, transfer: ChunkTransfer, payloads: list[bytes], ready: torch.cuda.Event | None
+        self, transfer: ChunkTransfer, chunks: list[torch.Tensor], ready: torch.cuda.Event | None
     ) -> None:
-        """Copy the payloads into the request's blocks (on the GPU from a side stream that
-        first waits for `ready`), skipping the blocks the GPU prefix cache already held."""
-        first_block = transfer.skip_tokens // self.connector.block_size
+        """Copy the chunks (flat uint8, host) into the request's blocks — on the GPU from a
+        side stream that first waits for `ready` — skipping the blocks the GPU prefix cache
+        already held."""
         if ready is None:
-            self._copy_chunks_in(transfer, payloads, first_block)
+            self._copy_chunks_in(transfer, chunks)
             return
         stream = torch.cuda.Stream(self.device)
         with torch.cuda.stream(stream):
             stream.wait_event(ready)
-            self._copy_chunks_in(transfer, payloads, first_block)
+            self._copy_chunks_in(transfer, chunks)
         stream.synchronize()
 
-    def _copy_chunks_in(self, transfer: ChunkTransfer, payloads: list[bytes], first_block: int):
-        bpc, dtype = self.connector.blocks_per_chunk, self.kv_caches[0][0].dtype
-        with warnings.catch_warnings():  # the payloads are read-only bytes; only read here
-            warnings.simplefilter("ignore", UserWarning)
-            for j, payload in enumerate(payloads):
-                lo = max(first_block - j * bpc, 0)  # blocks of this chunk the GPU already has
-                if lo >= bpc:
-                    continue
-                host = torch.frombuffer(payload, dtype=dtype)
-                blocks = self._chunk_view(host.to(self.device))[:, :, lo:]
-                ids = transfer.block_ids[j * bpc + lo : (j + 1) * bpc]
-                index = torch.tensor(ids, dtype=torch.long, device=self.device)
-                for layer, (key_cache, value_cache) in enumerate(self.kv_caches):
-                    key_cache.index_copy_(0, index, blocks[layer, 0])
-                    value_cache.index_copy_(0, index, blocks[layer, 1])
+    def _copy_chunks_in(self, transfer: ChunkTransfer, chunks: list[torch.Tensor]) -> None:
+        """Up to _GROUP chunks at a time: one host->device copy each into a device buffer,
+        then one index_copy per layer and key/value for the whole group."""
+        c, key_cache = self.connector, self.kv_caches[0][0]
+        bpc, num_layers = c.blocks_per_chunk, len(self.kv_caches)
+        first_block = transfer.skip_tokens // c.block_size  # already in the GPU pool
+        for start in range(0, len(chunks), _GROUP):
+            group = chunks[start : start + _GROUP]
+            # [len(group), chunk_bytes] -> [num_layers, 2, blocks, block_size, heads, head_dim]
+            staged = torch.empty(
+                (len(group), self.chunk_bytes), dtype=torch.uint8, device=self.device
+            )
+            for j, chunk in enumerate(group):
+                staged[j].copy_(chunk, non_blocking=True)
+            blocks = (
+                staged.view(key_cache.dtype)
+                .view(len(group), num_layers, 2, bpc, c.block_size, *key_cache.shape[2:])
+                .movedim(0, 2)
+                .flatten(2, 3)
+            )
+            lo = max(first_block - start * bpc, 0)
+            ids = transfer.block_ids[start * bpc + lo : (start + len(group)) * bpc]
+            if not ids:
+                continue
+            index = torch.tensor(ids, dtype=torch.long).to(self.device, non_blocking=True)
+            for layer, (k_cache, v_cache) in enumerate(self.kv_caches):
+                k_cache.index_copy_(0, index, blocks[layer, 0, lo:])
+                v_cache.index_copy_(0, index, blocks[layer, 1, lo:])
 
     # ---- saving (after the forward) ---------------------------------------------------------
     def save_pending(self) -> None:
-        """Gather the chunks to save on the device now, in stream order (no later step can
-        overwrite their blocks first); copy them to the host and store them off the critical
-        path (on the GPU: the saver thread, through one reused pinned buffer)."""
+        """Gather every chunk to save this step on the device now, in stream order (no later
+        step can overwrite their blocks first), then copy them into CPU slots and on to the
+        slower tiers off the critical path (on the GPU: from the saver thread)."""
         transfers, self.pending_saves = self.pending_saves, []
         c = self.connector
+        keys, block_ids = [], []
         for transfer in transfers:
-            keys = [rank_key(h, c.rank) for h in transfer.chunk_hashes]
-            if all(_stored_locally(c.store, k) for k in keys):
-                continue
-            index = torch.tensor(transfer.block_ids, dtype=torch.long, device=self.device)
-            # [num_chunks, num_layers, 2, blocks_per_chunk, block_size, num_kv_heads, head_dim]
-            gathered = torch.stack(
-                [torch.stack((k.index_select(0, index), v.index_select(0, index)))
-                 for k, v in self.kv_caches]
-            ).unflatten(2, (len(keys), c.blocks_per_chunk)).movedim(2, 0).contiguous()  # fmt: skip
-            if self.device.type != "cuda":
-                self._store_chunks(keys, gathered, None)
-                continue
-            gathered_event = torch.cuda.Event()
-            gathered_event.record(torch.cuda.current_stream(self.device))
-            self.saver.submit(self._store_chunks, keys, gathered, gathered_event)
+            for j, chunk_hash in enumerate(transfer.chunk_hashes):
+                key = rank_key(chunk_hash, c.rank)
+                if not _stored_locally(c.store, key):
+                    keys.append(key)
+                    block_ids += transfer.block_ids[
+                        j * c.blocks_per_chunk : (j + 1) * c.blocks_per_chunk
+                    ]
+        if not keys:
+            return
+        index = torch.tensor(block_ids, dtype=torch.long).to(self.device, non_blocking=True)
+        # [num_chunks, num_layers, 2, blocks_per_chunk, block_size, num_kv_heads, head_dim]
+        gathered = torch.stack(
+            [torch.stack((k.index_select(0, index), v.index_select(0, index)))
+             for k, v in self.kv_caches]
+        ).unflatten(2, (len(keys), c.blocks_per_chunk)).movedim(2, 0).contiguous()  # fmt: skip
+        if self.device.type != "cuda":
+            self._store_chunks(keys, gathered, None)
+            return
+        done = torch.cuda.Event()
+        done.record(torch.cuda.current_stream(self.device))
+        self.saver.submit(self._store_chunks, keys, gathered, done)
 
     def _store_chunks(
         self, keys: list[str], chunks: torch.Tensor, gathered: torch.cuda.Event | None
     ) -> None:
         """chunks: [num_chunks, ...one chunk...] contiguous, on the CPU or the GPU."""
+        start = time.perf_counter()
+        flat = chunks.view(len(keys), -1).view(torch.uint8)  # [num_chunks, chunk_bytes]
+        reserved: list[tuple[str, int, torch.Tensor]] = []
         if gathered is None:
-            for key, chunk in zip(keys, chunks):
-                self.connector.store.put(key, chunk.view(torch.uint8).numpy().tobytes())
+            self._copy_to_slots(keys, flat, reserved)
+        else:
+            stream = self._save_stream = self._save_stream or torch.cuda.Stream(self.device)
+            with torch.cuda.stream(stream):
+                stream.wait_event(gathered)
+                self._copy_to_slots(keys, flat, reserved)
+            stream.synchronize()
+        if self.slab is None or len(self.connector.store.tiers) > 1:
+            # Before the commit: until then no other thread can reuse the slots.
+            self._put_in_slower_tiers(keys, flat, reserved)
+        seconds = (time.perf_counter() - start) / max(len(reserved), 1)
+        for key, slot, _ in reserved:
+            self.slab.commit(key, slot, seconds)
+
+    def _copy_to_slots(self, keys: list[str], flat: torch.Tensor, reserved: list) -> None:
+        if self.slab is None:
             return
-        stream = self._save_stream or torch.cuda.Stream(self.device)
-        self._save_stream = stream
-        if self._staging is None:  # one chunk of pinned memory, reused
-            self._staging = torch.empty(chunks[0].numel(), dtype=chunks.dtype, pin_memory=True)
-        with torch.cuda.stream(stream):
-            stream.wait_event(gathered)
-            for key, chunk in zip(keys, chunks):
-                self._staging.copy_(chunk.view(-1), non_blocking=True)
-                stream.synchronize()
-                self.connector.store.put(key, self._staging.view(torch.uint8).numpy().tobytes())
+        for key, chunk in zip(keys, flat):
+            held = self.slab.reserve(key, chunk.numel())
+            if held is not None:
+                held[1].copy_(chunk, non_blocking=True)
+                reserved.append((key, *held))
+
+    def _put_in_slower_tiers(self, keys: list[str], flat: torch.Tensor, reserved: list) -> None:
+        """Disk and Redis take bytes, written by the store's writer thread."""
+        in_slots = {key: view for key, _, view in reserved}
+        for key, chunk in zip(keys, flat):
+            host = in_slots.get(key)
+            if host is None:
+                host = chunk.cpu()
+            self.connector.store.put(key, host.numpy().tobytes())
 
     def shutdown(self) -> None:
         self.pool.shutdown(wait=True)
         self.saver.shutdown(wait=True)
+
+
+class _Source(NamedTuple):
+    """One chunk to load: its bytes on the host (flat uint8), the tier it came from, and the
+    CPU slot it sits in (held until the copy is done), if any."""
+
+    data: torch.Tensor
+    tier: str
+    slot: int | None
 
 
 def _load_result(req_id: str, future: Future) -> int:
