@@ -31,14 +31,14 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from gpu_shapes import SHAPES, write_shape  # noqa: E402
 from machine import device_info  # noqa: E402
 
-KV = {"kv_connector": "TieredConnector", "kv_connector_extra_config": {"cpu_size_gib": 48}}
+KV = {"kv_connector": "TieredConnector", "kv_connector_extra_config": {"cpu_size_gib": 16}}
 
 
-def make_llm(path: str, kv: dict | None, max_model_len: int):
+def make_llm(args, path: str, kv: dict | None, max_model_len: int):
     from lmserve import LLM
 
     return LLM(
-        path, load_format="dummy", dtype="bfloat16", device="cuda", skip_tokenizer_init=True,
+        path, load_format="dummy", dtype="bfloat16", device=args.device, skip_tokenizer_init=True,
         max_model_len=max_model_len, gpu_memory_utilization=0.85, kv_transfer_config=kv,
     )  # fmt: skip
 
@@ -46,16 +46,22 @@ def make_llm(path: str, kv: dict | None, max_model_len: int):
 def free(llm) -> None:
     llm.shutdown()
     gc.collect()
-    torch.cuda.empty_cache()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def scheduler_of(llm):
     return llm.llm_engine.engine_core.engine_core.scheduler
 
 
-def prompts(n: int, length: int, seed: int) -> list[list[int]]:
+def prompts(args, n: int, length: int, seed: int) -> list[list[int]]:
     rng = random.Random(seed)
-    vocab = SHAPES["8b"][1]["vocab_size"]
+    vocab = SHAPES[args.shape][1]["vocab_size"]
     return [[rng.randrange(1000, vocab) for _ in range(length)] for _ in range(n)]
 
 
@@ -63,18 +69,62 @@ def timed_first_token(llm, prompt: list[int]) -> tuple[float, int]:
     from lmserve import SamplingParams
 
     params = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
-    torch.cuda.synchronize()
+    synchronize()
     start = time.perf_counter()
     (out,) = llm.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)
     elapsed = time.perf_counter() - start
     return elapsed, out.outputs[0].token_ids[0]
 
 
+def worker_connector(llm):
+    return llm.llm_engine.engine_core.engine_core.executor.worker.model_runner.kv_connector
+
+
 def reset_gpu_cache(llm) -> None:
-    sched = scheduler_of(llm)
-    if sched.kv_connector is not None:
-        sched.kv_connector.store.flush()
-    assert sched.kv_cache_manager.reset_prefix_cache()
+    """Forget the GPU pool's prefixes once every save is in the CPU tier."""
+    if worker_connector(llm) is not None:
+        worker_connector(llm).flush()
+    assert scheduler_of(llm).kv_cache_manager.reset_prefix_cache()
+
+
+class Probe:
+    """What the workers report (bytes and seconds per tier) and the main thread's time in the
+    connector's per-step calls (start_load_kv, wait_for_save, get_finished)."""
+
+    def __init__(self, llm) -> None:
+        from lmserve.kv_transfer.base import KVTransferStats
+
+        self.stats = KVTransferStats()
+        self.step_seconds = 0.0
+        sched, connector = scheduler_of(llm), worker_connector(llm)
+        original = sched.update_from_kv_connector
+
+        def spy(output):
+            if output is not None and output.stats is not None:
+                self.stats.add(output.stats)
+            return original(output)
+
+        sched.update_from_kv_connector = spy
+        for name in ("start_load_kv", "wait_for_save", "get_finished"):
+            setattr(connector, name, self._timed(getattr(connector, name)))
+
+    def _timed(self, method):
+        def timed(*args):
+            start = time.perf_counter()
+            try:
+                return method(*args)
+            finally:
+                self.step_seconds += time.perf_counter() - start
+
+        return timed
+
+    def to_dict(self) -> dict:
+        from msgspec.structs import asdict
+
+        return {
+            "worker_stats": asdict(self.stats),
+            "main_thread_connector_s": self.step_seconds,
+        }
 
 
 def ttft(llm, ttft_prompts: list[list[int]], loaded: bool) -> dict:
@@ -101,18 +151,23 @@ def ttft(llm, ttft_prompts: list[list[int]], loaded: bool) -> dict:
     return result
 
 
-def throughput(path: str, kv: dict | None, num_requests: int) -> dict:
-    from lmserve.bench.throughput import run_lmserve
+def throughput(args, path: str, kv: dict | None) -> dict:
+    """num_requests x (256 in, 256 out), all at once; with the tier, what it moved."""
+    from lmserve import SamplingParams
 
-    engine = dict(
-        load_format="dummy", dtype="bfloat16", device="cuda", skip_tokenizer_init=True,
-        max_model_len=2048, gpu_memory_utilization=0.85, kv_transfer_config=kv,
-    )  # fmt: skip
-    requests = prompts(num_requests, 256, seed=1234)
-    result = run_lmserve(path, engine, requests, [256] * num_requests, 0.0, use_tqdm=False)
-    gc.collect()
-    torch.cuda.empty_cache()
-    return result.to_dict()
+    llm = make_llm(args, path, kv, 2048)
+    probe = Probe(llm) if kv is not None else None
+    params = SamplingParams(temperature=0, max_tokens=256, min_tokens=256, ignore_eos=True)
+    requests = [{"prompt_token_ids": p} for p in prompts(args, args.num_requests, 256, 1234)]
+    llm.generate(requests[:8], params, use_tqdm=False)  # warm-up
+    start = time.perf_counter()
+    llm.generate(requests, params, use_tqdm=False)
+    elapsed = time.perf_counter() - start
+    free(llm)
+    result = {"elapsed_s": elapsed, "tokens_per_second": args.num_requests * 512 / elapsed}
+    if probe is not None:
+        result["probe"] = probe.to_dict()
+    return result
 
 
 def main() -> None:
@@ -122,22 +177,26 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--num-requests", type=int, default=1000)
     parser.add_argument("--skip-throughput", action="store_true")
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="8b")
+    parser.add_argument("--device", default="cuda")
     args = parser.parse_args()
-    path = write_shape(tempfile.mkdtemp(), "8b")
-    ttft_prompts = prompts(args.repeats, args.prompt_len, seed=7)
+    path = write_shape(tempfile.mkdtemp(), args.shape)
+    ttft_prompts = prompts(args, args.repeats, args.prompt_len, seed=7)
     max_len = args.prompt_len + 64
-    result: dict = {"machine": device_info("cuda"), "shape": "llama3-8b", "dtype": "bfloat16",
+    result: dict = {"machine": device_info(args.device), "shape": args.shape, "dtype": "bfloat16",
                     "kv_transfer_config": KV, "prompt_len": args.prompt_len}  # fmt: skip
 
-    llm = make_llm(path, None, max_len)
+    llm = make_llm(args, path, None, max_len)
     result["ttft_tier_off"] = ttft(llm, ttft_prompts, loaded=False)
     free(llm)
-    llm = make_llm(path, KV, max_len)
+    llm = make_llm(args, path, KV, max_len)
+    probe = Probe(llm)
     result["ttft_tier_on"] = ttft(llm, ttft_prompts, loaded=True)
+    result["ttft_tier_on"]["probe"] = probe.to_dict()
     free(llm)
     if not args.skip_throughput:
-        result["throughput_tier_off"] = throughput(path, None, args.num_requests)
-        result["throughput_tier_on"] = throughput(path, KV, args.num_requests)
+        result["throughput_tier_off"] = throughput(args, path, None)
+        result["throughput_tier_on"] = throughput(args, path, KV)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
     print_table(result)
@@ -146,7 +205,7 @@ def main() -> None:
 def print_table(result: dict) -> None:
     off, on = result["ttft_tier_off"], result["ttft_tier_on"]
     card = result["machine"].get("gpu", result["machine"].get("device"))
-    print(f"\nKV offload, Llama-3-8B shape, bf16, {card}")
+    print(f"\nKV offload, {result['shape']} shape, bf16, {card}")
     print(f"{'measure':<44}{'value':>12}")
     rows = [
         (f"TTFT {result['prompt_len']} tok, recomputed (tier off), s", off["median_computed_s"]),
@@ -155,14 +214,26 @@ def print_table(result: dict) -> None:
         ("speed-up loaded vs recomputed (tier off)", off["median_computed_s"] / on["median_loaded_s"]),
         ("first token equal, loaded vs computed", f"{sum(on['same_first_token'])}/{len(on['same_first_token'])}"),
     ]  # fmt: skip
+    stats = on["probe"]["worker_stats"]
+    for kind in ("loaded", "saved"):
+        nbytes, seconds = (
+            stats[f"bytes_{kind}"].get("cpu", 0),
+            stats[f"seconds_{kind}"].get("cpu", 0),
+        )
+        rows.append(
+            (f"CPU tier {kind}: GB/s over {nbytes / 1e9:.1f} GB", nbytes / 1e9 / max(seconds, 1e-9))
+        )
+    rows.append(("main thread in connector calls, s", on["probe"]["main_thread_connector_s"]))
     if "throughput_tier_on" in result:
         t_off = result["throughput_tier_off"]["tokens_per_second"]
         t_on = result["throughput_tier_on"]["tokens_per_second"]
         rows += [
-            ("throughput 1000x(256,256) tier off, tok/s", t_off),
-            ("throughput 1000x(256,256) tier on, tok/s", t_on),
+            ("throughput (256 in, 256 out) tier off, tok/s", t_off),
+            ("throughput (256 in, 256 out) tier on, tok/s", t_on),
             ("tier on / off", t_on / t_off),
-        ]
+            ("  main thread in connector calls, s",
+             result["throughput_tier_on"]["probe"]["main_thread_connector_s"]),
+        ]  # fmt: skip
     for name, value in rows:
         text = f"{value:>12.4g}" if isinstance(value, float) else f"{value:>12}"
         print(f"{name:<44}{text}")

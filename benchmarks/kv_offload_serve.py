@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from gpu_shapes import SHAPES, write_shape  # noqa: E402
 from machine import device_info  # noqa: E402
 
-KV = {"kv_connector": "TieredConnector", "kv_connector_extra_config": {"cpu_size_gib": 48}}
+KV = {"kv_connector": "TieredConnector", "kv_connector_extra_config": {"cpu_size_gib": 16}}
 
 
 def add_word_tokenizer(path: str, vocab_size: int) -> None:

@@ -56,7 +56,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 _GiB = 1 << 30
-_GROUP = 8  # chunks copied in per index_copy (bounds the device staging buffer)
 _LAYOUT = "layers,kv,tokens,heads,head_dim/v1"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt")
 
@@ -309,6 +308,13 @@ class TieredConnector(KVConnectorBase):
     def wait_for_save(self) -> None:
         self._worker.save_pending()
 
+    def flush(self) -> None:
+        """Wait until the saves so far are stored, in every tier (tests, benchmarks)."""
+        if self.role == KVConnectorRole.WORKER:
+            self._worker.flush()
+        if self.store is not None:
+            self.store.flush()
+
     def get_finished(self) -> KVConnectorOutput:
         finished = self._worker.take_finished()
         stats = self._worker_stats()
@@ -346,11 +352,14 @@ class _WorkerSide:
     def __init__(self, connector: TieredConnector) -> None:
         self.connector = connector
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="kv-load")
+        # One load thread: it alone uses the load stream and the staging buffers.
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kv-load")
         self.saver = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kv-save")
         self.loading: dict[str, Future] = {}
         self.pending_saves: list[ChunkTransfer] = []
         self._save_stream: torch.cuda.Stream | None = None  # the saver thread's
+        self._load_stream: torch.cuda.Stream | None = None  # the load thread's
+        self._staging: list[torch.Tensor] = []  # the load thread's device buffers
 
     @property
     def device(self) -> torch.device:
@@ -368,6 +377,10 @@ class _WorkerSide:
             ready.record(torch.cuda.current_stream(self.device))
         for transfer in metadata.loads:
             self.loading[transfer.req_id] = self.pool.submit(self._load, transfer, ready)
+
+    def flush(self) -> None:
+        """Wait until every save handed to the saver thread is in the store."""
+        self.saver.submit(lambda: None).result()
 
     def take_finished(self) -> dict[str, int]:
         done = {req_id: f for req_id, f in self.loading.items() if f.done()}
@@ -388,17 +401,21 @@ class _WorkerSide:
                     break
                 sources.append(source)
             if sources:
+                start = time.perf_counter()
                 self._write_blocks(transfer, [s.data for s in sources], ready)
+                per_chunk = (time.perf_counter() - start) / len(sources)
         finally:
             for source in sources:
                 if source.slot is not None:
                     self.slab.release(source.slot)
         hits: dict[str, int] = {}
+        seconds: dict[str, float] = {}  # the copies into the blocks, split over the chunks
         for j, source in enumerate(sources):
             skipped = transfer.skip_tokens if j == 0 else 0
             hits[source.tier] = hits.get(source.tier, 0) + c.chunk_size - skipped
+            seconds[source.tier] = seconds.get(source.tier, 0.0) + per_chunk
         if hits:
-            c._add_stats(KVTransferStats(hit_tokens=hits))
+            c._add_stats(KVTransferStats(hit_tokens=hits, seconds_loaded=seconds))
         return max(len(sources) * c.chunk_size - transfer.skip_tokens, 0)
 
     def _fetch(self, key: str) -> _Source | None:
@@ -433,46 +450,56 @@ class _WorkerSide:
     def _write_blocks(
         self, transfer: ChunkTransfer, chunks: list[torch.Tensor], ready: torch.cuda.Event | None
     ) -> None:
-        """Copy the chunks (flat uint8, host) into the request's blocks — on the GPU from a
-        side stream that first waits for `ready` — skipping the blocks the GPU prefix cache
-        already held."""
+        """Copy the chunks (flat uint8, host) into the request's blocks — on the GPU from the
+        load stream, after `ready` — skipping the blocks the GPU prefix cache already held."""
         if ready is None:
             self._copy_chunks_in(transfer, chunks)
-            return
-        stream = torch.cuda.Stream(self.device)
-        with torch.cuda.stream(stream):
-            stream.wait_event(ready)
-            self._copy_chunks_in(transfer, chunks)
-        stream.synchronize()
+        else:
+            stream = self._load_stream = self._load_stream or torch.cuda.Stream(self.device)
+            with torch.cuda.stream(stream):
+                stream.wait_event(ready)
+                self._copy_chunks_in(transfer, chunks)
+            stream.synchronize()
 
     def _copy_chunks_in(self, transfer: ChunkTransfer, chunks: list[torch.Tensor]) -> None:
-        """Up to _GROUP chunks at a time: one host->device copy each into a device buffer,
-        then one index_copy per layer and key/value for the whole group."""
-        c, key_cache = self.connector, self.kv_caches[0][0]
-        bpc, num_layers = c.blocks_per_chunk, len(self.kv_caches)
+        """Chunk by chunk: one host->device copy into a staging buffer (reused: the load thread
+        is the only user of its stream and buffers), then one index_copy per layer for the
+        keys and one for the values."""
+        c = self.connector
+        bpc = c.blocks_per_chunk
         first_block = transfer.skip_tokens // c.block_size  # already in the GPU pool
-        for start in range(0, len(chunks), _GROUP):
-            group = chunks[start : start + _GROUP]
-            # [len(group), chunk_bytes] -> [num_layers, 2, blocks, block_size, heads, head_dim]
-            staged = torch.empty(
-                (len(group), self.chunk_bytes), dtype=torch.uint8, device=self.device
-            )
-            for j, chunk in enumerate(group):
-                staged[j].copy_(chunk, non_blocking=True)
-            blocks = (
-                staged.view(key_cache.dtype)
-                .view(len(group), num_layers, 2, bpc, c.block_size, *key_cache.shape[2:])
-                .movedim(0, 2)
-                .flatten(2, 3)
-            )
-            lo = max(first_block - start * bpc, 0)
-            ids = transfer.block_ids[start * bpc + lo : (start + len(group)) * bpc]
-            if not ids:
+        staging = self._staging_buffers()
+        for j, chunk in enumerate(chunks):
+            lo = max(first_block - j * bpc, 0)
+            if lo >= bpc:
                 continue
+            if self.device.type == "cuda":
+                buffer = staging[j % len(staging)]
+                buffer.copy_(chunk, non_blocking=True)
+            else:
+                buffer = chunk
+            blocks = self._chunk_view(buffer)[:, :, lo:]  # [layers, 2, blocks, bs, heads, dim]
+            ids = transfer.block_ids[j * bpc + lo : (j + 1) * bpc]
             index = torch.tensor(ids, dtype=torch.long).to(self.device, non_blocking=True)
             for layer, (k_cache, v_cache) in enumerate(self.kv_caches):
-                k_cache.index_copy_(0, index, blocks[layer, 0, lo:])
-                v_cache.index_copy_(0, index, blocks[layer, 1, lo:])
+                k_cache.index_copy_(0, index, blocks[layer, 0])
+                v_cache.index_copy_(0, index, blocks[layer, 1])
+
+    def _staging_buffers(self) -> list[torch.Tensor]:
+        """Two chunk-sized device buffers, made once on the load stream (GPU only)."""
+        if self.device.type == "cuda" and not self._staging:
+            self._staging = list(
+                torch.empty((2, self.chunk_bytes), dtype=torch.uint8, device=self.device)
+            )
+        return self._staging
+
+    def _chunk_view(self, flat: torch.Tensor) -> torch.Tensor:
+        """A flat uint8 chunk as [num_layers, 2, blocks_per_chunk, block_size, heads, head_dim]."""
+        key_cache = self.kv_caches[0][0]
+        c = self.connector
+        return flat.view(key_cache.dtype).view(
+            len(self.kv_caches), 2, c.blocks_per_chunk, c.block_size, *key_cache.shape[2:]
+        )
 
     # ---- saving (after the forward) ---------------------------------------------------------
     def save_pending(self) -> None:
@@ -523,9 +550,9 @@ class _WorkerSide:
         if self.slab is None or len(self.connector.store.tiers) > 1:
             # Before the commit: until then no other thread can reuse the slots.
             self._put_in_slower_tiers(keys, flat, reserved)
-        seconds = (time.perf_counter() - start) / max(len(reserved), 1)
+        seconds = time.perf_counter() - start
         for key, slot, _ in reserved:
-            self.slab.commit(key, slot, seconds)
+            self.slab.commit(key, slot, seconds / len(reserved))
 
     def _copy_to_slots(self, keys: list[str], flat: torch.Tensor, reserved: list) -> None:
         if self.slab is None:
