@@ -160,11 +160,13 @@ def throughput(args, path: str, kv: dict | None) -> dict:
     params = SamplingParams(temperature=0, max_tokens=256, min_tokens=256, ignore_eos=True)
     requests = [{"prompt_token_ids": p} for p in prompts(args, args.num_requests, 256, 1234)]
     llm.generate(requests[:8], params, use_tqdm=False)  # warm-up
-    start = time.perf_counter()
-    llm.generate(requests, params, use_tqdm=False)
-    elapsed = time.perf_counter() - start
+    passes = []  # with the tier, the second pass finds its pinned memory already allocated
+    for _ in range(2 if kv is not None else 1):
+        start = time.perf_counter()
+        llm.generate(requests, params, use_tqdm=False)
+        passes.append(args.num_requests * 512 / (time.perf_counter() - start))
     free(llm)
-    result = {"elapsed_s": elapsed, "tokens_per_second": args.num_requests * 512 / elapsed}
+    result = {"tokens_per_second": passes[0], "tokens_per_second_per_pass": passes}
     if probe is not None:
         result["probe"] = probe.to_dict()
     return result
@@ -231,6 +233,8 @@ def print_table(result: dict) -> None:
             ("throughput (256 in, 256 out) tier off, tok/s", t_off),
             ("throughput (256 in, 256 out) tier on, tok/s", t_on),
             ("tier on / off", t_on / t_off),
+            ("tier on, second pass (memory allocated) / off",
+             result["throughput_tier_on"]["tokens_per_second_per_pass"][-1] / t_off),
             ("  main thread in connector calls, s",
              result["throughput_tier_on"]["probe"]["main_thread_connector_s"]),
         ]  # fmt: skip

@@ -112,7 +112,7 @@ class EngineCore:
         scheduler_output = self.scheduler.schedule()
         runner_output = self.executor.execute_model(scheduler_output)
         if scheduler_output.is_empty and self.scheduler.loading:
-            time.sleep(_LOAD_POLL_S)  # only KV loads pending: poll them without spinning
+            time.sleep(_LOAD_POLL_S)  # only KV loads pending: leave the GIL to them
         return self._update(scheduler_output, runner_output)
 
     def _step_async(self, in_flight: deque[tuple[SchedulerOutput, Any]]) -> EngineCoreOutputs:
@@ -125,6 +125,8 @@ class EngineCore:
             if scheduler_output.is_empty:  # still tell the worker of finished requests
                 runner_output = self.executor.execute_model(scheduler_output)
                 self.scheduler.update_from_kv_connector(runner_output.kv_connector_output)
+                if not in_flight and self.scheduler.loading:
+                    time.sleep(_LOAD_POLL_S)  # only KV loads pending: leave the GIL to them
             else:
                 in_flight.append(
                     (scheduler_output, self.executor.execute_model_async(scheduler_output))
