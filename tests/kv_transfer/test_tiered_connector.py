@@ -83,20 +83,30 @@ def test_hit_from_each_tier_matches_hf(tiny_model_dir, tmp_path, redis_server, t
     assert not hits.failures
 
 
-def test_tiny_gpu_pool_evicts_prefixes_and_cpu_tier_brings_them_back(tiny_model_dir):
+@pytest.mark.parametrize("tier", ["cpu", "disk", "redis"])
+def test_tiny_gpu_pool_evicts_prefixes_and_a_tier_brings_them_back(
+    tiny_model_dir, tmp_path, redis_server, tier
+):
     model_dir = tiny_model_dir("llama")
     prompts = make_prompts()
+    tiers = {
+        "cpu": {"cpu_size_gib": 0.1},
+        "disk": {"cpu_size_gib": 0, "disk_path": str(tmp_path / "kv")},
+        "redis": {"cpu_size_gib": 0, "remote_url": redis_server.url},
+    }[tier]
     # 40 blocks x 16 = 640 slots for ~1,100 prompt tokens: a second pass finds little on the
     # GPU, and preemption and chunked prefill both happen on the way.
     llm = make_llm(
-        model_dir, kv_config(cpu_size_gib=0.1), num_gpu_blocks_override=40, max_model_len=384,
+        model_dir, kv_config(**tiers), num_gpu_blocks_override=40, max_model_len=384,
         max_num_batched_tokens=64,
     )  # fmt: skip
     hits = HitCounter(llm)
-    first, _, second = two_passes(llm, prompts, between=lambda llm: None)
+    first, _, second = two_passes(
+        llm, prompts, between=lambda llm: scheduler_of(llm).kv_connector.store.flush()
+    )
     expected = hf_greedy(model_dir, prompts)
     assert first == expected and second == expected
-    assert hits.hit_tokens["cpu"] > 0
+    assert hits.hit_tokens[tier] > 0 and set(hits.hit_tokens) == {tier}
     sched = scheduler_of(llm)
     assert sched.num_preemptions > 0
     kv = sched.kv_cache_manager
@@ -364,3 +374,48 @@ def test_default_model_greedy_is_identical_with_the_connector_on_and_off(tmp_pat
     got, hits = run(kv_config(cpu_size_gib=0.1, disk_path=str(tmp_path / "kv")), 2)
     assert got == expected
     assert hits.hit_tokens["cpu"] > 3 * 128  # the shared passage and each prompt's own chunks
+
+
+def test_full_disk_saves_nothing_and_serves_correct_tokens(tiny_model_dir, tmp_path, monkeypatch):
+    import errno
+
+    def no_space(fd, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    model_dir = tiny_model_dir("llama")
+    prompts = make_prompts()
+    llm = make_llm(model_dir, kv_config(cpu_size_gib=0, disk_path=str(tmp_path / "kv")))
+    hits = HitCounter(llm)
+    monkeypatch.setattr(os, "write", no_space)
+    first, _, second = two_passes(llm, prompts)
+    monkeypatch.undo()
+    expected = hf_greedy(model_dir, prompts)
+    assert first == expected and second == expected
+    assert not hits.hit_tokens  # nothing was stored, so nothing is loaded
+    assert hits.failures["disk:write_error"] > 0
+
+
+def test_slow_redis_is_a_timed_out_miss_and_tokens_stay_correct(tiny_model_dir, redis_server):
+    import contextlib
+    import threading
+    import time
+
+    model_dir = tiny_model_dir("llama")
+    prompts = make_prompts()
+    kv = kv_config(cpu_size_gib=0, remote_url=redis_server.url, remote_timeout_s=0.2)
+    llm = make_llm(model_dir, kv)
+    hits = HitCounter(llm)
+
+    def stall_redis(llm):
+        evict_gpu_prefix_cache(llm)
+        def sleep_redis():
+            with contextlib.suppress(Exception):  # the server may be stopped meanwhile
+                redis_server.client().execute_command("DEBUG", "SLEEP", "1.5")
+
+        threading.Thread(target=sleep_redis, daemon=True).start()
+        time.sleep(0.05)  # Redis is asleep before the second pass asks it
+
+    first, _, second = two_passes(llm, prompts, between=stall_redis)
+    expected = hf_greedy(model_dir, prompts)
+    assert first == expected and second == expected
+    assert hits.failures["redis:timeout"] > 0
