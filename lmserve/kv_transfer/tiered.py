@@ -301,6 +301,15 @@ class TieredConnector(KVConnectorBase):
     # ---- worker side ------------------------------------------------------------------------
     def register_kv_caches(self, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         self._worker.kv_caches = kv_caches
+        slab = self._worker.slab
+        if slab is not None and slab.slot_bytes is None:
+            start = time.perf_counter()
+            slab.preallocate(self._worker.chunk_bytes)
+            logger.info(
+                "KV connector CPU tier: %d chunks of %.1f MiB (%s) allocated in %.2f s",
+                slab.capacity_bytes // slab.slot_bytes, slab.slot_bytes / (1 << 20),
+                "pinned" if slab.pin else "pageable", time.perf_counter() - start,
+            )  # fmt: skip
 
     def start_load_kv(self, metadata: KVConnectorMetadata) -> None:
         self._worker.start(metadata)

@@ -59,3 +59,12 @@ def test_slots_grow_in_segments_up_to_the_capacity():
         assert tier.put(f"k{i}", payload(i))
     assert len(tier) == 10
     assert [tier.get(f"k{i}") == payload(i) for i in range(15, 25)] == [True] * 10
+
+
+def test_preallocate_makes_every_slot_up_front():
+    tier = SlabCPUTier(capacity_bytes=10 * 64, pin=False)
+    tier.preallocate(64)
+    assert (tier.slot_bytes, tier._num_slots, len(tier._free)) == (64, 10, 10)
+    for i in range(12):
+        assert tier.put(f"k{i}", payload(i))
+    assert len(tier) == 10 and tier._num_slots == 10
