@@ -153,9 +153,13 @@ class SlabCPUTier(Tier):
     def _new_slot(self) -> int:
         if self._num_slots == len(self._segments) * self._slots_per_segment:
             count = min(self._slots_per_segment, self._max_slots - self._num_slots)
-            self._segments.append(
-                torch.empty((count, self.slot_bytes), dtype=torch.uint8, pin_memory=self.pin)
-            )
+            # NOTE never an inference tensor (the worker may call this under inference_mode,
+            # e.g. from its profiling run): the saver thread writes the slots outside it.
+            with torch.inference_mode(False):
+                segment = torch.empty(
+                    (count, self.slot_bytes), dtype=torch.uint8, pin_memory=self.pin
+                )
+            self._segments.append(segment)
         self._num_slots += 1
         return self._num_slots - 1
 

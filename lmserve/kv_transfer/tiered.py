@@ -539,7 +539,15 @@ class _WorkerSide:
             return
         done = torch.cuda.Event()
         done.record(torch.cuda.current_stream(self.device))
-        self.saver.submit(self._store_chunks, keys, gathered, done)
+        self.saver.submit(self._store_chunks_logged, keys, gathered, done)
+
+    def _store_chunks_logged(self, *args) -> None:
+        """The saver thread's task: a failure is a counted, logged miss, never silent."""
+        try:
+            self._store_chunks(*args)
+        except Exception:  # noqa: BLE001 - the chunks are simply not stored
+            logger.exception("KV connector: saving %d chunk(s) failed", len(args[0]))
+            self.connector._add_stats(KVTransferStats(failures={"cpu:save_error": len(args[0])}))
 
     def _store_chunks(
         self, keys: list[str], chunks: torch.Tensor, gathered: torch.cuda.Event | None

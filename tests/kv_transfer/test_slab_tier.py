@@ -68,3 +68,15 @@ def test_preallocate_makes_every_slot_up_front():
     for i in range(12):
         assert tier.put(f"k{i}", payload(i))
     assert len(tier) == 10 and tier._num_slots == 10
+
+
+def test_slots_made_under_inference_mode_can_be_written_outside_it():
+    """The worker's profiling run (under inference_mode) may make the slots; the saver
+    thread then writes them outside inference mode."""
+    tier = SlabCPUTier(capacity_bytes=4 * 64, pin=False)
+    with torch.inference_mode():
+        tier.preallocate(64)
+    slot, view = tier.reserve("a", 64)
+    view.copy_(torch.full((64,), 5, dtype=torch.uint8))  # raised for an inference tensor
+    tier.commit("a", slot)
+    assert tier.get("a") == payload(5)

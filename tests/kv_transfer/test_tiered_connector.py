@@ -408,6 +408,7 @@ def test_slow_redis_is_a_timed_out_miss_and_tokens_stay_correct(tiny_model_dir, 
 
     def stall_redis(llm):
         evict_gpu_prefix_cache(llm)
+
         def sleep_redis():
             with contextlib.suppress(Exception):  # the server may be stopped meanwhile
                 redis_server.client().execute_command("DEBUG", "SLEEP", "1.5")
