@@ -7,7 +7,7 @@ and never changes, so a key present in a tier is never rewritten there.
 
 Tiers, fastest first (`TieredStore` takes any of them, in this order):
 
-- `CPUTier`: an in-memory LRU (by bytes) of key -> payload.
+- the CPU tier: chunk-sized slots of host memory, pinned on CUDA (`slab_tier.py`).
 - `DiskTier`: one file per chunk, `<path>/<key>.kv`, LRU under a size cap. The index is
   rebuilt from the folder at start-up (oldest mtime first), so the chunks survive a restart.
 - `RedisTier`: a shared Redis (redis-py), one string value per chunk.
@@ -219,62 +219,6 @@ class Tier:
     def report_failure(self, reason: str, detail: object) -> None:
         self.stats.record_failure(self.name, reason)
         self._warner.warn(self.name, reason, str(detail))
-
-
-class CPUTier(Tier):
-    """In-memory LRU by bytes; a payload larger than the capacity is not stored."""
-
-    name = "cpu"
-    blocking = False
-
-    def __init__(self, capacity_bytes: int) -> None:
-        super().__init__()
-        self.capacity_bytes = capacity_bytes
-        self._lock = threading.Lock()
-        self._entries: OrderedDict[str, bytes] = OrderedDict()
-        self._used = 0
-
-    @property
-    def used_bytes(self) -> int:
-        return self._used
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def contains(self, key: str) -> bool:
-        with self._lock:
-            return key in self._entries
-
-    def contains_many(self, keys: Sequence[str]) -> list[bool]:
-        with self._lock:
-            return [key in self._entries for key in keys]
-
-    def get(self, key: str) -> bytes | None:
-        start = time.perf_counter()
-        with self._lock:
-            payload = self._entries.get(key)
-            if payload is None:
-                return None
-            self._entries.move_to_end(key)
-        self.stats.record_load(self.name, len(payload), time.perf_counter() - start)
-        return payload
-
-    def put(self, key: str, payload: bytes) -> bool:
-        if len(payload) > self.capacity_bytes:
-            self.report_failure("too_large", f"{len(payload)} B > capacity {self.capacity_bytes}")
-            return False
-        start = time.perf_counter()
-        with self._lock:
-            if key in self._entries:
-                self._entries.move_to_end(key)
-                return True
-            self._entries[key] = payload
-            self._used += len(payload)
-            while self._used > self.capacity_bytes:
-                _, evicted = self._entries.popitem(last=False)
-                self._used -= len(evicted)
-        self.stats.record_save(self.name, len(payload), time.perf_counter() - start)
-        return True
 
 
 class DiskTier(Tier):

@@ -1,4 +1,5 @@
-"""The KV chunk store's tiers (CPU, disk, a real Redis) and the TieredStore in front of them.
+"""The KV chunk store's tiers (disk, a real Redis; the CPU slots are in test_slab_tier.py) and
+the TieredStore in front of them.
 
 A fault anywhere is a miss that is counted, never an exception."""
 
@@ -14,9 +15,9 @@ import time
 import pytest
 
 from lmserve.kv_transfer import store as store_mod
+from lmserve.kv_transfer.slab_tier import SlabCPUTier
 from lmserve.kv_transfer.store import (
     HEADER_SIZE,
-    CPUTier,
     DiskTier,
     FrameError,
     RateLimitedWarner,
@@ -64,27 +65,6 @@ def test_frame_round_trips_and_rejects_damage():
 
 
 # ------------------------------------------------------------------------------------ CPU
-
-
-def test_cpu_tier_evicts_least_recently_used_by_bytes():
-    tier = CPUTier(capacity_bytes=3000)
-    for n in range(3):
-        assert tier.put(key(n), payload(n))
-    assert tier.get(key(0)) == payload(0)  # 0 is now more recent than 1
-    assert tier.put(key(3), payload(3, size=1500))  # needs 1500 B: evicts 1, then 2
-    assert [tier.contains(key(n)) for n in range(4)] == [True, False, False, True]
-    assert tier.used_bytes == 2500 <= tier.capacity_bytes
-
-
-def test_cpu_tier_does_not_store_a_payload_larger_than_its_capacity():
-    tier = CPUTier(capacity_bytes=500)
-    assert tier.put(key(0), payload(0, size=400))
-    assert not tier.put(key(1), payload(1, size=501))
-    assert tier.contains(key(0)) and not tier.contains(key(1))
-    assert tier.stats.failures[("cpu", "too_large")] == 1
-
-
-# ----------------------------------------------------------------------------------- disk
 
 
 def test_disk_tier_round_trips_and_counts_traffic(tmp_path):
@@ -277,7 +257,7 @@ def test_slow_redis_times_out_without_raising(redis_server):
 
 @pytest.fixture
 def three_tiers(tmp_path, redis_server):
-    cpu = CPUTier(capacity_bytes=1 << 20)
+    cpu = SlabCPUTier(capacity_bytes=1 << 20, pin=False)
     disk = DiskTier(str(tmp_path / "disk"), capacity_bytes=1 << 20)
     rtier = RedisTier(redis_server.url, timeout_s=0.5)
     store = TieredStore([cpu, disk, rtier])
@@ -359,7 +339,7 @@ def test_a_full_writer_queue_drops_writes_instead_of_blocking(tmp_path):
             release.wait(5)
             return super().put(key, payload)
 
-    cpu, disk = CPUTier(1 << 20), StuckDisk(str(tmp_path), 1 << 20)
+    cpu, disk = SlabCPUTier(1 << 20, pin=False), StuckDisk(str(tmp_path), 1 << 20)
     store = TieredStore([cpu, disk], max_pending_writes=2)
     try:
         store.put(key(0), payload(0))
@@ -404,7 +384,7 @@ def test_store_needs_a_tier_and_skips_absent_ones(tmp_path):
 
 def test_store_with_a_dead_redis_keeps_serving_local_tiers(tmp_path, dead_redis_url):
     rtier = RedisTier(dead_redis_url, timeout_s=0.2, retry_after_s=60)
-    with TieredStore([CPUTier(1 << 20), rtier]) as store:
+    with TieredStore([SlabCPUTier(1 << 20, pin=False), rtier]) as store:
         store.put(key(0), payload(0))
         assert store.flush(timeout_s=5)
         assert store.num_prefix_available([key(0), key(1)]) == 1

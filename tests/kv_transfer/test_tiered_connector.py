@@ -41,6 +41,15 @@ class HitCounter:
         sched.update_from_kv_connector = spy
 
 
+def only_tier(tier: str, tmp_path, redis_url: str) -> dict:
+    """Options with `tier` the only one on."""
+    return {
+        "cpu": {"cpu_size_gib": 0.1},
+        "disk": {"cpu_size_gib": 0, "disk_path": str(tmp_path / "kv")},
+        "redis": {"cpu_size_gib": 0, "remote_url": redis_url},
+    }[tier]
+
+
 def make_llm(model_dir: str, kv: dict | None, **kwargs) -> LLM:
     return LLM(model_dir, dtype="float32", device="cpu", kv_transfer_config=kv, **kwargs)
 
@@ -64,11 +73,7 @@ def two_passes(llm: LLM, prompts, between=evict_gpu_prefix_cache):
 def test_hit_from_each_tier_matches_hf(tiny_model_dir, tmp_path, redis_server, tier):
     model_dir = tiny_model_dir("llama")
     prompts = make_prompts()
-    tiers = {
-        "cpu": {"cpu_size_gib": 0.1},
-        "disk": {"cpu_size_gib": 0, "disk_path": str(tmp_path / "kv")},
-        "redis": {"cpu_size_gib": 0, "remote_url": redis_server.url},
-    }[tier]
+    tiers = only_tier(tier, tmp_path, redis_server.url)
     llm = make_llm(model_dir, kv_config(**tiers))
     hits = HitCounter(llm)
     first, second_outs, second = two_passes(llm, prompts)
@@ -89,11 +94,7 @@ def test_tiny_gpu_pool_evicts_prefixes_and_a_tier_brings_them_back(
 ):
     model_dir = tiny_model_dir("llama")
     prompts = make_prompts()
-    tiers = {
-        "cpu": {"cpu_size_gib": 0.1},
-        "disk": {"cpu_size_gib": 0, "disk_path": str(tmp_path / "kv")},
-        "redis": {"cpu_size_gib": 0, "remote_url": redis_server.url},
-    }[tier]
+    tiers = only_tier(tier, tmp_path, redis_server.url)
     # 40 blocks x 16 = 640 slots for ~1,100 prompt tokens: a second pass finds little on the
     # GPU, and preemption and chunked prefill both happen on the way.
     llm = make_llm(
@@ -311,6 +312,8 @@ def test_chunk_missing_at_load_time_is_recomputed(tiny_model_dir, tmp_path, redi
 
 
 def test_aborting_a_request_mid_load_frees_its_blocks_once_the_load_reports(tiny_model_dir):
+    import threading
+
     model_dir = tiny_model_dir("llama")
     prompt = list(range(4, 300))
     llm = make_llm(model_dir, kv_config(cpu_size_gib=0.1))
@@ -320,12 +323,22 @@ def test_aborting_a_request_mid_load_frees_its_blocks_once_the_load_reports(tiny
     sched = core.scheduler
     from lmserve.core.messages import EngineCoreRequest
 
+    worker = core.executor.worker.model_runner.kv_connector._worker
+    original_write, writing = worker._write_blocks, threading.Event()
+
+    def slow_write(*args):
+        writing.wait(10)  # the load stays in flight until the test lets it go
+        return original_write(*args)
+
+    worker._write_blocks = slow_write
     core.add_request(EngineCoreRequest("r1", prompt, SamplingParams(temperature=0, max_tokens=4)))
     core.step()  # admitted for loading; the worker starts the load
     assert "r1" in sched.loading
     core.abort_requests(["r1"])
     kv = sched.kv_cache_manager
+    core.step()
     assert "r1" in sched.aborted_loading and kv.num_free_blocks < kv.num_gpu_blocks
+    writing.set()
     while sched.has_unfinished_requests():
         core.step()
     assert kv.num_free_blocks == kv.num_gpu_blocks and not sched.aborted_loading
