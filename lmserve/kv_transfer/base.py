@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import enum
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -117,9 +118,15 @@ class KVConnectorBase(ABC):
         its blocks. The load goes into the next `build_connector_meta`."""
 
     @abstractmethod
-    def build_connector_meta(self, scheduler_output: Any) -> KVConnectorMetadata:
+    def build_connector_meta(
+        self,
+        scheduler_output: Any,
+        requests: Mapping[str, Request],
+        block_ids_of: Callable[[str], list[int]],
+    ) -> KVConnectorMetadata:
         """This step's loads and saves (called at the end of `Scheduler.schedule`, after every
-        scheduled request's `num_computed_tokens` was advanced by this step)."""
+        scheduled request's `num_computed_tokens` was advanced by this step). `requests`: the
+        scheduler's, by id; `block_ids_of(req_id)`: a request's blocks, in token order."""
 
     @abstractmethod
     def request_finished(self, request: Request) -> None:

@@ -48,6 +48,7 @@ from lmserve.kv_transfer.base import (
 )
 from lmserve.kv_transfer.slab_tier import SlabCPUTier
 from lmserve.kv_transfer.store import DiskTier, RedisTier, TieredStore
+from lmserve.model.loader import get_kv_cache_spec, get_num_kv_heads
 
 if TYPE_CHECKING:
     from lmserve.config import EngineConfig
@@ -162,8 +163,6 @@ class TieredConnector(KVConnectorBase):
         rank: int = 0,
     ) -> None:
         super().__init__(role)
-        from lmserve.model.loader import get_kv_cache_spec
-
         kv_config = config.kv_transfer_config
         self.loads, self.saves = kv_config.loads, kv_config.saves
         self.chunk_size = kv_config.options.chunk_size
@@ -172,11 +171,8 @@ class TieredConnector(KVConnectorBase):
         self.tp_size = config.parallel_config.tensor_parallel_size
         self.rank = rank
         hf = config.model_config.hf_config
-        from lmserve.model.loader import get_num_kv_heads
-
         num_layers, _, head_dim = get_kv_cache_spec(hf)
         self.root = chain_root(config, num_layers, get_num_kv_heads(hf), head_dim)
-        self.dtype = config.model_config.dtype
         if store is None and role == KVConnectorRole.WORKER:
             store = build_store(config)
         # None: a scheduler whose workers are in other processes and share no tier with it
@@ -254,12 +250,12 @@ class TieredConnector(KVConnectorBase):
     def build_connector_meta(
         self,
         scheduler_output: Any,
-        requests: Mapping[str, Request] | None = None,
-        block_ids_of: Callable[[str], list[int]] | None = None,
+        requests: Mapping[str, Request],
+        block_ids_of: Callable[[str], list[int]],
     ) -> KVConnectorMetadata:
         loads, self._pending_loads = self._pending_loads, []
         saves = []
-        if self.saves and requests is not None and block_ids_of is not None:
+        if self.saves:
             for req_id in scheduler_output.num_scheduled_tokens:
                 transfer = self._chunks_to_save(requests[req_id], block_ids_of)
                 if transfer is not None:
