@@ -294,7 +294,12 @@ class Scheduler:
 
     def _schedule_waiting(self, step: _StepPlan) -> None:
         kv = self.kv_cache_manager
-        while len(self.waiting) and step.budget > 0 and len(self.running) < self.max_num_seqs:
+        # Requests loading KV hold blocks and a place among max_num_seqs, like running ones.
+        while (
+            len(self.waiting)
+            and step.budget > 0
+            and len(self.running) + len(self.loading) < self.max_num_seqs
+        ):
             request = self.waiting.peek()
             # A request back from a connector load holds its blocks and its computed tokens.
             loaded = request.request_id in self.kv_loaded
