@@ -489,6 +489,51 @@ def _user_dict(
     return value
 
 
+KV_EVENT_PUBLISHERS = ("zmq", "null")
+
+
+@dataclass
+class KVEventsConfig:
+    """KV cache events (lmserve/core/kv_events.py): `kv_events_config={...}` on `LLM`,
+    `--kv-events-config '<json>'` on the CLI (vLLM's keys)."""
+
+    enable_kv_cache_events: bool = False
+    publisher: str = "zmq"  # "zmq" | "null"
+    endpoint: str = "tcp://*:5557"  # the PUB socket
+    replay_endpoint: str | None = None  # the ROUTER socket that resends buffered batches
+    buffer_steps: int = 10_000  # batches kept for replay
+    hwm: int = 100_000  # the PUB socket's send high-water mark
+    topic: str = ""
+
+    def __post_init__(self) -> None:
+        section = "kv_events_config"
+        if not isinstance(self.enable_kv_cache_events, bool):
+            _fail(
+                section,
+                "enable_kv_cache_events",
+                self.enable_kv_cache_events,
+                "must be true or false",
+            )
+        if self.publisher not in KV_EVENT_PUBLISHERS:
+            _fail(section, "publisher", self.publisher, f"must be one of {KV_EVENT_PUBLISHERS}")
+        for name in ("endpoint", "replay_endpoint"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or "://" not in value):
+                _fail(section, name, value, "must be a ZMQ address such as tcp://*:5557")
+        _require_int(section, "buffer_steps", self.buffer_steps)
+        _require_int(section, "hwm", self.hwm)
+        if not isinstance(self.topic, str):
+            _fail(section, "topic", self.topic, "must be a string")
+
+    @classmethod
+    def from_user(cls, value: Any) -> KVEventsConfig | None:
+        """From a dict, a JSON object string or a KVEventsConfig; None stays None."""
+        if value is None or isinstance(value, cls):
+            return value
+        accepted = sorted(f.name for f in dataclasses.fields(cls))
+        return cls(**_user_dict("kv_events_config", value, accepted, ()))
+
+
 @dataclass
 class EngineConfig:
     model_config: ModelConfig
@@ -498,6 +543,7 @@ class EngineConfig:
     device_config: DeviceConfig
     speculative_config: SpeculativeConfig | None = None  # None = no speculative decoding
     kv_transfer_config: KVTransferConfig | None = None  # None = KV only in the GPU pool
+    kv_events_config: KVEventsConfig | None = None  # None = no KV cache events
 
     def __post_init__(self) -> None:
         sched = self.scheduler_config
@@ -536,12 +582,15 @@ class EngineConfig:
         aliases = {"scheduling_policy": "policy"}
         speculative = kwargs.pop("speculative_config", None)
         kv_transfer = kwargs.pop("kv_transfer_config", None)
+        kv_events = kwargs.pop("kv_events_config", None)
         for key, value in kwargs.items():
             name = aliases.get(key, key)
             target = next((c for c in sections if name in _init_fields(c)), None)
             if target is None:
                 allowed = sorted(set().union(*(_init_fields(c) for c in sections)) - {"hf_config"})
-                allowed = sorted([*allowed, "speculative_config", "kv_transfer_config"])
+                allowed = sorted(
+                    [*allowed, "speculative_config", "kv_transfer_config", "kv_events_config"]
+                )
                 raise TypeError(f"unknown engine argument {key!r}; accepted: {allowed}")
             sections[target][name] = value
         model_config = ModelConfig(**sections[ModelConfig])
@@ -554,6 +603,7 @@ class EngineConfig:
             device_config=DeviceConfig(**sections[DeviceConfig]),
             speculative_config=SpeculativeConfig.from_user(speculative, model_config),
             kv_transfer_config=KVTransferConfig.from_user(kv_transfer),
+            kv_events_config=KVEventsConfig.from_user(kv_events),
         )
 
 

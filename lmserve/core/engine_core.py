@@ -36,6 +36,7 @@ import msgspec
 
 from lmserve import envs
 from lmserve.config import ConfigError, EngineConfig
+from lmserve.core.kv_events import KVEventBatch, make_publisher
 from lmserve.core.messages import (
     EngineCoreOutput,
     EngineCoreOutputs,
@@ -61,6 +62,7 @@ class EngineCore:
         self.config = config
         start = time.perf_counter()
         self.kv_connector, kv_store = _make_kv_connector(config)
+        self.kv_events = make_publisher(config.kv_events_config)  # None: events off
         self.executor = _make_executor(config, kv_store)
         try:
             num_gpu_blocks = self.executor.determine_num_gpu_blocks()
@@ -76,6 +78,7 @@ class EngineCore:
             num_gpu_blocks,
             config.speculative_config,
             self.kv_connector,
+            enable_kv_cache_events=self.kv_events is not None,
         )
         # Steps launched and not yet collected (async scheduling only; at most two).
         self.in_flight: deque[tuple[SchedulerOutput, Any]] | None = None
@@ -139,12 +142,22 @@ class EngineCore:
 
     def _update(self, scheduler_output: SchedulerOutput, runner_output) -> EngineCoreOutputs:
         outputs = self.scheduler.update_from_output(scheduler_output, runner_output)
+        self._publish_kv_events()
         return EngineCoreOutputs(
             outputs=outputs, timestamp=time.monotonic(), scheduler_stats=self.scheduler.make_stats()
         )
 
     def reset_prefix_cache(self) -> bool:
-        return self.scheduler.kv_cache_manager.reset_prefix_cache()
+        done = self.scheduler.kv_cache_manager.reset_prefix_cache()
+        self._publish_kv_events()
+        return done
+
+    def _publish_kv_events(self) -> None:
+        """What this step did to the prefix cache (allocation, eviction, a reset)."""
+        if self.kv_events is not None:
+            events = self.scheduler.kv_cache_manager.take_events()
+            if events:
+                self.kv_events.publish(KVEventBatch(ts=time.time(), events=events))
 
     def get_num_gpu_blocks(self) -> int:
         return self.scheduler.kv_cache_manager.num_gpu_blocks
@@ -157,6 +170,9 @@ class EngineCore:
         connector, self.kv_connector = getattr(self, "kv_connector", None), None
         if connector is not None:
             connector.shutdown()
+        publisher, self.kv_events = getattr(self, "kv_events", None), None
+        if publisher is not None:
+            publisher.shutdown()
 
 
 # Methods the front-end may call by name (UTILITY messages); nothing else is reachable.

@@ -21,6 +21,7 @@ from array import array
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from lmserve.core.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVCacheEvent
 from lmserve.request import Request
 
 BlockHash = bytes
@@ -164,6 +165,7 @@ class KVCacheManager:
         max_model_len: int,
         enable_caching: bool = True,
         hash_algo: str = "sha256",
+        enable_kv_cache_events: bool = False,
     ) -> None:
         if hash_algo not in HASH_FUNCTIONS:
             raise ValueError(f"hash_algo={hash_algo!r}: must be one of {list(HASH_FUNCTIONS)}")
@@ -178,6 +180,9 @@ class KVCacheManager:
         self.req_to_blocks: dict[str, list[KVCacheBlock]] = {}
         self.num_cached_blocks: dict[str, int] = {}  # req -> how many of its blocks are hashed
         self.prefix_cache_stats = PrefixCacheStats()
+        # KV cache events since the last take_events() (None: not recorded). A hash is
+        # reported stored when it enters cached_blocks and removed when it leaves.
+        self.events: list[KVCacheEvent] | None = [] if enable_kv_cache_events else None
 
     # ---- queries --------------------------------------------------------------------------
     @property
@@ -279,7 +284,14 @@ class KVCacheManager:
         if block.block_hash is not None:
             if self.cached_blocks.get(block.block_hash) is block:
                 del self.cached_blocks[block.block_hash]
+                if self.events is not None:
+                    self.events.append(BlockRemoved([block.block_hash]))
             block.block_hash = None
+
+    def take_events(self) -> list[KVCacheEvent]:
+        """The KV cache events since the last call (empty when events are off)."""
+        events, self.events = self.events or [], [] if self.events is not None else None
+        return events
 
     def cache_blocks(self, request: Request, num_computed_tokens: int) -> None:
         """Register the full blocks among the first `num_computed_tokens` tokens (whose KV is
@@ -302,7 +314,8 @@ class KVCacheManager:
             if block.block_hash is None:
                 block.block_hash = block_hash
                 # Another block may already hold this content; keep the first one.
-                self.cached_blocks.setdefault(block_hash, block)
+                if self.cached_blocks.setdefault(block_hash, block) is block:
+                    self._record_stored(request, i)
         self.num_cached_blocks[request.request_id] = num_full
 
     def free(self, request: Request, num_computed_tokens: int | None = None) -> None:
@@ -329,7 +342,23 @@ class KVCacheManager:
         for block in self.blocks:
             block.block_hash = None
         self.cached_blocks.clear()
+        if self.events is not None:
+            self.events.append(AllBlocksCleared())
         return True
+
+    def _record_stored(self, request: Request, i: int) -> None:
+        """Block i of `request` entered the prefix cache."""
+        if self.events is None:
+            return
+        bs = self.block_size
+        self.events.append(
+            BlockStored(
+                block_hashes=[request.block_hashes[i]],
+                parent_block_hash=request.block_hashes[i - 1] if i else None,
+                token_ids=request.all_token_ids[i * bs : (i + 1) * bs],
+                block_size=bs,
+            )
+        )
 
     # ---- hashing --------------------------------------------------------------------------
     def _update_block_hashes(self, request: Request) -> None:

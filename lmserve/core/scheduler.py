@@ -92,6 +92,7 @@ class Scheduler:
         num_gpu_blocks: int,
         speculative_config: SpeculativeConfig | None = None,
         kv_connector: KVConnectorBase | None = None,
+        enable_kv_cache_events: bool = False,
     ) -> None:
         self.config = scheduler_config
         self.max_num_batched_tokens: int = scheduler_config.max_num_batched_tokens
@@ -103,6 +104,7 @@ class Scheduler:
             max_model_len=scheduler_config.max_model_len,
             enable_caching=cache_config.enable_prefix_caching,
             hash_algo=cache_config.prefix_caching_hash_algo,
+            enable_kv_cache_events=enable_kv_cache_events,
         )
         self.requests: dict[str, Request] = {}
         self.waiting = WaitingQueue(scheduler_config.policy)

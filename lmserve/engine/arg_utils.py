@@ -58,6 +58,14 @@ ENGINE_FLAGS: list[tuple[str, str, Any, Any, str]] = [
         '"disk_path": "/tmp/kv", "remote_url": "redis://127.0.0.1:6379/0"}}\'',
     ),
     (
+        "--kv-events-config",
+        "kv_events_config",
+        lambda text: _json_object("--kv-events-config", text),
+        None,
+        'publish KV cache events as JSON, e.g. \'{"enable_kv_cache_events": true, '
+        '"publisher": "zmq", "endpoint": "tcp://*:5557", "replay_endpoint": "tcp://*:5558"}\'',
+    ),
+    (
         "--gpu-memory-utilization",
         "gpu_memory_utilization",
         float,

@@ -1,0 +1,132 @@
+"""KV cache events in vLLM's wire format: what the prefix cache gains and loses, read from a
+real engine by a plain pyzmq + msgpack subscriber (no lmserve code on the reading side)."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import msgpack
+import pytest
+import zmq
+
+from lmserve import LLM, SamplingParams
+from lmserve.config import ConfigError, KVEventsConfig
+from lmserve.core.kv_cache_manager import KVCacheManager
+from lmserve.request import Request
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---- the cache manager's events ---------------------------------------------------------------
+def make_request(req_id: str, tokens: list[int]) -> Request:
+    return Request(req_id, tokens, SamplingParams(max_tokens=1))
+
+
+def test_manager_reports_blocks_stored_removed_and_cleared():
+    kv = KVCacheManager(
+        num_gpu_blocks=4, block_size=4, max_model_len=64, enable_kv_cache_events=True
+    )
+    a = make_request("a", list(range(10, 19)))  # 2 full blocks + 1 token
+    kv.allocate_slots(a, 9)
+    stored = kv.take_events()
+    assert [type(e).__name__ for e in stored] == ["BlockStored", "BlockStored"]
+    assert stored[0].token_ids == [10, 11, 12, 13] and stored[0].parent_block_hash is None
+    assert stored[1].parent_block_hash == stored[0].block_hashes[0] == a.block_hashes[0]
+    assert kv.take_events() == []
+    kv.free(a)
+    b = make_request("b", list(range(50, 66)))  # needs all 4 blocks: evicts a's
+    kv.allocate_slots(b, 16)
+    events = kv.take_events()
+    removed = [h for e in events if type(e).__name__ == "BlockRemoved" for h in e.block_hashes]
+    assert sorted(removed) == sorted(a.block_hashes[:2])
+    kv.free(b)
+    assert kv.reset_prefix_cache()
+    assert [type(e).__name__ for e in kv.take_events()] == ["AllBlocksCleared"]
+
+
+def test_a_hash_already_cached_elsewhere_is_not_reported_twice():
+    kv = KVCacheManager(
+        num_gpu_blocks=8, block_size=4, max_model_len=64, enable_kv_cache_events=True
+    )
+    kv.allocate_slots(make_request("a", list(range(8))), 8)
+    kv.allocate_slots(make_request("b", list(range(8))), 8)  # same tokens, fresh blocks
+    assert len(kv.take_events()) == 2  # a's two blocks only
+
+
+def test_events_off_records_nothing():
+    kv = KVCacheManager(num_gpu_blocks=4, block_size=4, max_model_len=64)
+    kv.allocate_slots(make_request("a", list(range(8))), 8)
+    assert kv.events is None and kv.take_events() == []
+
+
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        ({"publisher": "kafka"}, "publisher='kafka'"),
+        ({"endpoint": "5557"}, "ZMQ address"),
+        ({"buffer_steps": 0}, "buffer_steps=0"),
+        ({"enable_kv_cache_events": "yes"}, "true or false"),
+        ({"enable": True}, "unknown key(s) ['enable']"),
+    ],
+)
+def test_bad_config_names_the_field(value, message):
+    with pytest.raises(ConfigError) as exc:
+        KVEventsConfig.from_user(value)
+    assert message in str(exc.value)
+
+
+# ---- a real engine -----------------------------------------------------------------------------
+def test_engine_events_decode_with_plain_msgpack_and_match_the_cache_then_replay(tiny_model_dir):
+    pub, replay = free_port(), free_port()
+    config = {
+        "enable_kv_cache_events": True,
+        "endpoint": f"tcp://127.0.0.1:{pub}",
+        "replay_endpoint": f"tcp://127.0.0.1:{replay}",
+        "topic": "kv",
+    }
+    llm = LLM(tiny_model_dir("llama"), device="cpu", dtype="float32", kv_events_config=config)
+    context = zmq.Context()
+    sub = context.socket(zmq.SUB)
+    sub.connect(f"tcp://127.0.0.1:{pub}")
+    sub.setsockopt(zmq.SUBSCRIBE, b"kv")
+    time.sleep(0.3)  # PUB/SUB: the subscription must reach the publisher first
+    prompts = [{"prompt_token_ids": list(range(5, 5 + n))} for n in (40, 70, 33)]
+    llm.generate(prompts, SamplingParams(temperature=0, max_tokens=5), use_tqdm=False)
+
+    held: set[bytes] = set()
+    seqs = []
+    while sub.poll(1000):
+        topic, seq, payload = sub.recv_multipart()
+        assert topic == b"kv"
+        seqs.append(int.from_bytes(seq, "big"))
+        ts, events, _rank = msgpack.unpackb(payload)
+        assert isinstance(ts, float)
+        for event in events:
+            if event[0] == "BlockStored":
+                hashes, _parent, tokens, block_size, _lora, medium = event[1:]
+                assert len(tokens) == block_size == 16 and medium == "GPU"
+                held.update(hashes)
+            elif event[0] == "BlockRemoved":
+                held.difference_update(event[1])
+    assert seqs == list(range(len(seqs))) and seqs
+    kv = llm.llm_engine.engine_core.engine_core.scheduler.kv_cache_manager
+    assert held == set(kv.cached_blocks)
+
+    dealer = context.socket(zmq.DEALER)
+    dealer.connect(f"tcp://127.0.0.1:{replay}")
+    dealer.send_multipart((b"", (1).to_bytes(8, "big")))  # resend from sequence number 1
+    replayed = []
+    while dealer.poll(2000):
+        _, seq, payload = dealer.recv_multipart()
+        number = int.from_bytes(seq, "big", signed=True)
+        if number == -1:
+            break
+        replayed.append(number)
+    assert replayed == seqs[1:]
+    context.destroy(linger=0)
+    llm.shutdown()
