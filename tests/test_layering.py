@@ -20,7 +20,9 @@ PACKAGE_ROOT = Path(__file__).resolve().parent.parent / "lmserve"
 ENGINE_SIDE = ("core", "worker", "model", "attention", "sample")
 FRONT_END = ("engine", "entrypoints")
 # What the router (a separate, torch-free process) may import of lmserve besides itself.
-ROUTER_MAY_IMPORT = ("lmserve", "lmserve.envs", "lmserve.entrypoints.openai.errors")
+ROUTER_MAY_IMPORT = (
+    "lmserve", "lmserve.envs", "lmserve.entrypoints.openai.errors", "lmserve.prefix_hash",
+)  # fmt: skip
 
 
 def module_files(root: Path = PACKAGE_ROOT) -> dict[str, Path]:

@@ -16,44 +16,11 @@ it out again (eviction). Ownership: a block is shared by every request that hold
 
 from __future__ import annotations
 
-import hashlib
-from array import array
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from lmserve.core.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVCacheEvent
+from lmserve.prefix_hash import HASH_FUNCTIONS, BlockHash, extend_block_hashes
 from lmserve.request import Request
-
-BlockHash = bytes
-# Root of every hash chain. Fixed (not random) so hashes agree across processes and restarts,
-# which a shared KV tier needs.
-ROOT_PARENT_HASH: BlockHash = hashlib.sha256(b"lmserve-prefix-cache-v1").digest()
-
-
-def _sha256(data: bytes) -> BlockHash:
-    return hashlib.sha256(data).digest()
-
-
-def _xxhash128(data: bytes) -> BlockHash:
-    import xxhash
-
-    return xxhash.xxh3_128_digest(data)
-
-
-HASH_FUNCTIONS: dict[str, Callable[[bytes], BlockHash]] = {
-    "sha256": _sha256,
-    "xxhash": _xxhash128,
-}
-
-
-def hash_block_tokens(
-    hash_fn: Callable[[bytes], BlockHash],
-    parent_hash: BlockHash,
-    token_ids: Sequence[int],
-    extra_keys: bytes = b"",
-) -> BlockHash:
-    """hash(parent_hash, block token ids, extra keys) — the link of the prefix hash chain."""
-    return hash_fn(parent_hash + array("q", token_ids).tobytes() + extra_keys)
 
 
 class KVCacheBlock:
@@ -363,10 +330,10 @@ class KVCacheManager:
     # ---- hashing --------------------------------------------------------------------------
     def _update_block_hashes(self, request: Request) -> None:
         """Extend `request.block_hashes` to cover all of its full blocks."""
-        hashes, tokens, bs = request.block_hashes, request.all_token_ids, self.block_size
-        for i in range(len(hashes), len(tokens) // bs):
-            parent = hashes[i - 1] if i else ROOT_PARENT_HASH
-            extra = request.cache_salt.encode() if i == 0 and request.cache_salt else b""
-            hashes.append(
-                hash_block_tokens(self.hash_fn, parent, tokens[i * bs : (i + 1) * bs], extra)
-            )
+        extend_block_hashes(
+            request.block_hashes,
+            request.all_token_ids,
+            self.block_size,
+            self.hash_fn,
+            request.cache_salt,
+        )

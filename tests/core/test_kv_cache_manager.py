@@ -7,14 +7,14 @@ import random
 
 import pytest
 
+from lmserve import prefix_hash
 from lmserve.core.kv_cache_manager import (
-    ROOT_PARENT_HASH,
     FreeKVCacheBlockQueue,
     KVCacheBlock,
     KVCacheBlocks,
     KVCacheManager,
-    hash_block_tokens,
 )
+from lmserve.prefix_hash import ROOT_PARENT_HASH, hash_block_tokens
 from lmserve.request import Request
 from lmserve.sampling_params import SamplingParams
 
@@ -478,3 +478,15 @@ def test_reset_prefix_cache_forgets_every_hash_and_is_refused_while_blocks_are_i
     assert manager.cached_blocks == {}
     assert all(b.block_hash is None for b in manager.blocks)
     assert manager.get_computed_blocks(make_request("b", list(range(13))))[1] == 0
+
+
+@pytest.mark.parametrize("hash_algo", ["sha256", "xxhash"])
+@pytest.mark.parametrize("salt", [None, "tenant-a"])
+def test_hashes_from_token_ids_alone_equal_the_managers(hash_algo, salt):
+    """What a router computes from a prompt's token ids names the engine's blocks."""
+    manager = KVCacheManager(64, BLOCK_SIZE, 256, hash_algo=hash_algo)
+    request = make_request("a", list(range(3, 30)), cache_salt=salt)
+    manager.get_computed_blocks(request)  # fills request.block_hashes
+    hashes = prefix_hash.block_hashes(request.all_token_ids, BLOCK_SIZE, hash_algo, salt)
+    assert hashes == request.block_hashes
+    assert len(request.block_hashes) == 27 // BLOCK_SIZE

@@ -1,0 +1,74 @@
+"""The prefix cache's block hashes: a chain over full blocks of token ids, from a fixed root.
+
+    h_0 = hash(ROOT_PARENT_HASH + token ids of block 0 [+ cache_salt])   (int64 little-endian)
+    h_i = hash(h_{i-1} + token ids of block i)
+
+The same on every process and machine (no Python `hash`), so what an engine publishes in its
+KV events (lmserve/core/kv_events.py) a router or any indexer recomputes from token ids alone.
+Light on purpose: the router imports it without the engine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from array import array
+from collections.abc import Callable, Sequence
+
+BlockHash = bytes
+# Root of every hash chain. Fixed (not random) so hashes agree across processes and restarts,
+# which a shared KV tier needs.
+ROOT_PARENT_HASH: BlockHash = hashlib.sha256(b"lmserve-prefix-cache-v1").digest()
+
+
+def _sha256(data: bytes) -> BlockHash:
+    return hashlib.sha256(data).digest()
+
+
+def _xxhash128(data: bytes) -> BlockHash:
+    import xxhash
+
+    return xxhash.xxh3_128_digest(data)
+
+
+HASH_FUNCTIONS: dict[str, Callable[[bytes], BlockHash]] = {
+    "sha256": _sha256,
+    "xxhash": _xxhash128,
+}
+
+
+def hash_block_tokens(
+    hash_fn: Callable[[bytes], BlockHash],
+    parent_hash: BlockHash,
+    token_ids: Sequence[int],
+    extra_keys: bytes = b"",
+) -> BlockHash:
+    """hash(parent_hash, block token ids, extra keys) — the link of the prefix hash chain."""
+    return hash_fn(parent_hash + array("q", token_ids).tobytes() + extra_keys)
+
+
+def extend_block_hashes(
+    hashes: list[BlockHash],
+    token_ids: Sequence[int],
+    block_size: int,
+    hash_fn: Callable[[bytes], BlockHash],
+    cache_salt: str | None = None,
+) -> None:
+    """Append the hashes of the full blocks of `token_ids` not in `hashes` yet."""
+    for i in range(len(hashes), len(token_ids) // block_size):
+        parent = hashes[i - 1] if i else ROOT_PARENT_HASH
+        extra = cache_salt.encode() if i == 0 and cache_salt else b""
+        block = token_ids[i * block_size : (i + 1) * block_size]
+        hashes.append(hash_block_tokens(hash_fn, parent, block, extra))
+
+
+def block_hashes(
+    token_ids: Sequence[int],
+    block_size: int = 16,
+    hash_algo: str = "sha256",
+    cache_salt: str | None = None,
+) -> list[BlockHash]:
+    """The hashes an engine with this block size and hash algorithm gives the full blocks of
+    a prompt of `token_ids` (as its KV events name them)."""
+    hashes: list[BlockHash] = []
+    extend_block_hashes(hashes, token_ids, block_size, HASH_FUNCTIONS[hash_algo], cache_salt)
+    return hashes
