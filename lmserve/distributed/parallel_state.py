@@ -7,7 +7,10 @@ collective is a no-op, so single-device code pays nothing.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
+from datetime import timedelta
+from urllib.parse import urlparse
 
 import torch
 import torch.distributed as dist
@@ -45,6 +48,10 @@ class TensorParallelGroup:
 
 _SINGLE = TensorParallelGroup(rank=0, world_size=1)
 _group: TensorParallelGroup = _SINGLE
+# The rendezvous store, kept so teardown can order the exits: rank 0 serves it and must leave last.
+_store: dist.Store | None = None
+_EXIT_KEY = "lmserve/tp_exited"
+_EXIT_TIMEOUT_S = 30.0
 
 
 def init_tensor_parallel(
@@ -59,9 +66,29 @@ def init_tensor_parallel(
         if (_group.world_size, _group.rank) != (world_size, rank):
             raise RuntimeError("tensor parallelism is already initialised differently")
         return _group
-    dist.init_process_group(backend, init_method=init_method, world_size=world_size, rank=rank)
+    global _store
+    _store = _tcp_store(init_method, world_size, rank)
+    if _store is None:
+        dist.init_process_group(backend, init_method=init_method, world_size=world_size, rank=rank)
+    else:
+        dist.init_process_group(backend, store=_store, world_size=world_size, rank=rank)
     _group = TensorParallelGroup(rank=rank, world_size=world_size)
     return _group
+
+
+def _tcp_store(init_method: str, world_size: int, rank: int) -> dist.TCPStore | None:
+    """The store behind a `tcp://host:port` init method, served by rank 0 (None otherwise)."""
+    url = urlparse(init_method)
+    if url.scheme != "tcp" or not url.hostname or not url.port:
+        return None
+    return dist.TCPStore(
+        url.hostname,
+        url.port,
+        world_size,
+        is_master=rank == 0,
+        timeout=timedelta(seconds=300),
+        wait_for_workers=False,
+    )
 
 
 def get_tp_group() -> TensorParallelGroup:
@@ -69,8 +96,22 @@ def get_tp_group() -> TensorParallelGroup:
 
 
 def destroy_tensor_parallel() -> None:
-    global _group
+    """Leave the group in order: a barrier so no rank tears down connections another still
+    uses, then every other rank reports its exit before rank 0 stops serving the store (a
+    store server gone under a connected client can abort that process at exit)."""
+    global _group, _store
     if _group.world_size != 1 and dist.is_initialized():
-        dist.barrier()  # no rank tears down its connections while another still uses them
+        dist.barrier()
         dist.destroy_process_group()
-    _group = _SINGLE
+        if _store is not None:
+            _leave_store(_store, _group)
+    _group, _store = _SINGLE, None
+
+
+def _leave_store(store: dist.Store, group: TensorParallelGroup) -> None:
+    if group.rank != 0:
+        store.add(_EXIT_KEY, 1)
+        return
+    deadline = time.monotonic() + _EXIT_TIMEOUT_S
+    while store.add(_EXIT_KEY, 0) < group.world_size - 1 and time.monotonic() < deadline:
+        time.sleep(0.005)

@@ -133,3 +133,25 @@ def test_dead_tp_worker_is_an_engine_failure(tiny_model_dir):
             )
     finally:
         llm.shutdown()
+
+
+def test_rank0_leaves_the_store_only_after_every_other_rank():
+    import threading
+    import time
+
+    import torch.distributed as dist
+
+    from lmserve.distributed.parallel_state import TensorParallelGroup, _leave_store
+
+    store = dist.HashStore()
+    left = threading.Event()
+    rank0 = threading.Thread(
+        target=lambda: (_leave_store(store, TensorParallelGroup(0, 3)), left.set())
+    )
+    rank0.start()
+    _leave_store(store, TensorParallelGroup(1, 3))
+    time.sleep(0.05)
+    assert not left.is_set()  # rank 2 has not left yet: rank 0 keeps serving
+    _leave_store(store, TensorParallelGroup(2, 3))
+    assert left.wait(5)
+    rank0.join()
