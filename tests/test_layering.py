@@ -22,6 +22,7 @@ FRONT_END = ("engine", "entrypoints")
 # What the router (a separate, torch-free process) may import of lmserve besides itself.
 ROUTER_MAY_IMPORT = (
     "lmserve", "lmserve.envs", "lmserve.entrypoints.openai.errors", "lmserve.prefix_hash",
+    "lmserve.engine.chat",  # kv-aware routing renders chat exactly as the engine does
 )  # fmt: skip
 
 

@@ -43,7 +43,7 @@ from lmserve.router.health import HealthChecker
 from lmserve.router.metrics import RouterMetrics
 from lmserve.router.prefix_trie import PrefixTrie
 from lmserve.router.proxy import Proxy, no_backend
-from lmserve.router.routing import RoutingLogic, make_routing_logic
+from lmserve.router.routing import PrefixAware, RoutingLogic, make_routing_logic
 
 logger = logging.getLogger(__name__)
 
@@ -60,13 +60,15 @@ class RouterState:
     health: HealthChecker
     proxy: Proxy
     discovery: Discovery
+    kv: Any = None  # KVEventSubscriptions, with kv-aware routing
     tasks: set[asyncio.Task] = field(default_factory=set)
     evictions_reported: int = 0
 
-    def spawn(self, coro: Any) -> None:
+    def spawn(self, coro: Any) -> asyncio.Task:
         task = asyncio.get_running_loop().create_task(coro)
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
+        return task
 
 
 def build_app(config: RouterConfig, discovery: Discovery | None = None) -> FastAPI:
@@ -77,6 +79,9 @@ def build_app(config: RouterConfig, discovery: Discovery | None = None) -> FastA
         state.proxy.client = state.health.client = _client_session(state.config)
         state.pool.on_added.append(lambda b: state.spawn(state.health.check(b)))
         state.pool.on_removed.append(lambda b: _forget(state, b))
+        if state.kv is not None:
+            state.kv.attach(state.pool)
+            state.health.on_change.append(state.kv.health_changed)
         state.spawn(state.discovery.run(state.pool))
         state.spawn(state.health.run())
         try:
@@ -86,6 +91,8 @@ def build_app(config: RouterConfig, discovery: Discovery | None = None) -> FastA
                 task.cancel()
             await asyncio.gather(*state.tasks, return_exceptions=True)
             await state.proxy.client.close()
+            if state.kv is not None:
+                state.kv.close()
 
     app = FastAPI(title="lmserve router", version=__version__, lifespan=lifespan)
     app.state.router = state
@@ -127,7 +134,11 @@ def _build_state(config: RouterConfig, discovery: Discovery | None) -> RouterSta
     pool = BackendPool()
     metrics = RouterMetrics.create()
     trie = PrefixTrie(config.chunk_size, config.prefix_trie_max_bytes)
-    logic = make_routing_logic(config.routing_logic, trie, config.prefix_balance_margin)
+    kv = prompt_tokenizer = None
+    if config.routing_logic == "kv-aware":
+        logic, kv, prompt_tokenizer = _kv_aware(config, trie, metrics)
+    else:
+        logic = make_routing_logic(config.routing_logic, trie, config.prefix_balance_margin)
     backend_headers = (
         {"Authorization": f"Bearer {config.backend_api_key}"} if config.backend_api_key else {}
     )
@@ -152,8 +163,9 @@ def _build_state(config: RouterConfig, discovery: Discovery | None) -> RouterSta
         session_key=config.session_key,
         session_body_field=config.session_body_field,
         tokenizer=_load_tokenizer(config.prefix_tokenizer),
+        prompt_tokenizer=prompt_tokenizer,
     )
-    return RouterState(
+    state = RouterState(
         config,
         pool,
         metrics,
@@ -162,7 +174,43 @@ def _build_state(config: RouterConfig, discovery: Discovery | None) -> RouterSta
         health,
         proxy,
         discovery or make_discovery(config),
+        kv,
     )
+    if kv is not None:
+        kv.spawn = state.spawn
+    return state
+
+
+def _kv_aware(config: RouterConfig, trie: PrefixTrie, metrics: RouterMetrics):
+    """(the kv-aware logic, its event subscriptions, the prompt tokenizer); imported only here,
+    so other logics never load zmq subscribers or transformers' template renderer."""
+    from lmserve.router.kv_aware import KvAware
+    from lmserve.router.kv_events import KVEventSubscriptions, pod_endpoints, static_endpoints
+    from lmserve.router.kv_index import KVIndex
+    from lmserve.router.prompt_tokens import PromptTokenizer
+
+    if config.backends:
+        table = static_endpoints(
+            config.backends, config.kv_events_endpoints, config.kv_events_replay_endpoints
+        )
+        endpoints_for = table.get
+    else:
+
+        def endpoints_for(url: str):
+            return pod_endpoints(url, config.k8s_kv_events_port, config.k8s_kv_events_replay_port)
+
+    index = KVIndex()
+    kv = KVEventSubscriptions(
+        index, metrics, endpoints_for, spawn=None, topic=config.kv_events_topic
+    )
+    logic = KvAware(
+        index,
+        kv.live,
+        PrefixAware(trie, config.prefix_balance_margin),
+        request_cost=config.kv_aware_request_cost,
+        pending_ttl_s=config.kv_aware_pending_ttl,
+    )
+    return logic, kv, PromptTokenizer.load(config.tokenizer, config.chat_template)
 
 
 def _client_session(config: RouterConfig) -> aiohttp.ClientSession:
@@ -242,11 +290,16 @@ def _add_routes(app: FastAPI, state: RouterState) -> None:
     @app.get("/metrics")
     async def metrics() -> Response:
         _update_trie_metrics(state)
+        if state.kv is not None:
+            state.metrics.kv_index_blocks.set(len(state.kv.index))
+            state.metrics.kv_index_engines.set(state.kv.index.engines)
         return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/router/backends")
     async def backends() -> Response:
-        return JSONResponse([_describe(b) for b in sorted(state.pool, key=lambda b: b.url)])
+        return JSONResponse(
+            [_describe(b, state.kv) for b in sorted(state.pool, key=lambda b: b.url)]
+        )
 
 
 def _update_trie_metrics(state: RouterState) -> None:
@@ -258,14 +311,19 @@ def _update_trie_metrics(state: RouterState) -> None:
         state.evictions_reported = state.trie.num_evictions
 
 
-def _describe(backend: Backend) -> dict[str, Any]:
-    return {
+def _describe(backend: Backend, kv: Any) -> dict[str, Any]:
+    described = {
         "url": backend.url,
         "healthy": backend.healthy,
         "models": sorted(backend.models),
         "in_flight": backend.in_flight,
         "load": backend.load,
+        "pending_prefill_tokens": backend.pending_prefill_tokens,
     }
+    if kv is not None:
+        described["kv_events_live"] = kv.live(backend.url)
+        described["kv_blocks"] = len(kv.index.held.get(backend.url, ()))
+    return described
 
 
 # ---- running it -------------------------------------------------------------------------------

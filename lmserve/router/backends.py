@@ -23,6 +23,7 @@ class Backend:
     scraped_running: float = 0.0  # lmserve:num_requests_running at the last scrape
     scraped_waiting: float = 0.0  # lmserve:num_requests_waiting at the last scrape
     in_flight_at_scrape: int = 0  # our in_flight when the scrape was taken
+    pending_prefill_tokens: int = 0  # uncached prompt tokens sent, not yet answering (kv-aware)
 
     @property
     def models(self) -> set[str]:

@@ -24,6 +24,16 @@ class RouterConfig:
     prefix_tokenizer: str | None = None  # tokenizer.json (or its folder): chunk token ids
     prefix_trie_max_bytes: int = 64 * 1024 * 1024
     prefix_balance_margin: float = 4.0  # requests a prefix holder may carry beyond the least
+    # kv-aware
+    tokenizer: str | None = None  # model folder or tokenizer.json: the engines' prompt ids
+    chat_template: str | None = None  # as the engines' --chat-template (a file or the text)
+    kv_events_endpoints: tuple[str, ...] = ()  # one per --backends entry, same order
+    kv_events_replay_endpoints: tuple[str, ...] = ()
+    kv_events_topic: str = ""
+    k8s_kv_events_port: int | None = None  # discovered pods: their PUB socket's port
+    k8s_kv_events_replay_port: int | None = None
+    kv_aware_request_cost: float = 64.0  # prompt tokens of queueing one running request costs
+    kv_aware_pending_ttl: float = 5.0  # seconds dispatched blocks count as held before events
     # health and failover
     health_check_interval: float = 1.0
     health_check_timeout: float = 2.0
@@ -52,6 +62,30 @@ class RouterConfig:
             raise ValueError(f"--max-retries {self.max_retries} must be >= 0")
         if self.health_check_interval <= 0 or self.health_check_timeout <= 0:
             raise ValueError("--health-check-interval and --health-check-timeout must be > 0")
+        if self.routing_logic == "kv-aware":
+            self._check_kv_aware()
+
+    def _check_kv_aware(self) -> None:
+        if not self.tokenizer:
+            raise ValueError(
+                "--routing-logic kv-aware needs --tokenizer (the engines' model folder or its "
+                "tokenizer.json) to compute their block hashes"
+            )
+        if self.k8s_namespace and self.k8s_kv_events_port is None:
+            raise ValueError(
+                "--routing-logic kv-aware with --k8s-namespace needs --k8s-kv-events-port"
+            )
+        if self.backends and not self.kv_events_endpoints:
+            raise ValueError(
+                "--routing-logic kv-aware needs --kv-events-endpoints: each backend's KV events "
+                "socket (its --kv-events-config endpoint), in --backends order"
+            )
+        from lmserve.router.kv_events import static_endpoints
+
+        if self.backends:
+            static_endpoints(
+                self.backends, self.kv_events_endpoints, self.kv_events_replay_endpoints
+            )
 
     @property
     def chunk_size(self) -> int:
@@ -62,8 +96,13 @@ class RouterConfig:
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> RouterConfig:
         values = {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
-        values["backends"] = tuple(u for u in (args.backends or "").split(",") if u.strip())
+        for name in ("backends", "kv_events_endpoints", "kv_events_replay_endpoints"):
+            values[name] = _comma_list(getattr(args, name, None))
         return cls(**values)
+
+
+def _comma_list(value: str | None) -> tuple[str, ...]:
+    return tuple(u.strip() for u in (value or "").split(",") if u.strip())
 
 
 # (flag, type, help); the dest is the RouterConfig field of the same name.
@@ -82,6 +121,21 @@ _FLAGS: list[tuple[str, type, str]] = [
         "--prefix-balance-margin",
         float,
         "prefix-aware: load a prefix holder may exceed the least by",
+    ),
+    ("--tokenizer", str, "kv-aware: the engines' model folder or tokenizer.json"),
+    ("--chat-template", str, "kv-aware: the engines' --chat-template, if they were given one"),
+    ("--kv-events-topic", str, "kv-aware: topic the engines publish KV events on"),
+    ("--k8s-kv-events-port", int, "kv-aware with discovery: the pods' KV events port"),
+    ("--k8s-kv-events-replay-port", int, "kv-aware with discovery: the pods' replay port"),
+    (
+        "--kv-aware-request-cost",
+        float,
+        "kv-aware: prompt tokens of delay one request on an engine counts as",
+    ),
+    (
+        "--kv-aware-pending-ttl",
+        float,
+        "kv-aware: seconds blocks just sent count as held until events confirm",
     ),
     ("--health-check-interval", float, "seconds between health checks"),
     ("--health-check-timeout", float, "seconds a health check may take"),
@@ -108,4 +162,15 @@ def add_router_args(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(
             flag, dest=dest, type=typ, default=default, help=f"{help_text} (default: {default})"
         )
+    parser.add_argument(
+        "--kv-events-endpoints",
+        default=None,
+        help="kv-aware: comma-separated KV events sockets (tcp://HOST:PORT; HOST * = the "
+        "backend's host), one per --backends entry, same order",
+    )
+    parser.add_argument(
+        "--kv-events-replay-endpoints",
+        default=None,
+        help="kv-aware: the engines' replay sockets, same order (recovers missed events)",
+    )
     parser.add_argument("--access-log", action="store_true", help="log a line per request")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import Callable
 
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
@@ -48,6 +49,7 @@ class HealthChecker:
         self.headers = backend_headers
         self._failures: dict[str, int] = {}
         self._cycle = 0
+        self.on_change: list[Callable[[Backend, bool], None]] = []  # (backend, now healthy)
 
     async def run(self) -> None:
         """Check every backend each interval, forever (cancel to stop)."""
@@ -97,9 +99,13 @@ class HealthChecker:
             self.mark_dead(backend, why)
 
     def _set_healthy(self, backend: Backend, healthy: bool) -> None:
+        changed = backend.healthy != healthy
         backend.healthy = healthy
         if self.pool.get(backend.url) is backend:
             self.metrics.backend_healthy.labels(backend.url).set(1 if healthy else 0)
+            if changed:
+                for listener in self.on_change:
+                    listener(backend, healthy)
 
     async def _get(self, url: str, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
         assert self.client is not None, "the app's lifespan sets the client session"

@@ -37,6 +37,13 @@ class RouterMetrics:
     trie_bytes: Gauge
     trie_evictions: Counter
     added_latency: Histogram
+    kv_events: Counter  # label backend
+    kv_events_replayed: Counter  # label backend
+    kv_events_dropped: Counter  # label backend
+    kv_events_restarts: Counter  # label backend
+    kv_index_blocks: Gauge
+    kv_index_engines: Gauge
+    kv_prediction_error: Histogram
 
     @classmethod
     def create(cls) -> RouterMetrics:
@@ -58,7 +65,8 @@ class RouterMetrics:
             routing_decisions=Counter(
                 "lmserve_router:routing_decisions",
                 "Routing decisions by reason (prefix_hit, prefix_miss, prefix_overloaded, "
-                "session, session_fallback, least_loaded, roundrobin)",
+                "session, session_fallback, least_loaded, roundrobin, kv_hit, kv_miss, kv_overloaded, "
+                "kv_fallback_*)",
                 ["reason"],
                 registry=r,
             ),
@@ -92,6 +100,47 @@ class RouterMetrics:
                 "Time the router adds before the response starts: parsing, routing and "
                 "forwarding, excluding the backend's own time",
                 buckets=_ADDED_LATENCY_BUCKETS,
+                registry=r,
+            ),
+            kv_events=Counter(
+                "lmserve_router:kv_event_batches",
+                "KV event batches applied to the index, by backend",
+                ["backend"],
+                registry=r,
+            ),
+            kv_events_replayed=Counter(
+                "lmserve_router:kv_event_batches_replayed",
+                "KV event batches recovered from a backend's replay socket after a gap",
+                ["backend"],
+                registry=r,
+            ),
+            kv_events_dropped=Counter(
+                "lmserve_router:kv_event_batches_dropped",
+                "KV event batches missed and no longer in the backend's replay buffer",
+                ["backend"],
+                registry=r,
+            ),
+            kv_events_restarts=Counter(
+                "lmserve_router:kv_event_restarts",
+                "Times a backend's event sequence started over (its index entries cleared)",
+                ["backend"],
+                registry=r,
+            ),
+            kv_index_blocks=Gauge(
+                "lmserve_router:kv_index_blocks",
+                "Distinct block hashes the KV index holds",
+                registry=r,
+            ),
+            kv_index_engines=Gauge(
+                "lmserve_router:kv_index_engines",
+                "Backends with at least one block in the KV index",
+                registry=r,
+            ),
+            kv_prediction_error=Histogram(
+                "lmserve_router:kv_cached_tokens_prediction_error",
+                "The engine's reported cached_tokens minus the tokens kv-aware routing predicted "
+                "it would find cached, per request (0: exact)",
+                buckets=(-1024, -256, -64, -16, -1, 0, 16, 64, 256, 1024),
                 registry=r,
             ),
         )

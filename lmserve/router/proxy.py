@@ -22,6 +22,7 @@ import asyncio
 import hmac
 import json
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -43,7 +44,7 @@ from lmserve.entrypoints.openai.errors import (
 from lmserve.router.backends import Backend, BackendPool
 from lmserve.router.health import HealthChecker
 from lmserve.router.metrics import RouterMetrics
-from lmserve.router.routing import RouteRequest, RoutingLogic
+from lmserve.router.routing import Decision, RouteRequest, RoutingLogic
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +56,7 @@ _HOP_HEADERS = frozenset(
 # ... and those uvicorn writes itself.
 _RESPONSE_DROP = _HOP_HEADERS | {"date", "server"}
 BACKEND_HEADER = "x-lmserve-backend"
+PREDICTED_CACHED_HEADER = "x-lmserve-predicted-cached-tokens"
 _RETRY_STATUSES = frozenset({HTTPStatus.SERVICE_UNAVAILABLE})  # draining or dead engine
 
 
@@ -89,6 +91,7 @@ class Proxy:
         session_key: str,
         session_body_field: str | None,
         tokenizer: Any = None,
+        prompt_tokenizer: Any = None,
     ) -> None:
         self.pool = pool
         self.logic = logic
@@ -101,6 +104,7 @@ class Proxy:
         self.session_key = session_key.lower()
         self.session_body_field = session_body_field
         self.tokenizer = tokenizer  # a `tokenizers.Tokenizer`, or None: chunk characters
+        self.prompt_tokenizer = prompt_tokenizer  # a PromptTokenizer (kv-aware)
 
     # ---- the request path --------------------------------------------------------------------
     async def forward(self, request: Request, path: str) -> Response:
@@ -122,7 +126,7 @@ class Proxy:
             self.metrics.routing_decisions.labels(decision.reason).inc()
             tried.add(decision.backend.url)
             try:
-                return await self._attempt(decision.backend, path, headers, request, start)
+                return await self._attempt(decision, path, headers, request, start)
             except BackendFailed as e:
                 failure = e
                 logger.warning("%s failed on %s (attempt %d): %s", path, decision.backend.url,
@@ -167,7 +171,10 @@ class Proxy:
             prompt = prompt_of(parsed.data)
             if self.tokenizer is not None and isinstance(prompt, str):
                 prompt = self.tokenizer.encode(prompt, add_special_tokens=False).ids
-        return RouteRequest(parsed.model, session_id, prompt)
+        token_ids = None
+        if self.logic.needs_tokens and self.prompt_tokenizer is not None:
+            token_ids = self.prompt_tokenizer.for_body(parsed.data)
+        return RouteRequest(parsed.model, session_id, prompt, token_ids)
 
     def backend_headers(self, request: Request) -> list[tuple[str, str]]:
         """The client's headers less hop-by-hop ones; Authorization becomes the backend key,
@@ -186,30 +193,33 @@ class Proxy:
     # ---- one attempt -------------------------------------------------------------------------
     async def _attempt(
         self,
-        backend: Backend,
+        decision: Decision,
         path: str,
         headers: list[tuple[str, str]],
         request: Request,
         start: float,
     ) -> Response:
         body = await request.body()  # cached by Starlette after the first read
-        self._began(backend)
+        backend = decision.backend
+        self._began(decision)
         sent = time.perf_counter()
         try:
             resp = await self.client.post(backend.url + path, data=body, headers=headers)
         except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+            self._answering(decision)
             self._ended(backend, "error")
             if isinstance(e, aiohttp.ClientConnectorError):
                 self.health.mark_dead(backend, f"connection refused ({e})")
             raise _failed(e) from None
         if resp.content_type == "text/event-stream":
-            return await self._relay_stream(backend, resp, start, sent)
-        return await self._relay_whole(backend, resp, start, sent)
+            return await self._relay_stream(decision, resp, start, sent)
+        return await self._relay_whole(decision, resp, start, sent)
 
     async def _relay_whole(
-        self, backend: Backend, resp: aiohttp.ClientResponse, start: float, sent: float
+        self, decision: Decision, resp: aiohttp.ClientResponse, start: float, sent: float
     ) -> Response:
         """Read the backend's whole answer, then pass it on (retryable until it is read)."""
+        backend = decision.backend
         status = str(resp.status)
         try:
             content = await resp.read()
@@ -218,37 +228,46 @@ class Proxy:
             raise _failed(e) from None
         finally:
             resp.release()
+            self._answering(decision)
             self._ended(backend, status)
+        if resp.status == HTTPStatus.OK:
+            self._check_prediction(decision, content)
         answered = time.perf_counter()
-        response = Response(content, resp.status, response_headers(resp, backend))
+        response = Response(content, resp.status, response_headers(resp, decision))
         if resp.status in _RETRY_STATUSES:
             raise BackendFailed(f"status_{resp.status}", f"HTTP {resp.status}", response)
         self.metrics.added_latency.observe((sent - start) + (time.perf_counter() - answered))
         return response
 
     async def _relay_stream(
-        self, backend: Backend, resp: aiohttp.ClientResponse, start: float, sent: float
+        self, decision: Decision, resp: aiohttp.ClientResponse, start: float, sent: float
     ) -> Response:
         """Wait for the first chunk (retryable until then), then stream the rest as it comes."""
+        backend = decision.backend
         try:
             first = await resp.content.readany()
         except (aiohttp.ClientError, asyncio.TimeoutError) as e:
             resp.close()
             self._ended(backend, "error")
             raise _failed(e) from None
+        finally:
+            self._answering(decision)
         answered = time.perf_counter()
-        relay = self._stream_chunks(backend, resp, first)
-        response = StreamingResponse(relay, resp.status, response_headers(resp, backend))
+        relay = self._stream_chunks(decision, resp, first)
+        response = StreamingResponse(relay, resp.status, response_headers(resp, decision))
         self.metrics.added_latency.observe((sent - start) + (time.perf_counter() - answered))
         return response
 
     async def _stream_chunks(
-        self, backend: Backend, resp: aiohttp.ClientResponse, first: bytes
+        self, decision: Decision, resp: aiohttp.ClientResponse, first: bytes
     ) -> AsyncIterator[bytes]:
+        backend = decision.backend
         status, chunk = "error", first
         try:
             while chunk:
                 yield chunk
+                if decision.predicted_cached is not None and b'"usage"' in chunk:
+                    self._check_prediction(decision, chunk)
                 chunk = await resp.content.readany()
             status = str(resp.status)
         except (aiohttp.ClientError, asyncio.TimeoutError) as e:
@@ -260,9 +279,23 @@ class Proxy:
             resp.release() if status != "error" else resp.close()
             self._ended(backend, status)
 
-    def _began(self, backend: Backend) -> None:
+    def _began(self, decision: Decision) -> None:
+        backend = decision.backend
         backend.in_flight += 1
+        backend.pending_prefill_tokens += decision.prefill_tokens
         self.metrics.in_flight.labels(backend.url).set(backend.in_flight)
+
+    def _answering(self, decision: Decision) -> None:
+        """The backend answers (or failed): its prefill of this prompt is no longer queued."""
+        decision.backend.pending_prefill_tokens -= decision.prefill_tokens
+
+    def _check_prediction(self, decision: Decision, content: bytes) -> None:
+        """Compare the cached tokens kv-aware routing predicted with what the engine reports."""
+        if decision.predicted_cached is None:
+            return
+        reported = reported_cached_tokens(content)
+        if reported is not None:
+            self.metrics.kv_prediction_error.observe(reported - decision.predicted_cached)
 
     def _ended(self, backend: Backend, status: str) -> None:
         backend.in_flight -= 1
@@ -305,17 +338,29 @@ def prompt_of(data: dict[str, Any]) -> str | Sequence[int] | None:
     return prompt if isinstance(prompt, str) else None
 
 
+_CACHED_TOKENS = re.compile(rb'"cached_tokens"\s*:\s*(\d+)')
+
+
+def reported_cached_tokens(content: bytes) -> int | None:
+    """`usage.prompt_tokens_details.cached_tokens` in a response body or stream chunk."""
+    found = _CACHED_TOKENS.search(content)
+    return None if found is None else int(found.group(1))
+
+
 def _content_text(content: Any) -> str:
     if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
         return "".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
     return "" if content is None else str(content)
 
 
-def response_headers(resp: aiohttp.ClientResponse, backend: Backend) -> dict[str, str]:
+def response_headers(resp: aiohttp.ClientResponse, decision: Decision) -> dict[str, str]:
     """The backend's response headers for the client (bodies pass on still encoded: the
-    client session does not decompress), plus `x-lmserve-backend`: who answered."""
+    client session does not decompress), plus `x-lmserve-backend`: who answered, and with
+    kv-aware routing `x-lmserve-predicted-cached-tokens`: what it was expected to reuse."""
     headers = {k.lower(): v for k, v in resp.headers.items() if k.lower() not in _RESPONSE_DROP}
-    headers[BACKEND_HEADER] = backend.url
+    headers[BACKEND_HEADER] = decision.backend.url
+    if decision.predicted_cached is not None:
+        headers[PREDICTED_CACHED_HEADER] = str(decision.predicted_cached)
     return headers
 
 

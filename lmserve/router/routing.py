@@ -8,6 +8,9 @@
     prefix-aware   the backend that most recently served the longest prefix of this prompt
                    (its KV cache likely still holds it), unless that backend is busier than the
                    least-loaded one by more than a margin; see prefix_trie.py
+    kv-aware       where the engines' own KV events say the prompt's prefix is cached, weighed
+                   against each engine's queue; see kv_aware.py (built by the app: it needs
+                   the event subscriptions)
 
 Contract: `choose` is called with a non-empty candidate list (healthy, serving the model, not
 yet tried for this request) and returns one of them; it may update the logic's own state (the
@@ -26,7 +29,7 @@ import xxhash
 from lmserve.router.backends import Backend
 from lmserve.router.prefix_trie import PrefixTrie
 
-ROUTING_LOGICS = ("roundrobin", "session", "least-loaded", "prefix-aware")
+ROUTING_LOGICS = ("roundrobin", "session", "least-loaded", "prefix-aware", "kv-aware")
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,17 +39,21 @@ class RouteRequest:
     model: str | None
     session_id: str | None = None
     prompt: str | Sequence[int] | None = None  # text or token ids (prefix-aware only)
+    token_ids: Sequence[int] | None = None  # the engine's prompt ids (kv-aware only)
 
 
 @dataclass(frozen=True, slots=True)
 class Decision:
     backend: Backend
     reason: str  # a label of lmserve_router:routing_decisions_total
+    predicted_cached: int | None = None  # prompt tokens the backend should find cached
+    prefill_tokens: int = 0  # prompt tokens it must compute (counted as its queue until answered)
 
 
 class RoutingLogic(ABC):
     name: str
     needs_prompt: bool = False  # whether the proxy must extract the prompt for it
+    needs_tokens: bool = False  # whether the proxy must compute the engine's prompt token ids
 
     @abstractmethod
     def choose(self, request: RouteRequest, candidates: Sequence[Backend]) -> Decision:
@@ -174,4 +181,6 @@ def make_routing_logic(
         if trie is None:
             raise ValueError("prefix-aware routing needs a prefix trie")
         return PrefixAware(trie, balance_margin)
+    if name == "kv-aware":
+        raise ValueError("kv-aware routing needs the engines' KV events: the app builds it")
     raise ValueError(f"unknown routing logic {name!r}; choose from {ROUTING_LOGICS}")

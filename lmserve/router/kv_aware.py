@@ -1,0 +1,161 @@
+"""kv-aware routing: send a request where its prefix really is, unless waiting there costs more
+than recomputing it elsewhere.
+
+The engines' KV events (kv_events.py) keep an exact index of the blocks each one holds
+(kv_index.py). For a request the proxy supplies the prompt's token ids (prompt_tokens.py);
+each engine's block hashes for them are computed with that engine's block size and hash
+algorithm, and every candidate gets a cost in prompt tokens:
+
+    cost(e) = queued_prefill(e) + request_cost * requests(e) + (prompt_len - cached(e))
+
+    queued_prefill(e)  uncached prompt tokens the router sent to e that have not started
+                       answering (counted from the moment of dispatch, not from a scrape)
+    requests(e)        requests on e (ours in flight, plus others seen in its metrics)
+    cached(e)          the tokens of the prompt e's prefix cache would reuse
+
+The cheapest engine wins: the one holding the prefix, until its queue outweighs the prefill it
+would save (then `kv_overloaded`: the stickiness breaker). Ties go to the longer cached prefix,
+then round the tied engines in turn (deterministic, and cold traffic spreads instead of piling
+onto one engine). Blocks just sent to an engine count as held there for `pending_ttl_s`, until
+its events confirm them: requests sharing a new prefix that arrive together follow the first.
+When a candidate publishes no events the whole decision falls back to prefix-aware.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from lmserve.prefix_hash import HASH_FUNCTIONS, BlockHash, extend_block_hashes
+from lmserve.router.backends import Backend
+from lmserve.router.kv_index import KVIndex
+from lmserve.router.routing import Decision, PrefixAware, RouteRequest, RoutingLogic
+
+
+@dataclass
+class PendingBlocks:
+    """Blocks dispatched to an engine and not yet confirmed by its events: hash -> {url: expiry}."""
+
+    ttl_s: float
+    entries: dict[BlockHash, dict[str, float]] = field(default_factory=dict)
+
+    def add(self, url: str, hashes: Sequence[BlockHash], now: float) -> None:
+        expiry = now + self.ttl_s
+        for h in hashes:
+            self.entries.setdefault(h, {})[url] = expiry
+
+    def holds(self, url: str, h: BlockHash, now: float) -> bool:
+        holders = self.entries.get(h)
+        if not holders:
+            return False
+        expiry = holders.get(url)
+        if expiry is None:
+            return False
+        if expiry < now:
+            del holders[url]
+            if not holders:
+                del self.entries[h]
+            return False
+        return True
+
+    def prune(self, now: float) -> None:
+        for h in list(self.entries):
+            holders = self.entries[h]
+            for url in [u for u, expiry in holders.items() if expiry < now]:
+                del holders[url]
+            if not holders:
+                del self.entries[h]
+
+
+class KvAware(RoutingLogic):
+    name = "kv-aware"
+    needs_prompt = True  # for the prefix-aware fallback
+    needs_tokens = True
+
+    def __init__(
+        self,
+        index: KVIndex,
+        is_live: Callable[[str], bool],
+        fallback: PrefixAware,
+        request_cost: float = 64.0,
+        pending_ttl_s: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.index = index
+        self.is_live = is_live
+        self.fallback = fallback
+        self.request_cost = request_cost
+        self.pending = PendingBlocks(pending_ttl_s)
+        self.clock = clock
+        self._tie_break = 0
+        self._decisions = 0
+
+    def choose(self, request: RouteRequest, candidates: Sequence[Backend]) -> Decision:
+        ids = request.token_ids
+        if ids is None or not all(self.is_live(b.url) for b in candidates):
+            decision = self.fallback.choose(request, candidates)
+            return Decision(decision.backend, "kv_fallback_" + decision.reason)
+        now = self.clock()
+        self._decisions += 1
+        if self._decisions % 1024 == 0:
+            self.pending.prune(now)
+        chains = self._hash_chains(ids, candidates)
+        cached = {b.url: self._cached_tokens(b.url, chains.get(b.url), now) for b in candidates}
+        costs = {b.url: self._cost(b, len(ids), cached[b.url]) for b in candidates}
+        best = self._cheapest(candidates, costs, cached)
+        most = max(cached.values())
+        reason = (
+            "kv_miss" if most == 0 else "kv_hit" if cached[best.url] == most else "kv_overloaded"
+        )
+        hashes = chains.get(best.url)
+        if hashes:
+            self.pending.add(best.url, hashes, now)
+        predicted = cached[best.url]
+        return Decision(best, reason, predicted, len(ids) - predicted)
+
+    def _hash_chains(
+        self, ids: Sequence[int], candidates: Sequence[Backend]
+    ) -> dict[str, list[BlockHash]]:
+        """Each engine's hashes for the blocks its prefix cache could reuse (all but the last
+        token), computed once per distinct (block size, hash algorithm)."""
+        by_layout: dict[tuple[int, str], list[BlockHash]] = {}
+        chains = {}
+        for backend in candidates:
+            layout = self.index.layouts.get(backend.url)
+            if layout is None or layout.block_size is None or layout.hash_algo is None:
+                continue
+            key = (layout.block_size, layout.hash_algo)
+            if key not in by_layout:
+                usable = (len(ids) - 1) // layout.block_size * layout.block_size
+                hashes: list[BlockHash] = []
+                extend_block_hashes(hashes, ids[:usable], key[0], HASH_FUNCTIONS[key[1]])
+                by_layout[key] = hashes
+            chains[backend.url] = by_layout[key]
+        return chains
+
+    def _cached_tokens(self, url: str, hashes: list[BlockHash] | None, now: float) -> int:
+        if not hashes:
+            return 0
+        n = 0
+        for h in hashes:
+            holders = self.index.blocks.get(h)
+            if not (holders and url in holders) and not self.pending.holds(url, h, now):
+                break
+            n += 1
+        return n * self.index.layouts[url].block_size
+
+    def _cost(self, backend: Backend, prompt_len: int, cached: int) -> float:
+        queued = backend.pending_prefill_tokens + self.request_cost * backend.load
+        return queued + (prompt_len - cached)
+
+    def _cheapest(
+        self, candidates: Sequence[Backend], costs: dict[str, float], cached: dict[str, int]
+    ) -> Backend:
+        key = {b.url: (costs[b.url], -cached[b.url]) for b in candidates}
+        lowest = min(key.values())
+        tied = [b for b in candidates if key[b.url] == lowest]
+        if len(tied) == 1:
+            return tied[0]
+        self._tie_break += 1
+        return tied[self._tie_break % len(tied)]

@@ -1,0 +1,155 @@
+"""What every engine's KV cache holds, from its KV events: block hash -> engines (and tiers).
+
+The engines publish `BlockStored` / `BlockRemoved` / `AllBlocksCleared` (lmserve/core/kv_events.py,
+vLLM's wire format). This module decodes those payloads with plain msgpack arrays (no engine
+code) and keeps the exact index the kv-aware routing logic scores with:
+
+    index.apply(url, payload)           one event batch from engine `url`
+    index.match(url_hashes)             per engine: how many leading blocks of a prompt it holds
+    index.clear(url)                    an engine restarted or left: it holds nothing
+
+Each engine's block size and hash algorithm are learned from its own events (a `BlockStored`
+carries its tokens and parent, so the router recomputes the hash with each algorithm it knows and
+keeps the one that agrees): no setting has to match between engine and router.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import msgspec
+
+from lmserve.prefix_hash import HASH_FUNCTIONS, ROOT_PARENT_HASH, BlockHash, hash_block_tokens
+
+_decode = msgspec.msgpack.Decoder().decode
+
+
+@dataclass(slots=True)
+class EngineLayout:
+    """How one engine names its blocks (None until its first verifiable BlockStored)."""
+
+    block_size: int | None = None
+    hash_algo: str | None = None
+
+
+@dataclass(slots=True)
+class BatchStats:
+    stored: int = 0
+    removed: int = 0
+    cleared: bool = False
+
+
+@dataclass
+class KVIndex:
+    """block hash -> {engine url: set of media ("GPU", "CPU", ...)}; one event loop, no locks."""
+
+    blocks: dict[BlockHash, dict[str, set[str]]] = field(default_factory=dict)
+    held: dict[str, set[BlockHash]] = field(default_factory=dict)  # engine -> its hashes
+    layouts: dict[str, EngineLayout] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def engines(self) -> int:
+        return sum(1 for hashes in self.held.values() if hashes)
+
+    def layout(self, url: str) -> EngineLayout:
+        return self.layouts.setdefault(url, EngineLayout())
+
+    # ---- events ----------------------------------------------------------------------------
+    def apply(self, url: str, payload: bytes) -> BatchStats:
+        """Apply one msgpack event batch `[ts, [event, ...], dp_rank]` from engine `url`.
+        Raises ValueError on a payload that is not one."""
+        try:
+            batch = _decode(payload)
+            events = batch[1]
+        except (msgspec.DecodeError, TypeError, IndexError, KeyError) as e:
+            raise ValueError(f"not a KV event batch: {e}") from None
+        stats = BatchStats()
+        for event in events:
+            kind = event[0]
+            if kind == "BlockStored":
+                _, hashes, parent, token_ids, block_size = event[:5]
+                medium = _medium(event, 6)
+                self._learn_layout(url, hashes, parent, token_ids, block_size)
+                self._store(url, hashes, medium)
+                stats.stored += len(hashes)
+            elif kind == "BlockRemoved":
+                self._remove(url, event[1], _medium(event, 2))
+                stats.removed += len(event[1])
+            elif kind == "AllBlocksCleared":
+                self.clear(url, forget_layout=False)
+                stats.cleared = True
+        return stats
+
+    def clear(self, url: str, forget_layout: bool = True) -> None:
+        """Engine `url` holds nothing (restarted, cleared, or gone)."""
+        for h in self.held.pop(url, ()):
+            holders = self.blocks.get(h)
+            if holders is not None:
+                holders.pop(url, None)
+                if not holders:
+                    del self.blocks[h]
+        if forget_layout:
+            self.layouts.pop(url, None)
+
+    def _store(self, url: str, hashes: Iterable[BlockHash], medium: str) -> None:
+        held = self.held.setdefault(url, set())
+        for h in hashes:
+            self.blocks.setdefault(h, {}).setdefault(url, set()).add(medium)
+            held.add(h)
+
+    def _remove(self, url: str, hashes: Iterable[BlockHash], medium: str) -> None:
+        held = self.held.get(url, set())
+        for h in hashes:
+            holders = self.blocks.get(h)
+            media = holders.get(url) if holders else None
+            if media is None:
+                continue
+            media.discard(medium)
+            if not media:
+                del holders[url]
+                held.discard(h)
+                if not holders:
+                    del self.blocks[h]
+
+    def _learn_layout(
+        self,
+        url: str,
+        hashes: Sequence[BlockHash],
+        parent: BlockHash | None,
+        token_ids: Sequence[int],
+        block_size: int,
+    ) -> None:
+        layout = self.layout(url)
+        if layout.hash_algo is not None and layout.block_size == block_size:
+            return
+        if not hashes or len(token_ids) < block_size:
+            return
+        first = token_ids[:block_size]
+        for algo, fn in HASH_FUNCTIONS.items():
+            if hash_block_tokens(fn, parent or ROOT_PARENT_HASH, first) == hashes[0]:
+                layout.block_size, layout.hash_algo = block_size, algo
+                return
+        # A salted or LoRA block: its hash needs keys the router does not see; learn later.
+
+    # ---- lookups -----------------------------------------------------------------------------
+    def match(self, url_hashes: dict[str, Sequence[BlockHash]]) -> dict[str, int]:
+        """For each engine, how many leading blocks of its hash chain it holds (any medium).
+        The engine's prefix cache reuses only a prefix, so the count stops at its first gap."""
+        found = {}
+        for url, hashes in url_hashes.items():
+            n = 0
+            for h in hashes:
+                holders = self.blocks.get(h)
+                if holders is None or url not in holders:
+                    break
+                n += 1
+            found[url] = n
+        return found
+
+
+def _medium(event: list, i: int) -> str:
+    return (event[i] if len(event) > i else None) or "GPU"

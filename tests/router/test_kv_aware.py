@@ -1,0 +1,233 @@
+"""kv-aware routing without engines: the index built from event payloads, the router's prompt
+ids against the engine front-end's, and the scoring rules."""
+
+from __future__ import annotations
+
+import msgspec
+import pytest
+
+from lmserve.core.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEventBatch
+from lmserve.prefix_hash import block_hashes
+from lmserve.router.backends import Backend
+from lmserve.router.kv_aware import KvAware
+from lmserve.router.kv_index import KVIndex
+from lmserve.router.prefix_trie import PrefixTrie
+from lmserve.router.routing import PrefixAware, RouteRequest
+
+BS = 4
+
+
+def payload(*events) -> bytes:
+    return msgspec.msgpack.encode(KVEventBatch(ts=1.0, events=list(events)))
+
+
+def stored(tokens: list[int], algo: str = "sha256", start: int = 0) -> BlockStored:
+    """The engine's BlockStored for blocks [start, ...) of a prompt `tokens`."""
+    hashes = block_hashes(tokens, BS, algo)
+    parent = hashes[start - 1] if start else None
+    return BlockStored(hashes[start:], parent, tokens[start * BS : len(hashes) * BS], BS)
+
+
+PROMPT = list(range(100, 117))  # 4 full blocks + 1 token
+
+
+# ---- the index ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("algo", ["sha256", "xxhash"])
+def test_index_learns_each_engines_block_size_and_hash_algorithm_from_its_events(algo):
+    index = KVIndex()
+    index.apply("http://a", payload(stored(PROMPT[:8], algo), stored(PROMPT, algo, start=2)))
+    layout = index.layouts["http://a"]
+    assert (layout.block_size, layout.hash_algo) == (BS, algo)
+    assert index.match({"http://a": block_hashes(PROMPT, BS, algo)}) == {"http://a": 4}
+
+
+def test_index_match_stops_at_the_first_block_an_engine_lacks():
+    index = KVIndex()
+    hashes = block_hashes(PROMPT, BS)
+    index.apply("http://a", payload(stored(PROMPT)))
+    index.apply("http://b", payload(stored(PROMPT[:8])))
+    index.apply("http://a", payload(BlockRemoved([hashes[1]])))
+    assert index.match({"http://a": hashes, "http://b": hashes}) == {"http://a": 1, "http://b": 2}
+
+
+def test_all_blocks_cleared_and_clear_forget_only_that_engine():
+    index = KVIndex()
+    hashes = block_hashes(PROMPT, BS)
+    index.apply("http://a", payload(stored(PROMPT)))
+    index.apply("http://b", payload(stored(PROMPT)))
+    index.apply("http://a", payload(AllBlocksCleared()))
+    assert index.match({"http://a": hashes, "http://b": hashes}) == {"http://a": 0, "http://b": 4}
+    index.clear("http://b")
+    assert len(index) == 0 and index.engines == 0
+
+
+def test_a_block_held_in_two_media_stays_until_both_remove_it():
+    index = KVIndex()
+    hashes = block_hashes(PROMPT[:4], BS)
+    index.apply("http://a", payload(stored(PROMPT[:4])))
+    cpu = BlockStored(hashes, None, PROMPT[:4], BS, None, "CPU")
+    index.apply("http://a", payload(cpu, BlockRemoved(hashes)))  # GPU copy evicted
+    assert index.blocks[hashes[0]] == {"http://a": {"CPU"}}
+    index.apply("http://a", payload(BlockRemoved(hashes, "CPU")))
+    assert len(index) == 0
+
+
+def test_a_payload_that_is_not_an_event_batch_is_an_error():
+    with pytest.raises(ValueError, match="not a KV event batch"):
+        KVIndex().apply("http://a", b"\x01")
+
+
+# ---- scoring -----------------------------------------------------------------------------------
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make_logic(index: KVIndex, live=lambda url: True, **kwargs) -> KvAware:
+    fallback = PrefixAware(PrefixTrie(chunk_size=4, max_bytes=1 << 20), balance_margin=4)
+    return KvAware(index, live, fallback, **{"request_cost": 64.0, **kwargs})
+
+
+def engines(*names: str) -> list[Backend]:
+    return [Backend(f"http://{n}", healthy=True) for n in names]
+
+
+def warm_index(prompt: list[int], holders: dict[str, int]) -> KVIndex:
+    """Each named engine holds the first n blocks of `prompt`; the others hold one unrelated
+    block (so every engine's layout is known)."""
+    index = KVIndex()
+    for name in "abc":
+        n = holders.get(name, 0)
+        if n:
+            index.apply(f"http://{name}", payload(stored(prompt[: n * BS + 1])))
+        else:
+            index.apply(f"http://{name}", payload(stored([7, 7, 7, 7, 7])))
+    return index
+
+
+def test_the_engine_holding_the_longest_prefix_wins_and_the_prediction_is_its_cached_tokens():
+    prompt = list(range(200, 241))  # 41 tokens: 10 blocks usable
+    logic = make_logic(warm_index(prompt, {"a": 3, "b": 7}))
+    decision = logic.choose(RouteRequest(None, token_ids=prompt), engines("a", "b", "c"))
+    assert decision.backend.url == "http://b" and decision.reason == "kv_hit"
+    assert decision.predicted_cached == 7 * BS and decision.prefill_tokens == 41 - 28
+
+
+def test_a_full_hit_stops_short_of_the_last_token_as_the_engine_does():
+    prompt = list(range(300, 316))  # exactly 4 blocks: the engine reuses 3
+    index = KVIndex()
+    index.apply("http://a", payload(stored(prompt + [1])))
+    decision = make_logic(index).choose(RouteRequest(None, token_ids=prompt), engines("a"))
+    assert decision.predicted_cached == 12
+
+
+def test_the_cached_engine_is_skipped_when_its_queue_outweighs_the_prefill_it_saves():
+    prompt = list(range(200, 241))
+    logic = make_logic(warm_index(prompt, {"a": 10}))
+    a, b, c = engines("a", "b", "c")
+    a.pending_prefill_tokens = 30  # less than the 40 tokens it would save: stay
+    assert logic.choose(RouteRequest(None, token_ids=prompt), [a, b, c]).backend is a
+    a.pending_prefill_tokens = 41 + 10  # more than it saves: another engine is faster
+    decision = logic.choose(RouteRequest(None, token_ids=prompt), [a, b, c])
+    assert decision.backend is not a and decision.reason == "kv_overloaded"
+    assert decision.predicted_cached == 0
+
+
+def test_cold_requests_spread_over_idle_engines_in_turn():
+    index = warm_index([1] * 9, {})
+    logic = make_logic(index, pending_ttl_s=0.0)
+    cands = engines("a", "b", "c")
+    picks = [
+        logic.choose(RouteRequest(None, token_ids=[i] * 9), cands).backend.url for i in range(6)
+    ]
+    assert sorted(picks) == sorted([b.url for b in cands] * 2)
+    assert all(
+        logic.choose(RouteRequest(None, token_ids=[50 + i] * 9), cands).reason == "kv_miss"
+        for i in range(3)
+    )
+
+
+def test_blocks_just_sent_count_as_held_there_until_their_ttl_passes():
+    clock = Clock()
+    logic = make_logic(warm_index([1] * 9, {}), pending_ttl_s=5.0, clock=clock)
+    cands = engines("a", "b", "c")
+    shared = list(range(400, 433))
+    first = logic.choose(RouteRequest(None, token_ids=shared), cands)
+    second = logic.choose(RouteRequest(None, token_ids=shared + [9, 9]), cands)
+    assert second.backend is first.backend and second.reason == "kv_hit"
+    clock.now = 6.0
+    third = logic.choose(RouteRequest(None, token_ids=shared + [8]), cands)
+    assert third.reason == "kv_miss"
+
+
+def test_an_engine_without_events_sends_the_decision_to_prefix_aware():
+    logic = make_logic(warm_index([1] * 9, {"a": 1}), live=lambda url: url != "http://c")
+    decision = logic.choose(
+        RouteRequest(None, prompt="hello", token_ids=[1] * 9), engines("a", "c")
+    )
+    assert decision.reason.startswith("kv_fallback_prefix")
+    assert decision.predicted_cached is None
+
+
+# ---- the router's prompt ids are the engine's ------------------------------------------------
+CONVERSATIONS = [
+    [{"role": "user", "content": "hello there"}],
+    [
+        {"role": "system", "content": "You are brief."},
+        {
+            "role": "user",
+            "content": [{"type": "text", "text": "two"}, {"type": "text", "text": "parts"}],
+        },
+        {"role": "assistant", "content": "ok", "name": None},
+        {"role": "user", "content": "and again"},
+    ],
+]
+
+
+@pytest.mark.parametrize("conversation", CONVERSATIONS)
+@pytest.mark.parametrize("add_generation_prompt", [True, False])
+def test_router_chat_ids_equal_the_engine_front_ends(
+    tiny_model_dir, conversation, add_generation_prompt
+):
+    from transformers import AutoTokenizer
+
+    from lmserve.engine.chat import apply_chat_template, validate_conversation
+    from lmserve.router.prompt_tokens import PromptTokenizer
+
+    path = tiny_model_dir("llama")
+    engine_side = apply_chat_template(
+        AutoTokenizer.from_pretrained(path),
+        validate_conversation(conversation),
+        add_generation_prompt=add_generation_prompt,
+    )
+    router_side = PromptTokenizer.load(path).for_body(
+        {"messages": conversation, "add_generation_prompt": add_generation_prompt}
+    )
+    assert router_side == engine_side
+
+
+def test_router_completion_ids_equal_the_engine_front_ends(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    from lmserve.router.prompt_tokens import PromptTokenizer
+
+    path = tiny_model_dir("llama")
+    tokens = PromptTokenizer.load(path)
+    text = "The quick brown fox, again and again."
+    assert tokens.for_body({"prompt": text}) == AutoTokenizer.from_pretrained(path).encode(text)
+    assert tokens.for_body({"prompt": [[5, 6, 7]]}) == [5, 6, 7]
+    assert tokens.for_body({"prompt": ["a", "b"]}) is None  # a batch: no single prompt
+    assert tokens.for_body({"messages": "not a list"}) is None  # the engine answers 400
+
+
+def test_a_chat_template_flag_overrides_the_tokenizers(tiny_model_dir, tmp_path):
+    from lmserve.router.prompt_tokens import PromptTokenizer
+
+    template = tmp_path / "t.jinja"
+    template.write_text("{% for m in messages %}[{{ m.content }}]{% endfor %}")
+    tokens = PromptTokenizer.load(tiny_model_dir("llama"), str(template))
+    ids = tokens.for_body({"messages": [{"role": "user", "content": "hi"}]})
+    assert tokens.tokenizer.decode(ids) == "[hi]"
