@@ -54,11 +54,16 @@ def extend_block_hashes(
     cache_salt: str | None = None,
 ) -> None:
     """Append the hashes of the full blocks of `token_ids` not in `hashes` yet."""
-    for i in range(len(hashes), len(token_ids) // block_size):
-        parent = hashes[i - 1] if i else ROOT_PARENT_HASH
-        extra = cache_salt.encode() if i == 0 and cache_salt else b""
-        block = token_ids[i * block_size : (i + 1) * block_size]
-        hashes.append(hash_block_tokens(hash_fn, parent, block, extra))
+    first, end = len(hashes), len(token_ids) // block_size
+    if first >= end:
+        return
+    data = array("q", token_ids[first * block_size : end * block_size]).tobytes()
+    step = block_size * 8  # bytes per block (int64 ids)
+    parent = hashes[-1] if first else ROOT_PARENT_HASH
+    for i in range(end - first):
+        extra = cache_salt.encode() if first + i == 0 and cache_salt else b""
+        parent = hash_fn(parent + data[i * step : (i + 1) * step] + extra)
+        hashes.append(parent)
 
 
 def block_hashes(

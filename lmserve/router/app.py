@@ -209,6 +209,7 @@ def _kv_aware(config: RouterConfig, trie: PrefixTrie, metrics: RouterMetrics):
         PrefixAware(trie, config.prefix_balance_margin),
         request_cost=config.kv_aware_request_cost,
         pending_ttl_s=config.kv_aware_pending_ttl,
+        slack=config.kv_aware_slack,
     )
     return logic, kv, PromptTokenizer.load(config.tokenizer, config.chat_template)
 

@@ -32,7 +32,8 @@ class RouterConfig:
     kv_events_topic: str = ""
     k8s_kv_events_port: int | None = None  # discovered pods: their PUB socket's port
     k8s_kv_events_replay_port: int | None = None
-    kv_aware_request_cost: float = 64.0  # prompt tokens of queueing one running request costs
+    kv_aware_request_cost: float = 128.0  # prompt tokens of delay one request on an engine is
+    kv_aware_slack: float = 256.0  # extra cost (tokens) a cached or hashed engine may carry
     kv_aware_pending_ttl: float = 5.0  # seconds dispatched blocks count as held before events
     # health and failover
     health_check_interval: float = 1.0
@@ -131,6 +132,11 @@ _FLAGS: list[tuple[str, type, str]] = [
         "--kv-aware-request-cost",
         float,
         "kv-aware: prompt tokens of delay one request on an engine counts as",
+    ),
+    (
+        "--kv-aware-slack",
+        float,
+        "kv-aware: extra cost (tokens) the engine holding a prefix may carry over the cheapest",
     ),
     (
         "--kv-aware-pending-ttl",

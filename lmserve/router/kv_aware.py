@@ -9,15 +9,24 @@ algorithm, and every candidate gets a cost in prompt tokens:
     cost(e) = queued_prefill(e) + request_cost * requests(e) + (prompt_len - cached(e))
 
     queued_prefill(e)  uncached prompt tokens the router sent to e that have not started
-                       answering (counted from the moment of dispatch, not from a scrape)
-    requests(e)        requests on e (ours in flight, plus others seen in its metrics)
+                       answering (counted from the moment of dispatch, not from a scrape):
+                       e computes them before (or, chunked, alongside) a new prompt
+    requests(e)        requests on e (ours in flight, plus others seen in its metrics), each
+                       worth `request_cost` tokens (128 by default: what balanced best in
+                       benchmarks/kv_aware_routing.py; a running request slows every step
+                       and holds KV space a new prompt may need)
     cached(e)          the tokens of the prompt e's prefix cache would reuse
 
-The cheapest engine wins: the one holding the prefix, until its queue outweighs the prefill it
-would save (then `kv_overloaded`: the stickiness breaker). Ties go to the longer cached prefix,
-then round the tied engines in turn (deterministic, and cold traffic spreads instead of piling
-onto one engine). Blocks just sent to an engine count as held there for `pending_ttl_s`, until
-its events confirm them: requests sharing a new prefix that arrive together follow the first.
+Among the engines within `slack` tokens of the cheapest, the longest cached prefix wins: the
+engine holding the prefix keeps its requests until its queue outweighs the prefill it would
+save by more than the slack (then `kv_overloaded`: the stickiness breaker; the slack is a
+hysteresis, since a recomputed prefix also costs the cache space of its copy). Then a
+rendezvous hash of the prompt's first tokens decides: deterministic, the same for every
+request that starts alike (a group's users who all miss land together and build one copy of
+their prefix, not four), spread evenly over the engines for unrelated prompts, and never onto
+an engine busier than the slack allows.
+Blocks just sent to an engine count as held there for `pending_ttl_s`, until its events
+confirm them: requests sharing a new prefix that arrive together follow the first.
 When a candidate publishes no events the whole decision falls back to prefix-aware.
 """
 
@@ -26,6 +35,8 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+
+import xxhash
 
 from lmserve.prefix_hash import HASH_FUNCTIONS, BlockHash, extend_block_hashes
 from lmserve.router.backends import Backend
@@ -78,17 +89,18 @@ class KvAware(RoutingLogic):
         index: KVIndex,
         is_live: Callable[[str], bool],
         fallback: PrefixAware,
-        request_cost: float = 64.0,
+        request_cost: float = 128.0,
         pending_ttl_s: float = 5.0,
+        slack: float = 256.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.index = index
         self.is_live = is_live
         self.fallback = fallback
         self.request_cost = request_cost
+        self.slack = slack
         self.pending = PendingBlocks(pending_ttl_s)
         self.clock = clock
-        self._tie_break = 0
         self._decisions = 0
 
     def choose(self, request: RouteRequest, candidates: Sequence[Backend]) -> Decision:
@@ -103,7 +115,7 @@ class KvAware(RoutingLogic):
         chains = self._hash_chains(ids, candidates)
         cached = {b.url: self._cached_tokens(b.url, chains.get(b.url), now) for b in candidates}
         costs = {b.url: self._cost(b, len(ids), cached[b.url]) for b in candidates}
-        best = self._cheapest(candidates, costs, cached)
+        best = self._cheapest(candidates, costs, cached, _anchor(ids))
         most = max(cached.values())
         reason = (
             "kv_miss" if most == 0 else "kv_hit" if cached[best.url] == most else "kv_overloaded"
@@ -150,12 +162,21 @@ class KvAware(RoutingLogic):
         return queued + (prompt_len - cached)
 
     def _cheapest(
-        self, candidates: Sequence[Backend], costs: dict[str, float], cached: dict[str, int]
+        self,
+        candidates: Sequence[Backend],
+        costs: dict[str, float],
+        cached: dict[str, int],
+        anchor: bytes,
     ) -> Backend:
-        key = {b.url: (costs[b.url], -cached[b.url]) for b in candidates}
-        lowest = min(key.values())
-        tied = [b for b in candidates if key[b.url] == lowest]
-        if len(tied) == 1:
-            return tied[0]
-        self._tie_break += 1
-        return tied[self._tie_break % len(tied)]
+        lowest = min(costs.values())
+        near = [b for b in candidates if costs[b.url] <= lowest + self.slack]
+        return max(near, key=lambda b: (cached[b.url], _rendezvous(anchor, b.url)))
+
+
+def _anchor(ids: Sequence[int]) -> bytes:
+    """What requests that start alike share: their first 16 token ids."""
+    return b",".join(str(t).encode() for t in ids[:16])
+
+
+def _rendezvous(anchor: bytes, url: str) -> int:
+    return xxhash.xxh64_intdigest(anchor + url.encode())

@@ -88,7 +88,7 @@ class Clock:
 
 def make_logic(index: KVIndex, live=lambda url: True, **kwargs) -> KvAware:
     fallback = PrefixAware(PrefixTrie(chunk_size=4, max_bytes=1 << 20), balance_margin=4)
-    return KvAware(index, live, fallback, **{"request_cost": 64.0, **kwargs})
+    return KvAware(index, live, fallback, **{"request_cost": 64.0, "slack": 64.0, **kwargs})
 
 
 def engines(*names: str) -> list[Backend]:
@@ -128,26 +128,40 @@ def test_the_cached_engine_is_skipped_when_its_queue_outweighs_the_prefill_it_sa
     prompt = list(range(200, 241))
     logic = make_logic(warm_index(prompt, {"a": 10}))
     a, b, c = engines("a", "b", "c")
-    a.pending_prefill_tokens = 30  # less than the 40 tokens it would save: stay
+    # a's cost: queue + 1 token to compute; b's and c's: 41. a keeps the request while its
+    # queue is at most the 40 tokens it saves plus the 64-token slack.
+    a.pending_prefill_tokens = 40 + 64
     assert logic.choose(RouteRequest(None, token_ids=prompt), [a, b, c]).backend is a
-    a.pending_prefill_tokens = 41 + 10  # more than it saves: another engine is faster
+    a.pending_prefill_tokens = 40 + 64 + 1
     decision = logic.choose(RouteRequest(None, token_ids=prompt), [a, b, c])
     assert decision.backend is not a and decision.reason == "kv_overloaded"
     assert decision.predicted_cached == 0
 
 
-def test_cold_requests_spread_over_idle_engines_in_turn():
-    index = warm_index([1] * 9, {})
-    logic = make_logic(index, pending_ttl_s=0.0)
+def test_cold_prompts_spread_by_their_start_and_alike_ones_land_together():
+    logic = make_logic(warm_index([1] * 9, {}), pending_ttl_s=0.0)
     cands = engines("a", "b", "c")
     picks = [
-        logic.choose(RouteRequest(None, token_ids=[i] * 9), cands).backend.url for i in range(6)
+        logic.choose(RouteRequest(None, token_ids=[i] * 20), cands).backend.url for i in range(30)
     ]
-    assert sorted(picks) == sorted([b.url for b in cands] * 2)
-    assert all(
-        logic.choose(RouteRequest(None, token_ids=[50 + i] * 9), cands).reason == "kv_miss"
-        for i in range(3)
-    )
+    assert set(picks) == {b.url for b in cands}  # unrelated prompts: every engine gets some
+    shared = list(range(500, 520))
+    homes = {
+        logic.choose(RouteRequest(None, token_ids=shared + [i] * 9), cands).backend.url
+        for i in range(5)
+    }
+    assert len(homes) == 1  # same start, nothing cached: deterministic, together
+    decision = logic.choose(RouteRequest(None, token_ids=shared), cands)
+    assert decision.reason == "kv_miss"
+
+
+def test_a_cold_prompt_avoids_an_engine_busier_than_the_slack():
+    logic = make_logic(warm_index([1] * 9, {}), pending_ttl_s=0.0)
+    cands = engines("a", "b", "c")
+    prompt = list(range(600, 620))
+    home = logic.choose(RouteRequest(None, token_ids=prompt), cands).backend
+    home.in_flight = 2  # two requests more than the others: beyond one request's slack
+    assert logic.choose(RouteRequest(None, token_ids=prompt), cands).backend is not home
 
 
 def test_blocks_just_sent_count_as_held_there_until_their_ttl_passes():

@@ -96,7 +96,7 @@ def test_predicted_cached_tokens_equal_the_engines_for_chat_and_completions(clus
                 model=MODEL_NAME, prompt=prompt, max_tokens=2, temperature=0
             )
             url = raw.headers[BACKEND_HEADER]
-            wait_until(lambda: described(router, url)["kv_blocks"] > 0)
+            wait_until(lambda url=url: described(router, url)["kv_blocks"] > 0)
         reported = raw.parse().usage.prompt_tokens_details.cached_tokens
         assert reported > 0 and int(raw.headers[PREDICTED_CACHED_HEADER]) == reported
         errors = metric(router, "lmserve_router:kv_cached_tokens_prediction_error_count")
