@@ -202,7 +202,9 @@ def start_router(logic: str, engines: list, model: str, log_dir: Path) -> tuple:
     while time.monotonic() < deadline:
         try:
             health = json.loads(_get(url + "/health"))
-            if health.get("healthy_backends") == len(engines):
+            backends = json.loads(_get(url + "/router/backends"))
+            caught_up = all(b.get("kv_events_live", True) for b in backends)  # replayed
+            if health.get("healthy_backends") == len(engines) and caught_up:
                 return proc, url
         except OSError:
             pass
