@@ -78,6 +78,26 @@ def test_lmserve_router_starts_in_about_a_second_and_stops_on_sigterm():
         (["router"], "--backends"),
         (["router", "--backends", "http://h:1", "--routing-logic", "random"], "routing-logic"),
         (["router", "--backends", "http://h:1", "--k8s-namespace", "ns"], "not both"),
+        (["router", "--backends", "http://h:1", "--routing-logic", "kv-aware"], "--tokenizer"),
+        (
+            ["router", "--backends", "h:1", "--routing-logic", "kv-aware", "--tokenizer", "t"],
+            "--kv-events-endpoints",
+        ),
+        (
+            ["router", "--backends", "h:1,h:2", "--routing-logic", "kv-aware", "--tokenizer", "t",
+             "--kv-events-endpoints", "tcp://*:5557"],
+            "one per backend",
+        ),  # fmt: skip
+        (
+            ["router", "--backends", "h:1", "--routing-logic", "kv-aware", "--tokenizer", "t",
+             "--kv-events-endpoints", "udp://h:1"],
+            "not tcp://HOST:PORT",
+        ),  # fmt: skip
+        (
+            ["router", "--backends", "h:1", "--routing-logic", "kv-aware",
+             "--tokenizer", "/nonexistent", "--kv-events-endpoints", "tcp://*:5557"],
+            "no tokenizer.json",
+        ),  # fmt: skip
     ],
 )
 def test_bad_router_flags_exit_2_with_the_reason(argv, message, capsys):
