@@ -143,9 +143,9 @@ class EngineCore:
     def _update(self, scheduler_output: SchedulerOutput, runner_output) -> EngineCoreOutputs:
         outputs = self.scheduler.update_from_output(scheduler_output, runner_output)
         self._publish_kv_events()
-        return EngineCoreOutputs(
-            outputs=outputs, timestamp=time.monotonic(), scheduler_stats=self.scheduler.make_stats()
-        )
+        stats = self.scheduler.make_stats()
+        stats.iteration_tokens = scheduler_output.total_num_scheduled_tokens
+        return EngineCoreOutputs(outputs=outputs, timestamp=time.monotonic(), scheduler_stats=stats)
 
     def reset_prefix_cache(self) -> bool:
         done = self.scheduler.kv_cache_manager.reset_prefix_cache()

@@ -146,6 +146,7 @@ class SchedulerStats(msgspec.Struct, array_like=True, omit_defaults=True):
     prefix_cache_queries: int = 0  # prompt tokens looked up (increment)
     prefix_cache_hits: int = 0  # prompt tokens found (increment)
     num_preemptions: int = 0  # (increment)
+    iteration_tokens: int = 0  # tokens the step that produced these stats scheduled (0: none)
     spec_decode: SpecDecodeStats | None = None  # (increments) None: nothing verified
     kv_transfer: KVTransferStats | None = None  # (increments) None: no connector activity
 

@@ -52,6 +52,7 @@ class AsyncLLM:
         self.input_processor = InputProcessor(config.model_config, self.tokenizer)
         self.output_processor = OutputProcessor(self.tokenizer)
         self.stats = stats or StatsRecorder(model_name=str(config.model_config.model))
+        self.stats.describe_engine(config, lambda: not self.engine_core.is_dead)
         self._queues: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
         self._output_task: asyncio.Task | None = None
 
@@ -105,7 +106,10 @@ class AsyncLLM:
             [(child.request_id, child.sampling_params) for child in children],
         )
         self.stats.on_request_added(
-            request_id, len(request.prompt_token_ids), [c.request_id for c in children]
+            request_id,
+            len(request.prompt_token_ids),
+            [c.request_id for c in children],
+            request.sampling_params.max_tokens,
         )
         finished = False
         try:

@@ -65,6 +65,14 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--disable-access-log", action="store_true", help="no log line per HTTP request"
     )
+    group.add_argument(
+        "--metrics-prefix",
+        dest="metrics_prefix",
+        choices=("lmserve", "vllm"),
+        default="lmserve",
+        help="name prefix of /metrics; 'vllm' exports vLLM's own names, so dashboards, alerts "
+        "and autoscaling triggers written for vLLM work unchanged",
+    )
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:

@@ -7,12 +7,14 @@ time comes from the engine with the request's first output.
 
 from __future__ import annotations
 
+import dataclasses
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from lmserve.core.messages import EngineCoreOutput, SchedulerStats, SpecDecodeStats
 from lmserve.kv_transfer.base import KVTransferStats
-from lmserve.metrics.prometheus import get_metrics
+from lmserve.metrics.prometheus import get_metrics, info_gauge
 from lmserve.outputs import RequestOutput
 
 
@@ -20,6 +22,7 @@ from lmserve.outputs import RequestOutput
 class _RequestTimes:
     arrival: float
     num_prompt_tokens: int
+    first_scheduled: float | None = None  # arrival + the engine's queue time
     first_token: float | None = None
     last_token_per_sample: dict[str, float] = field(default_factory=dict)
     num_generated: int = 0
@@ -39,11 +42,33 @@ class StatsRecorder:
         self._parent_of: dict[str, str] = {}  # engine request id -> user request id
         self._spec_totals = SpecDecodeStats()  # since start, for the acceptance-rate gauges
 
+    def describe_engine(self, config: object, is_alive: Callable[[], bool]) -> None:
+        """The engine-health gauge (read at scrape time) and the `cache_config_info` gauge."""
+        self.metrics.engine_healthy.labels(**self._labels).set_function(
+            lambda: 1.0 if is_alive() else 0.0
+        )
+        cache = getattr(config, "cache_config", None)
+        if cache is not None:
+            info_gauge(
+                "cache_config_info",
+                "The KV cache's configuration (labels), value 1",
+                {f.name: getattr(cache, f.name) for f in dataclasses.fields(cache)},
+            )
+
     def on_request_added(
-        self, request_id: str, num_prompt_tokens: int, sample_ids: list[str] | None = None
+        self,
+        request_id: str,
+        num_prompt_tokens: int,
+        sample_ids: list[str] | None = None,
+        max_tokens: int | None = None,
     ) -> None:
         """`sample_ids`: the engine request ids of its n samples (default: the id itself)."""
         sample_ids = sample_ids or [request_id]
+        m, labels = self.metrics, self._labels
+        m.request_params_n.labels(**labels).observe(len(sample_ids))
+        if max_tokens is not None:
+            m.request_params_max_tokens.labels(**labels).observe(max_tokens)
+            m.request_max_num_generation_tokens.labels(**labels).observe(max_tokens)
         self._requests[request_id] = _RequestTimes(
             time.monotonic(), num_prompt_tokens, sample_ids=sample_ids
         )
@@ -64,6 +89,8 @@ class StatsRecorder:
         m.prefix_cache_queries.labels(**labels).inc(stats.prefix_cache_queries)
         m.prefix_cache_hits.labels(**labels).inc(stats.prefix_cache_hits)
         m.num_preemptions.labels(**labels).inc(stats.num_preemptions)
+        if stats.iteration_tokens:
+            m.iteration_tokens.labels(**labels).observe(stats.iteration_tokens)
         if stats.spec_decode is not None:
             self._on_spec_decode(stats.spec_decode)
         if stats.kv_transfer is not None:
@@ -116,9 +143,13 @@ class StatsRecorder:
             times.num_generated += n
             if out.queue_time is not None:
                 m.request_queue_time.labels(**labels).observe(out.queue_time)
+                if times.first_scheduled is None:
+                    times.first_scheduled = min(times.arrival + out.queue_time, now)
             if times.first_token is None:
                 times.first_token = now
                 m.time_to_first_token.labels(**labels).observe(now - times.arrival)
+                scheduled = times.first_scheduled or times.arrival
+                m.request_prefill_time.labels(**labels).observe(now - scheduled)
             last = times.last_token_per_sample.get(out.request_id)
             if last is not None:
                 m.inter_token_latency.labels(**labels).observe((now - last) / n)
@@ -141,6 +172,14 @@ class StatsRecorder:
         m.e2e_request_latency.labels(**labels).observe(now - times.arrival)
         m.request_prompt_tokens.labels(**labels).observe(times.num_prompt_tokens)
         m.request_generation_tokens.labels(**labels).observe(times.num_generated)
+        if times.first_token is not None:
+            decode = now - times.first_token
+            m.request_decode_time.labels(**labels).observe(decode)
+            scheduled = times.first_scheduled or times.arrival
+            m.request_inference_time.labels(**labels).observe(now - scheduled)
+            if times.num_generated > 1:
+                per_token = decode / (times.num_generated - 1)
+                m.request_time_per_output_token.labels(**labels).observe(per_token)
         for completion in out.outputs:
             reason = completion.finish_reason or "abort"
             m.request_success.labels(**labels, finished_reason=reason).inc()

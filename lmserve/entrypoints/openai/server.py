@@ -357,8 +357,10 @@ async def _serve(
 ) -> int:
     from lmserve.engine.arg_utils import engine_kwargs
     from lmserve.engine.async_llm import AsyncLLM
+    from lmserve.metrics.prometheus import set_metrics_prefix
     from lmserve.metrics.stats import StatsRecorder
 
+    set_metrics_prefix(getattr(args, "metrics_prefix", "lmserve"))
     if config is None:
         config = EngineConfig.from_kwargs(args.model, **engine_kwargs(args))
     logger.info("server imported, configuration ready %.2f s after launch", process_age_s())
