@@ -37,6 +37,7 @@ class RouterMetrics:
     trie_bytes: Gauge
     trie_evictions: Counter
     added_latency: Histogram
+    backend_ttft: Histogram  # label backend
     kv_events: Counter  # label backend
     kv_events_replayed: Counter  # label backend
     kv_events_dropped: Counter  # label backend
@@ -102,6 +103,34 @@ class RouterMetrics:
                 buckets=_ADDED_LATENCY_BUCKETS,
                 registry=r,
             ),
+            backend_ttft=Histogram(
+                "lmserve_router:time_to_first_token_seconds",
+                "Streamed answers: from sending the request to a backend to its first chunk, "
+                "as the router sees it",
+                ["backend"],
+                buckets=(
+                    0.001,
+                    0.005,
+                    0.01,
+                    0.02,
+                    0.04,
+                    0.06,
+                    0.08,
+                    0.1,
+                    0.25,
+                    0.5,
+                    0.75,
+                    1.0,
+                    2.5,
+                    5.0,
+                    7.5,
+                    10.0,
+                    20.0,
+                    40.0,
+                    80.0,
+                ),  # fmt: skip
+                registry=r,
+            ),
             kv_events=Counter(
                 "lmserve_router:kv_event_batches",
                 "KV event batches applied to the index, by backend",
@@ -147,7 +176,7 @@ class RouterMetrics:
 
     def forget_backend(self, url: str) -> None:
         """A backend left: drop its gauges (its counters stay, they are history)."""
-        for gauge in (self.in_flight, self.backend_healthy):
+        for gauge in (self.in_flight, self.backend_healthy, self.backend_ttft):
             try:
                 gauge.remove(url)
             except KeyError:

@@ -253,6 +253,7 @@ class Proxy:
         finally:
             self._answering(decision)
         answered = time.perf_counter()
+        self.metrics.backend_ttft.labels(backend.url).observe(answered - sent)
         relay = self._stream_chunks(decision, resp, first)
         response = StreamingResponse(relay, resp.status, response_headers(resp, decision))
         self.metrics.added_latency.observe((sent - start) + (time.perf_counter() - answered))

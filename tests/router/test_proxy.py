@@ -34,6 +34,9 @@ def test_streamed_chunks_reach_the_client_as_they_arrive(fresh_standins):
                     arrivals.append(time.monotonic() - start)
         assert len(arrivals) == 3
         assert arrivals[0] < 0.3 and arrivals[-1] > 0.75  # not held until the end
+        ttft = "lmserve_router:time_to_first_token_seconds"
+        assert metric(router, ttft + "_count", backend=a.url) == 1
+        assert metric(router, ttft + "_sum", backend=a.url) < 0.3  # the first chunk, not the end
 
 
 @pytest.mark.parametrize("api", ["completions", "chat"])
