@@ -5,7 +5,8 @@
 
 Routes: POST /v1/completions and /v1/chat/completions (proxied), GET /v1/models (the union of
 the healthy backends' models), /health (200 while at least one backend is healthy), /metrics
-(the router's own series), /router/backends (each backend's state, for people and tests).
+(the router's own series), /router/backends (each backend's state, for people and tests),
+/dashboard and /dashboard/data (a live page of the engines and routing; lmserve/dashboard/).
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from lmserve import __version__, envs
+from lmserve.dashboard import add_dashboard_routes
+from lmserve.dashboard.sources import RouterSource
 from lmserve.entrypoints.openai.errors import (
     NOT_FOUND,
     SERVER_ERROR,
@@ -99,6 +102,7 @@ def build_app(config: RouterConfig, discovery: Discovery | None = None) -> FastA
     install_http_error_handlers(app)
     app.add_middleware(ProxyRoutes, proxy=state.proxy)
     _add_routes(app, state)
+    add_dashboard_routes(app, RouterSource(state.pool, state.health, state.metrics.registry))
     return app
 
 

@@ -37,6 +37,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from lmserve import __version__, envs
 from lmserve.config import EngineConfig
+from lmserve.dashboard import add_dashboard_routes
+from lmserve.dashboard.sources import EngineSource
 from lmserve.engine.launcher import EngineLauncher
 from lmserve.entrypoints.openai.errors import (
     AUTHENTICATION,
@@ -161,6 +163,7 @@ def build_app(engine: Any, args: argparse.Namespace) -> FastAPI:
             raise invalid_request(f"token id {bad[0]} is out of range [0, {vocab_size})", "tokens")
         return json_response(DetokenizeResponse(prompt=tokenizer.decode(request.tokens)))
 
+    add_dashboard_routes(app, EngineSource(engine))  # GET /dashboard, /dashboard/data
     return app
 
 
