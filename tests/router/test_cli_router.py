@@ -84,18 +84,45 @@ def test_lmserve_router_starts_in_about_a_second_and_stops_on_sigterm():
             "--kv-events-endpoints",
         ),
         (
-            ["router", "--backends", "h:1,h:2", "--routing-logic", "kv-aware", "--tokenizer", "t",
-             "--kv-events-endpoints", "tcp://*:5557"],
+            [
+                "router",
+                "--backends",
+                "h:1,h:2",
+                "--routing-logic",
+                "kv-aware",
+                "--tokenizer",
+                "t",
+                "--kv-events-endpoints",
+                "tcp://*:5557",
+            ],
             "one per backend",
         ),  # fmt: skip
         (
-            ["router", "--backends", "h:1", "--routing-logic", "kv-aware", "--tokenizer", "t",
-             "--kv-events-endpoints", "udp://h:1"],
+            [
+                "router",
+                "--backends",
+                "h:1",
+                "--routing-logic",
+                "kv-aware",
+                "--tokenizer",
+                "t",
+                "--kv-events-endpoints",
+                "udp://h:1",
+            ],
             "not tcp://HOST:PORT",
         ),  # fmt: skip
         (
-            ["router", "--backends", "h:1", "--routing-logic", "kv-aware",
-             "--tokenizer", "/nonexistent", "--kv-events-endpoints", "tcp://*:5557"],
+            [
+                "router",
+                "--backends",
+                "h:1",
+                "--routing-logic",
+                "kv-aware",
+                "--tokenizer",
+                "/nonexistent",
+                "--kv-events-endpoints",
+                "tcp://*:5557",
+            ],
             "no tokenizer.json",
         ),  # fmt: skip
     ],
