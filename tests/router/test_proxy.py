@@ -75,6 +75,21 @@ def test_router_errors_use_openai_error_bodies(fresh_standins):
         assert httpx.get(router.url + "/health").status_code == 503
 
 
+def test_a_listed_model_with_no_backend_up_gets_503_and_is_counted(fresh_standins):
+    a = fresh_standins[0]  # serves "m"
+    with running_router([a.url], models=("m", "asleep")) as router:
+        with pytest.raises(openai.InternalServerError) as e:  # scaled to zero: retry later
+            client(router).completions.create(model="asleep", prompt="hi")
+        assert e.value.status_code == 503 and e.value.body["code"] == "no_healthy_backend"
+        with pytest.raises(openai.NotFoundError):  # neither served nor listed
+            client(router).completions.create(model="nope", prompt="hi")
+        client(router).completions.create(model="m", prompt="hi")
+        counted = "lmserve_router:model_requests_total"
+        assert metric(router, counted, model="asleep") == 1
+        assert metric(router, counted, model="m") == 1
+        assert metric(router, counted, model="nope") == 0  # clients cannot grow the label set
+
+
 def test_backend_4xx_passes_through_unchanged(fresh_standins):
     a = fresh_standins[0]
     a.fail, a.fail_status = "status", 422
