@@ -69,6 +69,19 @@ class RouterConfig:
             self._check_kv_aware()
 
     def _check_kv_aware(self) -> None:
+        for flag, value in (
+            ("--kv-aware-request-cost", self.kv_aware_request_cost),
+            ("--kv-aware-slack", self.kv_aware_slack),
+            ("--kv-aware-pending-ttl", self.kv_aware_pending_ttl),
+        ):
+            if not value >= 0:
+                raise ValueError(f"{flag} {value} must be >= 0")
+        for flag, port in (
+            ("--k8s-kv-events-port", self.k8s_kv_events_port),
+            ("--k8s-kv-events-replay-port", self.k8s_kv_events_replay_port),
+        ):
+            if port is not None and not 0 < port < 65536:
+                raise ValueError(f"{flag} {port} is not a TCP port (1-65535)")
         if not self.tokenizer:
             raise ValueError(
                 "--routing-logic kv-aware needs --tokenizer (the engines' model folder or its "

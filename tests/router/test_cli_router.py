@@ -125,6 +125,36 @@ def test_lmserve_router_starts_in_about_a_second_and_stops_on_sigterm():
             ],
             "no tokenizer.json",
         ),  # fmt: skip
+        (
+            [
+                "router",
+                "--backends",
+                "h:1",
+                "--routing-logic",
+                "kv-aware",
+                "--tokenizer",
+                "t",
+                "--kv-events-endpoints",
+                "tcp://*:5557",
+                "--kv-aware-slack",
+                "-1",
+            ],
+            "--kv-aware-slack -1.0 must be >= 0",
+        ),  # fmt: skip
+        (
+            [
+                "router",
+                "--k8s-namespace",
+                "ns",
+                "--routing-logic",
+                "kv-aware",
+                "--tokenizer",
+                "t",
+                "--k8s-kv-events-port",
+                "70000",
+            ],
+            "is not a TCP port",
+        ),  # fmt: skip
     ],
 )
 def test_bad_router_flags_exit_2_with_the_reason(argv, message, capsys):

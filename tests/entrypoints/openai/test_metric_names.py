@@ -113,3 +113,26 @@ def test_a_second_metrics_prefix_in_one_process_is_refused():
         set_metrics_prefix("vllm")
     with pytest.raises(ValueError, match="choose from"):
         set_metrics_prefix("tgi")
+
+
+def test_engine_healthy_follows_the_engine_and_cache_config_info_labels_its_config():
+    from prometheus_client import REGISTRY
+
+    from lmserve.config import CacheConfig
+    from lmserve.metrics.stats import StatsRecorder
+
+    alive = {"value": True}
+    config = type("Config", (), {"cache_config": CacheConfig(block_size=32)})()
+    StatsRecorder(model_name="health-probe").describe_engine(config, lambda: alive["value"])
+    name = "lmserve:engine_healthy"
+    assert REGISTRY.get_sample_value(name, {"model_name": "health-probe"}) == 1
+    alive["value"] = False  # read at scrape time: a dead EngineCore shows at once
+    assert REGISTRY.get_sample_value(name, {"model_name": "health-probe"}) == 0
+    infos = [
+        s
+        for m in REGISTRY.collect()
+        if m.name == "lmserve:cache_config_info"
+        for s in m.samples
+        if s.labels.get("block_size") == "32"
+    ]
+    assert infos and infos[0].value == 1
