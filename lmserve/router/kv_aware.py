@@ -151,8 +151,7 @@ class KvAware(RoutingLogic):
             return 0
         n = 0
         for h in hashes:
-            holders = self.index.blocks.get(h)
-            if not (holders and url in holders) and not self.pending.holds(url, h, now):
+            if not self.index.holds(url, h) and not self.pending.holds(url, h, now):
                 break
             n += 1
         return n * self.index.layouts[url].block_size

@@ -136,6 +136,10 @@ class KVIndex:
         # A salted or LoRA block: its hash needs keys the router does not see; learn later.
 
     # ---- lookups -----------------------------------------------------------------------------
+    def holds(self, url: str, block_hash: BlockHash) -> bool:
+        holders = self.blocks.get(block_hash)
+        return holders is not None and url in holders
+
     def match(self, url_hashes: dict[str, Sequence[BlockHash]]) -> dict[str, int]:
         """For each engine, how many leading blocks of its hash chain it holds (any medium).
         The engine's prefix cache reuses only a prefix, so the count stops at its first gap."""
@@ -143,8 +147,7 @@ class KVIndex:
         for url, hashes in url_hashes.items():
             n = 0
             for h in hashes:
-                holders = self.blocks.get(h)
-                if holders is None or url not in holders:
+                if not self.holds(url, h):
                     break
                 n += 1
             found[url] = n

@@ -72,6 +72,11 @@ def test_lmserve_router_starts_in_about_a_second_and_stops_on_sigterm():
         assert startup_s < 4, f"start-up took {startup_s:.2f} s"
 
 
+# kv-aware routing on one static backend, before the flag under test
+KV_AWARE = ["router", "--backends", "h:1", "--routing-logic", "kv-aware", "--tokenizer", "t"]
+EVENTS = ["--kv-events-endpoints", "tcp://*:5557"]
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
@@ -79,68 +84,11 @@ def test_lmserve_router_starts_in_about_a_second_and_stops_on_sigterm():
         (["router", "--backends", "http://h:1", "--routing-logic", "random"], "routing-logic"),
         (["router", "--backends", "http://h:1", "--k8s-namespace", "ns"], "not both"),
         (["router", "--backends", "http://h:1", "--routing-logic", "kv-aware"], "--tokenizer"),
-        (
-            ["router", "--backends", "h:1", "--routing-logic", "kv-aware", "--tokenizer", "t"],
-            "--kv-events-endpoints",
-        ),
-        (
-            [
-                "router",
-                "--backends",
-                "h:1,h:2",
-                "--routing-logic",
-                "kv-aware",
-                "--tokenizer",
-                "t",
-                "--kv-events-endpoints",
-                "tcp://*:5557",
-            ],
-            "one per backend",
-        ),  # fmt: skip
-        (
-            [
-                "router",
-                "--backends",
-                "h:1",
-                "--routing-logic",
-                "kv-aware",
-                "--tokenizer",
-                "t",
-                "--kv-events-endpoints",
-                "udp://h:1",
-            ],
-            "not tcp://HOST:PORT",
-        ),  # fmt: skip
-        (
-            [
-                "router",
-                "--backends",
-                "h:1",
-                "--routing-logic",
-                "kv-aware",
-                "--tokenizer",
-                "/nonexistent",
-                "--kv-events-endpoints",
-                "tcp://*:5557",
-            ],
-            "no tokenizer.json",
-        ),  # fmt: skip
-        (
-            [
-                "router",
-                "--backends",
-                "h:1",
-                "--routing-logic",
-                "kv-aware",
-                "--tokenizer",
-                "t",
-                "--kv-events-endpoints",
-                "tcp://*:5557",
-                "--kv-aware-slack",
-                "-1",
-            ],
-            "--kv-aware-slack -1.0 must be >= 0",
-        ),  # fmt: skip
+        (KV_AWARE, "--kv-events-endpoints"),
+        ([*KV_AWARE, "--backends", "h:1,h:2", *EVENTS], "one per backend"),
+        ([*KV_AWARE, "--kv-events-endpoints", "udp://h:1"], "not tcp://HOST:PORT"),
+        ([*KV_AWARE, *EVENTS, "--tokenizer", "/nonexistent"], "no tokenizer.json"),
+        ([*KV_AWARE, *EVENTS, "--kv-aware-slack", "-1"], "--kv-aware-slack -1.0 must be >= 0"),
         (
             [
                 "router",
