@@ -61,6 +61,7 @@ class UserSession:
     questions: list[str]
     answer_len: int  # max_tokens of every round
     question_lens: list[int] = field(default_factory=list)  # tokens of each question
+    history: str = ""  # this user's own context (a document), after the shared system prompt
 
     @property
     def num_rounds(self) -> int:
@@ -69,7 +70,8 @@ class UserSession:
     def messages(self, round_index: int, answers: list[str]) -> list[dict[str, str]]:
         """The chat messages of round `round_index` (`answers` holds at least the earlier ones)."""
         assert len(answers) >= round_index, (round_index, len(answers))
-        messages = [{"role": "system", "content": self.system_prompt}]
+        system = f"{self.system_prompt}\n{self.history}" if self.history else self.system_prompt
+        messages = [{"role": "system", "content": system}]
         for r in range(round_index):
             messages.append({"role": "user", "content": self.questions[r]})
             messages.append({"role": "assistant", "content": answers[r]})
@@ -304,14 +306,18 @@ def multi_round_qa_sessions(
     question_len: int,
     answer_len: int,
     seed: int = 0,
+    user_history_len: int = 0,
 ) -> list[UserSession]:
     """`num_users` sessions of `num_rounds` random questions (`question_len` tokens each) over
-    one shared random system prompt (`system_prompt_len` tokens)."""
+    one shared random system prompt (`system_prompt_len` tokens), each user with a context of
+    its own (`user_history_len` tokens, LMCache's `--user-history-prompt`) after it."""
     _require_positive(
         num_users=num_users, num_rounds=num_rounds, question_len=question_len, answer_len=answer_len
     )
-    if system_prompt_len < 0:
-        raise ValueError(f"system_prompt_len={system_prompt_len} must be >= 0")
+    for name, value in (("system_prompt_len", system_prompt_len),
+                        ("user_history_len", user_history_len)):  # fmt: skip
+        if value < 0:
+            raise ValueError(f"{name}={value} must be >= 0")
     rng = np.random.default_rng(seed)
     pool = candidate_token_ids(tokenizer)
     system_prompt = random_text(tokenizer, rng, system_prompt_len, pool=pool)[0]
@@ -320,6 +326,9 @@ def multi_round_qa_sessions(
         questions = [
             random_text(tokenizer, rng, question_len, pool=pool) for _ in range(num_rounds)
         ]
+        history = (
+            random_text(tokenizer, rng, user_history_len, pool=pool)[0] if user_history_len else ""
+        )
         sessions.append(
             UserSession(
                 user_id=user_id,
@@ -327,6 +336,7 @@ def multi_round_qa_sessions(
                 questions=[text for text, _ in questions],
                 answer_len=answer_len,
                 question_lens=[len(ids) for _, ids in questions],
+                history=history,
             )
         )
     return sessions
@@ -397,6 +407,12 @@ def add_dataset_args(parser: Any, multi_round: bool = False) -> None:
             type=int,
             default=1000,
             help="multi-round-qa: shared system prompt tokens",
+        )
+        group.add_argument(
+            "--user-history-len",
+            type=int,
+            default=0,
+            help="multi-round-qa: tokens of each user's own context after the system prompt",
         )
         group.add_argument(
             "--question-len", type=int, default=100, help="multi-round-qa: tokens per question"

@@ -174,22 +174,33 @@ def summarize(
 
 
 def per_round_summary(records: Sequence[RequestRecord]) -> list[dict[str, Any]]:
-    """multi-round-qa: per round, how many completed and their mean prompt length, TTFT and E2EL
-    (a shared, growing history should keep TTFT flat when the server caches prefixes)."""
+    """multi-round-qa: per round, how many completed and their mean prompt length, TTFT (mean,
+    p50, p90) and E2EL (a shared, growing history should keep TTFT flat when the server caches
+    prefixes)."""
     rounds = sorted({r.round_index for r in records if r.round_index is not None})
     table = []
     for k in rounds:
         done = [r for r in records if r.round_index == k and r.success]
+        ttft = distribution_ms([r.ttft for r in done], (50, 90))
         table.append(
             {
                 "round": k,
                 "completed": len(done),
                 "mean_prompt_len": float(np.mean([r.prompt_len for r in done])) if done else 0.0,
-                "mean_ttft_ms": float(np.mean([r.ttft for r in done]) * 1000) if done else 0.0,
+                "mean_ttft_ms": ttft["mean"],
+                "p50_ttft_ms": ttft["p50"],
+                "p90_ttft_ms": ttft["p90"],
                 "mean_e2el_ms": float(np.mean([r.latency for r in done]) * 1000) if done else 0.0,
             }
         )
     return table
+
+
+def returning_rounds_ttft(records: Sequence[RequestRecord]) -> dict[str, float]:
+    """multi-round-qa: TTFT (ms: mean, p50, p90, p99) of the rounds after each user's first --
+    the requests whose history the server has seen before, which only a cache can speed up."""
+    later = [r.ttft for r in records if r.success and (r.round_index or 0) > 0]
+    return distribution_ms(later, (50, 90, 99))
 
 
 def format_summary(summary: dict[str, Any], percentiles: Sequence[float]) -> str:

@@ -75,6 +75,7 @@ from lmserve.bench.metrics import (
     metric_samples,
     parse_goodput,
     per_round_summary,
+    returning_rounds_ttft,
     summarize,
     timings_from_events,
 )
@@ -499,6 +500,7 @@ def build_result(
             num_users=args.num_users,
             num_rounds=args.num_rounds,
             per_round=per_round_summary(records),
+            returning_rounds_ttft_ms=returning_rounds_ttft(records),
         )
     if args.save_detailed:
         result.update(
@@ -703,6 +705,7 @@ def _build_workload(
             args.question_len,
             args.answer_len,
             args.seed,
+            user_history_len=args.user_history_len,
         )
     samples: list[SampleRequest] = build_requests(
         args, tokenizer, args.seed, progress=not args.disable_tqdm

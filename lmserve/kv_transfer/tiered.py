@@ -297,6 +297,7 @@ class TieredConnector(KVConnectorBase):
     # ---- worker side ------------------------------------------------------------------------
     def register_kv_caches(self, kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         self._worker.kv_caches = kv_caches
+        self._worker.kv_pool = kv_pool(kv_caches)
         slab = self._worker.slab
         if slab is not None and slab.slot_bytes is None:
             start = time.perf_counter()
@@ -346,6 +347,24 @@ class TieredConnector(KVConnectorBase):
             self.store.close()
 
 
+def kv_pool(kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor | None:
+    """The one tensor [num_layers, 2, num_blocks, ...] whose [layer, 0] and [layer, 1] views
+    are `kv_caches`, or None when the caches are separate tensors."""
+    if not kv_caches:
+        return None
+    base = kv_caches[0][0]._base
+    if base is None or base.dim() != kv_caches[0][0].dim() + 2:
+        return None
+    if tuple(base.shape[:2]) != (len(kv_caches), 2) or not base.is_contiguous():
+        return None
+    for layer, pair in enumerate(kv_caches):
+        for kind, cache in enumerate(pair):
+            view = base[layer, kind]
+            if cache.data_ptr() != view.data_ptr() or cache.shape != view.shape:
+                return None
+    return base
+
+
 def _stored_locally(store: TieredStore, key: str) -> bool:
     """In a tier of this machine (CPU or disk): saving it again would only rewrite it."""
     return any(tier.contains(key) for tier in store.tiers if not isinstance(tier, RedisTier))
@@ -357,6 +376,10 @@ class _WorkerSide:
     def __init__(self, connector: TieredConnector) -> None:
         self.connector = connector
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        # [num_layers, 2, num_blocks, block_size, heads, head_dim] when every layer's caches
+        # are views of one tensor (the model runner's layout): then one indexed copy moves a
+        # chunk of every layer; else two copies per layer.
+        self.kv_pool: torch.Tensor | None = None
         # One load thread: it alone uses the load stream and the staging buffers.
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kv-load")
         self.saver = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kv-save")
@@ -468,8 +491,8 @@ class _WorkerSide:
 
     def _copy_chunks_in(self, transfer: ChunkTransfer, chunks: list[torch.Tensor]) -> None:
         """Chunk by chunk: one host->device copy into a staging buffer (reused: the load thread
-        is the only user of its stream and buffers), then one index_copy per layer for the
-        keys and one for the values."""
+        is the only user of its stream and buffers), then one indexed copy into the blocks of
+        every layer (or one per layer and kind when the caches are separate tensors)."""
         c = self.connector
         bpc = c.blocks_per_chunk
         first_block = transfer.skip_tokens // c.block_size  # already in the GPU pool
@@ -486,6 +509,9 @@ class _WorkerSide:
             blocks = self._chunk_view(buffer)[:, :, lo:]  # [layers, 2, blocks, bs, heads, dim]
             ids = transfer.block_ids[j * bpc + lo : (j + 1) * bpc]
             index = torch.tensor(ids, dtype=torch.long).to(self.device, non_blocking=True)
+            if self.kv_pool is not None:
+                self.kv_pool[:, :, index] = blocks
+                continue
             for layer, (k_cache, v_cache) in enumerate(self.kv_caches):
                 k_cache.index_copy_(0, index, blocks[layer, 0])
                 v_cache.index_copy_(0, index, blocks[layer, 1])
@@ -526,16 +552,24 @@ class _WorkerSide:
             return
         index = torch.tensor(block_ids, dtype=torch.long).to(self.device, non_blocking=True)
         # [num_chunks, num_layers, 2, blocks_per_chunk, block_size, num_kv_heads, head_dim]
-        gathered = torch.stack(
-            [torch.stack((k.index_select(0, index), v.index_select(0, index)))
-             for k, v in self.kv_caches]
-        ).unflatten(2, (len(keys), c.blocks_per_chunk)).movedim(2, 0).contiguous()  # fmt: skip
+        gathered = self._gather(index).unflatten(2, (len(keys), c.blocks_per_chunk))
+        gathered = gathered.movedim(2, 0).contiguous()
         if self.device.type != "cuda":
             self._store_chunks(keys, gathered, None)
             return
         done = torch.cuda.Event()
         done.record(torch.cuda.current_stream(self.device))
         self.saver.submit(self._store_chunks_logged, keys, gathered, done)
+
+    def _gather(self, index: torch.Tensor) -> torch.Tensor:
+        """The blocks `index` of every layer: [num_layers, 2, len(index), block_size, heads,
+        head_dim] -- one indexed read from the pool, or two per layer."""
+        if self.kv_pool is not None:
+            return self.kv_pool[:, :, index]
+        return torch.stack(
+            [torch.stack((k.index_select(0, index), v.index_select(0, index)))
+             for k, v in self.kv_caches]
+        )  # fmt: skip
 
     def _store_chunks_logged(self, *args) -> None:
         """The saver thread's task: a failure is a counted, logged miss, never silent."""

@@ -104,14 +104,12 @@ class ModelRunner:
         # NOTE: on the CPU the pool is left uninitialised so pages are touched lazily (zeroing
         # gigabytes costs seconds at start-up); attention never reads a slot it did not write.
         # On the GPU zeros are cheap and keep masked-out tiles of future kernels finite.
+        # One allocation for every layer's keys and values, [num_layers, 2, *shape]; each
+        # layer's caches are contiguous views of it, so a KV connector moves a block of every
+        # layer with one indexed copy instead of two per layer.
         alloc = torch.empty if self.device.type == "cpu" else torch.zeros
-        self.kv_caches = [
-            (
-                alloc(shape, dtype=self.dtype, device=self.device),  # key cache
-                alloc(shape, dtype=self.dtype, device=self.device),  # value cache
-            )
-            for _ in range(num_layers)
-        ]
+        pool = alloc((num_layers, 2, *shape), dtype=self.dtype, device=self.device)
+        self.kv_caches = [(pool[layer, 0], pool[layer, 1]) for layer in range(num_layers)]
         if self.kv_connector is not None:
             self.kv_connector.register_kv_caches(self.kv_caches)
 

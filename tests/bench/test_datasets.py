@@ -226,3 +226,22 @@ def test_bad_random_arguments_raise_value_error(tokenizer, kwargs):
     args = dict(num_requests=2, input_len=8, output_len=4, range_ratio=0.0) | kwargs
     with pytest.raises(ValueError):
         random_requests(tokenizer, **args)
+
+
+def test_multi_round_qa_user_history_is_per_user_and_follows_the_shared_system_prompt(tokenizer):
+    sessions = multi_round_qa_sessions(
+        tokenizer, num_users=2, num_rounds=2, system_prompt_len=20, question_len=5,
+        answer_len=4, user_history_len=40,
+    )  # fmt: skip
+    assert all(len(encode(tokenizer, s.history)) == 40 for s in sessions)
+    assert sessions[0].history != sessions[1].history
+    for s in sessions:
+        system = s.messages(1, ["an answer"])[0]["content"]
+        assert system == f"{s.system_prompt}\n{s.history}"
+        assert s.prompt_text(0, []).startswith(system)
+    plain = multi_round_qa_sessions(tokenizer, 1, 1, 20, 5, 4)
+    assert (
+        plain[0].history == "" and plain[0].messages(0, [])[0]["content"] == plain[0].system_prompt
+    )
+    with pytest.raises(ValueError, match="user_history_len"):
+        multi_round_qa_sessions(tokenizer, 1, 1, 20, 5, 4, user_history_len=-1)

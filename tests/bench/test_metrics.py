@@ -15,6 +15,7 @@ from lmserve.bench.metrics import (
     max_concurrency_seen,
     parse_goodput,
     per_round_summary,
+    returning_rounds_ttft,
     summarize,
     timings_from_events,
 )
@@ -134,6 +135,8 @@ def test_per_round_summary():
             "completed": 2,
             "mean_prompt_len": 150.0,
             "mean_ttft_ms": approx(200),
+            "p50_ttft_ms": approx(200),
+            "p90_ttft_ms": approx(280),
             "mean_e2el_ms": approx(600),
         },
         {
@@ -141,9 +144,23 @@ def test_per_round_summary():
             "completed": 1,
             "mean_prompt_len": 300.0,
             "mean_ttft_ms": approx(200),
+            "p50_ttft_ms": approx(200),
+            "p90_ttft_ms": approx(200),
             "mean_e2el_ms": approx(600),
         },
     ]
+
+
+def test_returning_rounds_ttft_leaves_out_each_users_first_round():
+    records = [
+        RequestRecord(True, 100, 5, ttft=1.0, latency=2.0, user_id=0, round_index=0),
+        RequestRecord(True, 100, 5, ttft=0.1, latency=0.5, user_id=0, round_index=1),
+        RequestRecord(True, 100, 5, ttft=0.3, latency=0.5, user_id=0, round_index=2),
+        RequestRecord(False, error="x", user_id=1, round_index=1),
+    ]
+    stats = returning_rounds_ttft(records)
+    assert stats["mean"] == approx(200) and stats["p50"] == approx(200)
+    assert stats["p99"] < 300.0 + 1e-9
 
 
 def test_format_summary_lists_every_metric():

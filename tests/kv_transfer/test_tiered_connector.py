@@ -7,6 +7,7 @@ import os
 from collections import Counter
 
 import pytest
+import torch
 
 from lmserve import LLM, SamplingParams
 from lmserve.kv_transfer.tiered import rank_key
@@ -433,3 +434,44 @@ def test_slow_redis_is_a_timed_out_miss_and_tokens_stay_correct(tiny_model_dir, 
     expected = hf_greedy(model_dir, prompts)
     assert first == expected and second == expected
     assert hits.failures["redis:timeout"] > 0
+
+
+def _worker_side(kv_caches, block_size: int, blocks_per_chunk: int):
+    from types import SimpleNamespace
+
+    from lmserve.kv_transfer.tiered import _WorkerSide, kv_pool
+
+    connector = SimpleNamespace(
+        block_size=block_size, blocks_per_chunk=blocks_per_chunk,
+        chunk_size=block_size * blocks_per_chunk,
+    )  # fmt: skip
+    side = _WorkerSide(connector)
+    side.kv_caches, side.kv_pool = kv_caches, kv_pool(kv_caches)
+    return side
+
+
+def test_one_pool_and_per_layer_caches_load_and_save_the_same_blocks():
+    """The model runner's single [layers, 2, blocks, ...] pool takes one indexed copy per
+    chunk; separate per-layer tensors take two per layer: both put a chunk in the same places
+    and gather the same bytes back."""
+    from lmserve.kv_transfer.base import ChunkTransfer
+
+    gen = torch.Generator().manual_seed(0)
+    layers, num_blocks, shape = 3, 10, (4, 2, 8)  # block_size 4, 2 kv heads, head_dim 8
+    pool = torch.zeros((layers, 2, num_blocks, *shape))
+    pooled = [(pool[i, 0], pool[i, 1]) for i in range(layers)]
+    separate = [(torch.zeros(num_blocks, *shape), torch.zeros(num_blocks, *shape))
+                for _ in range(layers)]  # fmt: skip
+    chunks = [torch.randn(layers, 2, 2, *shape, generator=gen) for _ in range(2)]
+    # the first block of chunk 0 is already in the GPU cache (skip 4 tokens): 3 blocks arrive
+    transfer = ChunkTransfer("r", ["h0", "h1"], 0, [9, 7, 3, 5], skip_tokens=4)
+    sides = [_worker_side(caches, 4, 2) for caches in (pooled, separate)]
+    assert sides[0].kv_pool is pool and sides[1].kv_pool is None
+    for side in sides:
+        side._copy_chunks_in(transfer, [c.flatten().view(torch.uint8) for c in chunks])
+    for (pk, pv), (sk, sv) in zip(pooled, separate):
+        assert torch.equal(pk, sk) and torch.equal(pv, sv)
+    assert torch.equal(pool[:, :, 7], chunks[0][:, :, 1]) and not pool[:, :, 9].any()
+    assert torch.equal(pool[:, :, 5], chunks[1][:, :, 1])
+    index = torch.tensor([3, 7, 5])
+    assert torch.equal(sides[0]._gather(index), sides[1]._gather(index))
