@@ -84,3 +84,7 @@ class ForwardContext:
     attn_metadata: AttentionMetadata
     kv_caches: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: (key_cache, value_cache)
     attn_backend: AttentionBackend
+    # The worker's KV connector, for its layer hooks (eager forwards only: a step replayed
+    # from CUDA graphs runs no Python between layers, so a layer-wise connector turns graphs
+    # off; the tiered connector loads ahead of the step and saves after it).
+    kv_connector: Any = None

@@ -247,7 +247,7 @@ class ModelRunner:
                 return hidden
         num_tokens, num_reqs = len(flat.input_ids), len(flat.req_rows)
         input_ids, positions, metadata = self.inputs.stage(flat, num_tokens, num_reqs)
-        ctx = ForwardContext(metadata, self.kv_caches, self.attn_backend)
+        ctx = ForwardContext(metadata, self.kv_caches, self.attn_backend, self.kv_connector)
         return self.model(input_ids, positions, ctx)
 
     def compute_prompt_logprobs(

@@ -475,3 +475,28 @@ def test_one_pool_and_per_layer_caches_load_and_save_the_same_blocks():
     assert torch.equal(pool[:, :, 5], chunks[1][:, :, 1])
     index = torch.tensor([3, 7, 5])
     assert torch.equal(sides[0]._gather(index), sides[1]._gather(index))
+
+
+def test_layer_hooks_run_in_layer_order_between_start_load_and_wait_for_save(tiny_model_dir):
+    """Each forward: start_load_kv, then per layer wait_for_layer_load(i) before its attention
+    and save_kv_layer(i) after it, in layer order, then wait_for_save."""
+    llm = make_llm(tiny_model_dir("llama"), kv_config())
+    runner = llm.llm_engine.engine_core.engine_core.executor.worker.model_runner
+    connector, calls = runner.kv_connector, []
+    for name in ("start_load_kv", "wait_for_layer_load", "save_kv_layer", "wait_for_save"):
+        original = getattr(connector, name)
+
+        def record(*args, _name=name, _original=original):
+            calls.append((_name, *args) if "_layer" in _name else (_name,))
+            return _original(*args)
+
+        setattr(connector, name, record)
+    lmserve_greedy(llm, make_prompts(2))
+    num_layers = len(runner.kv_caches)
+    one_step = [("start_load_kv",)]
+    for i in range(num_layers):
+        one_step += [("wait_for_layer_load", i), ("save_kv_layer", i)]
+    one_step.append(("wait_for_save",))
+    assert len(calls) % len(one_step) == 0 and len(calls) >= 2 * len(one_step)
+    assert calls == one_step * (len(calls) // len(one_step))
+    llm.shutdown()

@@ -106,9 +106,13 @@ class LlamaAttention(nn.Module):
         """Rotary on q and k, attention, o_proj. The backend applies the rotary embedding, so it
         can fuse it into its KV-cache write."""
         kv_cache = ctx.kv_caches[self.layer_idx]
+        if ctx.kv_connector is not None:  # this layer's loaded KV must be in place first
+            ctx.kv_connector.wait_for_layer_load(self.layer_idx)
         out = ctx.attn_backend.forward(
             q, k, v, kv_cache, ctx.attn_metadata, self.scale, rope=(cos, sin)
         )  # [num_tokens, num_heads, head_dim]
+        if ctx.kv_connector is not None:  # the cache now holds this layer's new KV
+            ctx.kv_connector.save_kv_layer(self.layer_idx)
         return self.o_proj(out.reshape(out.shape[0], self.q_size))  # [num_tokens, hidden_size]
 
 
