@@ -181,15 +181,22 @@ class Proxy:
         if session_id is None and self.session_body_field:
             value = parsed.data.get(self.session_body_field)
             session_id = None if value is None else str(value)
-        prompt = None
-        if self.logic.needs_prompt:
-            prompt = prompt_of(parsed.data)
-            if self.tokenizer is not None and isinstance(prompt, str):
-                prompt = self.tokenizer.encode(prompt, add_special_tokens=False).ids
-        token_ids = None
-        if self.logic.needs_tokens and self.prompt_tokenizer is not None:
-            token_ids = self.prompt_tokenizer.for_body(parsed.data)
-        return RouteRequest(parsed.model, session_id, prompt, token_ids)
+        if self.logic.needs_tokens:  # kv-aware: the prompt only for its prefix-aware fallback
+            token_ids = None
+            if self.prompt_tokenizer is not None:
+                token_ids = self.prompt_tokenizer.for_body(parsed.data)
+            return RouteRequest(
+                parsed.model, session_id, None, token_ids, lambda: self._prompt(parsed.data)
+            )
+        prompt = self._prompt(parsed.data) if self.logic.needs_prompt else None
+        return RouteRequest(parsed.model, session_id, prompt)
+
+    def _prompt(self, data: dict) -> str | list[int] | None:
+        """What prefix-aware matches: the prompt text, or its ids with --tokenizer."""
+        prompt = prompt_of(data)
+        if self.tokenizer is not None and isinstance(prompt, str):
+            return self.tokenizer.encode(prompt, add_special_tokens=False).ids
+        return prompt
 
     def backend_headers(self, request: Request) -> list[tuple[str, str]]:
         """The client's headers less hop-by-hop ones; Authorization becomes the backend key,

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import bisect
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import xxhash
@@ -40,6 +40,13 @@ class RouteRequest:
     session_id: str | None = None
     prompt: str | Sequence[int] | None = None  # text or token ids (prefix-aware only)
     token_ids: Sequence[int] | None = None  # the engine's prompt ids (kv-aware only)
+    # kv-aware: the prompt, computed only if the decision falls back to prefix-aware
+    lazy_prompt: Callable[[], str | Sequence[int] | None] | None = None
+
+    def prompt_text_or_ids(self) -> str | Sequence[int]:
+        if self.prompt is None and self.lazy_prompt is not None:
+            return self.lazy_prompt() or ""
+        return self.prompt or ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,7 +158,7 @@ class PrefixAware(RoutingLogic):
         self._least_loaded = LeastLoaded()
 
     def choose(self, request: RouteRequest, candidates: Sequence[Backend]) -> Decision:
-        hashes = self.trie.chain_hashes(request.prompt or "")
+        hashes = self.trie.chain_hashes(request.prompt_text_or_ids())
         by_url = {b.url: b for b in candidates}
         match = self.trie.match(hashes, usable=by_url.__contains__)
         least = self._least_loaded.pick(candidates)

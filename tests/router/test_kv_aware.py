@@ -186,6 +186,23 @@ def test_an_engine_without_events_sends_the_decision_to_prefix_aware():
     assert decision.predicted_cached is None
 
 
+def test_the_prompt_for_the_fallback_is_computed_only_when_the_fallback_decides():
+    computed = []
+
+    def lazy_prompt():
+        computed.append(1)
+        return "hello"
+
+    request = RouteRequest(None, token_ids=[1] * 9, lazy_prompt=lazy_prompt)
+    make_logic(warm_index([1] * 9, {"a": 1})).choose(request, engines("a", "c"))
+    assert computed == []  # every engine publishes events: no prompt text needed
+    live = lambda url: url != "http://c"  # noqa: E731
+    decision = make_logic(warm_index([1] * 9, {"a": 1}), live=live).choose(
+        request, engines("a", "c")
+    )
+    assert decision.reason.startswith("kv_fallback_prefix") and computed == [1]
+
+
 # ---- the router's prompt ids are the engine's ------------------------------------------------
 CONVERSATIONS = [
     [{"role": "user", "content": "hello there"}],

