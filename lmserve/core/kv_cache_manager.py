@@ -255,6 +255,11 @@ class KVCacheManager:
                     self.events.append(BlockRemoved([block.block_hash]))
             block.block_hash = None
 
+    def add_events(self, events: list[KVCacheEvent]) -> None:
+        """Events of another medium (a KV connector's tier), published with this step's."""
+        if self.events is not None:
+            self.events.extend(events)
+
     def take_events(self) -> list[KVCacheEvent]:
         """The KV cache events since the last call (empty when events are off)."""
         events, self.events = self.events or [], [] if self.events is not None else None

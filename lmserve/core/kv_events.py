@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 MEDIUM_GPU = "GPU"
+MEDIUM_CPU = "CPU"  # a KV connector's host-memory tier (lmserve/kv_transfer/slab_tier.py)
 _END_OF_REPLAY = (-1).to_bytes(8, "big", signed=True)
 
 

@@ -392,6 +392,8 @@ class Scheduler:
             return
         if output.stats is not None:
             self._kv_stats.add(output.stats)
+        if output.tier_changes and self.kv_connector is not None:
+            self.kv_cache_manager.add_events(self.kv_connector.tier_events(output))
         for req_id, num_loaded in output.finished_loading.items():
             aborted = self.aborted_loading.pop(req_id, None)
             if aborted is not None:

@@ -92,6 +92,9 @@ class KVConnectorOutput(msgspec.Struct, array_like=True, omit_defaults=True):
 
     finished_loading: dict[str, int] = {}  # req_id -> tokens loaded (from the load's start)
     stats: KVTransferStats | None = None
+    # what the worker's own tier (host memory) gained (True) and lost (False), by store key,
+    # in order: the scheduler turns them into KV events with that tier's medium
+    tier_changes: list[tuple[bool, str]] = []
 
 
 # ---- the interface -------------------------------------------------------------------------
@@ -135,6 +138,11 @@ class KVConnectorBase(ABC):
     def take_stats(self) -> KVTransferStats | None:
         """Scheduler-side counter increments since the last call."""
         return None
+
+    def tier_events(self, output: KVConnectorOutput) -> list[Any]:
+        """KV events (lmserve/core/kv_events.py) for the blocks the workers' tiers stored or
+        evicted, as `output` reports them; published with the prefix cache's own."""
+        return []
 
     # ---- worker side ------------------------------------------------------------------------
     @abstractmethod

@@ -43,6 +43,21 @@ class SlabCPUTier(Tier):
         self._free: list[int] = []
         self._entries: OrderedDict[str, int] = OrderedDict()
         self._readers: dict[int, int] = {}
+        # (stored?, key) since the last take_changes(), when someone asked (track_changes)
+        self._changes: list[tuple[bool, str]] | None = None
+
+    def track_changes(self) -> None:
+        with self._lock:
+            if self._changes is None:
+                self._changes = []
+
+    def take_changes(self) -> list[tuple[bool, str]]:
+        """(True, key) per commit and (False, key) per eviction since the last call, in order."""
+        with self._lock:
+            if not self._changes:
+                return []
+            changes, self._changes = self._changes, []
+        return changes
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -110,6 +125,8 @@ class SlabCPUTier(Tier):
                 self._free.append(slot)
                 return
             self._entries[key] = slot
+            if self._changes is not None:
+                self._changes.append((True, key))
         self.stats.record_save(self.name, self.slot_bytes, seconds)
 
     def put(self, key: str, payload: bytes) -> bool:
@@ -147,6 +164,8 @@ class SlabCPUTier(Tier):
         for key, slot in self._entries.items():  # least recently used first
             if slot not in self._readers:
                 del self._entries[key]
+                if self._changes is not None:
+                    self._changes.append((False, key))
                 return slot
         return None
 

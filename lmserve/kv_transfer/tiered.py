@@ -32,12 +32,14 @@ import threading
 import time
 import warnings
 from array import array
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
+from lmserve.core.kv_events import MEDIUM_CPU, BlockRemoved, BlockStored
 from lmserve.kv_transfer.base import (
     ChunkTransfer,
     KVConnectorBase,
@@ -184,6 +186,10 @@ class TieredConnector(KVConnectorBase):
             self._hashes: dict[str, list[str]] = {}  # req_id -> chunk chain hashes (hex)
             self._saved_chunks: dict[str, int] = {}  # req_id -> chunks saved or known stored
             self._pending_loads: list[ChunkTransfer] = []
+            events = config.kv_events_config
+            self._tier_events = _TierEvents(
+                self.block_size, _cpu_tier_chunks(config, self.chunk_size)
+            ) if events is not None and events.enable_kv_cache_events else None  # fmt: skip
         else:
             self._worker = _WorkerSide(self)
 
@@ -274,12 +280,19 @@ class TieredConnector(KVConnectorBase):
             return None
         self._saved_chunks[req_id] = done
         bpc = self.blocks_per_chunk
+        if self._tier_events is not None:
+            self._tier_events.will_save(request, self._chunk_hashes(request), saved, done, self)
         return ChunkTransfer(
             req_id=req_id,
             chunk_hashes=self._chunk_hashes(request)[saved:done],
             first_chunk=saved,
             block_ids=block_ids_of(req_id)[saved * bpc : done * bpc],
         )
+
+    def tier_events(self, output: KVConnectorOutput) -> list:
+        if self._tier_events is None:
+            return []
+        return self._tier_events.events(output.tier_changes)
 
     def request_finished(self, request: Request) -> None:
         self._hashes.pop(request.request_id, None)
@@ -299,6 +312,8 @@ class TieredConnector(KVConnectorBase):
         self._worker.kv_caches = kv_caches
         self._worker.kv_pool = kv_pool(kv_caches)
         slab = self._worker.slab
+        if slab is not None and self.rank == 0:  # the scheduler hears the first rank
+            slab.track_changes()
         if slab is not None and slab.slot_bytes is None:
             start = time.perf_counter()
             slab.preallocate(self._worker.chunk_bytes)
@@ -324,7 +339,9 @@ class TieredConnector(KVConnectorBase):
     def get_finished(self) -> KVConnectorOutput:
         finished = self._worker.take_finished()
         stats = self._worker_stats()
-        return KVConnectorOutput(finished_loading=finished, stats=stats)
+        slab = self._worker.slab
+        changes = slab.take_changes() if slab is not None else []
+        return KVConnectorOutput(finished_loading=finished, stats=stats, tier_changes=changes)
 
     def _worker_stats(self) -> KVTransferStats | None:
         store = self.store.stats.take()
@@ -345,6 +362,61 @@ class TieredConnector(KVConnectorBase):
             self._worker.shutdown()
         if self.store is not None:
             self.store.close()
+
+
+class _TierEvents:
+    """KV events for the CPU tier: the blocks of each chunk the scheduler has saved, kept by
+    store key, published as `BlockStored(medium="CPU")` when the worker reports the chunk in
+    its slots and `BlockRemoved(medium="CPU")` when it reports the chunk evicted. Keeps at most
+    `capacity` chunks (about twice the tier's slots: the oldest are forgotten)."""
+
+    def __init__(self, block_size: int, capacity: int) -> None:
+        self.block_size = block_size
+        self.capacity = capacity
+        self.chunks: OrderedDict[str, BlockStored] = OrderedDict()
+        self.published: set[str] = set()
+
+    def will_save(
+        self, request: Request, chunk_hashes: list[str], first: int, end: int, c: TieredConnector
+    ) -> None:
+        bpc, hashes = c.blocks_per_chunk, request.block_hashes
+        for j in range(first, min(end, len(hashes) // bpc)):
+            key = rank_key(chunk_hashes[j], 0)
+            self.chunks[key] = BlockStored(
+                block_hashes=hashes[j * bpc : (j + 1) * bpc],
+                parent_block_hash=hashes[j * bpc - 1] if j else None,
+                token_ids=request.all_token_ids[j * c.chunk_size : (j + 1) * c.chunk_size],
+                block_size=self.block_size,
+                medium=MEDIUM_CPU,
+            )
+            self.chunks.move_to_end(key)
+        while len(self.chunks) > self.capacity:
+            key, _ = self.chunks.popitem(last=False)
+            self.published.discard(key)
+
+    def events(self, changes: list[tuple[bool, str]]) -> list[BlockStored | BlockRemoved]:
+        out: list[BlockStored | BlockRemoved] = []
+        for stored, key in changes:
+            event = self.chunks.get(key)
+            if event is None:
+                continue
+            if stored and key not in self.published:
+                self.published.add(key)
+                out.append(event)
+            elif not stored and key in self.published:
+                self.published.discard(key)
+                del self.chunks[key]
+                out.append(BlockRemoved(event.block_hashes, medium=MEDIUM_CPU))
+        return out
+
+
+def _cpu_tier_chunks(config: EngineConfig, chunk_size: int) -> int:
+    """About twice the chunks the CPU tier holds (at least 1024): how many _TierEvents keeps."""
+    num_layers, num_kv_heads, head_dim = get_kv_cache_spec(config.model_config.hf_config)
+    element = torch.empty((), dtype=config.model_config.dtype).element_size()
+    chunk_bytes = num_layers * 2 * chunk_size * num_kv_heads * head_dim * element
+    slots = int(config.kv_transfer_config.options.cpu_size_gib * _GiB) // chunk_bytes
+    return max(2 * slots, 1024)
 
 
 def kv_pool(kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor | None:

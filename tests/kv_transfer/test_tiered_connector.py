@@ -500,3 +500,54 @@ def test_layer_hooks_run_in_layer_order_between_start_load_and_wait_for_save(tin
     assert len(calls) % len(one_step) == 0 and len(calls) >= 2 * len(one_step)
     assert calls == one_step * (len(calls) // len(one_step))
     llm.shutdown()
+
+
+def test_cpu_tier_publishes_kv_events_with_its_medium_as_chunks_enter_and_leave(tiny_model_dir):
+    """With KV events on, the blocks of each chunk the CPU tier stores are published as
+    BlockStored(medium="CPU") and, when the tier evicts the chunk, BlockRemoved(medium="CPU"):
+    a plain pyzmq + msgpack subscriber ends holding exactly the tier's chunks' blocks."""
+    import socket
+    import time
+
+    import msgpack
+    import zmq
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    events = {"enable_kv_cache_events": True, "endpoint": f"tcp://127.0.0.1:{port}",
+              "replay_endpoint": None, "topic": "kv"}  # fmt: skip
+    chunk_bytes = 2 * 2 * CHUNK * 2 * 16 * 4  # layers, k/v, tokens, kv heads, head_dim, fp32
+    tier = kv_config(cpu_size_gib=8 * chunk_bytes / (1 << 30))  # 8 chunks
+    llm = make_llm(tiny_model_dir("llama"), tier, kv_events_config=events)
+    slab = worker_connector(llm)._worker.slab
+    context = zmq.Context()
+    sub = context.socket(zmq.SUB)
+    sub.connect(f"tcp://127.0.0.1:{port}")
+    sub.setsockopt(zmq.SUBSCRIBE, b"kv")
+    time.sleep(0.3)
+    for i in range(6):  # 3 chunks each, one prompt at a time: 18 chunks through 8 slots
+        lmserve_greedy(llm, [list(range(10 + i, 10 + i + 100))])
+    gpu, cpu, removed_cpu = set(), {}, 0
+    while sub.poll(1000):
+        _, _, payload = sub.recv_multipart()
+        for event in msgpack.unpackb(payload)[1]:
+            if event[0] == "BlockStored":
+                hashes, parent, tokens, block_size, _, medium = event[1:]
+                if medium == "GPU":
+                    gpu.update(hashes)
+                else:
+                    assert medium == "CPU" and len(hashes) == CHUNK // 16 == len(tokens) // 16
+                    cpu[hashes[0]] = hashes
+            elif event[0] == "BlockRemoved" and event[2] == "CPU":
+                removed_cpu += 1
+                assert cpu.pop(event[1][0]) == event[1]
+    assert len(slab) == 8 and removed_cpu == 10
+    assert len(cpu) == len(slab)  # one published chunk per chunk the tier holds now
+    assert all(set(hashes) <= gpu for hashes in cpu.values())  # the engine's own hashes
+    context.destroy(linger=0)
+    llm.shutdown()
+
+
+def worker_connector(llm: LLM):
+    return llm.llm_engine.engine_core.engine_core.executor.worker.model_runner.kv_connector
