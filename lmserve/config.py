@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from lmserve.hf_config import PlainHFConfig, text_config_of
+
 logger = logging.getLogger(__name__)
 
 
@@ -60,6 +62,12 @@ class ModelConfig:
     cuda_graph_mode: str = "full_and_piecewise"  # one of CUDA_GRAPH_MODES
     max_cuda_graph_size: int = 512  # largest decode batch / mixed-batch token count captured
     hf_config: Any = None  # transformers PretrainedConfig; loaded from `model` when None
+    # Most items of each modality one prompt may carry (vLLM's name), e.g. {"image": 2};
+    # None: 999 per modality. Only for multimodal models.
+    limit_mm_per_prompt: dict[str, int] | str | None = None
+    # Hosts image URLs may be fetched from (http/https); None or []: never fetch (data: URLs
+    # and images passed in still work).
+    allowed_media_domains: list[str] | None = None
     model_path: str | None = field(default=None, repr=False)  # resolved local folder
 
     def __post_init__(self) -> None:
@@ -85,6 +93,7 @@ class ModelConfig:
         self.tokenizer = self.tokenizer or self.model_path or self.model
         self.dtype = self._resolve_dtype(self.dtype)
         self.max_model_len = self._resolve_max_model_len(self.max_model_len)
+        self.limit_mm_per_prompt = self._resolve_mm_limits(self.limit_mm_per_prompt)
 
     def __getstate__(self) -> dict[str, Any]:
         """Pickled once, to start the EngineCore process: the HF config travels as a plain
@@ -95,12 +104,49 @@ class ModelConfig:
         return state
 
     @property
+    def text_config(self) -> Any:
+        """The language model's config (the config itself for a text-only model)."""
+        return text_config_of(self.hf_config)
+
+    @property
+    def is_multimodal(self) -> bool:
+        """A vision-language model (LLaVA family): prompts may carry images."""
+        return getattr(self.hf_config, "vision_config", None) is not None
+
+    @property
     def derived_max_len(self) -> int:
-        return int(getattr(self.hf_config, "max_position_embeddings", 2048))
+        return int(getattr(self.text_config, "max_position_embeddings", 2048))
 
     @property
     def vocab_size(self) -> int:
-        return int(self.hf_config.vocab_size)
+        return int(self.text_config.vocab_size)
+
+    @property
+    def max_tokens_per_image(self) -> int:
+        """Placeholder tokens (encoder output rows) of one image; 0 for a text-only model."""
+        if not self.is_multimodal:
+            return 0
+        from lmserve.model.models.llava import num_image_tokens
+
+        return num_image_tokens(self.hf_config)
+
+    def _resolve_mm_limits(self, limits: dict[str, int] | str | None) -> dict[str, int]:
+        if isinstance(limits, str):
+            try:
+                limits = json.loads(limits)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"ModelConfig.limit_mm_per_prompt is not valid JSON: {e}") from e
+        resolved = {"image": 999}
+        if limits is None:
+            return resolved
+        if not isinstance(limits, dict):
+            _fail("ModelConfig", "limit_mm_per_prompt", limits, 'must be a dict like {"image": 2}')
+        for modality, limit in limits.items():
+            if modality != "image":
+                _fail("ModelConfig", "limit_mm_per_prompt", limits, "only 'image' is supported")
+            _require_int("ModelConfig", "limit_mm_per_prompt", limit, lo=0)
+            resolved[modality] = limit
+        return resolved
 
     def _resolve_dtype(self, dtype: str | torch.dtype) -> torch.dtype:
         if isinstance(dtype, torch.dtype):
@@ -140,19 +186,6 @@ def _default_model() -> str:
         raise ConfigError(f"ModelConfig.model=None: {e}") from e
     logger.info("no model given: serving the default model %s (%s)", DEFAULT_MODEL_NAME, path)
     return path
-
-
-class PlainHFConfig:
-    """The attributes of a transformers PretrainedConfig, without transformers."""
-
-    def __init__(self, values: dict[str, Any]) -> None:
-        self.__dict__.update(values)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
-
-    def get_text_config(self, *args: Any, **kwargs: Any) -> PlainHFConfig:
-        return self
 
 
 def _load_hf_config(model: str, revision: str | None) -> tuple[str, Any]:
@@ -213,6 +246,11 @@ class SchedulerConfig:
     # step N's sampled tokens on the device). None = auto: on for CUDA, without speculative
     # decoding and tensor parallelism (see EngineConfig.__post_init__).
     async_scheduling: bool | None = None
+    # Multimodal models: image embedding rows the vision encoder may produce in one step
+    # (a step stops before an image that does not fit), and rows the encoder cache holds.
+    # None: max_num_batched_tokens, and at least one image's worth (set by EngineConfig).
+    max_num_encoder_input_tokens: int | None = None
+    encoder_cache_size: int | None = None
 
     def __post_init__(self) -> None:
         _require_int("SchedulerConfig", "max_num_seqs", self.max_num_seqs)
@@ -243,6 +281,9 @@ class SchedulerConfig:
             )
         if self.policy not in SCHEDULING_POLICIES:
             _fail("SchedulerConfig", "policy", self.policy, f"must be one of {SCHEDULING_POLICIES}")
+        for name in ("max_num_encoder_input_tokens", "encoder_cache_size"):
+            if getattr(self, name) is not None:
+                _require_int("SchedulerConfig", name, getattr(self, name))
         if self.async_scheduling is not None and not isinstance(self.async_scheduling, bool):
             _fail(
                 "SchedulerConfig",
@@ -547,6 +588,7 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         sched = self.scheduler_config
+        self._size_encoder_budget(sched)
         kv = self.kv_transfer_config
         if kv is not None and kv.options.chunk_size % self.cache_config.block_size:
             _fail(
@@ -567,6 +609,20 @@ class EngineConfig:
                 True,
                 f"is not supported with {' and '.join(blockers)}",
             )
+
+    def _size_encoder_budget(self, sched: SchedulerConfig) -> None:
+        """Encoder budget and cache: 0 for a text-only model (no image work anywhere), else
+        at least one image (an image is never split between encoder runs)."""
+        per_image = self.model_config.max_tokens_per_image
+        if not per_image:
+            sched.max_num_encoder_input_tokens = sched.encoder_cache_size = 0
+            return
+        for name in ("max_num_encoder_input_tokens", "encoder_cache_size"):
+            value = getattr(sched, name)
+            if value is None:
+                setattr(sched, name, max(sched.max_num_batched_tokens, per_image))
+            elif value < per_image:
+                _fail("SchedulerConfig", name, value, f"must be >= {per_image} (one image)")
 
     @classmethod
     def from_kwargs(cls, model: str, **kwargs: Any) -> EngineConfig:

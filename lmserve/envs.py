@@ -64,6 +64,14 @@ ENVIRONMENT_VARIABLES: dict[str, tuple[Callable[[], Any], str]] = {
         "1: launch lmserve's Triton kernels without programmatic dependent launch "
         "(lmserve/triton_utils.py; it is on for compute capability >= 9.0)",
     ),
+    "LMSERVE_MEDIA_FETCH_TIMEOUT_S": (
+        lambda: float(os.environ.get("LMSERVE_MEDIA_FETCH_TIMEOUT_S", "5")),
+        "seconds to fetch one image URL (connect to last byte) before the request is a 400",
+    ),
+    "LMSERVE_MAX_MEDIA_BYTES": (
+        lambda: int(os.environ.get("LMSERVE_MAX_MEDIA_BYTES", str(20 * 1024 * 1024))),
+        "largest image (encoded bytes) fetched from a URL; larger is a 400",
+    ),
 }
 
 

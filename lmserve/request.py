@@ -65,6 +65,7 @@ class Request:
         "queue_time",
         "spec_token_ids",
         "num_output_placeholders",
+        "mm_features",
     )
 
     def __init__(
@@ -77,6 +78,7 @@ class Request:
         priority: int = 0,
         cache_salt: str | None = None,
         max_model_len: int | None = None,
+        mm_features: list | None = None,  # core.messages.MultiModalFeature (no import: a cycle)
     ) -> None:
         self.request_id = request_id
         self.prompt_token_ids = prompt_token_ids
@@ -105,6 +107,9 @@ class Request:
         # Steps scheduled whose sampled token is not known yet (async scheduling): the next
         # step is scheduled as if they were, with the device feeding those tokens to it.
         self.num_output_placeholders = 0
+        # Images of the prompt, in prompt order ([] for text): each fills a range of
+        # placeholder tokens whose embeddings come from the vision encoder.
+        self.mm_features: list = mm_features or []
 
     @property
     def num_tokens(self) -> int:

@@ -97,6 +97,7 @@ class EngineCore:
                 priority=request.priority,
                 cache_salt=request.cache_salt,
                 max_model_len=self.config.model_config.max_model_len,
+                mm_features=request.mm_features,
             )
         )
 

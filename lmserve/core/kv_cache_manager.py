@@ -8,7 +8,8 @@ Block layout of one request (block_size = 4), after `allocate_slots(request, num
               <- num_computed_tokens = 5 ->  slots for t5..t9 allocated now
 
 Prefix caching: every *full* block gets a hash chained to its parent's,
-`hash(parent_hash, block token ids, extra keys)`, so equal hashes mean equal whole prefixes.
+`hash(parent_hash, block token ids, extra keys)`, so equal hashes mean equal whole prefixes
+(extra keys: the cache salt in block 0, the content hash of every image a block holds).
 A block whose ref count drops to 0 keeps its hash and stays hittable until the free queue hands
 it out again (eviction). Ownership: a block is shared by every request that holds a reference
 (`ref_cnt`); only blocks with `ref_cnt == 0` sit in the free queue.
@@ -341,4 +342,5 @@ class KVCacheManager:
             self.block_size,
             self.hash_fn,
             request.cache_salt,
+            request.mm_features,  # MultiModalFeature has offset, length, identifier
         )

@@ -16,6 +16,25 @@ from lmserve.kv_transfer.base import KVTransferStats
 from lmserve.sampling_params import SamplingParams
 
 
+class MultiModalFeature(msgspec.Struct, array_like=True, omit_defaults=True):
+    """One image of a prompt: the range of placeholder tokens it fills and its preprocessed
+    pixels. Built in the front-end (lmserve/engine/mm_processor.py); the pixels cross to the
+    EngineCore as one zero-copy frame, never as a pickled image.
+
+    The placeholder tokens [offset, offset + length) of the prompt are replaced, in the
+    language model's input embeddings, by the rows of the image's encoder output."""
+
+    identifier: str  # content hash of the pixels (the encoder cache's and prefix cache's key)
+    offset: int  # position of the first placeholder token in the prompt
+    length: int  # placeholder tokens = rows of the encoder output
+    pixel_values: Any = None  # numpy [num_channels, height, width] float32
+    modality: str = "image"
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.length
+
+
 class EngineCoreRequest(msgspec.Struct, array_like=True, omit_defaults=True):
     request_id: str
     prompt_token_ids: list[int]
@@ -24,6 +43,7 @@ class EngineCoreRequest(msgspec.Struct, array_like=True, omit_defaults=True):
     arrival_time: float | None = None
     priority: int = 0
     cache_salt: str | None = None
+    mm_features: list[MultiModalFeature] | None = None  # images, in prompt order
 
 
 class LogprobsLists(msgspec.Struct, array_like=True):
@@ -137,6 +157,16 @@ def _add_lists(counts: list[int], other: list[int]) -> None:
         counts[j] += count
 
 
+class EncoderStats(msgspec.Struct, array_like=True, omit_defaults=True):
+    """The vision encoder and its cache (multimodal models only)."""
+
+    cache_usage: float = 0.0  # encoder cache slots (embedding rows) in use / all slots
+    cache_queries: int = 0  # images looked up in the encoder cache when scheduled (increment)
+    cache_hits: int = 0  # ... found there, encoder not run (increment)
+    num_encoder_inputs: int = 0  # images encoded (increment)
+    encoder_seconds: float = 0.0  # time the encoder ran (increment)
+
+
 class SchedulerStats(msgspec.Struct, array_like=True, omit_defaults=True):
     """Engine-side gauges (current values) and counters (increments since the last stats)."""
 
@@ -149,6 +179,7 @@ class SchedulerStats(msgspec.Struct, array_like=True, omit_defaults=True):
     iteration_tokens: int = 0  # tokens the step that produced these stats scheduled (0: none)
     spec_decode: SpecDecodeStats | None = None  # (increments) None: nothing verified
     kv_transfer: KVTransferStats | None = None  # (increments) None: no connector activity
+    encoder: EncoderStats | None = None  # None: a text-only model
 
 
 class UtilityOutput(msgspec.Struct, array_like=True, omit_defaults=True):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from lmserve.core.messages import LogprobsLists
+from lmserve.core.messages import LogprobsLists, MultiModalFeature
 from lmserve.kv_transfer.base import KVConnectorMetadata, KVConnectorOutput
 from lmserve.sampling_params import SamplingParams
 
@@ -23,6 +23,8 @@ class NewRequestData:
     eos_token_id: int | None  # banned until min_tokens are out
     block_ids: list[int]  # all blocks of the request, in token order
     num_computed_tokens: int  # tokens already in the KV cache (prefix-cache hit)
+    # Images of the prompt (placeholder ranges and content hashes, no pixels); None: text.
+    mm_features: list[MultiModalFeature] | None = None
 
 
 @dataclass(slots=True)
@@ -51,6 +53,11 @@ class SchedulerOutput:
     scheduled_spec_decode_tokens: dict[str, list[int]] = field(default_factory=dict)
     # The KV connector's loads and saves for this step (None: no connector configured).
     kv_connector_metadata: KVConnectorMetadata | None = None
+    # Images to encode before this step's forward (with their pixels), each once even when
+    # several requests read it; their outputs join the worker's encoder cache by identifier.
+    scheduled_encoder_inputs: list[MultiModalFeature] = field(default_factory=list)
+    # Encoder cache entries evicted: the worker drops them before encoding this step's.
+    free_encoder_mm_hashes: list[str] = field(default_factory=list)
 
     @property
     def is_empty(self) -> bool:
@@ -73,3 +80,4 @@ class ModelRunnerOutput:
     spec_token_ids: list[list[int]] = field(default_factory=list)
     # The KV connector's report: loads finished since the last step, counters.
     kv_connector_output: KVConnectorOutput | None = None
+    encoder_seconds: float = 0.0  # time this step's vision encoder ran

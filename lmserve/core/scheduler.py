@@ -19,7 +19,10 @@ Each step decides `num_scheduled_tokens = {request_id: num_tokens}` under one bu
   - async scheduling:  a step that samples leaves a placeholder (`num_output_placeholders`)
                        until its output arrives; the next step is scheduled as if that token
                        were known (the worker feeds it from the device), and a request whose
-                       steps in flight reach its length limit is not scheduled again.
+                       steps in flight reach its length limit is not scheduled again;
+  - images:            a step that computes any of an image's placeholder tokens needs its
+                       encoder output, which is encoded once under a per-step encoder budget
+                       (lmserve/core/encoder_cache_manager.py) or the step stops before it.
 Running requests are served first, then waiting ones (only in a step with no preemption).
 """
 
@@ -32,8 +35,19 @@ from collections import deque
 from collections.abc import Iterable
 
 from lmserve.config import CacheConfig, SchedulerConfig, SpeculativeConfig
+from lmserve.core.encoder_cache_manager import (
+    EncoderCacheManager,
+    commit_encoder_inputs,
+    schedule_encoder_inputs,
+)
 from lmserve.core.kv_cache_manager import KVCacheBlocks, KVCacheManager
-from lmserve.core.messages import EngineCoreOutput, SchedulerStats, SpecDecodeStats
+from lmserve.core.messages import (
+    EncoderStats,
+    EngineCoreOutput,
+    MultiModalFeature,
+    SchedulerStats,
+    SpecDecodeStats,
+)
 from lmserve.core.sched_output import (
     CachedRequestData,
     ModelRunnerOutput,
@@ -125,6 +139,13 @@ class Scheduler:
         self.aborted_loading: dict[str, Request] = {}  # aborted mid-load: blocks freed on report
         self.kv_loaded: set[str] = set()  # waiting again after a load, holding their blocks
         self._kv_stats = KVTransferStats()  # since the last make_stats()
+        # Multimodal models only (None for text: no per-step image work at all).
+        self.encoder_cache: EncoderCacheManager | None = None
+        self.encoder_budget = scheduler_config.max_num_encoder_input_tokens
+        if scheduler_config.encoder_cache_size:
+            self.encoder_cache = EncoderCacheManager(scheduler_config.encoder_cache_size)
+        self._encoder_stats = EncoderStats()  # worker-side increments since make_stats()
+        self._last_encoder_counts = (0, 0)  # (queries, hits) at the last make_stats()
 
     # ---- requests in and out ---------------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -178,7 +199,17 @@ class Scheduler:
             num_preemptions=totals[2] - last[2],
             spec_decode=self._take_spec_stats(),
             kv_transfer=self._take_kv_stats(),
+            encoder=self._take_encoder_stats(),
         )
+
+    def _take_encoder_stats(self) -> EncoderStats | None:
+        if self.encoder_cache is None:
+            return None
+        stats, self._last_encoder_counts = self.encoder_cache.make_stats(self._last_encoder_counts)
+        stats.num_encoder_inputs = self._encoder_stats.num_encoder_inputs
+        stats.encoder_seconds = self._encoder_stats.encoder_seconds
+        self._encoder_stats = EncoderStats()
+        return stats
 
     def _take_kv_stats(self) -> KVTransferStats | None:
         if self.kv_connector is not None:
@@ -197,7 +228,7 @@ class Scheduler:
 
     # ---- one step ---------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
-        step = _StepPlan(self.max_num_batched_tokens)
+        step = _StepPlan(self.max_num_batched_tokens, self.encoder_budget or 0)
         self._schedule_running(step)
         if not step.preempted:
             self._schedule_waiting(step)
@@ -214,6 +245,9 @@ class Scheduler:
             preempted_req_ids={r.request_id for r in step.preempted},
             scheduled_spec_decode_tokens=step.spec_tokens,
         )
+        if self.encoder_cache is not None:
+            out.scheduled_encoder_inputs = step.encoder_inputs
+            out.free_encoder_mm_hashes = self.encoder_cache.take_freed()
         if self.kv_connector is not None:
             out.kv_connector_metadata = self.kv_connector.build_connector_meta(
                 out, self.requests, self.kv_cache_manager.get_block_ids
@@ -240,17 +274,47 @@ class Scheduler:
                 break
             if request.status != RequestStatus.RUNNING:
                 continue  # preempted as a victim earlier in this step
-            num_new = self._num_new_tokens(request, request.num_computed_tokens, step.budget)
+            num_computed = request.num_computed_tokens
+            num_new = self._num_new_tokens(request, num_computed, step.budget)
+            to_encode = None
+            if request.mm_features and num_computed < request.mm_features[-1].end:
+                to_encode, num_new = self._plan_encoder_inputs(request, num_computed, num_new, step)
             if num_new <= 0:
                 continue
             new_blocks = self._allocate_or_preempt(request, num_new, step)
             if new_blocks is None:  # the request itself was preempted
                 continue
+            if to_encode is not None:
+                self._commit_encoder_inputs(request, num_computed, num_new, to_encode, step)
             step.schedule(request, num_new)
             self._schedule_spec_tokens(request, num_new, step)
             step.cached_reqs.req_ids.append(request.request_id)
             step.cached_reqs.new_block_ids.append(new_blocks.get_block_ids())
             step.cached_reqs.num_computed_tokens.append(request.num_computed_tokens)
+
+    def _plan_encoder_inputs(
+        self, request: Request, num_computed: int, num_new: int, step: _StepPlan
+    ) -> tuple[list[int], int]:
+        """(images to encode, tokens to schedule) for a request whose images are not all
+        consumed yet; the step may stop before an image the encoder cannot take now."""
+        to_encode, num_new, _ = schedule_encoder_inputs(
+            request, num_computed, num_new, step.encoder_budget, self.encoder_cache
+        )
+        return to_encode, num_new
+
+    def _commit_encoder_inputs(
+        self,
+        request: Request,
+        num_computed: int,
+        num_new: int,
+        to_encode: list[int],
+        step: _StepPlan,
+    ) -> None:
+        commit_encoder_inputs(request, num_computed, num_new, to_encode, self.encoder_cache)
+        for index in to_encode:
+            feature = request.mm_features[index]
+            step.encoder_budget -= feature.length
+            step.encoder_inputs.append(feature)
 
     def _schedule_spec_tokens(self, request: Request, num_new: int, step: _StepPlan) -> None:
         """Hand the request's drafts that fit in this step (the budget may cut some off) to the
@@ -285,6 +349,8 @@ class Scheduler:
         self.running.remove(request)
         step.unschedule(request)
         self.kv_cache_manager.free(request, request.num_computed_tokens)
+        if self.encoder_cache is not None:
+            self.encoder_cache.free(request)  # re-referenced when it is scheduled again
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
         request.spec_token_ids = []
@@ -314,6 +380,11 @@ class Scheduler:
                     continue
             num_computed = request.num_computed_tokens + num_hit
             num_new = self._num_new_tokens(request, num_computed, step.budget)
+            to_encode = None
+            if request.mm_features and num_computed < request.mm_features[-1].end:
+                to_encode, num_new = self._plan_encoder_inputs(request, num_computed, num_new, step)
+                if num_new <= 0:
+                    break  # the encoder cannot take its next image this step
             if (
                 not self.config.enable_chunked_prefill
                 and num_new < request.num_tokens - num_computed
@@ -324,6 +395,8 @@ class Scheduler:
             )
             if new_blocks is None:
                 break  # no room: wait for running requests to finish
+            if to_encode is not None:
+                self._commit_encoder_inputs(request, num_computed, num_new, to_encode, step)
             self.waiting.pop()
             if loaded:
                 self.kv_loaded.discard(request.request_id)
@@ -344,6 +417,7 @@ class Scheduler:
                     eos_token_id=request.eos_token_id,
                     block_ids=kv.get_block_ids(request.request_id),
                     num_computed_tokens=num_computed,
+                    mm_features=_without_pixels(request.mm_features),
                 )
             )
 
@@ -414,6 +488,8 @@ class Scheduler:
     ) -> list[EngineCoreOutput]:
         """Append sampled tokens, check stop conditions, free finished requests."""
         self.update_from_kv_connector(runner_output.kv_connector_output)
+        if self.encoder_cache is not None:
+            self._update_encoder_cache(scheduler_output, runner_output)
         outputs: list[EngineCoreOutput] = []
         finished: list[Request] = []
         for req_id in scheduler_output.num_scheduled_tokens:
@@ -456,6 +532,23 @@ class Scheduler:
             for request in finished:
                 self._free_request(request)
         return outputs
+
+    def _update_encoder_cache(
+        self, scheduler_output: SchedulerOutput, runner_output: ModelRunnerOutput
+    ) -> None:
+        """Count the encoder's work and release the images the step consumed (entirely
+        before the request's computed tokens): they stay cached until evicted."""
+        self._encoder_stats.num_encoder_inputs += len(scheduler_output.scheduled_encoder_inputs)
+        self._encoder_stats.encoder_seconds += runner_output.encoder_seconds
+        for req_id, num_scheduled in scheduler_output.num_scheduled_tokens.items():
+            request = self.requests.get(req_id)
+            if request is None or not request.mm_features:
+                continue
+            if request.num_computed_tokens - num_scheduled >= request.mm_features[-1].end:
+                continue  # every image consumed in earlier steps
+            for index, feature in enumerate(request.mm_features):
+                if feature.end <= request.num_computed_tokens:
+                    self.encoder_cache.free_encoder_input(request, index)
 
     def _take_back_rejected(self, request: Request, num_draft: int, num_sampled: int) -> None:
         """`num_sampled - 1` drafts were accepted; the rest were computed for nothing, so
@@ -501,11 +594,21 @@ class Scheduler:
     def _free_request(self, request: Request, free_blocks: bool = True) -> None:
         if free_blocks:
             self.kv_cache_manager.free(request)
+        if self.encoder_cache is not None:
+            self.encoder_cache.free(request)
         if self.kv_connector is not None:
             self.kv_connector.request_finished(request)
             self.kv_loaded.discard(request.request_id)
         self.finished_req_ids.add(request.request_id)
         del self.requests[request.request_id]
+
+
+def _without_pixels(features: list[MultiModalFeature]) -> list[MultiModalFeature] | None:
+    """The placeholders the worker needs to place image embeddings (the pixels go only with
+    the step that encodes them)."""
+    if not features:
+        return None
+    return [MultiModalFeature(f.identifier, f.offset, f.length) for f in features]
 
 
 class _StepPlan:
@@ -519,10 +622,14 @@ class _StepPlan:
         "cached_reqs",
         "preempted",
         "spec_tokens",
+        "encoder_budget",
+        "encoder_inputs",
     )
 
-    def __init__(self, budget: int) -> None:
+    def __init__(self, budget: int, encoder_budget: int = 0) -> None:
         self.budget = budget
+        self.encoder_budget = encoder_budget  # encoder input tokens (image embeddings) left
+        self.encoder_inputs: list[MultiModalFeature] = []  # images to encode this step
         self.num_scheduled_tokens: dict[str, int] = {}
         self.scheduled: list[Request] = []
         self.new_reqs: list[NewRequestData] = []

@@ -94,6 +94,37 @@ ENGINE_FLAGS: list[tuple[str, str, Any, Any, str]] = [
         "largest decode batch / mixed-batch token count captured in a CUDA graph",
     ),
     ("--revision", "revision", str, None, "hub revision"),
+    (
+        "--limit-mm-per-prompt",
+        "limit_mm_per_prompt",
+        lambda text: _json_object("--limit-mm-per-prompt", text),
+        None,
+        "most images one prompt may carry, as JSON, e.g. '{\"image\": 2}' (default 999)",
+    ),
+    (
+        "--max-num-encoder-input-tokens",
+        "max_num_encoder_input_tokens",
+        int,
+        None,
+        "image embedding rows the vision encoder may produce in one step (default: "
+        "max-num-batched-tokens, at least one image)",
+    ),
+    (
+        "--encoder-cache-size",
+        "encoder_cache_size",
+        int,
+        None,
+        "image embedding rows the encoder cache holds (default: as the encoder budget)",
+    ),
+]
+# Flags that take a list of values.
+LIST_FLAGS: list[tuple[str, str, str]] = [
+    (
+        "--allowed-media-domains",
+        "allowed_media_domains",
+        "hosts image URLs may be fetched from, e.g. upload.wikimedia.org 127.0.0.1 (default: "
+        "none; data: URLs always work)",
+    ),
 ]
 BOOL_FLAGS: list[tuple[str, str, bool | None, str]] = [
     ("enable-prefix-caching", "enable_prefix_caching", True, "reuse KV of shared prefixes"),
@@ -114,6 +145,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("engine")
     for flag, dest, typ, default, help_text in ENGINE_FLAGS:
         group.add_argument(flag, dest=dest, type=typ, default=default, help=help_text)
+    for flag, dest, help_text in LIST_FLAGS:
+        group.add_argument(flag, dest=dest, nargs="+", default=None, help=help_text)
     for name, dest, default, help_text in BOOL_FLAGS:
         group.add_argument(
             f"--{name}",
@@ -125,7 +158,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    names = [f[1] for f in ENGINE_FLAGS] + [f[1] for f in BOOL_FLAGS]
+    names = [f[1] for f in ENGINE_FLAGS] + [f[1] for f in LIST_FLAGS] + [f[1] for f in BOOL_FLAGS]
     return {name: getattr(args, name) for name in names}
 
 

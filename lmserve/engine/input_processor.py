@@ -7,7 +7,7 @@ import time
 from typing import Any
 
 from lmserve.config import ModelConfig
-from lmserve.core.messages import EngineCoreRequest
+from lmserve.core.messages import EngineCoreRequest, MultiModalFeature
 from lmserve.sampling_params import SamplingParams
 
 PromptType = str | dict[str, Any]
@@ -18,12 +18,20 @@ class InputProcessor:
         self.model_config = model_config
         self.tokenizer = tokenizer
         self.eos_token_id, self.extra_eos_ids = _eos_token_ids(model_config, tokenizer)
+        self.mm_processor = None  # images -> pixels and placeholders (vision-language models)
+        if model_config.is_multimodal:
+            from lmserve.engine.mm_processor import MultiModalProcessor
+
+            self.mm_processor = MultiModalProcessor(model_config, tokenizer)
 
     def process(
         self, request_id: str, prompt: PromptType, params: SamplingParams, priority: int = 0
     ) -> tuple[str | None, EngineCoreRequest]:
         """(prompt text or None, the engine request). Raises ValueError on bad input."""
         text, token_ids = self._tokenize(prompt)
+        mm_features = None
+        if isinstance(prompt, dict):
+            token_ids, mm_features = self._multimodal(prompt, token_ids)
         self._validate_token_ids(token_ids)
         self._validate_params_token_ids(params)
         if self.extra_eos_ids and not params.ignore_eos:
@@ -37,8 +45,34 @@ class InputProcessor:
             arrival_time=time.monotonic(),
             priority=priority,
             cache_salt=prompt.get("cache_salt") if isinstance(prompt, dict) else None,
+            mm_features=mm_features,
         )
         return text, request
+
+    def _multimodal(
+        self, prompt: dict[str, Any], token_ids: list[int]
+    ) -> tuple[list[int], list[MultiModalFeature] | None]:
+        """`multi_modal_data` ({"image": image or [images]}): placeholders expanded, images
+        preprocessed. `multi_modal_features`: already done (the server does it in a thread)."""
+        if "multi_modal_features" in prompt:
+            return token_ids, prompt["multi_modal_features"] or None
+        data = prompt.get("multi_modal_data")
+        if data is None:
+            if self.mm_processor is not None:  # image tokens with no image are an error too
+                self.mm_processor.process(token_ids, [])
+            return token_ids, None
+        if not isinstance(data, dict) or set(data) - {"image"}:
+            raise ValueError("multi_modal_data must be {'image': image or [images]}")
+        images = data.get("image")
+        images = [] if images is None else images if isinstance(images, list | tuple) else [images]
+        if images and self.mm_processor is None:
+            raise ValueError(
+                f"model {self.model_config.model!r} is a text-only model: it does not accept images"
+            )
+        if self.mm_processor is None:
+            return token_ids, None
+        token_ids, features = self.mm_processor.process(token_ids, list(images))
+        return token_ids, features or None
 
     def _tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
@@ -93,7 +127,7 @@ def _eos_token_ids(
     ids: list[int] = []
     if tokenizer is not None and tokenizer.eos_token_id is not None:
         ids.append(tokenizer.eos_token_id)
-    cfg_eos = getattr(model_config.hf_config, "eos_token_id", None)
+    cfg_eos = getattr(model_config.text_config, "eos_token_id", None)
     for eos in cfg_eos if isinstance(cfg_eos, list) else [cfg_eos]:
         if eos is not None and eos not in ids:
             ids.append(eos)

@@ -15,6 +15,8 @@ from lmserve.engine.chat import apply_chat_template, validate_conversation
 from lmserve.engine.input_processor import PromptType
 from lmserve.engine.launcher import start_launcher
 from lmserve.engine.llm_engine import LLMEngine
+from lmserve.engine.media import MediaConfig, load_images_sync
+from lmserve.engine.mm_processor import has_image_parts, render_chat
 from lmserve.outputs import RequestOutput
 from lmserve.sampling_params import RequestOutputKind, SamplingParams
 
@@ -96,12 +98,43 @@ class LLM:
         tokenizer = self.llm_engine.tokenizer
         prompts = []
         for conversation in conversations:
+            if has_image_parts(conversation) and self.llm_engine.input_processor.mm_processor:
+                prompts.append(
+                    self._chat_prompt_with_images(
+                        conversation, chat_template, add_generation_prompt
+                    )
+                )
+                continue
             validated = validate_conversation(conversation)
             token_ids = apply_chat_template(
                 tokenizer, validated, chat_template, add_generation_prompt
             )
             prompts.append({"prompt_token_ids": token_ids, "prompt": tokenizer.decode(token_ids)})
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+
+    def _chat_prompt_with_images(
+        self,
+        conversation: list[dict[str, Any]],
+        chat_template: str | None,
+        add_generation_prompt: bool,
+    ) -> dict[str, Any]:
+        """A conversation with image parts (data: URLs, allowed http(s) URLs, PIL images) ->
+        a prompt with its images, which `generate` expands and preprocesses."""
+        mm = self.llm_engine.input_processor.mm_processor
+        if mm is None:
+            raise ValueError(f"model {self.config.model_config.model!r} does not accept images")
+        tokenizer = self.llm_engine.tokenizer
+        token_ids, refs = render_chat(
+            tokenizer, conversation, chat_template, add_generation_prompt, mm.image_placeholder
+        )
+        mm.check_count(len(refs))
+        media = MediaConfig.from_env(self.config.model_config.allowed_media_domains)
+        images = load_images_sync(refs, media)
+        return {
+            "prompt_token_ids": token_ids,
+            "prompt": tokenizer.decode(token_ids),
+            "multi_modal_data": {"image": images},
+        }
 
     def _run_engine(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         engine = self.llm_engine

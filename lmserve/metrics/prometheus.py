@@ -70,6 +70,12 @@ class Metrics:
     kv_offload_saved_bytes: Counter  # label tier
     kv_offload_save_seconds: Counter  # label tier
     kv_offload_failures: Counter  # labels tier, reason
+    # Vision-language models: the encoder cache (image embeddings) and the vision encoder.
+    encoder_cache_usage_perc: Gauge
+    encoder_cache_queries: Counter  # images looked up when first scheduled
+    encoder_cache_hits: Counter  # ... whose embeddings were already cached
+    encoder_inputs: Counter  # images the vision encoder ran on
+    encoder_time_seconds: Counter  # time the vision encoder ran
 
 
 _lock = threading.Lock()
@@ -242,6 +248,21 @@ def _kv_offload_metrics(m: list[str], p: str) -> dict[str, Counter]:
             f"{p}:kv_offload_failures",
             "KV tier faults (each one a miss: the tokens are recomputed)",
             tier + ["reason"],
+        ),
+        encoder_cache_usage_perc=Gauge(
+            f"{p}:encoder_cache_usage_perc",
+            "Encoder cache usage (image embedding rows held / all); 1 = 100%",
+            m,
+        ),
+        encoder_cache_queries=Counter(
+            f"{p}:encoder_cache_queries", "Images looked up in the encoder cache", m
+        ),
+        encoder_cache_hits=Counter(
+            f"{p}:encoder_cache_hits", "Images found in the encoder cache (encoder not run)", m
+        ),
+        encoder_inputs=Counter(f"{p}:encoder_inputs", "Images the vision encoder ran on", m),
+        encoder_time_seconds=Counter(
+            f"{p}:encoder_time_seconds", "Seconds the vision encoder ran", m
         ),
     )
 

@@ -12,7 +12,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from lmserve.core.messages import EngineCoreOutput, SchedulerStats, SpecDecodeStats
+from lmserve.core.messages import (
+    EncoderStats,
+    EngineCoreOutput,
+    SchedulerStats,
+    SpecDecodeStats,
+)
 from lmserve.kv_transfer.base import KVTransferStats
 from lmserve.metrics.prometheus import get_metrics, info_gauge
 from lmserve.outputs import RequestOutput
@@ -95,6 +100,16 @@ class StatsRecorder:
             self._on_spec_decode(stats.spec_decode)
         if stats.kv_transfer is not None:
             self._on_kv_transfer(stats.kv_transfer)
+        if stats.encoder is not None:
+            self._on_encoder(stats.encoder)
+
+    def _on_encoder(self, encoder: EncoderStats) -> None:
+        m, labels = self.metrics, self._labels
+        m.encoder_cache_usage_perc.labels(**labels).set(encoder.cache_usage)
+        m.encoder_cache_queries.labels(**labels).inc(encoder.cache_queries)
+        m.encoder_cache_hits.labels(**labels).inc(encoder.cache_hits)
+        m.encoder_inputs.labels(**labels).inc(encoder.num_encoder_inputs)
+        m.encoder_time_seconds.labels(**labels).inc(encoder.encoder_seconds)
 
     def _on_kv_transfer(self, kv: KVTransferStats) -> None:
         m, labels = self.metrics, self._labels

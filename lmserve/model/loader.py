@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from lmserve.distributed.parallel_state import get_tp_group
+from lmserve.hf_config import text_config_of
 from lmserve.model.models import get_model_class
 from lmserve.model.models.llama import get_head_dim, get_num_kv_heads
 
@@ -66,6 +67,7 @@ def resolve_model_path(model: str, revision: str | None = None) -> str:
 def get_kv_cache_spec(hf_config) -> tuple[int, int, int]:
     """(num_layers, num_kv_heads, head_dim): each layer's KV cache is two tensors
     [num_blocks, block_size, num_kv_heads, head_dim]."""
+    hf_config = text_config_of(hf_config)  # a vision-language model's language model
     world = get_tp_group().world_size  # a rank caches only its KV heads (at least one)
     num_kv_heads = max(get_num_kv_heads(hf_config) // world, 1)
     return hf_config.num_hidden_layers, num_kv_heads, get_head_dim(hf_config)

@@ -18,6 +18,7 @@ from lmserve.sample.metadata import SamplingMetadata
 from lmserve.sample.sampler import Sampler, SamplerOutput
 from lmserve.worker.cuda_graphs import CudaGraphRunner, decode_graph_sizes, piecewise_graph_sizes
 from lmserve.worker.device_inputs import DeviceInputs, host_to_device
+from lmserve.worker.encoder_runner import EncoderRunner, ImageRows
 from lmserve.worker.input_batch import FlatInputs, InputBatch
 from lmserve.worker.sampling_inputs import build_sampling_metadata, uses_penalties
 from lmserve.worker.spec_decode_runner import SpecDecodeRunner
@@ -62,6 +63,7 @@ class ModelRunner:
         self._sampled_host = _HostRing(config.scheduler_config.max_num_seqs, device)
         self._stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
         self.spec_decode: SpecDecodeRunner | None = None  # speculative decoding, if configured
+        self.encoder: EncoderRunner | None = None  # vision-language models only
         if config.speculative_config is not None:
             self.spec_decode = SpecDecodeRunner(self, config.speculative_config)
 
@@ -74,6 +76,8 @@ class ModelRunner:
         )
         if self.spec_decode is not None:  # the draft model, if any
             self.spec_decode.load_model()
+        if hasattr(self.model, "embed_images"):
+            self.encoder = EncoderRunner(self.model, self.device, self.dtype)
 
     def weight_bytes(self) -> int:
         """Bytes of the loaded weights and buffers (the draft model's included), on any
@@ -153,6 +157,8 @@ class ModelRunner:
         self.initialize_kv_cache(num_blocks)
         cache_bytes = num_blocks * self.kv_cache_bytes_per_block()
         hidden = self._forward(flat)  # [num_tokens, hidden_size]
+        if self.encoder is not None:
+            self._profile_encoder()
         logits_indices = torch.from_numpy(flat.logits_indices).to(self.device)
         logits = self.model.compute_logits(hidden[logits_indices])  # [num_reqs, vocab]
         metadata = SamplingMetadata(
@@ -168,6 +174,20 @@ class ModelRunner:
             torch.cuda.synchronize(self.device)
         self.kv_caches = []
         return cache_bytes
+
+    def _profile_encoder(self) -> None:
+        """The vision encoder on the most images one step may encode (zeros as pixels)."""
+        hf_config = self.config.model_config.hf_config
+        vision = hf_config.vision_config
+        get = vision.get if isinstance(vision, dict) else lambda k: getattr(vision, k)
+        size, channels = get("image_size"), get("num_channels") or 3
+        per_image = self.config.model_config.max_tokens_per_image
+        budget = self.config.scheduler_config.max_num_encoder_input_tokens
+        num_images = max(budget // per_image, 1)
+        pixels = torch.zeros(
+            (num_images, channels, size, size), dtype=self.dtype, device=self.device
+        )  # [num_images, channels, height, width]
+        self.model.embed_images(pixels)
 
     # ---- one step ---------------------------------------------------------------------------
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
@@ -189,6 +209,9 @@ class ModelRunner:
         return step
 
     def _execute(self, scheduler_output: SchedulerOutput) -> StepOutput:
+        encoder_seconds = 0.0
+        if self.encoder is not None:  # evictions, then the images this step reads first
+            encoder_seconds = self.encoder.execute_encoder(scheduler_output)
         if scheduler_output.is_empty:
             return StepOutput.done(
                 ModelRunnerOutput(req_ids=[], req_id_to_index={}, sampled_token_ids=[])
@@ -197,11 +220,14 @@ class ModelRunner:
             self.spec_decode.write_drafts(scheduler_output)
         flat = self.input_batch.prepare_inputs(scheduler_output.num_scheduled_tokens)
         flat.input_ids_on_device = self._tokens_in_flight(flat)
-        hidden = self._forward(flat)  # [num_tokens, hidden_size]
+        image_rows = None
+        if self.encoder is not None and self.encoder.has_work:
+            image_rows = self.encoder.gather(flat, self.input_batch)
+        hidden = self._forward(flat, image_rows)  # [num_tokens, hidden_size]
         if self.spec_decode is not None:  # verify drafts, then propose the next ones
-            return StepOutput.done(
-                self.spec_decode.sample_and_propose(scheduler_output, flat, hidden)
-            )
+            output = self.spec_decode.sample_and_propose(scheduler_output, flat, hidden)
+            output.encoder_seconds = encoder_seconds
+            return StepOutput.done(output)
         # Only rows that reach their last known token sample; a mid-prompt chunk's logits are
         # never computed (and its seeded generator never advanced).
         sampling = flat.completes_known_tokens  # [num_reqs] bool
@@ -222,12 +248,16 @@ class ModelRunner:
             )
             sampler_output = self.sampler(logits, metadata)
         prompt_logprobs = self.compute_prompt_logprobs(flat, hidden)
-        return self._launch_copies(flat, sample_rows, sampler_output, prompt_logprobs)
+        step = self._launch_copies(flat, sample_rows, sampler_output, prompt_logprobs)
+        step.encoder_seconds = encoder_seconds
+        return step
 
     def _update_states(self, scheduler_output: SchedulerOutput) -> None:
         batch = self.input_batch
         for req_id in scheduler_output.finished_req_ids | scheduler_output.preempted_req_ids:
             batch.remove_request(req_id)
+            if self.encoder is not None:
+                self.encoder.remove_request(req_id)
         cached = scheduler_output.scheduled_cached_reqs
         for req_id, new_block_ids, num_computed in zip(
             cached.req_ids, cached.new_block_ids, cached.num_computed_tokens
@@ -237,18 +267,26 @@ class ModelRunner:
             batch.num_computed_tokens[row] = num_computed
         for new in scheduler_output.scheduled_new_reqs:
             batch.add_request(new)
+            if self.encoder is not None:
+                self.encoder.add_request(new.req_id, new.mm_features)
         batch.condense()
 
-    def _forward(self, flat: FlatInputs) -> torch.Tensor:  # [num_tokens, hidden_size]
-        """A captured CUDA graph when one fits the step, else an eager forward."""
-        if self.graphs is not None:
+    def _forward(
+        self, flat: FlatInputs, image_rows: ImageRows | None = None
+    ) -> torch.Tensor:  # [num_tokens, hidden_size]
+        """A captured CUDA graph when one fits the step, else an eager forward. A step that
+        reads image embeddings runs eagerly (the graphs start from token ids)."""
+        if self.graphs is not None and image_rows is None:
             hidden = self.graphs.forward(flat)
             if hidden is not None:
                 return hidden
         num_tokens, num_reqs = len(flat.input_ids), len(flat.req_rows)
         input_ids, positions, metadata = self.inputs.stage(flat, num_tokens, num_reqs)
         ctx = ForwardContext(metadata, self.kv_caches, self.attn_backend, self.kv_connector)
-        return self.model(input_ids, positions, ctx)
+        if image_rows is None:
+            return self.model(input_ids, positions, ctx)
+        inputs_embeds = self.encoder.merge(input_ids, image_rows)  # [num_tokens, hidden_size]
+        return self.model(input_ids, positions, ctx, inputs_embeds)
 
     def compute_prompt_logprobs(
         self, flat: FlatInputs, hidden: torch.Tensor
@@ -407,6 +445,7 @@ class StepOutput:
         self.copied: torch.cuda.Event | None = None
         self.output: ModelRunnerOutput | None = None
         self.kv_connector_output: KVConnectorOutput | None = None  # set by execute_model_async
+        self.encoder_seconds = 0.0  # set by _execute
 
     @classmethod
     def done(cls, output: ModelRunnerOutput) -> StepOutput:
@@ -419,6 +458,8 @@ class StepOutput:
             self.output = self._build_output()
         if self.kv_connector_output is not None:
             self.output.kv_connector_output = self.kv_connector_output
+        if self.encoder_seconds:
+            self.output.encoder_seconds = self.encoder_seconds
         return self.output
 
     def _build_output(self) -> ModelRunnerOutput:

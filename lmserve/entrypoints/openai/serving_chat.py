@@ -9,6 +9,7 @@ with no choices and the usage; every earlier chunk then has `"usage": null`.
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncGenerator
 from typing import Any
@@ -18,6 +19,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from lmserve.engine.chat import apply_chat_template, validate_conversation
+from lmserve.engine.media import MediaConfig, load_images
+from lmserve.engine.mm_processor import has_image_parts, render_chat
 from lmserve.entrypoints.openai.errors import invalid_request
 from lmserve.entrypoints.openai.protocol import (
     ChatChoice,
@@ -54,6 +57,7 @@ class OpenAIServingChat(OpenAIServing):
     def __init__(self, engine: Any, served_model_names: list[str], chat_template: str | None):
         super().__init__(engine, served_model_names)
         self.chat_template = chat_template
+        self.media_config = MediaConfig.from_env(engine.model_config.allowed_media_domains)
 
     async def create_chat_completion(
         self, request: ChatCompletionRequest, raw_request: Request
@@ -61,7 +65,13 @@ class OpenAIServingChat(OpenAIServing):
         model = self.resolve_model(request.model)
         _reject_unsupported(request)
         stream = bool(request.stream)
-        token_ids = self.render(request.messages, request.add_generation_prompt)
+        if has_image_parts(request.messages):
+            token_ids, prompt = await self.render_with_images(
+                request.messages, request.add_generation_prompt
+            )
+        else:
+            token_ids = self.render(request.messages, request.add_generation_prompt)
+            prompt = {"prompt_token_ids": token_ids}
         if request.max_completion_tokens is not None:
             max_tokens_param, requested = "max_completion_tokens", request.max_completion_tokens
         else:
@@ -74,9 +84,7 @@ class OpenAIServingChat(OpenAIServing):
             stream=stream,
         )
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
-        generator = self.generate(
-            [({"prompt_token_ids": token_ids}, params)], request_id, request.priority
-        )
+        generator = self.generate([(prompt, params)], request_id, request.priority)
         try:
             if stream:
                 first = await self.until_disconnect(raw_request, anext(generator))
@@ -98,6 +106,32 @@ class OpenAIServingChat(OpenAIServing):
             )
         except (ValueError, TypeError, TemplateError) as e:
             raise invalid_request(f"invalid messages: {e}", "messages") from None
+
+    async def render_with_images(
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool
+    ) -> tuple[list[int], dict[str, Any]]:
+        """A conversation with image parts -> (prompt token ids, placeholders expanded; the
+        engine prompt with the preprocessed images). Bad images, URLs or counts are a 400."""
+        mm = self.engine.input_processor.mm_processor
+        if mm is None:
+            raise invalid_request(
+                "this model is text-only: it does not accept images (image_url parts)",
+                "messages",
+            )
+        try:
+            token_ids, refs = render_chat(
+                self.require_tokenizer("chat", "messages"),
+                messages,
+                self.chat_template,
+                add_generation_prompt,
+                mm.image_placeholder,
+            )
+            mm.check_count(len(refs))  # before fetching anything
+            images = await load_images(refs, self.media_config)
+            token_ids, features = await asyncio.to_thread(mm.process, token_ids, images)
+        except (ValueError, TypeError, TemplateError) as e:
+            raise invalid_request(f"invalid messages: {e}", "messages") from None
+        return token_ids, {"prompt_token_ids": token_ids, "multi_modal_features": features}
 
     # ---- non-streaming -----------------------------------------------------------------------
     def _response(

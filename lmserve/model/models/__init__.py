@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from lmserve.model.models.llama import LlamaForCausalLM
+from lmserve.model.models.llava import LlavaForConditionalGeneration
 from lmserve.model.models.qwen2 import Qwen2ForCausalLM
 from lmserve.model.models.qwen3 import Qwen3ForCausalLM
 
@@ -13,6 +14,8 @@ MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "MistralForCausalLM": LlamaForCausalLM,  # Mistral is Llama's architecture
     "Qwen2ForCausalLM": Qwen2ForCausalLM,
     "Qwen3ForCausalLM": Qwen3ForCausalLM,
+    # vision-language: a vision tower + projector in front of one of the above
+    "LlavaForConditionalGeneration": LlavaForConditionalGeneration,
 }
 
 

@@ -154,8 +154,15 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleList(layers)
         self.norm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps)
 
-    def forward(self, input_ids, positions, ctx: ForwardContext) -> torch.Tensor:
-        hidden_states = self.embed_tokens(input_ids)  # [num_tokens, hidden_size]
+    def forward(
+        self, input_ids, positions, ctx: ForwardContext, inputs_embeds: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """`inputs_embeds` [num_tokens, hidden_size]: given instead of embedding `input_ids`
+        (a vision-language model's prompt, image embeddings in place)."""
+        if inputs_embeds is None:
+            hidden_states = self.embed_tokens(input_ids)  # [num_tokens, hidden_size]
+        else:
+            hidden_states = inputs_embeds
         cos, sin = self.rotary_emb(positions, hidden_states.dtype)  # [num_tokens, head_dim] each
         residual = None
         for layer in self.layers:
@@ -215,8 +222,12 @@ class LlamaForCausalLM(nn.Module):
         input_ids: torch.Tensor,  # [num_tokens] int64, all requests concatenated
         positions: torch.Tensor,  # [num_tokens] int64
         ctx: ForwardContext,
+        inputs_embeds: torch.Tensor | None = None,  # [num_tokens, hidden_size]
     ) -> torch.Tensor:  # [num_tokens, hidden_size]
-        return self.model(input_ids, positions, ctx)
+        return self.model(input_ids, positions, ctx, inputs_embeds)
+
+    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.embed_tokens(input_ids)  # [num_tokens] -> [num_tokens, hidden_size]
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden_states).float()  # [n, hidden_size] -> [n, vocab_size] float32
