@@ -162,6 +162,12 @@ def _init_bench(parser: argparse.ArgumentParser) -> None:
     init_bench_parser(parser)
 
 
+def _init_simulate(parser: argparse.ArgumentParser) -> None:
+    from lmserve.sim.cli import init_simulate_parser
+
+    init_simulate_parser(parser)
+
+
 # name -> (help, function that adds the sub-command's arguments and sets `func`). Only the
 # chosen sub-command's function runs, so `lmserve serve` never imports the benchmark client or
 # the router, and `lmserve router` never imports the engine.
@@ -170,6 +176,7 @@ SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = 
     "generate": ("offline generation for prompts (args or stdin)", _init_generate),
     "router": ("OpenAI-compatible router in front of several engines (no torch)", _init_router),
     "bench": ("throughput, latency and serving benchmarks", _init_bench),
+    "simulate": ("simulate a cluster: the real router, simulated engines", _init_simulate),
 }
 
 

@@ -1,0 +1,369 @@
+"""The discrete-event simulation: clients -> the router's own code -> simulated engines.
+
+The router is lmserve's: the routing logic classes `lmserve router` builds (routing.py's
+factory, kv_aware.KvAware over a kv_index.KVIndex fed through kv_events.EventSubscriber.apply
+with the msgpack batches the engines publish), the prefix trie, the backend pool and the
+proxy's own bookkeeping (Proxy._began / _answering / _ended: requests in flight and queued
+prefill tokens, which least-loaded and kv-aware read). What is simulated: the HTTP hops (a
+fixed `request_overhead_s`), the health checker's scrape (every `health_check_interval`, the
+engines' running/waiting counts land on each Backend as HealthChecker._scrape_load puts them),
+and time (one clock, `Cluster.now`, which KvAware reads through its `clock` parameter).
+
+Events on one heap: arrivals (pulled lazily from the workload), engine step ends (a decode run
+is one event), scrapes, autoscaler polls and pods becoming ready.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from lmserve.router.backends import Backend, BackendPool
+from lmserve.router.config import RouterConfig
+from lmserve.router.kv_aware import KvAware
+from lmserve.router.kv_events import EventSubscriber
+from lmserve.router.kv_index import KVIndex
+from lmserve.router.metrics import RouterMetrics
+from lmserve.router.prefix_trie import PrefixTrie
+from lmserve.router.proxy import Proxy
+from lmserve.router.routing import PrefixAware, RouteRequest, RoutingLogic, make_routing_logic
+from lmserve.sim.autoscale import AutoscalePolicy, Autoscaler
+from lmserve.sim.engine import SimEngine, SimRequest
+from lmserve.sim.profile import StepProfile
+from lmserve.sim.workload import Session, WorkloadSpec, sessions
+
+MODEL = "sim-model"
+_ARRIVAL, _SEND, _STEP, _SCRAPE, _POLL, _READY, _DELIVER = range(7)
+_PERIODIC = frozenset({_SCRAPE, _POLL})
+
+
+@dataclass
+class SimConfig:
+    routing_logic: str = "roundrobin"
+    replicas: int = 4
+    router: RouterConfig = field(default_factory=lambda: default_router_config())
+    autoscale: AutoscalePolicy | None = None
+    sample_interval_s: float = 15.0  # replicas-over-time resolution
+    max_sim_s: float | None = None  # hard stop (simulated seconds), default: drain everything
+    warmup_s: float = 0.0  # requests sent earlier are left out of the latency figures
+
+
+@dataclass
+class Pod:
+    """An engine and its life: created -> ready (cold start) -> removed -> drained."""
+
+    index: int
+    engine: SimEngine
+    created_s: float
+    ready_s: float | None = None
+    removed_s: float | None = None
+    drained_s: float | None = None
+
+
+LogicFactory = Callable[["Cluster"], RoutingLogic]
+
+
+class Cluster:
+    def __init__(
+        self,
+        config: SimConfig,
+        profile: StepProfile,
+        workload: WorkloadSpec,
+        logic_factory: LogicFactory | None = None,
+    ) -> None:
+        self.config = config
+        self.profile = profile
+        self.workload = workload
+        self.now = 0.0
+        self._heap: list[tuple] = []
+        self._seq = 0
+        self._pending = 0  # events on the heap other than the periodic ones
+        self.pool = BackendPool()
+        self.metrics = RouterMetrics.create()
+        router = config.router
+        self.trie = PrefixTrie(16, router.prefix_trie_max_bytes)  # token ids, 16 per chunk
+        self.index = KVIndex()
+        self.subscribers: dict[str, EventSubscriber] = {}
+        self.logic = (logic_factory or default_logic)(self)
+        # engines publish KV events and the router indexes them only for a logic that reads
+        # them (as `lmserve router` subscribes only with kv-aware routing)
+        self.kv_events = self.logic.needs_tokens
+        self.proxy = Proxy(
+            self.pool, self.logic, None, self.metrics, None,  # type: ignore[arg-type]
+            max_retries=router.max_retries, api_key=None, backend_api_key=None,
+            session_key=router.session_key, session_body_field=router.session_body_field,
+        )  # fmt: skip
+        self.pods: list[Pod] = []
+        self.by_url: dict[str, Pod] = {}
+        self._candidates: list[Backend] | None = None
+        self.autoscaler = Autoscaler(config.autoscale) if config.autoscale else None
+        self.reasons: dict[str, int] = {}
+        self.records: list[tuple] = []  # per finished request, see report.py
+        self.replica_samples: list[tuple[float, int, int]] = []  # (t, ready, total)
+        self._arrivals: Iterator[tuple[float, Session]] = sessions(
+            workload, profile.block_size, profile.hash_algo
+        )
+        self._client_in_flight = 0
+        self._client_queue: deque[SimRequest] = deque()
+        self._live_sessions = 0
+        self._arrivals_done = False
+        self.busy_engines = 0
+
+    # ---- the event loop ----------------------------------------------------------------------
+    def push(self, t: float, kind: int, a: Any = None, b: Any = None) -> None:
+        if kind not in _PERIODIC:
+            self._pending += 1
+        self._seq += 1
+        heapq.heappush(self._heap, (t, self._seq, kind, a, b))
+
+    def run(self) -> Cluster:
+        for _ in range(self.config.replicas):
+            self._create_pod(ready_now=True)
+        self._next_arrival()
+        self.push(0.0, _SCRAPE)
+        self.push(0.0, _POLL)
+        handlers = {
+            _ARRIVAL: self._on_arrival,
+            _SEND: self._on_send,
+            _STEP: self._on_step,
+            _SCRAPE: self._on_scrape,
+            _POLL: self._on_poll,
+            _READY: self._on_ready,
+            _DELIVER: self._on_deliver,
+        }
+        limit = self.config.max_sim_s or math.inf
+        heap = self._heap
+        while heap:
+            t, _, kind, a, b = heapq.heappop(heap)
+            if t > limit:
+                break
+            self.now = t
+            if kind not in _PERIODIC:
+                self._pending -= 1
+            handlers[kind](a, b)
+            if self._finished() or (self._arrivals_done and not self._pending):
+                break  # done, or what is left can never finish (e.g. a prompt no pool holds)
+        self.end_s = self.now
+        return self
+
+    def _finished(self) -> bool:
+        return self._arrivals_done and self._live_sessions == 0
+
+    # ---- clients -----------------------------------------------------------------------------
+    def _next_arrival(self) -> None:
+        item = next(self._arrivals, None)
+        if item is None:
+            self._arrivals_done = True
+            return
+        self.push(item[0], _ARRIVAL, item[1])
+
+    def _on_arrival(self, session: Session, _: Any) -> None:
+        self._live_sessions += 1
+        self._submit(session.next_request())
+        self._next_arrival()
+
+    def _on_send(self, session: Session, _: Any) -> None:
+        self._submit(session.next_request())
+
+    def _submit(self, request: SimRequest | None) -> None:
+        """The client sends it now, or queues it behind --max-concurrency."""
+        cap = self.workload.max_concurrency
+        if cap is not None and self._client_in_flight >= cap:
+            self._client_queue.append(request)
+            return
+        self._send(request)
+
+    def _send(self, request: SimRequest) -> None:
+        self._client_in_flight += 1
+        request.sent_s = self.now
+        decision = self.route(request)
+        request.decision = decision
+        pod = self.by_url[decision.backend.url]
+        self.push(self.now + self.profile.request_overhead_s, _DELIVER, pod, request)
+
+    def route(self, request: SimRequest) -> Any:
+        """The router's path for one request: candidates, the logic's choice, bookkeeping."""
+        logic = self.logic
+        ids = request.token_ids[: request.num_prompt_tokens]
+        session = request.session
+        route_request = RouteRequest(
+            MODEL,
+            str(session.user_id) if session is not None and session.multi_round else None,
+            ids if logic.needs_prompt else None,
+            ids if logic.needs_tokens else None,
+        )
+        decision = logic.choose(route_request, self.candidates())
+        self.reasons[decision.reason] = self.reasons.get(decision.reason, 0) + 1
+        self.proxy._began(decision)
+        return decision
+
+    def candidates(self) -> list[Backend]:
+        """pool.candidates(model), recomputed only when the pool or a backend's health
+        changes (the same list; the real router sorts it per request)."""
+        if self._candidates is None:
+            self._candidates = self.pool.candidates(MODEL)
+            if not self._candidates:
+                raise RuntimeError(f"no healthy engine at t={self.now:.1f}s")
+        return self._candidates
+
+    def _on_deliver(self, pod: Pod, request: SimRequest) -> None:
+        request.arrival_s = self.now
+        if pod.engine.add(request, self.now):
+            self._start(pod.engine)
+        elif pod.engine._run is not None:
+            self.push(pod.engine.step_end_s, _STEP, pod.engine, pod.engine.version)
+
+    def _first_token(self, request: SimRequest, now: float) -> None:
+        self.proxy._answering(request.decision)
+
+    def _finish(self, request: SimRequest, now: float) -> None:
+        self.proxy._ended(request.decision.backend, "200")
+        pod = self.by_url[request.engine.url]
+        self.records.append(
+            (request.sent_s, request.first_token_s, now, request.num_prompt_tokens,
+             request.max_tokens, request.num_cached_tokens, pod.index)
+        )  # fmt: skip
+        session = request.session
+        request.decision = request.session = None
+        request.token_ids = request.hashes = []  # the session keeps them while it needs them
+        self._client_in_flight -= 1
+        if self._client_queue:
+            self._send(self._client_queue.popleft())
+        if session is not None and session.rounds_left:
+            self.push(now + session.think_s, _SEND, session)
+        else:
+            self._live_sessions -= 1
+        if pod.removed_s is not None and not pod.engine.running and not pod.engine.waiting:
+            pod.drained_s = now
+
+    # ---- engines -----------------------------------------------------------------------------
+    def _start(self, engine: SimEngine) -> None:
+        if engine.start_step(self.now):
+            self.busy_engines += 1
+            self.push(engine.step_end_s, _STEP, engine, engine.version)
+
+    def _on_step(self, engine: SimEngine, version: int) -> None:
+        if version != engine.version or not engine.busy or engine.step_end_s != self.now:
+            return  # a decode run cut short since: its new end has an entry of its own
+        self.busy_engines -= 1
+        engine.on_step_end(self.now)
+        engine.version += 1
+        self._start(engine)
+
+    def _host_load(self) -> float:
+        return self.busy_engines
+
+    def _on_kv_events(self, engine: SimEngine, payload: bytes, now: float) -> None:
+        subscriber = self.subscribers.get(engine.url)
+        if subscriber is not None:
+            subscriber.apply(engine.seq, payload)
+        engine.seq += 1
+
+    # ---- pods --------------------------------------------------------------------------------
+    def _create_pod(self, ready_now: bool = False) -> Pod:
+        i = len(self.pods)
+        url = f"http://sim-engine-{i:05d}:8000"
+        engine = SimEngine(
+            url, self.profile, self._first_token, self._finish,
+            self._on_kv_events if self.kv_events else None, self._host_load,
+        )  # fmt: skip
+        pod = Pod(i, engine, self.now)
+        self.pods.append(pod)
+        self.by_url[url] = pod
+        if ready_now:
+            self._on_ready(pod, None)
+        else:
+            self.push(self.now + self.profile.cold_start_s, _READY, pod)
+        return pod
+
+    def _on_ready(self, pod: Pod, _: Any) -> None:
+        if pod.removed_s is not None:
+            return
+        pod.ready_s = self.now
+        backend = self.pool.add(pod.engine.url)
+        backend.model_cards = [{"id": MODEL}]
+        backend.healthy = True
+        if self.kv_events:
+            subscriber = EventSubscriber(backend.url, None, self.index, self.metrics, None)  # type: ignore[arg-type]
+            subscriber.live = True  # its replay answered (empty), as for a new engine
+            self.subscribers[backend.url] = subscriber
+        self._candidates = None
+
+    def _remove_pod(self, pod: Pod) -> None:
+        """Scale-down: the router forgets it (as app._forget and KVEventSubscriptions.removed
+        do); it finishes what it holds."""
+        pod.removed_s = self.now
+        url = pod.engine.url
+        if self.pool.get(url) is not None:
+            self.pool.remove(url)
+            self.trie.forget_backend(url)
+            self.subscribers.pop(url, None)
+            self.index.clear(url)
+        self._candidates = None
+        if not pod.engine.running and not pod.engine.waiting:
+            pod.drained_s = self.now
+
+    def live_pods(self) -> list[Pod]:
+        return [p for p in self.pods if p.removed_s is None]
+
+    # ---- periodic: scrape, autoscaler, samples -------------------------------------------------
+    def _on_scrape(self, _: Any, __: Any) -> None:
+        for pod in self.pods:
+            if pod.ready_s is None or pod.removed_s is not None:
+                continue
+            backend = self.pool.get(pod.engine.url)
+            backend.scraped_running = pod.engine.num_running
+            backend.scraped_waiting = pod.engine.num_waiting
+            backend.in_flight_at_scrape = backend.in_flight
+        if not self._finished():
+            self.push(self.now + self.config.router.health_check_interval, _SCRAPE)
+
+    def _on_poll(self, _: Any, __: Any) -> None:
+        live = self.live_pods()
+        ready = sum(1 for p in live if p.ready_s is not None)
+        self.replica_samples.append((self.now, ready, len(live)))
+        if self.autoscaler is not None:
+            waiting = sum(p.engine.num_waiting for p in live if p.ready_s is not None)
+            want = self.autoscaler.desired(self.now, len(live), waiting)
+            for _ in range(want - len(live)):
+                self._create_pod()
+            if want < len(live):
+                # not-ready pods go first, then the newest (a ReplicaSet's preference)
+                order = sorted(live, key=lambda p: (p.ready_s is not None, -p.created_s))
+                for pod in order[: len(live) - want]:
+                    self._remove_pod(pod)
+        interval = (
+            self.config.autoscale.polling_interval_s
+            if self.config.autoscale
+            else self.config.sample_interval_s
+        )
+        if not self._finished():
+            self.push(self.now + interval, _POLL)
+
+
+def default_logic(cluster: Cluster) -> RoutingLogic:
+    """The logic `lmserve router --routing-logic NAME` builds (app._build_state/_kv_aware),
+    with the simulation's clock and event index."""
+    config = cluster.config.router
+    name = cluster.config.routing_logic
+    if name == "kv-aware":
+        return KvAware(
+            cluster.index,
+            lambda url: (s := cluster.subscribers.get(url)) is not None and s.live,
+            PrefixAware(cluster.trie, config.prefix_balance_margin),
+            request_cost=config.kv_aware_request_cost,
+            pending_ttl_s=config.kv_aware_pending_ttl,
+            slack=config.kv_aware_slack,
+            clock=lambda: cluster.now,
+        )
+    return make_routing_logic(name, cluster.trie, config.prefix_balance_margin)
+
+
+def default_router_config(**overrides: Any) -> RouterConfig:
+    """`lmserve router`'s defaults (the backends are the simulation's; one placeholder
+    satisfies the config's check)."""
+    return RouterConfig(backends=("http://sim-engine:8000",), **overrides)
