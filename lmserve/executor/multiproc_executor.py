@@ -16,6 +16,7 @@ import multiprocessing
 import shutil
 import socket
 import tempfile
+import time
 import traceback
 from multiprocessing.connection import wait as wait_for_sentinels
 from typing import Any
@@ -112,12 +113,29 @@ class MultiprocExecutor:
                 continue
             result = self.result_decoder.decode(self.result_socket.recv_multipart(copy=False))
             if not result.ok:
-                # A rank fails when a peer dies mid-collective: name the dead one if so.
-                wait_for_sentinels([p.sentinel for p in self.workers], timeout=1.0)
-                self._check_workers_alive()
+                self._name_dead_peer(result.rank)
                 raise RuntimeError(f"tensor-parallel worker {result.rank} failed:\n{result.error}")
             results[result.rank] = result.value
         return [results[r] for r in sorted(results)]
+
+    def _name_dead_peer(self, failed_rank: int, timeout: float = 3.0) -> None:
+        """A rank fails when a peer dies mid-collective (its socket resets before the kernel
+        reports the process gone, and later still on a loaded machine): wait up to `timeout`
+        for another rank to be seen dead, and raise naming it. The failed rank itself is left
+        out: it exits after reporting, which is a consequence, not the cause."""
+        peers = [(rank, p) for rank, p in enumerate(self.workers) if rank != failed_rank]
+        deadline = time.monotonic() + timeout
+        while True:
+            for rank, proc in peers:
+                if not proc.is_alive():
+                    raise RuntimeError(
+                        f"tensor-parallel worker {rank} (pid {proc.pid}) died with exit code "
+                        f"{proc.exitcode}"
+                    )
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            wait_for_sentinels([p.sentinel for _, p in peers], timeout=min(left, 0.25))
 
     def _check_workers_alive(self) -> None:
         for rank, proc in enumerate(self.workers):
