@@ -72,6 +72,15 @@ ENVIRONMENT_VARIABLES: dict[str, tuple[Callable[[], Any], str]] = {
         lambda: int(os.environ.get("LMSERVE_MAX_MEDIA_BYTES", str(20 * 1024 * 1024))),
         "largest image (encoded bytes) fetched from a URL; larger is a 400",
     ),
+    "LMSERVE_GRAMMAR_COMPILE_TIMEOUT_S": (
+        lambda: float(os.environ.get("LMSERVE_GRAMMAR_COMPILE_TIMEOUT_S", "30")),
+        "seconds a structured-output request may wait for its grammar to compile before it "
+        "fails with an error (other requests keep running meanwhile)",
+    ),
+    "LMSERVE_GRAMMAR_COMPILE_THREADS": (
+        lambda: int(os.environ.get("LMSERVE_GRAMMAR_COMPILE_THREADS", "2")),
+        "threads of the EngineCore's grammar-compiling pool (structured outputs)",
+    ),
 }
 
 

@@ -13,12 +13,16 @@ class RequestStatus(enum.IntEnum):
     # Admitted with KV to load from a connector (lmserve/kv_transfer/): its blocks are
     # allocated and it is not scheduled until the workers report what arrived.
     WAITING_FOR_REMOTE_KVS = enum.auto()
+    # Structured outputs: set aside (holding nothing) while its grammar compiles in the
+    # EngineCore's pool (lmserve/core/structured_output.py); then it joins the waiting queue.
+    WAITING_FOR_FSM = enum.auto()
     RUNNING = enum.auto()
     PREEMPTED = enum.auto()
     # Everything after this point is finished.
     FINISHED_STOPPED = enum.auto()  # EOS, a stop token id (or, front-end side, a stop string)
     FINISHED_LENGTH_CAPPED = enum.auto()  # max_tokens or max_model_len
     FINISHED_ABORTED = enum.auto()
+    FINISHED_ERROR = enum.auto()  # could not run (its grammar failed to compile or timed out)
 
     @property
     def is_finished(self) -> bool:
@@ -33,6 +37,7 @@ _FINISH_REASONS = {
     RequestStatus.FINISHED_STOPPED: "stop",
     RequestStatus.FINISHED_LENGTH_CAPPED: "length",
     RequestStatus.FINISHED_ABORTED: "abort",
+    RequestStatus.FINISHED_ERROR: "error",
 }
 
 
@@ -66,6 +71,7 @@ class Request:
         "spec_token_ids",
         "num_output_placeholders",
         "mm_features",
+        "structured_output",
     )
 
     def __init__(
@@ -110,6 +116,8 @@ class Request:
         # Images of the prompt, in prompt order ([] for text): each fills a range of
         # placeholder tokens whose embeddings come from the vision encoder.
         self.mm_features: list = mm_features or []
+        # core.structured_output.StructuredOutputRequest for a constrained request, else None.
+        self.structured_output = None
 
     @property
     def num_tokens(self) -> int:

@@ -7,7 +7,9 @@ is allowed, before the request reaches the engine.
 from __future__ import annotations
 
 import enum
+import json as _json
 from dataclasses import dataclass
+from typing import Any
 
 _GREEDY_EPS = 1e-5  # temperature below this is treated as greedy (argmax)
 
@@ -16,6 +18,89 @@ class RequestOutputKind(enum.IntEnum):
     CUMULATIVE = 0  # every update carries everything generated so far
     DELTA = 1  # every update carries only what is new (streaming)
     FINAL_ONLY = 2  # one output, when the request finishes (LLM.generate)
+
+
+@dataclass
+class StructuredOutputsParams:
+    """Constrain the output to exactly one of (vLLM's names):
+
+    json          a JSON Schema (a dict, or its JSON text): the output is one JSON value of it
+    regex         a regular expression the whole output matches
+    choice        one of these strings, exactly
+    grammar       an EBNF grammar (xgrammar's dialect, GBNF-like; the start rule is `root`)
+    json_object   True: any JSON object (OpenAI's `response_format: {"type": "json_object"}`)
+
+    Shape is checked here; whether a schema, regex or grammar compiles is checked by the
+    front-end (lmserve/structured_output/validate.py) before the request reaches the engine.
+    """
+
+    json: str | dict | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    # vLLM's: True keeps JSON compact (no whitespace between tokens of the JSON syntax).
+    disable_any_whitespace: bool = False
+
+    def __post_init__(self) -> None:
+        set_fields = [name for name in _CONSTRAINTS if getattr(self, name) not in (None, False)]
+        if len(set_fields) != 1:
+            raise ValueError(
+                "SamplingParams.structured_outputs is invalid: set exactly one of "
+                f"{', '.join(_CONSTRAINTS)} (got {set_fields or 'none'})"
+            )
+        if isinstance(self.json, str):
+            try:
+                self.json = _json.loads(self.json)
+            except ValueError as e:
+                raise ValueError(
+                    f"SamplingParams.structured_outputs.json is not valid JSON: {e}"
+                ) from None
+        if self.json is not None and not isinstance(self.json, dict):
+            raise ValueError(
+                "SamplingParams.structured_outputs.json is invalid: must be a JSON Schema "
+                f"object, got {type(self.json).__name__}"
+            )
+        _check_str_field("regex", self.regex)
+        _check_str_field("grammar", self.grammar)
+        if self.choice is not None and (
+            not isinstance(self.choice, list)
+            or not self.choice
+            or not all(isinstance(c, str) and c for c in self.choice)
+        ):
+            raise ValueError(
+                f"SamplingParams.structured_outputs.choice={self.choice!r} is invalid: must be "
+                "a non-empty list of non-empty strings"
+            )
+
+    @property
+    def kind(self) -> str:
+        """One of "json", "regex", "choice", "grammar", "json_object"."""
+        return next(name for name in _CONSTRAINTS if getattr(self, name) not in (None, False))
+
+    def key(self) -> tuple[str, str, bool]:
+        """(kind, text, disable_any_whitespace): what a compiled grammar is cached by."""
+        kind = self.kind
+        if kind == "json":
+            text = _json.dumps(self.json, sort_keys=True)
+        elif kind == "choice":
+            text = _json.dumps(self.choice)
+        elif kind == "json_object":
+            text = ""
+        else:
+            text = getattr(self, kind)
+        return kind, text, self.disable_any_whitespace
+
+
+_CONSTRAINTS = ("json", "regex", "choice", "grammar", "json_object")
+
+
+def _check_str_field(name: str, value: Any) -> None:
+    if value is not None and (not isinstance(value, str) or not value):
+        raise ValueError(
+            f"SamplingParams.structured_outputs.{name}={value!r} is invalid: must be a "
+            "non-empty string"
+        )
 
 
 @dataclass
@@ -41,8 +126,12 @@ class SamplingParams:
     spaces_between_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
+    # Constrained decoding (JSON Schema, regex, choice, grammar); None = unconstrained.
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.structured_outputs, dict):
+            self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop or [])

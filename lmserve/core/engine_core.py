@@ -47,6 +47,7 @@ from lmserve.core.messages import (
 )
 from lmserve.core.sched_output import SchedulerOutput
 from lmserve.core.scheduler import Scheduler
+from lmserve.core.structured_output import StructuredOutputManager
 from lmserve.executor.uniproc_executor import UniProcExecutor
 from lmserve.request import Request
 from lmserve.serial_utils import MsgpackDecoder, MsgpackEncoder
@@ -79,6 +80,7 @@ class EngineCore:
             config.speculative_config,
             self.kv_connector,
             enable_kv_cache_events=self.kv_events is not None,
+            structured_output=StructuredOutputManager(config.model_config),
         )
         # Steps launched and not yet collected (async scheduling only; at most two).
         self.in_flight: deque[tuple[SchedulerOutput, Any]] | None = None
@@ -115,9 +117,13 @@ class EngineCore:
             return EngineCoreOutputs(timestamp=time.monotonic())
         scheduler_output = self.scheduler.schedule()
         runner_output = self.executor.execute_model(scheduler_output)
-        if scheduler_output.is_empty and self.scheduler.loading:
-            time.sleep(_LOAD_POLL_S)  # only KV loads pending: leave the GIL to them
+        if scheduler_output.is_empty and self._only_waiting_aside():
+            time.sleep(_LOAD_POLL_S)  # only KV loads or grammars pending: leave the GIL to them
         return self._update(scheduler_output, runner_output)
+
+    def _only_waiting_aside(self) -> bool:
+        """Whether every unfinished request waits on another thread (a KV load, a grammar)."""
+        return bool(self.scheduler.loading or self.scheduler.compiling)
 
     def _step_async(self, in_flight: deque[tuple[SchedulerOutput, Any]]) -> EngineCoreOutputs:
         """Launch the next step if there is one, then collect the oldest step in flight —
@@ -129,20 +135,23 @@ class EngineCore:
             if scheduler_output.is_empty:  # still tell the worker of finished requests
                 runner_output = self.executor.execute_model(scheduler_output)
                 self.scheduler.update_from_kv_connector(runner_output.kv_connector_output)
-                if not in_flight and self.scheduler.loading:
-                    time.sleep(_LOAD_POLL_S)  # only KV loads pending: leave the GIL to them
+                if not in_flight and self._only_waiting_aside():
+                    time.sleep(_LOAD_POLL_S)  # only KV loads or grammars: leave them the GIL
             else:
                 in_flight.append(
                     (scheduler_output, self.executor.execute_model_async(scheduler_output))
                 )
                 launched = True
         if not in_flight or (launched and len(in_flight) == 1):
-            return EngineCoreOutputs(timestamp=time.monotonic())
+            failed = self.scheduler.take_failed_outputs()  # grammar errors, if any
+            return EngineCoreOutputs(outputs=failed, timestamp=time.monotonic())
         scheduler_output, pending = in_flight.popleft()
         return self._update(scheduler_output, pending.result())
 
     def _update(self, scheduler_output: SchedulerOutput, runner_output) -> EngineCoreOutputs:
         outputs = self.scheduler.update_from_output(scheduler_output, runner_output)
+        if self.scheduler.failed:  # requests whose grammar failed to compile
+            outputs += self.scheduler.take_failed_outputs()
         self._publish_kv_events()
         stats = self.scheduler.make_stats()
         stats.iteration_tokens = scheduler_output.total_num_scheduled_tokens
@@ -165,6 +174,9 @@ class EngineCore:
 
     def shutdown(self) -> None:
         """Idempotent."""
+        scheduler = getattr(self, "scheduler", None)
+        if scheduler is not None and scheduler.structured_output is not None:
+            scheduler.structured_output.shutdown()
         executor, self.executor = getattr(self, "executor", None), None
         if executor is not None and hasattr(executor, "shutdown"):
             executor.shutdown()

@@ -41,6 +41,18 @@ class CachedRequestData:
 
 
 @dataclass(slots=True)
+class StructuredOutputBatch:
+    """One step's token masks for the constrained requests that sample in it (structured
+    outputs; lmserve/core/structured_output.py). A request has 1 + len(its scheduled drafts)
+    rows from `req_row_start[req_id]`: row j allows what may follow its known tokens and
+    drafts 1..j. Bytes, not an array, so the message encodes without copies into lists."""
+
+    req_row_start: dict[str, int]  # req_id -> its first row
+    bitmask: bytes  # [num_rows, num_words] int32; bit t % 32 of word t // 32: token t allowed
+    num_words: int  # ceil(vocab_size / 32)
+
+
+@dataclass(slots=True)
 class SchedulerOutput:
     scheduled_new_reqs: list[NewRequestData]  # full data, first time a worker sees a request
     scheduled_cached_reqs: CachedRequestData  # diffs only: new block ids
@@ -58,6 +70,8 @@ class SchedulerOutput:
     scheduled_encoder_inputs: list[MultiModalFeature] = field(default_factory=list)
     # Encoder cache entries evicted: the worker drops them before encoding this step's.
     free_encoder_mm_hashes: list[str] = field(default_factory=list)
+    # Token masks of constrained requests (None: no constrained request samples this step).
+    structured_output: StructuredOutputBatch | None = None
 
     @property
     def is_empty(self) -> bool:

@@ -22,7 +22,12 @@ Each step decides `num_scheduled_tokens = {request_id: num_tokens}` under one bu
                        steps in flight reach its length limit is not scheduled again;
   - images:            a step that computes any of an image's placeholder tokens needs its
                        encoder output, which is encoded once under a per-step encoder budget
-                       (lmserve/core/encoder_cache_manager.py) or the step stops before it.
+                       (lmserve/core/encoder_cache_manager.py) or the step stops before it;
+  - structured outputs: a constrained request waits aside (WAITING_FOR_FSM) while its grammar
+                       compiles in a thread pool, then queues like any other; each step carries
+                       the token masks of the constrained requests that sample in it
+                       (lmserve/core/structured_output.py; never scheduled ahead under async
+                       scheduling, so a mask always follows the request's last token).
 Running requests are served first, then waiting ones (only in a step with no preemption).
 """
 
@@ -30,9 +35,11 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import logging
 import time
 from collections import deque
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from lmserve.config import CacheConfig, SchedulerConfig, SpeculativeConfig
 from lmserve.core.encoder_cache_manager import (
@@ -57,6 +64,11 @@ from lmserve.core.sched_output import (
 from lmserve.kv_transfer.base import KVConnectorBase, KVConnectorOutput, KVTransferStats
 from lmserve.request import Request, RequestStatus
 from lmserve.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from lmserve.core.structured_output import StructuredOutputManager
+
+logger = logging.getLogger(__name__)
 
 
 class WaitingQueue:
@@ -107,6 +119,7 @@ class Scheduler:
         speculative_config: SpeculativeConfig | None = None,
         kv_connector: KVConnectorBase | None = None,
         enable_kv_cache_events: bool = False,
+        structured_output: StructuredOutputManager | None = None,
     ) -> None:
         self.config = scheduler_config
         self.max_num_batched_tokens: int = scheduler_config.max_num_batched_tokens
@@ -146,12 +159,22 @@ class Scheduler:
             self.encoder_cache = EncoderCacheManager(scheduler_config.encoder_cache_size)
         self._encoder_stats = EncoderStats()  # worker-side increments since make_stats()
         self._last_encoder_counts = (0, 0)  # (queries, hits) at the last make_stats()
+        # Structured outputs: the grammar manager (made on the first constrained request when
+        # None), requests whose grammar compiles, how many constrained requests are admitted
+        # (0: no per-step mask work at all), and requests that failed since the last step.
+        self.structured_output = structured_output
+        self.compiling: dict[str, Request] = {}  # WAITING_FOR_FSM, by id
+        self.num_constrained = 0
+        self.failed: list[EngineCoreOutput] = []
 
     # ---- requests in and out ---------------------------------------------------------------
     def add_request(self, request: Request) -> None:
         if request.request_id in self.requests:
             raise ValueError(f"request id {request.request_id!r} is already in use")
         self.requests[request.request_id] = request
+        if request.sampling_params.structured_outputs is not None:
+            self._start_grammar(request)
+            return
         self.waiting.add(request)
 
     def abort_requests(self, request_ids: Iterable[str]) -> list[Request]:
@@ -166,6 +189,8 @@ class Scheduler:
             elif request.status == RequestStatus.WAITING_FOR_REMOTE_KVS:
                 # A worker thread may still be writing its blocks: free them once it reports.
                 self.aborted_loading[req_id] = self.loading.pop(req_id)
+            elif request.status == RequestStatus.WAITING_FOR_FSM:
+                del self.compiling[req_id]
             else:
                 self.waiting.remove(request)
             keep_blocks = req_id in self.aborted_loading
@@ -175,14 +200,17 @@ class Scheduler:
         return aborted
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self.running or self.loading or self.aborted_loading) or len(self.waiting) > 0
+        return (
+            bool(self.running or self.loading or self.aborted_loading or self.compiling)
+            or len(self.waiting) > 0
+        )
 
     def has_finished_requests(self) -> bool:
         return bool(self.finished_req_ids)
 
     @property
     def num_unfinished_requests(self) -> int:
-        return len(self.running) + len(self.waiting) + len(self.loading)
+        return len(self.running) + len(self.waiting) + len(self.loading) + len(self.compiling)
 
     def make_stats(self) -> SchedulerStats:
         """Current gauges, and counter increments since the previous call."""
@@ -192,7 +220,7 @@ class Scheduler:
         self._last_reported = totals
         return SchedulerStats(
             num_running_reqs=len(self.running),
-            num_waiting_reqs=len(self.waiting) + len(self.loading),
+            num_waiting_reqs=len(self.waiting) + len(self.loading) + len(self.compiling),
             kv_cache_usage=self.kv_cache_manager.usage,
             prefix_cache_queries=totals[0] - last[0],
             prefix_cache_hits=totals[1] - last[1],
@@ -228,6 +256,8 @@ class Scheduler:
 
     # ---- one step ---------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
+        if self.compiling:
+            self._admit_compiled()
         step = _StepPlan(self.max_num_batched_tokens, self.encoder_budget or 0)
         self._schedule_running(step)
         if not step.preempted:
@@ -245,6 +275,8 @@ class Scheduler:
             preempted_req_ids={r.request_id for r in step.preempted},
             scheduled_spec_decode_tokens=step.spec_tokens,
         )
+        if self.num_constrained:
+            out.structured_output = self._grammar_bitmask(step)
         if self.encoder_cache is not None:
             out.scheduled_encoder_inputs = step.encoder_inputs
             out.free_encoder_mm_hashes = self.encoder_cache.take_freed()
@@ -257,6 +289,8 @@ class Scheduler:
 
     def _num_new_tokens(self, request: Request, num_computed_tokens: int, budget: int) -> int:
         pending = request.num_output_placeholders  # > 0 only under async scheduling
+        if pending and request.structured_output is not None:
+            return 0  # its next mask needs the token in flight (core/structured_output.py)
         if pending and (
             request.num_output_tokens + pending >= request.max_tokens
             or request.num_tokens + pending >= self.max_model_len
@@ -507,6 +541,8 @@ class Scheduler:
             if scheduled_spec:
                 self._take_back_rejected(request, len(scheduled_spec), len(sampled))
             new_token_ids = self._append_and_check_stop(request, sampled) if sampled else []
+            if request.structured_output is not None and new_token_ids:
+                self._advance_grammar(request, new_token_ids)
             if request.is_finished:
                 finished.append(request)
             elif runner_output.spec_token_ids:
@@ -564,7 +600,10 @@ class Scheduler:
             request.max_tokens - request.num_output_tokens,
             self.max_model_len - request.num_tokens,
         )
-        request.spec_token_ids = list(draft_token_ids[: max(room - 1, 0)])
+        drafts = list(draft_token_ids[: max(room - 1, 0)])
+        if drafts and request.structured_output is not None:
+            drafts = request.structured_output.grammar.validate_tokens(drafts)
+        request.spec_token_ids = drafts
 
     def _append_and_check_stop(self, request: Request, sampled: list[int]) -> list[int]:
         params = request.sampling_params
@@ -591,7 +630,66 @@ class Scheduler:
             return True
         return False
 
+    # ---- structured outputs (lmserve/core/structured_output.py) ------------------------------
+    def _start_grammar(self, request: Request) -> None:
+        if self.structured_output is None:
+            raise ValueError("structured outputs are not enabled in this scheduler")
+        self.structured_output.submit(request)
+        request.status = RequestStatus.WAITING_FOR_FSM
+        self.compiling[request.request_id] = request
+
+    def _admit_compiled(self) -> None:
+        """Requests whose grammar is ready join the waiting queue (in arrival order among
+        themselves); failed or timed-out ones finish with an error."""
+        from lmserve.core.structured_output import GrammarCompileError
+
+        for req_id, request in list(self.compiling.items()):
+            try:
+                ready = self.structured_output.poll(request)
+            except GrammarCompileError as e:
+                del self.compiling[req_id]
+                request.status = RequestStatus.FINISHED_ERROR
+                request.stop_reason = str(e)
+                self._free_request(request, free_blocks=False)
+                self.failed.append(
+                    EngineCoreOutput(req_id, [], finish_reason="error", stop_reason=str(e))
+                )
+                continue
+            if ready:
+                del self.compiling[req_id]
+                request.status = RequestStatus.WAITING
+                self.num_constrained += 1
+                self.waiting.add(request)
+
+    def take_failed_outputs(self) -> list[EngineCoreOutput]:
+        """Outputs of requests that failed before running (a grammar error), once."""
+        failed, self.failed = self.failed, []
+        return failed
+
+    def _grammar_bitmask(self, step: _StepPlan):
+        """The masks of the constrained requests that sample this step (their step reaches
+        their last known token: it left a placeholder for the token it samples)."""
+        sampling = [
+            r
+            for r in step.scheduled
+            if r.structured_output is not None and r.num_output_placeholders > 0
+        ]
+        return self.structured_output.grammar_bitmask(sampling, step.spec_tokens)
+
+    def _advance_grammar(self, request: Request, token_ids: list[int]) -> None:
+        """The matcher accepts the emitted tokens; a grammar that is complete ends the request
+        (only a stop token could follow)."""
+        grammar = request.structured_output.grammar
+        if not grammar.accept_tokens(token_ids):
+            # Cannot happen with the mask applied; never let a bad token go unnoticed.
+            logger.error("request %s emitted a token its grammar refuses", request.request_id)
+        if not request.is_finished and grammar.is_terminated():
+            request.status = RequestStatus.FINISHED_STOPPED
+
     def _free_request(self, request: Request, free_blocks: bool = True) -> None:
+        so = request.structured_output
+        if so is not None and so.grammar is not None:
+            self.num_constrained -= 1  # admitted with a matcher, now leaving
         if free_blocks:
             self.kv_cache_manager.free(request)
         if self.encoder_cache is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 ROLES = ("system", "user", "assistant", "tool", "developer")
@@ -21,8 +22,36 @@ def validate_conversation(messages: Any) -> Conversation:
         role = message.get("role")
         if role not in ROLES:
             raise ValueError(f"message {i}: role={role!r} is invalid: must be one of {ROLES}")
-        result.append({**message, "content": _text_content(i, message.get("content"))})
+        content = message.get("content")
+        if content is None and (role == "assistant" and message.get("tool_calls")):
+            content = ""  # an assistant turn that only called tools
+        converted = {**message, "content": _text_content(i, content)}
+        if role == "assistant" and message.get("tool_calls"):
+            converted["tool_calls"] = _template_tool_calls(i, message["tool_calls"])
+        if role == "tool" and not isinstance(message.get("tool_call_id", ""), str):
+            raise ValueError(f"message {i}: tool_call_id must be a string")
+        result.append(converted)
     return result
+
+
+def _template_tool_calls(i: int, tool_calls: Any) -> list[dict[str, Any]]:
+    """OpenAI's tool calls with `arguments` parsed: chat templates render them as objects
+    (`arguments | tojson`), while OpenAI sends them as JSON text (vLLM does the same)."""
+    if not isinstance(tool_calls, list):
+        raise ValueError(f"message {i}: tool_calls must be a list")
+    calls = []
+    for call in tool_calls:
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise ValueError(f"message {i}: each tool call needs a function with a name")
+        arguments = function.get("arguments", "{}")
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments or "{}")
+            except ValueError:
+                raise ValueError(f"message {i}: tool call arguments must be JSON text") from None
+        calls.append({**call, "function": {**function, "arguments": arguments}})
+    return calls
 
 
 def _text_content(i: int, content: Any) -> str:
@@ -47,8 +76,10 @@ def apply_chat_template(
     messages: Conversation,
     chat_template: str | None = None,
     add_generation_prompt: bool = True,
+    tools: list[dict[str, Any]] | None = None,
 ) -> list[int]:
-    """Render and tokenize one validated conversation."""
+    """Render and tokenize one validated conversation; `tools` (OpenAI's function
+    definitions) go to the template, which renders them its own way (or ignores them)."""
     if tokenizer is None:
         raise ValueError("chat needs a tokenizer, but skip_tokenizer_init=True")
     if chat_template is None and not getattr(tokenizer, "chat_template", None):
@@ -60,6 +91,7 @@ def apply_chat_template(
         chat_template=chat_template,
         add_generation_prompt=add_generation_prompt,
         tokenize=False,
+        tools=tools,
     )
     # The template already wrote any BOS it wants: don't add special tokens again.
     return tokenizer.encode(text, add_special_tokens=False)

@@ -34,6 +34,8 @@ class InputProcessor:
             token_ids, mm_features = self._multimodal(prompt, token_ids)
         self._validate_token_ids(token_ids)
         self._validate_params_token_ids(params)
+        if params.structured_outputs is not None:
+            self._validate_structured_outputs(params)
         if self.extra_eos_ids and not params.ignore_eos:
             stop_ids = list(dict.fromkeys(params.stop_token_ids + self.extra_eos_ids))
             params = dataclasses.replace(params, stop_token_ids=stop_ids)
@@ -93,6 +95,15 @@ class InputProcessor:
             "a prompt must be a string, {'prompt': str} or {'prompt_token_ids': [int, ...]}; "
             f"got {type(prompt).__name__}"
         )
+
+    def _validate_structured_outputs(self, params: SamplingParams) -> None:
+        from lmserve.structured_output.validate import validate_structured_outputs
+
+        if self.tokenizer is None:
+            raise ValueError(
+                "SamplingParams.structured_outputs needs a tokenizer, but skip_tokenizer_init=True"
+            )
+        validate_structured_outputs(params.structured_outputs)
 
     def _validate_params_token_ids(self, params: SamplingParams) -> None:
         vocab_size = self.model_config.vocab_size

@@ -66,6 +66,19 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
         "--disable-access-log", action="store_true", help="no log line per HTTP request"
     )
     group.add_argument(
+        "--tool-call-parser",
+        dest="tool_call_parser",
+        choices=("hermes", "qwen", "llama3_json"),
+        default=None,
+        help="how the model writes tool calls; enables tool_choice 'auto' (the reply is "
+        "parsed into tool_calls). 'required' and named functions work without it",
+    )
+    group.add_argument(
+        "--enable-auto-tool-choice",
+        action="store_true",
+        help="vLLM's flag, accepted for compatibility: --tool-call-parser alone enables 'auto'",
+    )
+    group.add_argument(
         "--metrics-prefix",
         dest="metrics_prefix",
         choices=("lmserve", "vllm"),

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from lmserve.sample.grammar import GrammarMask
+
 
 @dataclass(slots=True)
 class SamplingMetadata:
@@ -41,3 +43,6 @@ class SamplingMetadata:
 
     # Logprobs: the largest `logprobs` asked for in the batch; None = nobody asked.
     max_num_logprobs: int | None = None
+
+    # Structured outputs: the allowed tokens of constrained rows. None = nobody is constrained.
+    grammar_mask: GrammarMask | None = None

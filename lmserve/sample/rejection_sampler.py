@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lmserve.sample.grammar import apply_grammar_mask
 from lmserve.sample.logprobs import LogprobsTensors, gather_logprobs
 from lmserve.sample.metadata import SamplingMetadata
 from lmserve.sample.sampler import apply_logit_edits, exponential_race, random_probs
@@ -52,6 +53,8 @@ class RejectionSampler(torch.nn.Module):
         generators: dict[int, torch.Generator] | None = None,  # request index -> its generator
         draft_probs: torch.Tensor | None = None,  # [num_rows, vocab]; None = point masses
     ) -> RejectionSamplerOutput:
+        if sampling.grammar_mask is not None:  # structured outputs: rows after each draft
+            target_logits = apply_grammar_mask(target_logits, sampling.grammar_mask)
         processed = apply_logit_edits(target_logits, sampling)  # [num_rows, vocab]
         argmax = processed.argmax(dim=-1)  # [num_rows]
         probs = None  # [num_rows, vocab]

@@ -2,7 +2,9 @@
 
 Order of work for one step (vLLM V1's):
 
-    raw logits ──► log_softmax ──► logprobs (if asked)       <- the RAW model distribution
+    raw logits ──► grammar mask (constrained rows only; structured outputs, see grammar.py)
+        │
+        ├────────► log_softmax ──► logprobs (if asked)       <- the RAW model distribution
         │
         └─► float32 copy ─► logit_bias ─► banned tokens ─► penalties
                  │                                            │
@@ -30,6 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lmserve.sample.grammar import apply_grammar_mask
 from lmserve.sample.logprobs import LogprobsTensors, compute_logprobs_tensors, gather_logprobs
 from lmserve.sample.metadata import SamplingMetadata
 from lmserve.sample.penalties import apply_banned_tokens, apply_logit_bias, apply_penalties
@@ -61,6 +64,8 @@ class Sampler(torch.nn.Module):
         logits: torch.Tensor,  # [num_reqs, vocab_size] float32, raw model output
         metadata: SamplingMetadata,
     ) -> SamplerOutput:
+        if metadata.grammar_mask is not None:  # a masked copy: `logits` stays as it was
+            logits = apply_grammar_mask(logits, metadata.grammar_mask)
         raw_logprobs = None  # [num_reqs, vocab_size]
         if metadata.max_num_logprobs is not None:
             raw_logprobs = torch.log_softmax(logits, dim=-1, dtype=torch.float32)

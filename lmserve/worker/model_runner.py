@@ -13,6 +13,7 @@ from lmserve.core.messages import LogprobsLists
 from lmserve.core.sched_output import ModelRunnerOutput, SchedulerOutput
 from lmserve.kv_transfer.base import KVConnectorBase, KVConnectorMetadata, KVConnectorOutput
 from lmserve.model.loader import get_kv_cache_spec, load_model
+from lmserve.sample.grammar import build_grammar_mask
 from lmserve.sample.logprobs import LogprobsTensors, compute_logprobs_tensors
 from lmserve.sample.metadata import SamplingMetadata
 from lmserve.sample.sampler import Sampler, SamplerOutput
@@ -246,6 +247,11 @@ class ModelRunner:
             metadata = build_sampling_metadata(
                 self.input_batch, sample_rows, self.vocab_size, self.device
             )
+            if scheduler_output.structured_output is not None:
+                req_ids = [self.input_batch.req_ids[r] for r in sample_rows]
+                metadata.grammar_mask = build_grammar_mask(
+                    scheduler_output.structured_output, req_ids, None, self.device
+                )
             sampler_output = self.sampler(logits, metadata)
         prompt_logprobs = self.compute_prompt_logprobs(flat, hidden)
         step = self._launch_copies(flat, sample_rows, sampler_output, prompt_logprobs)

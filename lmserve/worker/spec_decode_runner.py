@@ -29,6 +29,7 @@ from lmserve.attention import AttentionBackend
 from lmserve.config import EngineConfig, SpeculativeConfig
 from lmserve.core.messages import LogprobsLists
 from lmserve.core.sched_output import ModelRunnerOutput, SchedulerOutput
+from lmserve.sample.grammar import build_grammar_mask
 from lmserve.sample.logprobs import LogprobsTensors
 from lmserve.sample.rejection_sampler import RejectionSampler
 from lmserve.spec_decode.draft_proposer import DraftModelProposer
@@ -142,6 +143,11 @@ class SpecDecodeRunner:
         metadata = build_sampling_metadata(
             batch, row_batch_rows, runner.vocab_size, runner.device, num_tokens
         )
+        if scheduler_output.structured_output is not None:  # rows after each draft, too
+            req_ids = [batch.req_ids[r] for r in sample_rows.tolist()]
+            metadata.grammar_mask = build_grammar_mask(
+                scheduler_output.structured_output, req_ids, spec.row_start, runner.device
+            )
         generators = {
             i: batch.generators[r] for i, r in enumerate(sample_rows.tolist()) if r in batch.generators
         }  # fmt: skip

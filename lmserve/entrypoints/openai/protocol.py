@@ -2,8 +2,8 @@
 
 Requests are validated strictly: a field of the wrong JSON type is a 400, never coerced
 ("2" is not an integer). Unknown fields are ignored, as OpenAI's clients send fields that a
-given server may not know; fields OpenAI defines that we cannot honour (tools, JSON mode,
-audio) are rejected explicitly by the serving layer rather than silently dropped.
+given server may not know; fields OpenAI defines that we cannot honour (audio, legacy
+`functions`) are rejected explicitly by the serving layer rather than silently dropped.
 Range checks (temperature >= 0, top_p in (0, 1], ...) happen in SamplingParams, so the
 server and `LLM` accept exactly the same values.
 
@@ -106,6 +106,8 @@ class CompletionRequest(SamplingFields):
     max_tokens: Int64 | None = 16
     suffix: str | None = None
     add_special_tokens: bool = True  # vLLM's: tokenize text prompts with BOS etc.
+    response_format: dict[str, Any] | None = None  # vLLM's: JSON mode on completions too
+    structured_outputs: dict[str, Any] | None = None  # vLLM's: json/regex/choice/grammar
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -130,6 +132,7 @@ class ChatCompletionRequest(SamplingFields):
     reasoning_effort: str | None = None
     # vLLM's extras
     add_generation_prompt: bool = True
+    structured_outputs: dict[str, Any] | None = None  # json/regex/choice/grammar (vLLM's)
 
 
 class TokenizeRequest(OpenAIRequest):
@@ -169,7 +172,7 @@ class UsageInfo(OpenAIResponse):
     prompt_tokens_details: PromptTokensDetails | None = Field(default=None, exclude_if=_is_none)
 
 
-FinishReason = Literal["stop", "length"]
+FinishReason = Literal["stop", "length", "tool_calls"]
 
 
 class CompletionLogprobs(OpenAIResponse):
@@ -213,10 +216,22 @@ class ChatChoiceLogprobs(OpenAIResponse):
     refusal: list[ChatTokenLogprob] | None = None
 
 
+class FunctionCall(OpenAIResponse):
+    name: str
+    arguments: str  # JSON text
+
+
+class ToolCall(OpenAIResponse):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(OpenAIResponse):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
     refusal: str | None = None
+    tool_calls: list[ToolCall] | None = Field(default=None, exclude_if=_is_none)
 
 
 class ChatChoice(OpenAIResponse):
@@ -236,9 +251,24 @@ class ChatCompletionResponse(OpenAIResponse):
     usage: UsageInfo
 
 
+class DeltaFunctionCall(OpenAIResponse):
+    name: str | None = Field(default=None, exclude_if=_is_none)
+    arguments: str | None = Field(default=None, exclude_if=_is_none)
+
+
+class DeltaToolCall(OpenAIResponse):
+    """A piece of tool call `index`: the first carries id, type and name; then arguments."""
+
+    index: int
+    id: str | None = Field(default=None, exclude_if=_is_none)
+    type: Literal["function"] | None = Field(default=None, exclude_if=_is_none)
+    function: DeltaFunctionCall
+
+
 class DeltaMessage(OpenAIResponse):
     role: Literal["assistant"] | None = Field(default=None, exclude_if=_is_none)
     content: str | None = Field(default=None, exclude_if=_is_none)
+    tool_calls: list[DeltaToolCall] | None = Field(default=None, exclude_if=_is_none)
 
 
 class ChatStreamChoice(OpenAIResponse):

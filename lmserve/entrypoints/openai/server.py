@@ -63,6 +63,7 @@ from lmserve.entrypoints.openai.protocol import (
 from lmserve.entrypoints.openai.serving_chat import OpenAIServingChat
 from lmserve.entrypoints.openai.serving_completion import OpenAIServingCompletion
 from lmserve.entrypoints.openai.serving_engine import ClientDisconnected, json_response
+from lmserve.entrypoints.openai.tool_parsers import get_tool_parser
 from lmserve.utils import process_age_s
 
 logger = logging.getLogger(__name__)
@@ -84,8 +85,12 @@ def build_app(engine: Any, args: argparse.Namespace) -> FastAPI:
     app.state.engine = engine
     app.state.draining = False
     app.state.completion = completion = OpenAIServingCompletion(engine, served_names)
+    parser_name = getattr(args, "tool_call_parser", None)
     app.state.chat = chat = OpenAIServingChat(
-        engine, served_names, _load_chat_template(args.chat_template)
+        engine,
+        served_names,
+        _load_chat_template(args.chat_template),
+        get_tool_parser(parser_name) if parser_name else None,
     )
     install_error_handlers(app)
     app.add_middleware(

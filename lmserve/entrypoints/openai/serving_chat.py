@@ -5,6 +5,9 @@ or --chat-template). Streaming follows OpenAI: a first chunk per choice carries
 `{"role": "assistant", "content": ""}`, then content deltas, then a chunk with the
 finish_reason (its delta may be empty), then, with stream_options.include_usage, one chunk
 with no choices and the usage; every earlier chunk then has `"usage": null`.
+
+Structured outputs (`response_format`, vLLM's `structured_outputs`) and tools (`tools`,
+`tool_choice`, the replies' `tool_calls`) are planned by lmserve.entrypoints.openai.tools.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from lmserve.entrypoints.openai.protocol import (
     ChatTopLogprob,
     DeltaMessage,
     PromptTokensDetails,
+    ToolCall,
     UsageInfo,
 )
 from lmserve.entrypoints.openai.serving_engine import (
@@ -48,15 +52,31 @@ from lmserve.entrypoints.openai.serving_engine import (
     prepend,
     sse_data,
 )
+from lmserve.entrypoints.openai.tool_parsers import ToolParser
+from lmserve.entrypoints.openai.tools import (
+    StreamedReply,
+    ToolPlan,
+    parse_reply,
+    plan_tools,
+    structured_outputs_for,
+    tool_call_dicts,
+)
 from lmserve.outputs import Logprob, RequestOutput
 
 MAX_TOP_LOGPROBS = 20
 
 
 class OpenAIServingChat(OpenAIServing):
-    def __init__(self, engine: Any, served_model_names: list[str], chat_template: str | None):
+    def __init__(
+        self,
+        engine: Any,
+        served_model_names: list[str],
+        chat_template: str | None,
+        tool_parser: ToolParser | None = None,
+    ):
         super().__init__(engine, served_model_names)
         self.chat_template = chat_template
+        self.tool_parser = tool_parser  # --tool-call-parser: enables tool_choice "auto"
         self.media_config = MediaConfig.from_env(engine.model_config.allowed_media_domains)
 
     async def create_chat_completion(
@@ -65,12 +85,17 @@ class OpenAIServingChat(OpenAIServing):
         model = self.resolve_model(request.model)
         _reject_unsupported(request)
         stream = bool(request.stream)
+        plan = plan_tools(request.tools, request.tool_choice, self.tool_parser)
+        constraint = structured_outputs_for(
+            request.response_format, request.structured_outputs, plan
+        )
+        tools = plan.tools if plan is not None else None
         if has_image_parts(request.messages):
             token_ids, prompt = await self.render_with_images(
                 request.messages, request.add_generation_prompt
             )
         else:
-            token_ids = self.render(request.messages, request.add_generation_prompt)
+            token_ids = self.render(request.messages, request.add_generation_prompt, tools)
             prompt = {"prompt_token_ids": token_ids}
         if request.max_completion_tokens is not None:
             max_tokens_param, requested = "max_completion_tokens", request.max_completion_tokens
@@ -82,6 +107,7 @@ class OpenAIServingChat(OpenAIServing):
             max_tokens=max_tokens,
             logprobs=(request.top_logprobs or 0) if request.logprobs else None,
             stream=stream,
+            structured_outputs=constraint,
         )
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         generator = self.generate([(prompt, params)], request_id, request.priority)
@@ -94,15 +120,22 @@ class OpenAIServingChat(OpenAIServing):
             raise error_from_exception(e, prompt_param="messages") from None
         if stream:
             outputs = prepend(first, generator)
-            return SSEResponse(self._stream(outputs, request, model, request_id, len(token_ids)))
-        return json_response(self._response(finals[0], request, model, request_id))
+            return SSEResponse(
+                self._stream(outputs, request, model, request_id, len(token_ids), plan)
+            )
+        return json_response(self._response(finals[0], request, model, request_id, plan))
 
-    def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool) -> list[int]:
+    def render(
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool,
+        tools: list[dict[str, Any]] | None = None,
+    ) -> list[int]:
         """Conversation → prompt token ids; a bad conversation or template failure is a 400."""
         try:
             conversation = validate_conversation(messages)
             return apply_chat_template(
-                self.tokenizer, conversation, self.chat_template, add_generation_prompt
+                self.tokenizer, conversation, self.chat_template, add_generation_prompt, tools
             )
         except (ValueError, TypeError, TemplateError) as e:
             raise invalid_request(f"invalid messages: {e}", "messages") from None
@@ -135,7 +168,12 @@ class OpenAIServingChat(OpenAIServing):
 
     # ---- non-streaming -----------------------------------------------------------------------
     def _response(
-        self, out: RequestOutput, request: ChatCompletionRequest, model: str, request_id: str
+        self,
+        out: RequestOutput,
+        request: ChatCompletionRequest,
+        model: str,
+        request_id: str,
+        plan: ToolPlan | None = None,
     ) -> ChatCompletionResponse:
         choices = []
         for sample in out.outputs:
@@ -144,12 +182,20 @@ class OpenAIServingChat(OpenAIServing):
                 logprobs = self._logprobs(
                     sample.token_ids, sample.logprobs, request.top_logprobs or 0
                 )
+            reason = finish_reason(sample.finish_reason, sample.stop_reason)
+            reply = parse_reply(sample.text, plan, self.tool_parser)
+            message = ChatMessage(content=reply.content)
+            if reply.tool_calls:
+                message.tool_calls = [ToolCall(**c) for c in tool_call_dicts(reply.tool_calls)]
+                reason = "tool_calls" if reason == "stop" else reason
+            elif plan is None or plan.mode == "none":
+                message.content = sample.text  # "" stays "" (not null) without tools
             choices.append(
                 ChatChoice(
                     index=sample.index,
-                    message=ChatMessage(content=sample.text),
+                    message=message,
                     logprobs=logprobs,
-                    finish_reason=finish_reason(sample.finish_reason),
+                    finish_reason=reason,
                     stop_reason=sample.stop_reason,
                 )
             )
@@ -170,14 +216,16 @@ class OpenAIServingChat(OpenAIServing):
         model: str,
         request_id: str,
         num_prompt_tokens: int,
+        plan: ToolPlan | None = None,
     ) -> AsyncGenerator[str, None]:
         include_usage = bool(request.stream_options and request.stream_options.include_usage)
         exclude = None if include_usage else {"usage"}
         chunk = ChatCompletionChunk(id=request_id, model=model, choices=[])
         usage = UsageInfo(prompt_tokens=num_prompt_tokens)
         finished: set[int] = set()
+        n = request.n or 1
+        replies = [StreamedReply(plan, self.tool_parser) for _ in range(n)]
         try:
-            n = request.n or 1
             for index in range(n):
                 chunk.choices = [
                     ChatStreamChoice(index=index, delta=DeltaMessage(role="assistant", content=""))
@@ -200,12 +248,20 @@ class OpenAIServingChat(OpenAIServing):
                     usage.completion_tokens += len(sample.token_ids)
                     if sample.finish_reason is not None:
                         finished.add(sample.index)
+                    reason = finish_reason(sample.finish_reason, sample.stop_reason)
+                    reply = replies[sample.index]
+                    content, tool_calls = reply.feed(sample.text, reason is not None)
+                    if reason == "stop" and reply.has_tool_calls:
+                        reason = "tool_calls"
+                    nothing = content is None and tool_calls is None and logprobs is None
+                    if reply.mode != "none" and nothing and reason is None:
+                        continue  # held back: it may be part of a tool call
                     chunk.choices = [
                         ChatStreamChoice(
                             index=sample.index,
-                            delta=DeltaMessage(content=sample.text or None),
+                            delta=DeltaMessage(content=content, tool_calls=tool_calls),
                             logprobs=logprobs,
-                            finish_reason=finish_reason(sample.finish_reason),
+                            finish_reason=reason,
                             stop_reason=sample.stop_reason,
                         )
                     ]
@@ -255,18 +311,9 @@ class OpenAIServingChat(OpenAIServing):
 
 
 def _reject_unsupported(request: ChatCompletionRequest) -> None:
-    if request.tools and request.tool_choice != "none":
-        raise invalid_request(
-            "tool calling is not supported by this server; omit tools or set tool_choice='none'",
-            "tools",
-        )
     if request.functions and request.function_call != "none":
-        raise invalid_request("function calling is not supported by this server", "functions")
-    response_type = (request.response_format or {}).get("type", "text")
-    if response_type != "text":
         raise invalid_request(
-            f"response_format type {response_type!r} is not supported; only 'text' is",
-            "response_format",
+            "the legacy `functions` field is not supported; use `tools`", "functions"
         )
     if request.audio is not None or any(m != "text" for m in request.modalities or []):
         raise invalid_request("only text output is supported", "modalities")

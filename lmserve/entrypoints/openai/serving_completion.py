@@ -36,6 +36,7 @@ from lmserve.entrypoints.openai.serving_engine import (
     prepend,
     sse_data,
 )
+from lmserve.entrypoints.openai.tools import structured_outputs_for
 from lmserve.outputs import Logprob, PromptLogprobs, RequestOutput
 from lmserve.sampling_params import SamplingParams
 
@@ -53,6 +54,7 @@ class OpenAIServingCompletion(OpenAIServing):
         stream = bool(request.stream)
         prompts = self._prompts(request)
         echo_logprobs = request.logprobs if request.echo else None
+        constraint = structured_outputs_for(request.response_format, request.structured_outputs)
         inputs: list[tuple[EnginePrompt, SamplingParams]] = []
         for prompt in prompts:
             max_tokens = self.check_context(
@@ -64,6 +66,7 @@ class OpenAIServingCompletion(OpenAIServing):
                 logprobs=request.logprobs,
                 prompt_logprobs=echo_logprobs,
                 stream=stream,
+                structured_outputs=constraint,
             )
             engine_prompt: EnginePrompt = {"prompt_token_ids": prompt.token_ids}
             if prompt.text is not None:
@@ -142,7 +145,7 @@ class OpenAIServingCompletion(OpenAIServing):
                         index=i * n + sample.index,
                         text=text,
                         logprobs=logprobs,
-                        finish_reason=finish_reason(sample.finish_reason),
+                        finish_reason=finish_reason(sample.finish_reason, sample.stop_reason),
                         stop_reason=sample.stop_reason,
                     )
                 )
@@ -208,7 +211,7 @@ class OpenAIServingCompletion(OpenAIServing):
                             index=index,
                             text=text,
                             logprobs=logprobs,
-                            finish_reason=finish_reason(sample.finish_reason),
+                            finish_reason=finish_reason(sample.finish_reason, sample.stop_reason),
                             stop_reason=sample.stop_reason,
                         )
                     ]

@@ -40,7 +40,7 @@ from lmserve.entrypoints.openai.errors import (
 )
 from lmserve.entrypoints.openai.protocol import MAX_N, SamplingFields
 from lmserve.outputs import Logprob, RequestOutput
-from lmserve.sampling_params import RequestOutputKind, SamplingParams
+from lmserve.sampling_params import RequestOutputKind, SamplingParams, StructuredOutputsParams
 
 logger = logging.getLogger(__name__)
 
@@ -138,6 +138,7 @@ class OpenAIServing:
         logprobs: int | None,
         prompt_logprobs: int | None = None,
         stream: bool,
+        structured_outputs: StructuredOutputsParams | None = None,
     ) -> SamplingParams:
         """OpenAI's defaults for absent (or null) fields; range errors come from SamplingParams."""
         n = 1 if request.n is None else request.n
@@ -167,6 +168,7 @@ class OpenAIServing:
                 spaces_between_special_tokens=request.spaces_between_special_tokens,
                 include_stop_str_in_output=request.include_stop_str_in_output,
                 output_kind=RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY,
+                structured_outputs=structured_outputs,
             )
         except ValueError as e:
             raise from_value_error(e) from None
@@ -245,11 +247,15 @@ async def collect(
     return final
 
 
-def finish_reason(reason: str | None) -> str | None:
+def finish_reason(reason: str | None, detail: Any = None) -> str | None:
     """OpenAI's finish reasons are "stop" and "length"; an engine-side abort (shutdown, a
-    request the engine could not keep) is an error for the client, not a finish."""
+    request the engine could not keep) is an error for the client, not a finish, and so is
+    "error" (the request could not run: its grammar failed to compile or timed out; `detail`
+    says why), a 400."""
     if reason in (None, "stop", "length"):
         return reason
+    if reason == "error":
+        raise invalid_request(str(detail or "the request failed"), "response_format")
     raise OpenAIError(f"the engine ended the request early ({reason})", 503, SERVER_ERROR)
 
 

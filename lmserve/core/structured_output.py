@@ -1,0 +1,187 @@
+"""The EngineCore's side of structured outputs: grammars compiled off the engine loop, one
+matcher per constrained request, one token bitmask per step.
+
+    add_request ──▶ submit(): compile in the pool (cached by grammar text); the request waits
+                    aside as WAITING_FOR_FSM, blocking nobody
+    schedule()  ──▶ poll(): compiled → its matcher is made and it joins the waiting queue;
+                    failed or past LMSERVE_GRAMMAR_COMPILE_TIMEOUT_S → it finishes with an error
+                ──▶ grammar_bitmask(): rows for every constrained request that samples this
+                    step (1 + its scheduled drafts), into SchedulerOutput.structured_output
+    update_from_output ──▶ the matcher accepts the tokens the request actually emitted
+
+Why the worker can trust the mask (the matcher must be at the request's last token when the
+mask is made):
+  - speculative decoding: row j is the mask after the request's known tokens and drafts
+    1..j, made by accepting the drafts transiently and rolling them back at once; the
+    rejection sampler then only accepts drafts the grammar allows, and the matcher later
+    accepts only the tokens emitted. Drafts are also cut to their grammar-valid prefix when
+    they are stored (`validate_drafts`), so no verification is wasted on them.
+  - preemption: the matcher only ever advances over tokens appended to the request (kept
+    across preemption); a token in flight when its request is preempted is dropped unseen,
+    so there is nothing to roll back.
+  - async scheduling: step N+1 is scheduled before step N's sampled token is known. A
+    constrained request is therefore never scheduled ahead: the scheduler skips it while it
+    has a step in flight (`num_output_placeholders > 0`), so its mask is always made after
+    its previous token was accepted. It then runs every other step, as if async scheduling
+    were off for it; unconstrained requests keep the overlap.
+
+Nothing here runs for a batch without constrained requests.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+
+from lmserve import envs
+from lmserve.config import ModelConfig
+from lmserve.core.sched_output import StructuredOutputBatch
+from lmserve.request import Request
+from lmserve.sampling_params import StructuredOutputsParams
+
+logger = logging.getLogger(__name__)
+
+MAX_CACHED_GRAMMARS = 512  # compiled grammars kept (LRU), keyed by their text
+
+
+class GrammarCompileError(Exception):
+    """A grammar that failed to compile, or took longer than the timeout."""
+
+
+class StructuredOutputRequest:
+    """One request's grammar: its compilation, then its matcher."""
+
+    __slots__ = ("params", "future", "deadline", "grammar")
+
+    def __init__(self, params: StructuredOutputsParams, future: Future, deadline: float) -> None:
+        self.params = params
+        self.future = future  # -> the compiled grammar (shared through the cache)
+        self.deadline = deadline  # time.monotonic() after which waiting is an error
+        self.grammar: Any = None  # StructuredOutputGrammar, once compiled
+
+
+class StructuredOutputManager:
+    def __init__(self, model_config: ModelConfig) -> None:
+        self.model_config = model_config
+        self.compile_timeout_s = envs.LMSERVE_GRAMMAR_COMPILE_TIMEOUT_S
+        num_threads = envs.LMSERVE_GRAMMAR_COMPILE_THREADS
+        self._pool = ThreadPoolExecutor(num_threads, thread_name_prefix="lmserve-grammar")
+        self._num_threads = num_threads
+        self._backend: Any = None  # built in the pool on first use (loads the tokenizer)
+        self._backend_lock = threading.Lock()
+        self._compiled: OrderedDict[tuple, Future] = OrderedDict()
+        self.compile_seconds: list[float] = []  # per compilation that ran (not cache hits)
+
+    # ---- compilation ----------------------------------------------------------------------
+    def submit(self, request: Request) -> None:
+        """Start (or reuse) the compilation of the request's grammar; returns at once."""
+        params = request.sampling_params.structured_outputs
+        key = params.key()
+        future = self._compiled.get(key)
+        if future is None:
+            future = self._pool.submit(self._compile, params)
+            self._compiled[key] = future
+            if len(self._compiled) > MAX_CACHED_GRAMMARS:
+                self._compiled.popitem(last=False)
+        else:
+            self._compiled.move_to_end(key)
+        deadline = time.monotonic() + self.compile_timeout_s
+        request.structured_output = StructuredOutputRequest(params, future, deadline)
+
+    def poll(self, request: Request) -> bool:
+        """True once the request's matcher exists (made here when its grammar is compiled);
+        False while compiling. Raises GrammarCompileError on failure or timeout."""
+        so = request.structured_output
+        if so.grammar is not None:
+            return True
+        if not so.future.done():
+            if time.monotonic() > so.deadline:
+                raise GrammarCompileError(
+                    f"the grammar did not compile within {self.compile_timeout_s:g} s "
+                    "(LMSERVE_GRAMMAR_COMPILE_TIMEOUT_S); simplify the schema"
+                )
+            return False
+        try:
+            compiled = so.future.result()
+        except Exception as e:
+            from lmserve.structured_output.validate import clean_backend_error
+
+            message = f"the grammar failed to compile: {clean_backend_error(e)}"
+            raise GrammarCompileError(message) from None
+        stop_ids = [request.eos_token_id] if request.eos_token_id is not None else []
+        stop_ids += [t for t in request.sampling_params.stop_token_ids if t not in stop_ids]
+        so.grammar = self._backend.make_grammar(compiled, stop_ids)
+        return True
+
+    def _compile(self, params: StructuredOutputsParams) -> Any:  # runs in the pool
+        backend = self._get_backend()
+        start = time.perf_counter()
+        compiled = backend.compile(params)
+        self.compile_seconds.append(time.perf_counter() - start)
+        return compiled
+
+    def _get_backend(self) -> Any:
+        with self._backend_lock:
+            if self._backend is None:
+                self._backend = make_backend(self.model_config, self._num_threads)
+            return self._backend
+
+    # ---- one step -------------------------------------------------------------------------
+    def grammar_bitmask(
+        self, requests: list[Request], spec_tokens: dict[str, list[int]]
+    ) -> StructuredOutputBatch | None:
+        """The masks for `requests` (constrained, sampling this step): 1 + len(drafts) rows
+        each, row j allowing what may follow the known tokens and drafts 1..j."""
+        if not requests:
+            return None
+        row_start: dict[str, int] = {}
+        num_rows = 0
+        for request in requests:
+            row_start[request.request_id] = num_rows
+            num_rows += 1 + len(spec_tokens.get(request.request_id, ()))
+        num_words = -(-self._backend.vocab_size // 32)
+        bitmask = np.full((num_rows, num_words), -1, dtype=np.int32)  # [num_rows, num_words]
+        for request in requests:
+            drafts = spec_tokens.get(request.request_id, ())
+            _fill_rows(
+                request.structured_output.grammar, bitmask, row_start[request.request_id], drafts
+            )
+        return StructuredOutputBatch(row_start, bitmask.tobytes(), num_words)
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _fill_rows(grammar: Any, bitmask: np.ndarray, start: int, drafts) -> None:
+    """Rows start.. of one request: after its known tokens, then after each draft in turn
+    (accepted transiently, then rolled back). Rows after a draft the grammar refuses stay
+    all-allowed: they are never used, since the sampler rejects that draft (and rows after an
+    accepted stop token are never emitted: the stop check ends the request there)."""
+    grammar.fill_bitmask(bitmask, start)
+    num_accepted = 0
+    for j, token_id in enumerate(drafts):
+        if not grammar.accept_tokens([token_id]):
+            break
+        num_accepted += 1
+        if grammar.is_terminated():  # a stop token: whatever follows is cut by the stop check
+            break
+        grammar.fill_bitmask(bitmask, start + j + 1)
+    grammar.rollback(num_accepted)
+
+
+def make_backend(model_config: ModelConfig, num_threads: int) -> Any:
+    """The xgrammar backend for the model's tokenizer and logits width."""
+    from transformers import AutoTokenizer
+
+    from lmserve.structured_output.xgrammar_backend import XgrammarBackend
+
+    if model_config.skip_tokenizer_init:
+        raise GrammarCompileError("structured outputs need a tokenizer (skip_tokenizer_init=True)")
+    tokenizer = AutoTokenizer.from_pretrained(model_config.tokenizer)
+    return XgrammarBackend(tokenizer, model_config.vocab_size, num_threads)

@@ -1,0 +1,266 @@
+"""Chat requests' structured outputs and tool calling, OpenAI's way:
+
+    response_format  {"type": "json_object"}                    -> any JSON object
+                     {"type": "json_schema", "json_schema": {"name", "schema", "strict"}}
+    structured_outputs (vLLM's extra body field)                -> as SamplingParams spells it
+    tools + tool_choice
+        "none"       tools are not offered (nor rendered into the prompt)
+        "auto"       tools are rendered; the reply is parsed by --tool-call-parser
+        "required"   the output is constrained to a JSON list of >= 1 calls
+                     [{"name": ..., "parameters": {...}}] whose parameters match each
+                     function's JSON Schema
+        {"type": "function", "function": {"name": N}}
+                     the output is constrained to N's arguments object
+
+Every problem is a 400 naming the field (`response_format`, `tools`, `tool_choice`,
+`structured_outputs`); the schema checks are lmserve/structured_output/validate.py's.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from lmserve.entrypoints.openai.errors import invalid_request
+from lmserve.entrypoints.openai.tool_parsers import ParsedReply, ParsedToolCall, ToolParser
+from lmserve.sampling_params import StructuredOutputsParams
+from lmserve.structured_output.validate import validate_structured_outputs
+
+
+@dataclass(frozen=True, slots=True)
+class ToolPlan:
+    """What a chat request does with tools."""
+
+    tools: list[dict[str, Any]] | None  # rendered into the prompt (None: not offered)
+    mode: str  # "none" | "auto" | "required" | "named"
+    named: str | None = None  # the forced function's name (mode "named")
+
+
+def structured_outputs_for(
+    response_format: dict[str, Any] | None,
+    extra: dict[str, Any] | None,
+    plan: ToolPlan | None = None,
+) -> StructuredOutputsParams | None:
+    """The request's constraint (at most one source may set one), checked."""
+    sources = []
+    if plan is not None and plan.mode in ("required", "named"):
+        sources.append(("tool_choice", _tool_choice_constraint(plan)))
+    if response_format is not None:
+        params = _from_response_format(response_format)
+        if params is not None:
+            sources.append(("response_format", params))
+    if extra is not None:
+        sources.append(("structured_outputs", _build(extra, "structured_outputs")))
+    if len(sources) > 1:
+        names = " and ".join(name for name, _ in sources)
+        raise invalid_request(f"{names} both constrain the output: use one", sources[-1][0])
+    if not sources:
+        return None
+    field, params = sources[0]
+    check(params, field)
+    return params
+
+
+def check(params: StructuredOutputsParams, field: str) -> None:
+    try:
+        validate_structured_outputs(params)
+    except ValueError as e:
+        raise invalid_request(f"{field}: {e}", field) from None
+
+
+def _build(fields: dict[str, Any], param: str) -> StructuredOutputsParams:
+    if not isinstance(fields, dict):
+        raise invalid_request(f"{param} must be an object", param)
+    try:
+        return StructuredOutputsParams(**fields)
+    except TypeError as e:
+        raise invalid_request(f"{param}: {e}", param) from None
+    except ValueError as e:
+        raise invalid_request(f"{param}: {e}", param) from None
+
+
+def _from_response_format(fmt: dict[str, Any]) -> StructuredOutputsParams | None:
+    kind = fmt.get("type", "text")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return StructuredOutputsParams(json_object=True)
+    if kind != "json_schema":
+        raise invalid_request(
+            f"response_format type {kind!r} is invalid: must be 'text', 'json_object' or "
+            "'json_schema'",
+            "response_format",
+        )
+    spec = fmt.get("json_schema")
+    if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
+        raise invalid_request(
+            "response_format.json_schema must be an object with a 'schema' object",
+            "response_format",
+        )
+    schema = spec.get("schema") or {"type": "object"}
+    return _build({"json": schema}, "response_format")
+
+
+# ---- tools ---------------------------------------------------------------------------------
+def plan_tools(
+    tools: list[dict[str, Any]] | None, tool_choice: Any, parser: ToolParser | None
+) -> ToolPlan | None:
+    """Validate `tools` and `tool_choice`; None when the request has no tools."""
+    if not tools:
+        if tool_choice not in (None, "none"):
+            raise invalid_request("tool_choice needs tools", "tool_choice")
+        return None
+    names = [_check_tool(i, tool) for i, tool in enumerate(tools)]
+    choice = "auto" if tool_choice is None else tool_choice
+    if choice == "none":
+        return ToolPlan(None, "none")
+    if choice == "auto":
+        if parser is None:
+            raise invalid_request(
+                'tool_choice "auto" needs the server started with --tool-call-parser '
+                '(hermes, llama3_json); use "required" or a named function instead',
+                "tool_choice",
+            )
+        return ToolPlan(tools, "auto")
+    if choice == "required":
+        return ToolPlan(tools, "required")
+    if isinstance(choice, dict) and choice.get("type") == "function":
+        name = (choice.get("function") or {}).get("name")
+        if name not in names:
+            raise invalid_request(
+                f"tool_choice names function {name!r}, which is not among tools {names}",
+                "tool_choice",
+            )
+        return ToolPlan(tools, "named", name)
+    raise invalid_request(
+        "tool_choice must be 'none', 'auto', 'required' or "
+        '{"type": "function", "function": {"name": ...}}',
+        "tool_choice",
+    )
+
+
+def _check_tool(i: int, tool: Any) -> str:
+    if not isinstance(tool, dict) or tool.get("type", "function") != "function":
+        raise invalid_request(
+            f"tools[{i}] must be {{'type': 'function', 'function': ...}}", "tools"
+        )
+    function = tool.get("function")
+    if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+        raise invalid_request(f"tools[{i}].function needs a string 'name'", "tools")
+    parameters = function.get("parameters", {"type": "object"})
+    if not isinstance(parameters, dict):
+        raise invalid_request(f"tools[{i}].function.parameters must be a JSON Schema", "tools")
+    try:
+        validate_structured_outputs(StructuredOutputsParams(json=parameters or {"type": "object"}))
+    except ValueError as e:
+        raise invalid_request(f"tools[{i}].function.parameters: {e}", "tools") from None
+    return function["name"]
+
+
+def _parameters(tool: dict[str, Any]) -> dict[str, Any]:
+    return tool["function"].get("parameters") or {"type": "object"}
+
+
+def _tool_choice_constraint(plan: ToolPlan) -> StructuredOutputsParams:
+    if plan.mode == "named":
+        tool = next(t for t in plan.tools if t["function"]["name"] == plan.named)
+        return StructuredOutputsParams(json=_parameters(tool))
+    calls = [
+        {
+            "type": "object",
+            "properties": {
+                "name": {"type": "string", "enum": [t["function"]["name"]]},
+                "parameters": _parameters(t),
+            },
+            "required": ["name", "parameters"],
+        }
+        for t in plan.tools
+    ]
+    return StructuredOutputsParams(json={"type": "array", "minItems": 1, "items": {"anyOf": calls}})
+
+
+def parse_reply(text: str, plan: ToolPlan | None, parser: ToolParser | None) -> ParsedReply:
+    """The finished reply as content and tool calls."""
+    if plan is None or plan.mode == "none":
+        return ParsedReply(text, [])
+    if plan.mode == "named":
+        return ParsedReply(None, [ParsedToolCall(plan.named, text)])
+    if plan.mode == "required":
+        try:
+            calls = json.loads(text)
+            return ParsedReply(
+                None,
+                [
+                    ParsedToolCall(c["name"], json.dumps(c["parameters"], ensure_ascii=False))
+                    for c in calls
+                ],
+            )
+        except (ValueError, TypeError, KeyError):
+            return ParsedReply(text, [])  # cut short by max_tokens: not a complete call list
+    return parser.parse(text)
+
+
+def tool_call_dicts(calls: list[ParsedToolCall]) -> list[dict[str, Any]]:
+    """OpenAI's `tool_calls` entries, with fresh ids."""
+    return [
+        {
+            "id": f"call_{uuid.uuid4().hex[:24]}",
+            "type": "function",
+            "function": {"name": call.name, "arguments": call.arguments},
+        }
+        for call in calls
+    ]
+
+
+class StreamedReply:
+    """One streamed choice: content as it comes; tool calls as OpenAI streams them. A named
+    function's arguments stream as they are generated; calls that must be parsed ("auto",
+    "required") are sent whole when the reply ends, while "auto" streams the content that
+    cannot be part of a call."""
+
+    def __init__(self, plan: ToolPlan | None, parser: ToolParser | None) -> None:
+        self.mode = plan.mode if plan is not None else "none"
+        self.plan, self.parser = plan, parser
+        self.text = ""  # everything generated so far
+        self.sent = 0  # characters of `text` sent as content
+        self.call_id: str | None = None  # the named function's call, once started
+        self.has_tool_calls = False
+
+    def feed(self, new_text: str, finished: bool) -> tuple[str | None, list[dict] | None]:
+        """(content delta, tool_calls delta entries) for the newly generated text."""
+        self.text += new_text
+        if self.mode == "none":
+            return new_text or None, None
+        if self.mode == "named":
+            return None, self._named_delta(new_text)
+        if not finished:
+            if self.mode == "auto":
+                return self._content_up_to(self.parser.safe_content_length(self.text)), None
+            return None, None
+        reply = parse_reply(self.text, self.plan, self.parser)
+        if not reply.tool_calls:
+            return self._content_up_to(len(self.text)), None
+        self.has_tool_calls = True
+        content = None
+        if self.mode == "auto":
+            content = self._content_up_to(self.parser.safe_content_length(self.text))
+        entries = [{"index": i, **call} for i, call in enumerate(tool_call_dicts(reply.tool_calls))]
+        return content, entries
+
+    def _named_delta(self, new_text: str) -> list[dict] | None:
+        if not new_text:
+            return None
+        self.has_tool_calls = True
+        if self.call_id is None:
+            self.call_id = f"call_{uuid.uuid4().hex[:24]}"
+            function = {"name": self.plan.named, "arguments": new_text}
+            return [{"index": 0, "id": self.call_id, "type": "function", "function": function}]
+        return [{"index": 0, "function": {"arguments": new_text}}]
+
+    def _content_up_to(self, end: int) -> str | None:
+        if end <= self.sent:
+            return None
+        chunk, self.sent = self.text[self.sent : end], end
+        return chunk

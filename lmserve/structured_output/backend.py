@@ -1,0 +1,65 @@
+"""The interface a structured-output backend implements (xgrammar today; llguidance would be a
+second implementation of the same two classes).
+
+A bitmask row has `ceil(vocab_size / 32)` int32 words; bit `t % 32` of word `t // 32` is 1 when
+token t is allowed. Rows for one step are laid out by the manager
+(lmserve/core/structured_output.py) and applied on the device by lmserve/sample/grammar.py.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+import numpy as np
+
+from lmserve.sampling_params import StructuredOutputsParams
+
+
+def num_bitmask_words(vocab_size: int) -> int:
+    return -(-vocab_size // 32)
+
+
+class StructuredOutputGrammar(ABC):
+    """One request's matcher: the grammar state after the tokens it has accepted.
+
+    Owned by the scheduler's thread (never shared between requests). Every token the request
+    outputs is accepted exactly once, in order; drafts are accepted only transiently (for the
+    bitmask rows behind them, or to validate them) and rolled back at once."""
+
+    @abstractmethod
+    def accept_tokens(self, token_ids: list[int]) -> bool:
+        """Advance over `token_ids`; False (and no tokens accepted after the first bad one)
+        when one is not allowed."""
+
+    @abstractmethod
+    def validate_tokens(self, token_ids: list[int]) -> list[int]:
+        """The longest prefix of `token_ids` the grammar allows next; the state is unchanged."""
+
+    @abstractmethod
+    def rollback(self, num_tokens: int) -> None:
+        """Undo the last `num_tokens` accepted tokens."""
+
+    @abstractmethod
+    def fill_bitmask(self, bitmask: np.ndarray, row: int) -> None:
+        """Write the tokens allowed next into `bitmask[row]` ([num_rows, num_words] int32)."""
+
+    @abstractmethod
+    def is_terminated(self) -> bool:
+        """The grammar has accepted a stop token: nothing more may follow."""
+
+
+class StructuredOutputBackend(ABC):
+    """Compiles grammars for one vocabulary. `compile` runs in the manager's thread pool and
+    may be called from several threads at once."""
+
+    vocab_size: int  # the model's logits width (may exceed the tokenizer's vocabulary)
+
+    @abstractmethod
+    def compile(self, params: StructuredOutputsParams) -> Any:
+        """The compiled grammar (backend-specific, immutable, shared by requests)."""
+
+    @abstractmethod
+    def make_grammar(self, compiled: Any, stop_token_ids: list[int]) -> StructuredOutputGrammar:
+        """A fresh matcher at the start of `compiled`; `stop_token_ids` end the output once the
+        grammar is complete (the request's EOS and stop token ids)."""
