@@ -357,6 +357,9 @@ def main() -> None:
     parser.add_argument("--log-dir", default=None, help="keep engine and router logs here")
     parser.add_argument("--set", nargs="*", default=[], help="workload overrides, KEY=VALUE")
     parser.add_argument("--router-args", default="", help="extra flags for the kv-aware router")
+    parser.add_argument(
+        "--overhead-only", action="store_true", help="only the router's overhead (no pressures)"
+    )
     args = parser.parse_args()
     logics = args.logics.split(",")
     ROUTER_ARGS.extend(args.router_args.split())
@@ -380,13 +383,14 @@ def main() -> None:
                 runs = {"blocks_per_engine": blocks,
                         "pressure": demand / (4 * blocks * BLOCK)}  # fmt: skip
                 trials: dict[str, list[dict]] = {logic: [] for logic in logics}
-                for _ in range(args.repeats):  # interleaved, so drifts hit every logic alike
+                for _ in range(0 if args.overhead_only else args.repeats):  # interleaved
                     for logic in logics:
                         seed += 1
                         trials[logic].append(one_run(engines, logic, model, w, seed, tmp))
                         print(name, logic, json.dumps(trials[logic][-1]), flush=True)
                 for logic in logics:
-                    runs[logic] = summarize(trials[logic])
+                    if trials[logic]:
+                        runs[logic] = summarize(trials[logic])
                 if pressure == pressures[0] and "kv-aware" in logics:
                     results["router_overhead"] = {
                         logic: router_overhead(engines, model, tmp, logic)
@@ -397,6 +401,8 @@ def main() -> None:
                 for engine in engines:
                     engine.stop()
             results["pressures"][name] = runs
+            if args.overhead_only:
+                break
     print_table(results, logics)
     out = {
         "benchmark": "kv_aware_routing",
@@ -417,7 +423,7 @@ def print_table(results: dict, logics: list[str]) -> None:
     print(f"\n{'pressure':<9} {'logic':<13} {'TTFT p50 ms':>11} {'TTFT p90 ms':>11} "
           f"{'out tok/s':>9} {'hit rate':>8}")  # fmt: skip
     for name, runs in results["pressures"].items():
-        for logic in logics:
+        for logic in [logic for logic in logics if logic in runs]:
             r = runs[logic]
             print(f"{name:<9} {logic:<13} {r['ttft_p50_ms']:>11.0f} {r['ttft_p90_ms']:>11.0f} "
                   f"{r['output_tok_s']:>9.1f} {r['prefix_cache_hit_rate']:>8.3f}")  # fmt: skip
