@@ -135,10 +135,7 @@ def run_lmserve(args, model_dir: str, request_sets: dict) -> dict:
     del llm
     _free(args.device)
     return {
-        "requests_per_s": len(requests) / elapsed,
-        "output_tok_per_s": len(requests) * args.output_len / elapsed,
-        "elapsed_s": elapsed,
-        "batch_ttft_s": ttft,
+        **_rates(len(requests), args.output_len, elapsed, ttft),
         "encoder_s": encoder_seconds[0],
         "encoder_share_of_step_time": encoder_seconds[0] / elapsed,
     }
@@ -184,9 +181,13 @@ def run_hf(args, model_dir: str, request_sets: dict) -> dict:
     elapsed = generate(requests, args.output_len)
     model = None  # free its memory before the next run
     _free(args.device)
+    return _rates(len(requests), args.output_len, elapsed, ttft)
+
+
+def _rates(num_requests: int, output_len: int, elapsed: float, ttft: float) -> dict:
     return {
-        "requests_per_s": len(requests) / elapsed,
-        "output_tok_per_s": len(requests) * args.output_len / elapsed,
+        "requests_per_s": num_requests / elapsed,
+        "output_tok_per_s": num_requests * output_len / elapsed,
         "elapsed_s": elapsed,
         "batch_ttft_s": ttft,
     }

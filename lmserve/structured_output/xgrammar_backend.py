@@ -61,22 +61,7 @@ class XgrammarBackend(StructuredOutputBackend):
         self.compiler = xgr.GrammarCompiler(info, max_threads=num_threads)
 
     def compile(self, params: StructuredOutputsParams) -> xgr.CompiledGrammar:
-        whitespace = dict(
-            any_whitespace=not params.disable_any_whitespace, max_whitespace_cnt=MAX_WHITESPACE
-        )
-        kind = params.kind
-        if kind == "json":
-            schema = json.dumps(with_length_patterns(params.json))
-            return self.compiler.compile_json_schema(schema, **whitespace)
-        if kind == "json_object":
-            return self.compiler.compile_json_schema(
-                '{"type": "object"}', strict_mode=False, **whitespace
-            )
-        if kind == "regex":
-            return self.compiler.compile_regex(params.regex)
-        if kind == "choice":
-            return self.compiler.compile_grammar(choice_ebnf(params.choice))
-        return self.compiler.compile_grammar(params.grammar)
+        return self.compiler.compile_grammar(build_grammar(params))
 
     def make_grammar(self, compiled: Any, stop_token_ids: list[int]) -> XgrammarGrammar:
         # Rollback is unlimited in xgrammar >= 0.2 (drafts are rolled back right away).
