@@ -24,12 +24,12 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from gpu_shapes import SHAPES, write_shape  # noqa: E402
 from machine import device_info  # noqa: E402
+from server_proc import start_lmserve  # noqa: E402
 
 
 def kv_config(cpu_size_gib: float) -> dict:
@@ -54,27 +54,15 @@ def free_port() -> int:
 
 
 def start_server(args, path: str, port: int, kv: dict | None, log) -> subprocess.Popen:
-    cmd = [
-        sys.executable, "-m", "lmserve.entrypoints.cli", "serve", path, "--load-format", "dummy",
-        "--dtype", "bfloat16", "--max-model-len", str(args.max_model_len), "--port", str(port),
-        "--host", "127.0.0.1", "--num-gpu-blocks-override", str(args.num_gpu_blocks),
+    serve_args = [
+        path, "--load-format", "dummy", "--dtype", "bfloat16",
+        "--max-model-len", str(args.max_model_len),
+        "--num-gpu-blocks-override", str(args.num_gpu_blocks),
         "--disable-access-log", "--uvicorn-log-level", "warning",
     ]  # fmt: skip
     if kv is not None:
-        cmd += ["--kv-transfer-config", json.dumps(kv)]
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as r:
-                if r.status == 200:
-                    return proc
-        except OSError:
-            time.sleep(0.5)
-    proc.kill()
-    raise RuntimeError("server not healthy within 300 s")
+        serve_args += ["--kv-transfer-config", json.dumps(kv)]
+    return start_lmserve(serve_args, port, log)
 
 
 def metrics_text(port: int) -> str:

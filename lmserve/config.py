@@ -46,6 +46,11 @@ SCHEDULING_POLICIES = ("fcfs", "priority")
 # full: decode-only batches replay one graph of the whole forward; piecewise: mixed batches
 # replay the pieces between attention calls (see lmserve/worker/cuda_graphs.py).
 CUDA_GRAPH_MODES = ("full_and_piecewise", "full", "piecewise", "none")
+# Weights kept packed on the CPU (lmserve/model/quantize.py). auto: "gguf" for a .gguf model on
+# the CPU, else "none"; none: float weights in `dtype` (a GGUF dequantized once: the exact-parity
+# path); gguf: the file's 4-bit tensors keep their codes, the rest int8 in groups of 32 (exact
+# for Q8_0); int8: every linear layer and the vocabulary requantized to int8 (any checkpoint).
+QUANTIZATION_METHODS = ("auto", "none", "gguf", "int8")
 
 
 @dataclass
@@ -56,6 +61,7 @@ class ModelConfig:
     max_model_len: int | None = None  # None = the model's max_position_embeddings
     seed: int = 0
     load_format: str = "auto"
+    quantization: str = "auto"  # one of QUANTIZATION_METHODS; resolved by EngineConfig
     revision: str | None = None
     skip_tokenizer_init: bool = False
     enforce_eager: bool = False  # True: never capture CUDA graphs (no effect on CPU)
@@ -82,6 +88,8 @@ class ModelConfig:
                 _fail("ModelConfig", "load_format", "gguf", "needs model to be a .gguf file")
             self.load_format = "auto"
         _require_int("ModelConfig", "seed", self.seed, lo=0)
+        if self.quantization not in QUANTIZATION_METHODS:
+            _fail("ModelConfig", "quantization", self.quantization, f"must be one of {QUANTIZATION_METHODS}")
         if self.cuda_graph_mode not in CUDA_GRAPH_MODES:
             _fail(
                 "ModelConfig", "cuda_graph_mode", self.cuda_graph_mode,
@@ -589,6 +597,7 @@ class EngineConfig:
     def __post_init__(self) -> None:
         sched = self.scheduler_config
         self._size_encoder_budget(sched)
+        self._resolve_quantization()
         kv = self.kv_transfer_config
         if kv is not None and kv.options.chunk_size % self.cache_config.block_size:
             _fail(
@@ -609,6 +618,25 @@ class EngineConfig:
                 True,
                 f"is not supported with {' and '.join(blockers)}",
             )
+
+    def _resolve_quantization(self) -> None:
+        """"auto" becomes "gguf" for a .gguf model on the CPU (when torch has the packed
+        kernels), else "none"; a method that cannot run here fails now, not at load time."""
+        from lmserve.model.layers.quantization import packed_kernels_available
+
+        mc, device = self.model_config, self.device_config.device
+        is_gguf = mc.model.lower().endswith(".gguf")
+        method = mc.quantization
+        if method == "auto":
+            packable = is_gguf and device == "cpu" and mc.load_format != "dummy"
+            method = "gguf" if packable and packed_kernels_available() else "none"
+        elif method != "none" and device != "cpu":
+            _fail("ModelConfig", "quantization", method, f"runs on the CPU only (device is {device!r})")
+        elif method != "none" and not packed_kernels_available():
+            _fail("ModelConfig", "quantization", method, f"needs torch's packed CPU kernels (torch {torch.__version__})")
+        elif method == "gguf" and (not is_gguf or mc.load_format == "dummy"):
+            _fail("ModelConfig", "quantization", method, "needs a .gguf model with its weights")
+        mc.quantization = method
 
     def _size_encoder_budget(self, sched: SchedulerConfig) -> None:
         """Encoder budget and cache: 0 for a text-only model (no image work anywhere), else

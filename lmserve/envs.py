@@ -55,6 +55,12 @@ ENVIRONMENT_VARIABLES: dict[str, tuple[Callable[[], Any], str]] = {
         "force the attention backend: 'torch' (the reference; any device) or 'triton' (CUDA); "
         "unset: triton on CUDA when triton is installed, torch otherwise",
     ),
+    "LMSERVE_CPU_THREADS": (
+        lambda: os.environ.get("LMSERVE_CPU_THREADS", "auto").strip().lower() or "auto",
+        "threads of a CPU engine's steps: 'auto' (default) measures small steps with all cores "
+        "and with one and keeps the faster, again every few hundred steps (on a machine shared "
+        "with busy processes one thread wins); an integer fixes the count",
+    ),
     "LMSERVE_DISABLE_GEMV": (
         _bool("LMSERVE_DISABLE_GEMV", False),
         "1: every linear layer goes to cuBLAS (F.linear), never to the Triton GEMV for 1-8 rows",

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from lmserve.attention.backend import AttentionBackend, AttentionMetadata
-from lmserve.model.layers.rotary import apply_rotary_emb
+from lmserve.model.layers.rotary import apply_rope_tables, rope_tables
 
 
 def write_kv_cache(
@@ -29,36 +29,37 @@ def write_kv_cache(
     value_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, value)
 
 
-def gather_kv(
-    cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
-    block_table: torch.Tensor,  # [max_num_blocks_per_req] int32
-    seq_len: int,
-) -> torch.Tensor:  # [seq_len, num_kv_heads, head_dim]
-    block_size = cache.shape[1]
-    num_blocks = (seq_len + block_size - 1) // block_size
-    blocks = cache.index_select(0, block_table[:num_blocks].long())
-    return blocks.flatten(0, 1)[:seq_len]
+@dataclass(slots=True)
+class _Single:
+    """A request attended on its own (a prompt, a chunk of one, or a lone decode)."""
+
+    q_start: int
+    q_end: int
+    seq_len: int
+    blocks: torch.Tensor  # [num_blocks] int64: the blocks holding its seq_len tokens
 
 
 @dataclass(slots=True)
 class _Plan:
-    """Per-forward split of the batch, shared by all layers."""
+    """Per-forward split of the batch, shared by all layers (made in the first layer)."""
 
     decode_tokens: torch.Tensor | None  # [num_decode] flat query index of each decode request
     decode_blocks: torch.Tensor | None  # [num_decode * max_blocks] int64 block ids, flattened
     decode_mask: torch.Tensor | None  # [num_decode, 1, 1, max_blocks * block_size] bool
     num_decode_blocks: int  # max_blocks
-    multi_token_reqs: list[int]  # requests with > 1 query token, attended one by one
+    singles: list[_Single]  # requests with > 1 query token (or a lone decode), one by one
+    whole: bool  # one request holds every query token: its attention is the layer's output
+    rope: tuple[torch.Tensor, torch.Tensor] | None  # rope_tables(cos, sin) for every layer
 
 
 class TorchAttentionBackend(AttentionBackend):
     name = "torch"
 
-    def prepare(self, metadata: AttentionMetadata, block_size: int) -> None:
+    def prepare(self, metadata: AttentionMetadata, block_size: int, rope) -> None:
         starts, seq_lens = metadata.query_start_loc_cpu, metadata.seq_lens_cpu
         decode = [i for i in range(metadata.num_reqs) if starts[i + 1] - starts[i] == 1]
         multi = [i for i in range(metadata.num_reqs) if starts[i + 1] - starts[i] > 1]
-        plan = _Plan(None, None, None, 0, multi)
+        plan = _Plan(None, None, None, 0, [], False, None if rope is None else rope_tables(*rope))
         if len(decode) > 1:  # batching pays from two requests on
             device = metadata.block_tables.device
             idx = torch.tensor(decode, device=device)
@@ -72,32 +73,36 @@ class TorchAttentionBackend(AttentionBackend):
             plan.decode_mask = (positions[None, :] < lens[:, None])[:, None, None, :]
             plan.num_decode_blocks = num_blocks
         elif decode:
-            plan.multi_token_reqs = sorted(multi + decode)
+            multi = sorted(multi + decode)
+        for i in multi:
+            num_blocks = -(-seq_lens[i] // block_size)
+            blocks = metadata.block_tables[i, :num_blocks].long()
+            plan.singles.append(_Single(starts[i], starts[i + 1], seq_lens[i], blocks))
+        plan.whole = len(plan.singles) == 1 and plan.decode_tokens is None
         metadata.backend_state = plan
 
     def forward(
         self, query, key, value, kv_cache, metadata: AttentionMetadata, scale, out=None, rope=None
     ):
         key_cache, value_cache = kv_cache
-        if rope is not None:
-            query, key = apply_rotary_emb(query, key, *rope)
-        write_kv_cache(key, value, key_cache, value_cache, metadata.slot_mapping)
         if metadata.backend_state is None:  # the first layer plans for all of them
-            self.prepare(metadata, block_size=key_cache.shape[1])
+            self.prepare(metadata, key_cache.shape[1], rope)
         plan: _Plan = metadata.backend_state
+        if rope is not None:
+            query = apply_rope_tables(query, *plan.rope)
+            key = apply_rope_tables(key, *plan.rope)
+        write_kv_cache(key, value, key_cache, value_cache, metadata.slot_mapping)
+        if plan.whole and out is None:  # one request: no output buffer to scatter into
+            return _attend_single(query, key_cache, value_cache, plan.singles[0], scale)
         output = torch.empty_like(query) if out is None else out  # [num_tokens, heads, hd]
         if plan.decode_tokens is not None:
             output[plan.decode_tokens] = self._batched_decode(
                 query, key_cache, value_cache, plan, scale
             )
-        starts = metadata.query_start_loc_cpu
-        for i in plan.multi_token_reqs:
-            q_start, q_end = starts[i], starts[i + 1]
-            block_table = metadata.block_tables[i]
-            seq_len = metadata.seq_lens_cpu[i]
-            k = gather_kv(key_cache, block_table, seq_len)  # [seq_len, kv_heads, hd]
-            v = gather_kv(value_cache, block_table, seq_len)
-            output[q_start:q_end] = _causal_attention(query[q_start:q_end], k, v, scale)
+        for single in plan.singles:
+            output[single.q_start : single.q_end] = _attend_single(
+                query, key_cache, value_cache, single, scale
+            )
         return output
 
     @staticmethod
@@ -128,6 +133,18 @@ class TorchAttentionBackend(AttentionBackend):
             enable_gqa=q.shape[1] != k.shape[1],
         )  # [B, heads, 1, hd]
         return out[:, :, 0, :]
+
+
+def _attend_single(
+    query: torch.Tensor,  # [num_tokens, num_heads, head_dim]: the whole batch's queries
+    key_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    value_cache: torch.Tensor,
+    single: _Single,
+    scale: float,
+) -> torch.Tensor:  # [q_end - q_start, num_heads, head_dim]
+    k = key_cache.index_select(0, single.blocks).flatten(0, 1)[: single.seq_len]
+    v = value_cache.index_select(0, single.blocks).flatten(0, 1)[: single.seq_len]
+    return _causal_attention(query[single.q_start : single.q_end], k, v, scale)
 
 
 def _causal_attention(

@@ -29,6 +29,14 @@ def _json_object(flag: str, text: str) -> dict[str, Any]:
 ENGINE_FLAGS: list[tuple[str, str, Any, Any, str]] = [
     ("--tokenizer", "tokenizer", str, None, "tokenizer folder or hub id (default: the model)"),
     ("--dtype", "dtype", str, "auto", "auto | float32 | bfloat16 | float16"),
+    (
+        "--quantization",
+        "quantization",
+        str,
+        "auto",
+        "weights kept packed on the CPU: auto (gguf for a .gguf model on the CPU) | none (float "
+        "weights; with --dtype float32 the exact-parity path) | gguf | int8",
+    ),
     ("--max-model-len", "max_model_len", int, None, "context length (default: the model's)"),
     ("--block-size", "block_size", int, 16, "tokens per KV-cache block (a power of two)"),
     ("--max-num-seqs", "max_num_seqs", int, 256, "requests running in one step"),

@@ -44,9 +44,12 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 # Bump when the converted folder's contents change: older conversions are then ignored.
-CONVERTER_VERSION = 2
+CONVERTER_VERSION = 3
 GGUF_CACHE_SUBDIR = "gguf"
 COMPLETE_MARKER = "gguf_source.json"
+# The 4-bit tensors' own codes, for weights kept packed on the CPU (lmserve/model/quantize.py);
+# in a subfolder, so loaders that glob *.safetensors never take it for model weights.
+INT4_CODES_FILE = os.path.join("packed", "int4.safetensors")
 # Converted weights go into safetensors files of at most this size (float32: 4 bytes a value),
 # so converting a large GGUF never holds all its dequantized weights in memory at once.
 MAX_SHARD_BYTES = 2 * 2**30
@@ -222,6 +225,7 @@ def convert_gguf_to_hf(gguf_path: str, out_dir: str) -> None:
     config.save_pretrained(out_dir)
     _generation_config(config).save_pretrained(out_dir)
     num_params = save_sharded_safetensors(iterate_hf_weights(reader, config), out_dir)
+    save_int4_codes(reader, config, out_dir)
     weights_s = time.perf_counter() - start
     save_gguf_tokenizer(gguf_path, reader, out_dir)
     elapsed = time.perf_counter() - start
@@ -434,6 +438,102 @@ def dequantize_tensor(tensor) -> np.ndarray:
     except NotImplementedError as e:  # an older gguf package without this type
         raise ValueError(f"GGUF tensor {tensor.name!r}: cannot dequantize {type_name}") from e
     return np.ascontiguousarray(values, dtype=np.float32)
+
+
+# Types whose values are exactly (code - 8) * scale + zero with 4-bit codes in groups of 32.
+INT4_TENSOR_TYPES = frozenset(("Q4_0", "Q4_1", "Q4_K"))
+
+
+def gguf_int4_codes(tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A Q4_0 / Q4_1 / Q4_K tensor's codes [N, K] uint8 (0..15), scales and zeros [N, K / 32]
+    float32, such that (code - 8) * scale + zero is exactly what `dequantize_tensor` gives:
+
+        Q4_0   d * (q - 8)                 scale = d,       zero = 0
+        Q4_1   d * q + m                   scale = d,       zero = m + 8 d
+        Q4_K   (d sc) * q - (dmin mn)      scale = d sc,    zero = 8 d sc - dmin mn   (per 32)
+    """
+    from gguf.quants import Q4_K
+
+    type_name = tensor.tensor_type.name
+    if type_name not in INT4_TENSOR_TYPES:
+        raise ValueError(f"GGUF tensor {tensor.name!r}: {type_name} is not a 4-bit group type")
+    rows = int(tensor.data.shape[0])
+    data = np.ascontiguousarray(tensor.data).reshape(rows, -1)  # [N, bytes per row]
+    if type_name == "Q4_K":
+        blocks = data.reshape(-1, 144)  # per 256 values: d, dmin, 12 bytes of scales, 128 of qs
+        d = blocks[:, 0:2].copy().view(np.float16).astype(np.float32)  # [B, 1]
+        dmin = blocks[:, 2:4].copy().view(np.float16).astype(np.float32)
+        sc, mn = Q4_K.get_scale_min(blocks[:, 4:16])  # [B, 8] each
+        scales = d * sc.astype(np.float32)  # [B, 8]: one per 32 values
+        zeros = 8 * scales - dmin * mn.astype(np.float32)
+        qs = blocks[:, 16:].reshape(-1, 4, 1, 32)  # 4 x 32 bytes: low nibbles, then high
+        codes = (qs >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1)) & np.uint8(0x0F)
+    else:
+        has_min = type_name == "Q4_1"
+        blocks = data.reshape(-1, 20 if has_min else 18)  # per 32 values
+        d = blocks[:, 0:2].copy().view(np.float16).astype(np.float32)  # [B, 1]
+        if has_min:
+            m = blocks[:, 2:4].copy().view(np.float16).astype(np.float32)
+            scales, zeros = d, m + 8 * d
+        else:
+            scales, zeros = d, np.zeros_like(d)
+        qs = blocks[:, -16:].reshape(-1, 1, 16)  # element j: low nibble, j + 16: high nibble
+        codes = (qs >> np.array([0, 4], dtype=np.uint8).reshape(1, 2, 1)) & np.uint8(0x0F)
+    return codes.reshape(rows, -1), scales.reshape(rows, -1), zeros.reshape(rows, -1)
+
+
+def iterate_int4_codes(reader, config: Any) -> Iterator[tuple[str, tuple]]:
+    """(HF name, (codes, scales, zeros)) for every 4-bit tensor of a GGUF file, attn_q / attn_k
+    rows put back in HF's order (the same row permutation as the float weights)."""
+    for tensor in reader.tensors:
+        if tensor.tensor_type.name not in INT4_TENSOR_TYPES:
+            continue
+        parts = gguf_int4_codes(tensor)
+        if ".attn_q." in tensor.name:
+            parts = tuple(unpermute_rotary_rows(a, config.num_attention_heads) for a in parts)
+        elif ".attn_k." in tensor.name:
+            parts = tuple(unpermute_rotary_rows(a, config.num_key_value_heads) for a in parts)
+        yield hf_tensor_name(tensor.name), parts
+
+
+def save_int4_codes(reader, config: Any, out_dir: str) -> int:
+    """Write the 4-bit tensors' codes (two per byte), scales and zeros into INT4_CODES_FILE of
+    the converted folder, so packing them at start reads one file instead of parsing the GGUF
+    again (~3 s for the default model's vocabulary metadata). Returns the tensors written."""
+    from safetensors.numpy import save_file
+
+    tensors: dict[str, np.ndarray] = {}
+    for name, (codes, scales, zeros) in iterate_int4_codes(reader, config):
+        tensors[f"{name}.codes"] = codes[:, 0::2] | (codes[:, 1::2] << np.uint8(4))  # [N, K/2]
+        tensors[f"{name}.scales"], tensors[f"{name}.zeros"] = scales, zeros
+    if tensors:
+        path = os.path.join(out_dir, INT4_CODES_FILE)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        save_file(tensors, path)
+    return len(tensors) // 3
+
+
+def load_int4_codes(folder: str) -> list[tuple[str, tuple]]:
+    """What `save_int4_codes` wrote: (HF name, (codes [N, K] uint8, scales, zeros [N, K/32]));
+    empty when the folder has none (not converted from a GGUF, or no 4-bit tensors)."""
+    from safetensors import safe_open
+
+    path = os.path.join(folder, INT4_CODES_FILE)
+    if not os.path.isfile(path):
+        return []
+    out = []
+    with safe_open(path, framework="np") as f:
+        for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+            if not key.endswith(".codes"):
+                continue
+            name = key[: -len(".codes")]
+            packed = f.get_tensor(key)  # [N, K/2]
+            codes = np.stack([packed & np.uint8(0x0F), packed >> np.uint8(4)], axis=-1)
+            codes = codes.reshape(packed.shape[0], -1)  # [N, K]
+            out.append(
+                (name, (codes, f.get_tensor(f"{name}.scales"), f.get_tensor(f"{name}.zeros")))
+            )
+    return out
 
 
 def unpermute_rotary_rows(weight: np.ndarray, num_heads: int) -> np.ndarray:

@@ -80,12 +80,16 @@ def load_model(
     device: torch.device | str,
     load_format: str = "auto",
     seed: int = 0,
+    quantization: str = "none",
 ) -> nn.Module:
     """Build the model for `hf_config.architectures` on `device` in `dtype` and load its weights.
 
     load_format: "auto" / "safetensors" read `model_path/*.safetensors` (one file, or the shards
     listed in model.safetensors.index.json); "dummy" fills every parameter with U(-1e-3, 1e-3)
     drawn from a generator seeded with `seed` (no checkpoint needed).
+    quantization: "none" keeps float weights; "gguf" (the 4-bit tensors of the GGUF that
+    `model_path` was converted from keep their codes) and "int8" pack the linear layers
+    afterwards (lmserve/model/quantize.py).
     Raises if a parameter is left unloaded or a checkpoint tensor matches no parameter.
     """
     if dtype not in SUPPORTED_DTYPES:
@@ -108,6 +112,10 @@ def load_model(
         missing = sorted(set(dict(model.named_parameters())) - loaded)
         if missing:
             raise ValueError(f"checkpoint in {model_path} lacks weights for parameters: {missing}")
+    if quantization != "none":
+        from lmserve.model.quantize import quantize_model
+
+        quantize_model(model, quantization, model_path)
     logger.info(
         "loaded %s (%s, %s, format=%s) in %.2f s",
         model_cls.__name__, dtype, device, load_format, time.perf_counter() - start,

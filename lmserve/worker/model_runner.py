@@ -73,8 +73,9 @@ class ModelRunner:
         mc = self.config.model_config
         torch.manual_seed(mc.seed)
         self.model = load_model(
-            mc.hf_config, mc.model_path, mc.dtype, self.device, mc.load_format, mc.seed
-        )
+            mc.hf_config, mc.model_path, mc.dtype, self.device, mc.load_format, mc.seed,
+            quantization=mc.quantization,
+        )  # fmt: skip
         if self.spec_decode is not None:  # the draft model, if any
             self.spec_decode.load_model()
         if hasattr(self.model, "embed_images"):
@@ -92,7 +93,18 @@ class ModelRunner:
             if model is not None
             for t in [*model.parameters(), *model.buffers()]
         }
-        return sum(t.numel() * t.element_size() for t in tensors.values())
+        packed = {
+            id(m.packed): m.packed
+            for model in models
+            if model is not None
+            for m in model.modules()
+            if getattr(m, "packed", None) is not None
+        }  # weights kept packed (lmserve/model/quantize.py); their float placeholders hold ~nothing
+        stored = sum(
+            min(t.numel() * t.element_size(), t.untyped_storage().nbytes())
+            for t in tensors.values()
+        )
+        return stored + sum(p.nbytes() for p in packed.values())
 
     def kv_cache_bytes_per_block(self) -> int:
         num_layers, num_kv_heads, head_dim = get_kv_cache_spec(self.config.model_config.hf_config)

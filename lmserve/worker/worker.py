@@ -9,8 +9,10 @@ from typing import Any
 
 import torch
 
+from lmserve import envs
 from lmserve.config import EngineConfig
 from lmserve.core.sched_output import ModelRunnerOutput, SchedulerOutput
+from lmserve.worker.cpu_threads import SMALL_STEP_TOKENS, CpuThreadTuner
 from lmserve.worker.model_runner import ModelRunner, StepOutput
 
 logger = logging.getLogger(__name__)
@@ -35,6 +37,7 @@ class Worker:
         self.model_runner = ModelRunner(
             config, self.device, _make_kv_connector(config, local_rank or 0, kv_store)
         )
+        self.thread_tuner = _make_thread_tuner() if self.device.type == "cpu" else None
 
     def load_model(self) -> None:
         start = time.perf_counter()
@@ -107,7 +110,18 @@ class Worker:
         self.model_runner.capture_model()
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
-        return self.model_runner.execute_model(scheduler_output)
+        tuner = self.thread_tuner
+        if tuner is None:
+            return self.model_runner.execute_model(scheduler_output)
+        small = scheduler_output.total_num_scheduled_tokens <= SMALL_STEP_TOKENS
+        threads = tuner.threads_for_step(small)
+        if threads != torch.get_num_threads():
+            torch.set_num_threads(threads)
+        start = time.perf_counter()
+        output = self.model_runner.execute_model(scheduler_output)
+        tuner.record(threads, time.perf_counter() - start, small)
+        return output
+
 
     def execute_model_async(self, scheduler_output: SchedulerOutput) -> StepOutput:
         return self.model_runner.execute_model_async(scheduler_output)
@@ -116,6 +130,21 @@ class Worker:
         """Finish background work (the KV connector's pending saves)."""
         if self.model_runner.kv_connector is not None:
             self.model_runner.kv_connector.shutdown()
+
+
+def _make_thread_tuner() -> CpuThreadTuner | None:
+    """LMSERVE_CPU_THREADS: "auto" tunes (lmserve/worker/cpu_threads.py); a number fixes it."""
+    setting = envs.LMSERVE_CPU_THREADS
+    if setting == "auto":
+        return CpuThreadTuner(torch.get_num_threads())
+    try:
+        threads = int(setting)
+    except ValueError:
+        raise ValueError(f"LMSERVE_CPU_THREADS must be 'auto' or an integer, got {setting!r}") from None
+    if threads < 1:
+        raise ValueError(f"LMSERVE_CPU_THREADS must be >= 1, got {threads}")
+    torch.set_num_threads(threads)
+    return None
 
 
 def _make_kv_connector(config: EngineConfig, rank: int, store: Any):

@@ -487,7 +487,7 @@ def default_llm(default_gguf, default_cache_dir):
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("LMSERVE_CACHE_DIR", default_cache_dir)
-        llm = LLM(device="cpu", dtype="float32", cpu_kvcache_space_gib=0.5)
+        llm = LLM(device="cpu", dtype="float32", quantization="none", cpu_kvcache_space_gib=0.5)
     yield llm
     llm.shutdown()
 

@@ -1,5 +1,6 @@
 """Token embedding and the output projection to vocabulary logits, both split by vocabulary
-rows across the tensor-parallel ranks (each rank holds a contiguous range of token ids)."""
+rows across the tensor-parallel ranks (each rank holds a contiguous range of token ids).
+Either may hold its table packed as int8 rows (`self.packed`, set by lmserve/model/quantize.py)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from torch import nn
 
 from lmserve.distributed.parallel_state import get_tp_group
 from lmserve.model.layers.gemv import linear
+from lmserve.model.layers.quantization import Int8Weight
 from lmserve.model.layers.utils import default_weight_loader, make_param
 
 
@@ -43,15 +45,21 @@ class VocabEmbedding(nn.Module):
         self.weight = make_param(
             self.partition.rows, hidden_size, weight_loader=self.partition.weight_loader
         )
+        self.packed: Int8Weight | None = None
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:  # [n] -> [n, hidden_size]
         part = self.partition
         if part.tp.world_size == 1:
-            return F.embedding(input_ids, self.weight)
+            return self._lookup(input_ids)
         mine = (input_ids >= part.start) & (input_ids < part.end)  # [n]
         local_ids = torch.where(mine, input_ids - part.start, 0)
-        out = F.embedding(local_ids, self.weight) * mine[:, None].to(self.weight.dtype)
+        out = self._lookup(local_ids) * mine[:, None].to(self.weight.dtype)
         return part.tp.all_reduce(out)
+
+    def _lookup(self, ids: torch.Tensor) -> torch.Tensor:  # [n] -> [n, hidden_size]
+        if self.packed is None:
+            return F.embedding(ids, self.weight)
+        return self.packed.embed(ids, self.weight.dtype)
 
     def extra_repr(self) -> str:
         return f"{self.partition.vocab_size}, {self.weight.shape[1]}, tp={self.partition.tp.world_size}"
@@ -65,6 +73,9 @@ class LMHead(nn.Module):
     def __init__(self, vocab_size: int, hidden_size: int, tied_to: VocabEmbedding | None = None):
         super().__init__()
         self.partition = VocabPartition(vocab_size)
+        # The embedding it shares a table with, kept out of the module tree (not a submodule).
+        object.__setattr__(self, "tied_to", tied_to)
+        self.packed: Int8Weight | None = None
         if tied_to is not None:
             self.weight = tied_to.weight  # [rows, hidden_size], shared
         else:
@@ -73,7 +84,10 @@ class LMHead(nn.Module):
             )
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:  # [n, hidden] -> [n, vocab]
-        logits = linear(hidden_states, self.weight)
+        if self.packed is None:
+            logits = linear(hidden_states, self.weight)
+        else:  # float32, its best logits exact (see Int8Weight.logits)
+            logits = self.packed.logits(hidden_states)
         tp = self.partition.tp
         if tp.world_size == 1:
             return logits

@@ -9,6 +9,9 @@ Each parameter's `weight_loader` takes the FULL checkpoint tensor and copies thi
 so model files load the same way at any tensor-parallel size. A fused layer's parameter lists
 the checkpoint pieces it is built from in `param.shard_ids`, so a model's `load_weights` can
 tell when every piece has arrived.
+
+A layer whose weight was packed after loading (lmserve/model/quantize.py: int4/int8 on the CPU)
+multiplies through `self.packed`; its `.weight` is then a placeholder of the same shape.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from torch import nn
 
 from lmserve.distributed.parallel_state import get_tp_group
 from lmserve.model.layers.gemv import linear
+from lmserve.model.layers.quantization import PackedWeight
 from lmserve.model.layers.utils import default_weight_loader, make_param
 
 
@@ -41,12 +45,20 @@ class _Linear(nn.Module):
             self.bias = make_param(local_bias, weight_loader=self.weight_loader)
         else:
             self.register_parameter("bias", None)
+        self.packed: PackedWeight | None = None  # set by quantize_model
 
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id=None):
         default_weight_loader(param, loaded_weight, shard_id)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., input_size] -> [..., output]
-        return linear(x, self.weight, self.bias)
+        return self.matmul(x, self.bias)
+
+    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """x W^T (+ bias) with this rank's weight, packed or not."""
+        if self.packed is None:
+            return linear(x, self.weight, bias)
+        y = self.packed.matmul(x)  # [..., output]
+        return y if bias is None else y + bias
 
     def extra_repr(self) -> str:
         return (
@@ -82,8 +94,8 @@ class RowParallelLinear(_Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp.world_size == 1:
-            return linear(x, self.weight, self.bias)
-        y = self.tp.all_reduce(linear(x, self.weight))  # [..., output_size]
+            return self.matmul(x, self.bias)
+        y = self.tp.all_reduce(self.matmul(x, None))  # [..., output_size]
         return y if self.bias is None else y + self.bias
 
 

@@ -125,7 +125,26 @@ def apply_rotary_emb(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     if use_fused(query):  # one kernel, in place (query/key may be views into the qkv output)
         return rotary_inplace(query, key, cos, sin)
-    cos, sin = cos[:, None, :], sin[:, None, :]  # broadcast over heads
-    query = query * cos + rotate_half(query) * sin
-    key = key * cos + rotate_half(key) * sin
-    return query, key
+    cos, sin_signed = rope_tables(cos, sin)
+    return apply_rope_tables(query, cos, sin_signed), apply_rope_tables(key, cos, sin_signed)
+
+
+def rope_tables(
+    cos: torch.Tensor,  # [num_tokens, head_dim]
+    sin: torch.Tensor,  # [num_tokens, head_dim]
+) -> tuple[torch.Tensor, torch.Tensor]:  # 2 x [num_tokens, 1, head_dim]
+    """The tables `apply_rope_tables` takes (made once per forward, used by every layer): cos,
+    and sin with its first half negated, both broadcast over heads."""
+    half = sin.shape[-1] // 2
+    sin_signed = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)
+    return cos[:, None, :], sin_signed[:, None, :]
+
+
+def apply_rope_tables(
+    x: torch.Tensor,  # [num_tokens, heads, head_dim]
+    cos: torch.Tensor,  # [num_tokens, 1, head_dim]
+    sin_signed: torch.Tensor,  # [num_tokens, 1, head_dim]
+) -> torch.Tensor:
+    """x * cos + rotate_half(x) * sin, as HF computes it and bit for bit the same: rolling x by
+    half a head gives [x2, x1], and [x2, x1] * [-s1, s2] == [-x2, x1] * [s1, s2] exactly."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin_signed
