@@ -31,7 +31,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from machine import cpu_machine_info  # noqa: E402
+from machine import cpu_machine_info, write_result  # noqa: E402
 from server_proc import start_lmserve  # noqa: E402
 
 PROMPT = "Write a long story about a lighthouse keeper and a storm."
@@ -284,10 +284,7 @@ def main() -> None:
         "machine": cpu_machine_info("cpu", torch_threads=args.threads),
     }
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=2)
-        print(f"wrote {args.out}")
+        write_result(args.out, report)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import itertools
-import json
 import os
 import statistics
 import sys
@@ -32,6 +31,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from benchmarks.gpu_shapes import copy_bandwidth_gbs  # noqa: E402
+from benchmarks.machine import write_result  # noqa: E402
 from lmserve.model.layers.fused_ops import silu_and_mul  # noqa: E402
 from lmserve.model.layers.gemv import (  # noqa: E402
     GemvConfig,
@@ -268,10 +268,7 @@ def main() -> None:
                 f"({best['frac_copy']:.0%}) {best['config']}",
                 flush=True,
             )
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
-    print(f"wrote {args.out}")
+    write_result(args.out, result)
 
 
 if __name__ == "__main__":

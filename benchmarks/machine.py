@@ -46,3 +46,13 @@ def device_info(device: str, **extra: object) -> dict[str, object]:
             torch=torch.__version__,
         )
     return info
+
+
+def write_result(path: str, report: dict) -> None:
+    """Write a benchmark's JSON (making its folder) and say where."""
+    import json
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(report, f, indent=2)
+    print(f"wrote {path}")
