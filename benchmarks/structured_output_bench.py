@@ -1,5 +1,6 @@
 """What structured outputs cost: output throughput with half the requests JSON-Schema
-constrained against none, and grammar compile times (p50/p99) for the test schemas.
+constrained, against the same requests unconstrained, and grammar compile times (p50/p99) for
+the test schemas.
 
     # CPU, the default model (SmolLM2-135M-Instruct GGUF)
     python benchmarks/structured_output_bench.py
@@ -8,11 +9,19 @@ constrained against none, and grammar compile times (p50/p99) for the test schem
     python benchmarks/structured_output_bench.py --shape 8b --load-format dummy \\
         --device cuda --num-requests 256
 
-Both runs send the same prompts with the same sampling (temperature 1, seeded). Unconstrained
-requests ignore EOS and write exactly --max-tokens; constrained ones stop where their grammar
-ends, so throughput is compared in output tokens per second. Grammars are compiled (and
-cached) before the timed run; compile times are measured separately, each schema once, on a
-fresh compiler. Prints a table and writes JSON under benchmarks/results/; never asserts.
+Three timed runs send the same prompts with the same sampling (temperature 1, seeded):
+  - `unconstrained`: every request ignores EOS and writes exactly --max-tokens;
+  - the constrained run (e.g. `50%_json_schema`): every other request constrained by a test
+    schema; those stop where their grammar ends, so this run has fewer output tokens and its
+    batch shrinks as it goes;
+  - `length_matched`: the constrained run's requests without their constraint, each writing
+    (EOS ignored) exactly as many tokens as it wrote constrained — the same work, minus the
+    grammar. The headline `relative_throughput` compares the constrained run with this one;
+    `relative_throughput_vs_full_length` (the old figure) compares it with `unconstrained`.
+Throughput is output tokens per second; `mean_step_ms` is the run's time over the engine steps
+it took. Grammars are compiled (and cached) before the timed runs; compile times are measured
+separately, each schema once, on a fresh compiler. Prints a table and writes JSON under
+benchmarks/results/; never asserts.
 """
 
 from __future__ import annotations
@@ -83,7 +92,43 @@ def make_params(num_requests: int, constrained_share: float, max_tokens: int) ->
     return params
 
 
-def timed_run(llm, prompts: list[str], params: list) -> dict:
+def length_matched(params: list, lengths: list[int]) -> list:
+    """`params` without their constraints, each request writing exactly `lengths[i]` tokens
+    (EOS ignored): the constrained run's work without the grammar."""
+    from lmserve import SamplingParams
+
+    return [
+        SamplingParams(
+            temperature=p.temperature,
+            seed=p.seed,
+            max_tokens=max(n, 1),
+            ignore_eos=True,
+        )
+        for p, n in zip(params, lengths)
+    ]
+
+
+class StepCounter:
+    """Counts the engine steps that computed tokens, from the stats each step's outputs carry
+    (one message per step, in or out of process)."""
+
+    def __init__(self, llm) -> None:
+        client = llm.llm_engine.engine_core
+        self.get_output = client.get_output
+        self.num_steps = 0
+        client.get_output = self._get_output
+
+    def _get_output(self):
+        outputs = self.get_output()
+        stats = outputs.scheduler_stats
+        if stats is not None and stats.iteration_tokens:
+            self.num_steps += 1
+        return outputs
+
+
+def timed_run(llm, steps: StepCounter, prompts: list[str], params: list) -> tuple[dict, list[int]]:
+    """(the run's figures, each request's number of output tokens)."""
+    steps.num_steps = 0
     start = time.perf_counter()
     outputs = llm.generate(prompts, params, use_tqdm=False)
     seconds = time.perf_counter() - start
@@ -97,14 +142,17 @@ def timed_run(llm, prompts: list[str], params: list) -> dict:
                 valid += 1
             except ValueError:
                 pass
-    return {
+    run = {
         "seconds": round(seconds, 3),
         "output_tokens": sum(tokens),
         "output_tokens_per_s": round(sum(tokens) / seconds, 1),
+        "num_steps": steps.num_steps,
+        "mean_step_ms": round(1000 * seconds / max(steps.num_steps, 1), 3),
         "num_constrained": len(constrained),
         "constrained_output_tokens": sum(constrained),
         "constrained_outputs_that_parse": valid,
     }
+    return run, tokens
 
 
 def compile_times(tokenizer_dir_or_model: str, vocab_size: int) -> dict:
@@ -166,15 +214,25 @@ def main() -> None:
 
     constrained = make_params(args.num_requests, args.constrained_share, args.max_tokens)
     plain = make_params(args.num_requests, 0.0, args.max_tokens)
-    for params in (constrained, plain):  # warm-up: grammars compiled and cached, graphs
+    steps = StepCounter(llm)
+    # warm-up: grammars compiled and cached, CUDA graphs, every run's shapes once
+    _, warm_lengths = timed_run(llm, steps, prompts, constrained)
+    for params in (plain, length_matched(constrained, warm_lengths)):
         llm.generate(prompts, params, use_tqdm=False)
-    results = {
-        "unconstrained": timed_run(llm, prompts, plain),
-        f"{int(args.constrained_share * 100)}%_json_schema": timed_run(llm, prompts, constrained),
-    }
-    base = results["unconstrained"]["output_tokens_per_s"]
+    name = f"{int(args.constrained_share * 100)}%_json_schema"
+    results = {"unconstrained": timed_run(llm, steps, prompts, plain)[0]}
+    results[name], lengths = timed_run(llm, steps, prompts, constrained)
+    results["length_matched"] = timed_run(
+        llm, steps, prompts, length_matched(constrained, lengths)
+    )[0]
+    full = results["unconstrained"]["output_tokens_per_s"]
+    matched = results["length_matched"]["output_tokens_per_s"]
     for run in results.values():
-        run["relative_throughput"] = round(run["output_tokens_per_s"] / base, 3)
+        run["relative_throughput"] = round(run["output_tokens_per_s"] / matched, 3)
+        run["relative_throughput_vs_full_length"] = round(run["output_tokens_per_s"] / full, 3)
+    results[name]["relative_step_time"] = round(
+        results[name]["mean_step_ms"] / results["length_matched"]["mean_step_ms"], 3
+    )
     compile_stats = compile_times(model_config.tokenizer, model_config.vocab_size)
     llm.shutdown()
 
@@ -186,6 +244,9 @@ def main() -> None:
         "num_requests": args.num_requests,
         "max_tokens": args.max_tokens,
         "vocab_size": model_config.vocab_size,
+        "async_scheduling": llm.llm_engine.config.scheduler_config.async_scheduling,
+        "relative_throughput": results[name]["relative_throughput"],
+        "relative_throughput_vs_full_length": results[name]["relative_throughput_vs_full_length"],
         "runs": results,
         "grammar_compile": compile_stats,
         "machine": device_info(args.device),
@@ -205,15 +266,25 @@ def print_table(summary: dict) -> None:
     where = machine.get("gpu") or machine.get("cpu_model") or machine["device"]
     print(
         f"\nstructured outputs, {summary['model']}, {summary['dtype']}, "
-        f"{summary['num_requests']} requests x <= {summary['max_tokens']} tokens, {where}"
+        f"{summary['num_requests']} requests x <= {summary['max_tokens']} tokens, {where}, "
+        f"async scheduling {'on' if summary['async_scheduling'] else 'off'}"
     )
-    print(f"{'run':<22}{'seconds':>9}{'out tok':>9}{'tok/s':>10}{'relative':>10}{'valid JSON':>12}")
+    print(
+        f"{'run':<22}{'seconds':>9}{'out tok':>9}{'tok/s':>10}{'steps':>7}{'ms/step':>9}"
+        f"{'vs matched':>12}{'vs full':>9}{'valid JSON':>12}"
+    )
     for name, run in summary["runs"].items():
         valid = f"{run['constrained_outputs_that_parse']}/{run['num_constrained']}"
         print(
             f"{name:<22}{run['seconds']:>9.2f}{run['output_tokens']:>9}"
-            f"{run['output_tokens_per_s']:>10.1f}{run['relative_throughput']:>10.3f}{valid:>12}"
+            f"{run['output_tokens_per_s']:>10.1f}{run['num_steps']:>7}{run['mean_step_ms']:>9.2f}"
+            f"{run['relative_throughput']:>12.3f}{run['relative_throughput_vs_full_length']:>9.3f}"
+            f"{valid:>12}"
         )
+    print(
+        f"headline: constrained / length-matched throughput = {summary['relative_throughput']}"
+        f" (vs full-length unconstrained: {summary['relative_throughput_vs_full_length']})"
+    )
     c = summary["grammar_compile"]
     print(
         f"grammar compile ({c['num_schemas']} test schemas, vocab {summary['vocab_size']}): "

@@ -87,6 +87,14 @@ ENVIRONMENT_VARIABLES: dict[str, tuple[Callable[[], Any], str]] = {
         lambda: int(os.environ.get("LMSERVE_GRAMMAR_COMPILE_THREADS", "2")),
         "threads of the EngineCore's grammar-compiling pool (structured outputs)",
     ),
+    "LMSERVE_GRAMMAR_BITMASK_THREADS": (
+        lambda: int(
+            os.environ.get("LMSERVE_GRAMMAR_BITMASK_THREADS")
+            or min(8, max(1, (os.cpu_count() or 2) // 2))
+        ),
+        "threads that fill one step's token bitmask for the constrained requests together "
+        "(structured outputs; default: half the cores, at most 8)",
+    ),
 }
 
 

@@ -10,6 +10,9 @@ output, so the host's scheduling and input preparation hide behind the device's 
 
     step(): launch(schedule(N+1)); outputs = update_from_output(N, wait(N))
 
+(With constrained requests in step N+1 whose masks need step N's tokens, only N+1's forward is
+launched first; it samples after update_from_output(N), once the masks are made.)
+
 Tokenization, detokenization and streaming happen in the front-end. `EngineCore` runs
 in-process (LMSERVE_ENABLE_MULTIPROCESSING=0); `EngineCoreProc` wraps it in its own process:
 
@@ -128,8 +131,15 @@ class EngineCore:
     def _step_async(self, in_flight: deque[tuple[SchedulerOutput, Any]]) -> EngineCoreOutputs:
         """Launch the next step if there is one, then collect the oldest step in flight —
         unless only the just-launched step is in flight (then return at once and launch
-        another, so the device always has queued work while the host waits)."""
+        another, so the device always has queued work while the host waits).
+
+        A step whose grammar masks wait for a token in flight (structured outputs,
+        `pending_structured_output_tokens`) is launched without its sampling: its forward
+        runs on the device while the host collects the step before it, advances the grammars
+        over that step's tokens and makes the masks; then the step samples (vLLM V1's
+        deferred sampling). Constrained requests thus decode every step, like the others."""
         launched = False
+        deferred = None  # (scheduler output, step) launched, its sampling not yet
         if len(in_flight) < 2 and self.scheduler.has_unfinished_requests():
             scheduler_output = self.scheduler.schedule()
             if scheduler_output.is_empty:  # still tell the worker of finished requests
@@ -138,18 +148,34 @@ class EngineCore:
                 if not in_flight and self._only_waiting_aside():
                     time.sleep(_LOAD_POLL_S)  # only KV loads or grammars: leave them the GIL
             else:
-                in_flight.append(
-                    (scheduler_output, self.executor.execute_model_async(scheduler_output))
-                )
-                launched = True
-        if not in_flight or (launched and len(in_flight) == 1):
+                step = self.executor.execute_model_async(scheduler_output)
+                if scheduler_output.pending_structured_output_tokens:
+                    assert len(in_flight) == 1, "pending masks need exactly one step in flight"
+                    deferred = (scheduler_output, step)
+                else:
+                    in_flight.append((scheduler_output, step))
+                    launched = True
+        if deferred is None and (not in_flight or (launched and len(in_flight) == 1)):
             failed = self.scheduler.take_failed_outputs()  # grammar errors, if any
             return EngineCoreOutputs(outputs=failed, timestamp=time.monotonic())
         scheduler_output, pending = in_flight.popleft()
-        return self._update(scheduler_output, pending.result())
+        runner_output = pending.result()
+        if deferred is None:
+            return self._update(scheduler_output, runner_output)
+        outputs = self.scheduler.update_from_output(scheduler_output, runner_output)
+        # The grammars have seen the step's tokens: the deferred step's masks, then its
+        # sampling, before anything else (its forward is running on the device meanwhile).
+        self.executor.sample_tokens(self.scheduler.get_grammar_bitmask(deferred[0]))
+        in_flight.append(deferred)
+        return self._finish_update(scheduler_output, outputs)
 
     def _update(self, scheduler_output: SchedulerOutput, runner_output) -> EngineCoreOutputs:
         outputs = self.scheduler.update_from_output(scheduler_output, runner_output)
+        return self._finish_update(scheduler_output, outputs)
+
+    def _finish_update(
+        self, scheduler_output: SchedulerOutput, outputs: list[EngineCoreOutput]
+    ) -> EngineCoreOutputs:
         if self.scheduler.failed:  # requests whose grammar failed to compile
             outputs += self.scheduler.take_failed_outputs()
         self._publish_kv_events()

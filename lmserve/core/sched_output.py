@@ -8,6 +8,7 @@ since the worker dropped it — and afterwards only as a diff (`CachedRequestDat
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from lmserve.core.messages import LogprobsLists, MultiModalFeature
 from lmserve.kv_transfer.base import KVConnectorMetadata, KVConnectorOutput
@@ -45,10 +46,11 @@ class StructuredOutputBatch:
     """One step's token masks for the constrained requests that sample in it (structured
     outputs; lmserve/core/structured_output.py). A request has 1 + len(its scheduled drafts)
     rows from `req_row_start[req_id]`: row j allows what may follow its known tokens and
-    drafts 1..j. Bytes, not an array, so the message encodes without copies into lists."""
+    drafts 1..j. A numpy array: one zero-copy frame on the wire (tensor parallelism), no
+    copy at all in one process."""
 
     req_row_start: dict[str, int]  # req_id -> its first row
-    bitmask: bytes  # [num_rows, num_words] int32; bit t % 32 of word t // 32: token t allowed
+    bitmask: Any  # numpy [num_rows, num_words] int32; bit t % 32 of word t // 32: t allowed
     num_words: int  # ceil(vocab_size / 32)
 
 
@@ -70,8 +72,13 @@ class SchedulerOutput:
     scheduled_encoder_inputs: list[MultiModalFeature] = field(default_factory=list)
     # Encoder cache entries evicted: the worker drops them before encoding this step's.
     free_encoder_mm_hashes: list[str] = field(default_factory=list)
-    # Token masks of constrained requests (None: no constrained request samples this step).
+    # Structured outputs: the constrained requests that sample this step, and their token
+    # masks (None: none of them, or masks pending). Pending (async scheduling only): a token
+    # of theirs from the step in flight is not known yet, so the masks come later, through
+    # the runner's `sample_tokens`, once that step's output has advanced their grammars.
+    structured_output_request_ids: list[str] = field(default_factory=list)
     structured_output: StructuredOutputBatch | None = None
+    pending_structured_output_tokens: bool = False
 
     @property
     def is_empty(self) -> bool:

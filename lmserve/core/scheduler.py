@@ -26,8 +26,10 @@ Each step decides `num_scheduled_tokens = {request_id: num_tokens}` under one bu
   - structured outputs: a constrained request waits aside (WAITING_FOR_FSM) while its grammar
                        compiles in a thread pool, then queues like any other; each step carries
                        the token masks of the constrained requests that sample in it
-                       (lmserve/core/structured_output.py; never scheduled ahead under async
-                       scheduling, so a mask always follows the request's last token).
+                       (lmserve/core/structured_output.py). Under async scheduling a
+                       constrained request is scheduled ahead like any other; a step whose
+                       masks depend on a token still in flight is marked pending, and its
+                       masks are made once that token is known, before the step samples.
 Running requests are served first, then waiting ones (only in a step with no preemption).
 """
 
@@ -262,10 +264,13 @@ class Scheduler:
         self._schedule_running(step)
         if not step.preempted:
             self._schedule_waiting(step)
+        constrained: list[Request] = []  # constrained requests that sample this step
         for request in step.scheduled:  # the decision is made: advance progress
             request.num_computed_tokens += step.num_scheduled_tokens[request.request_id]
             if request.num_computed_tokens >= request.num_tokens + request.num_output_placeholders:
                 request.num_output_placeholders += 1  # this step samples its next token
+                if request.structured_output is not None:
+                    constrained.append(request)
         out = SchedulerOutput(
             scheduled_new_reqs=step.new_reqs,
             scheduled_cached_reqs=step.cached_reqs,
@@ -275,8 +280,8 @@ class Scheduler:
             preempted_req_ids={r.request_id for r in step.preempted},
             scheduled_spec_decode_tokens=step.spec_tokens,
         )
-        if self.num_constrained:
-            out.structured_output = self._grammar_bitmask(step)
+        if constrained:
+            self._attach_grammar(out, constrained, step.spec_tokens)
         if self.encoder_cache is not None:
             out.scheduled_encoder_inputs = step.encoder_inputs
             out.free_encoder_mm_hashes = self.encoder_cache.take_freed()
@@ -289,8 +294,6 @@ class Scheduler:
 
     def _num_new_tokens(self, request: Request, num_computed_tokens: int, budget: int) -> int:
         pending = request.num_output_placeholders  # > 0 only under async scheduling
-        if pending and request.structured_output is not None:
-            return 0  # its next mask needs the token in flight (core/structured_output.py)
         if pending and (
             request.num_output_tokens + pending >= request.max_tokens
             or request.num_tokens + pending >= self.max_model_len
@@ -666,15 +669,34 @@ class Scheduler:
         failed, self.failed = self.failed, []
         return failed
 
-    def _grammar_bitmask(self, step: _StepPlan):
-        """The masks of the constrained requests that sample this step (their step reaches
-        their last known token: it left a placeholder for the token it samples)."""
-        sampling = [
-            r
-            for r in step.scheduled
-            if r.structured_output is not None and r.num_output_placeholders > 0
+    def _attach_grammar(
+        self, out: SchedulerOutput, constrained: list[Request], spec_tokens: dict[str, list[int]]
+    ) -> None:
+        """The masks of the constrained requests that sample this step, now if every matcher
+        is at its request's last token; else (async scheduling: a token of theirs is still in
+        flight) the step is marked pending and `get_grammar_bitmask` makes them once the step
+        in flight has been collected (lmserve/core/structured_output.py)."""
+        out.structured_output_request_ids = [r.request_id for r in constrained]
+        if any(r.num_output_placeholders > 1 for r in constrained):
+            out.pending_structured_output_tokens = True
+            return
+        out.structured_output = self.structured_output.grammar_bitmask(constrained, spec_tokens)
+
+    def get_grammar_bitmask(self, scheduler_output: SchedulerOutput):
+        """The masks of a pending step (`pending_structured_output_tokens`), made after the
+        output of the step before it was applied (`update_from_output`): every matcher has then
+        accepted its request's tokens up to the one this step samples after. Requests that
+        finished (or were aborted) meanwhile get no rows: their token is dropped anyway."""
+        requests = [
+            request
+            for req_id in scheduler_output.structured_output_request_ids
+            if (request := self.requests.get(req_id)) is not None
+            and request.status == RequestStatus.RUNNING
         ]
-        return self.structured_output.grammar_bitmask(sampling, step.spec_tokens)
+        for request in requests:
+            assert request.num_output_placeholders == 1, "a token of an earlier step in flight"
+        spec_tokens = scheduler_output.scheduled_spec_decode_tokens
+        return self.structured_output.grammar_bitmask(requests, spec_tokens)
 
     def _advance_grammar(self, request: Request, token_ids: list[int]) -> None:
         """The matcher accepts the emitted tokens; a grammar that is complete ends the request

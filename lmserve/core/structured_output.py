@@ -6,8 +6,13 @@ matcher per constrained request, one token bitmask per step.
     schedule()  ──▶ poll(): compiled → its matcher is made and it joins the waiting queue;
                     failed or past LMSERVE_GRAMMAR_COMPILE_TIMEOUT_S → it finishes with an error
                 ──▶ grammar_bitmask(): rows for every constrained request that samples this
-                    step (1 + its scheduled drafts), into SchedulerOutput.structured_output
+                    step (1 + its scheduled drafts), into SchedulerOutput.structured_output —
+                    at once, or (async scheduling) once the step in flight is collected
     update_from_output ──▶ the matcher accepts the tokens the request actually emitted
+
+The rows of one step are filled together: one xgrammar call (BatchGrammarMatcher, over
+LMSERVE_GRAMMAR_BITMASK_THREADS threads, without the GIL) for every request's first row, then
+one per draft depth; the worker applies them on the device (lmserve/sample/grammar.py).
 
 Why the worker can trust the mask (the matcher must be at the request's last token when the
 mask is made):
@@ -19,11 +24,15 @@ mask is made):
   - preemption: the matcher only ever advances over tokens appended to the request (kept
     across preemption); a token in flight when its request is preempted is dropped unseen,
     so there is nothing to roll back.
-  - async scheduling: step N+1 is scheduled before step N's sampled token is known. A
-    constrained request is therefore never scheduled ahead: the scheduler skips it while it
-    has a step in flight (`num_output_placeholders > 0`), so its mask is always made after
-    its previous token was accepted. It then runs every other step, as if async scheduling
-    were off for it; unconstrained requests keep the overlap.
+  - async scheduling: step N+1 is scheduled (and its forward launched) before step N's
+    sampled token is known. A constrained request is scheduled ahead like any other, but its
+    mask for step N+1 needs that token: the scheduler marks such a step
+    `pending_structured_output_tokens`, the worker runs its forward and holds its sampling,
+    and the EngineCore, after collecting step N (the matchers accept its tokens), makes the
+    masks (`Scheduler.get_grammar_bitmask`) and has the worker sample (`sample_tokens`) —
+    vLLM V1's deferred sampling. The forward of N+1 hides the host's work on step N, and
+    constrained requests decode every step; a request that finished in step N gets no row
+    (its token from N+1 is dropped, as for any request).
 
 Nothing here runs for a batch without constrained requests.
 """
@@ -136,8 +145,11 @@ class StructuredOutputManager:
     def grammar_bitmask(
         self, requests: list[Request], spec_tokens: dict[str, list[int]]
     ) -> StructuredOutputBatch | None:
-        """The masks for `requests` (constrained, sampling this step): 1 + len(drafts) rows
-        each, row j allowing what may follow the known tokens and drafts 1..j."""
+        """The masks for `requests` (constrained, sampling this step, each matcher at its
+        request's last token): 1 + len(drafts) rows each, row j allowing what may follow the
+        known tokens and drafts 1..j. Rows are filled in batches, one xgrammar call (over its
+        threads) for every request's first row, then one per draft depth."""
+        requests = [r for r in requests if not r.structured_output.grammar.is_terminated()]
         if not requests:
             return None
         row_start: dict[str, int] = {}
@@ -147,32 +159,49 @@ class StructuredOutputManager:
             num_rows += 1 + len(spec_tokens.get(request.request_id, ()))
         num_words = -(-self._backend.vocab_size // 32)
         bitmask = np.full((num_rows, num_words), -1, dtype=np.int32)  # [num_rows, num_words]
-        for request in requests:
-            drafts = spec_tokens.get(request.request_id, ())
-            _fill_rows(
-                request.structured_output.grammar, bitmask, row_start[request.request_id], drafts
-            )
-        return StructuredOutputBatch(row_start, bitmask.tobytes(), num_words)
+        grammars = [r.structured_output.grammar for r in requests]
+        self._backend.batch_fill_bitmask(grammars, bitmask, list(row_start.values()))
+        with_drafts = [
+            (r.structured_output.grammar, row_start[r.request_id], drafts)
+            for r in requests
+            if (drafts := spec_tokens.get(r.request_id))
+        ]
+        if with_drafts:
+            _fill_draft_rows(self._backend, with_drafts, bitmask)
+        return StructuredOutputBatch(row_start, bitmask, num_words)
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
-def _fill_rows(grammar: Any, bitmask: np.ndarray, start: int, drafts) -> None:
-    """Rows start.. of one request: after its known tokens, then after each draft in turn
-    (accepted transiently, then rolled back). Rows after a draft the grammar refuses stay
-    all-allowed: they are never used, since the sampler rejects that draft (and rows after an
-    accepted stop token are never emitted: the stop check ends the request there)."""
-    grammar.fill_bitmask(bitmask, start)
-    num_accepted = 0
-    for j, token_id in enumerate(drafts):
-        if not grammar.accept_tokens([token_id]):
-            break
-        num_accepted += 1
-        if grammar.is_terminated():  # a stop token: whatever follows is cut by the stop check
-            break
-        grammar.fill_bitmask(bitmask, start + j + 1)
-    grammar.rollback(num_accepted)
+def _fill_draft_rows(backend: Any, items: list[tuple[Any, int, list[int]]], bitmask) -> None:
+    """Rows start+1.. of requests with drafts (their first row is filled): row start+j+1 is
+    the mask after drafts 0..j, made by accepting the drafts transiently, one depth at a time
+    for all requests (one batched fill per depth), then rolling them back. Rows after a draft
+    the grammar refuses stay all-allowed: they are never used, since the sampler rejects that
+    draft (and rows after an accepted stop token are never emitted: the stop check ends the
+    request there)."""
+    num_accepted = [0] * len(items)
+    active = list(range(len(items)))
+    depth = 0
+    while active:
+        grammars, rows, still = [], [], []
+        for i in active:
+            grammar, start, drafts = items[i]
+            if not grammar.accept_tokens([drafts[depth]]):
+                continue
+            num_accepted[i] += 1
+            if grammar.is_terminated():  # a stop token: whatever follows is cut by the stop check
+                continue
+            grammars.append(grammar)
+            rows.append(start + depth + 1)
+            if depth + 1 < len(drafts):
+                still.append(i)
+        backend.batch_fill_bitmask(grammars, bitmask, rows)
+        active = still
+        depth += 1
+    for (grammar, _, _), n in zip(items, num_accepted):
+        grammar.rollback(n)
 
 
 def make_backend(model_config: ModelConfig, num_threads: int) -> Any:
@@ -184,4 +213,6 @@ def make_backend(model_config: ModelConfig, num_threads: int) -> Any:
     if model_config.skip_tokenizer_init:
         raise GrammarCompileError("structured outputs need a tokenizer (skip_tokenizer_init=True)")
     tokenizer = AutoTokenizer.from_pretrained(model_config.tokenizer)
-    return XgrammarBackend(tokenizer, model_config.vocab_size, num_threads)
+    return XgrammarBackend(
+        tokenizer, model_config.vocab_size, num_threads, envs.LMSERVE_GRAMMAR_BITMASK_THREADS
+    )

@@ -5,23 +5,41 @@ from __future__ import annotations
 import json
 from typing import Any
 
-ROLES = ("system", "user", "assistant", "tool", "developer")
+ROLES = ("system", "user", "assistant", "tool", "developer", "function")  # last: deprecated
 
 Conversation = list[dict[str, Any]]
 
 
 def validate_conversation(messages: Any) -> Conversation:
     """Check roles and contents; returns messages whose content is plain text. Content may be
-    a string or a list of {"type": "text", "text": ...} parts (joined with newlines)."""
+    a string or a list of {"type": "text", "text": ...} parts (joined with newlines).
+    OpenAI's deprecated function-calling turns become the tool turns they stand for: an
+    assistant's `function_call` a one-call `tool_calls`, a `role: "function"` message (its
+    `name` and result) a `role: "tool"` message answering that call."""
     if not isinstance(messages, list) or not messages:
         raise ValueError("a conversation must be a non-empty list of messages")
     result = []
+    last_legacy_call = None  # the id given to the latest assistant `function_call`
     for i, message in enumerate(messages):
         if not isinstance(message, dict):
             raise ValueError(f"message {i} must be a dict with 'role' and 'content'")
         role = message.get("role")
         if role not in ROLES:
             raise ValueError(f"message {i}: role={role!r} is invalid: must be one of {ROLES}")
+        if role == "assistant" and message.get("function_call") and not message.get("tool_calls"):
+            last_legacy_call = f"call_{i}"
+            call = {
+                "id": last_legacy_call,
+                "type": "function",
+                "function": message["function_call"],
+            }
+            message = {k: v for k, v in message.items() if k != "function_call"}
+            message["tool_calls"] = [call]
+        elif role == "function":
+            if not isinstance(message.get("name"), str):
+                raise ValueError(f"message {i}: a function message needs a string 'name'")
+            message = {**message, "role": "tool", "tool_call_id": last_legacy_call or f"call_{i}"}
+            role = "tool"
         content = message.get("content")
         if content is None and (role == "assistant" and message.get("tool_calls")):
             content = ""  # an assistant turn that only called tools

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from lmserve.config import EngineConfig
-from lmserve.core.sched_output import ModelRunnerOutput, SchedulerOutput
+from lmserve.core.sched_output import ModelRunnerOutput, SchedulerOutput, StructuredOutputBatch
 from lmserve.worker.model_runner import StepOutput
 from lmserve.worker.worker import Worker
 
@@ -28,6 +28,11 @@ class UniProcExecutor:
     def execute_model_async(self, scheduler_output: SchedulerOutput) -> StepOutput:
         """Queue the step; its `.result()` waits for it (async scheduling)."""
         return self.worker.execute_model_async(scheduler_output)
+
+    def sample_tokens(self, structured_output: StructuredOutputBatch | None) -> None:
+        """Sample the step launched last whose grammar masks were pending (async scheduling
+        with structured outputs); its `.result()` then waits for it as usual."""
+        self.worker.sample_tokens(structured_output)
 
     def shutdown(self) -> None:
         self.worker.shutdown()

@@ -3,12 +3,16 @@
 The EngineCore's matchers decide which tokens each constrained row may take
 (lmserve/core/structured_output.py); here, on the device, every other token of those rows gets
 -inf before anything else reads the logits (bias, penalties, greedy argmax, temperature,
-truncation, logprobs, the rejection sampler's acceptance test). Rows of unconstrained requests
-are untouched, and a batch without constrained rows never comes here.
+truncation, logprobs, the rejection sampler's acceptance test). The mask is applied in place:
+on CUDA by xgrammar's Triton kernel (one launch, only the constrained rows, nothing copied),
+elsewhere by vectorised torch code. Rows of unconstrained requests are untouched, and a batch
+without constrained rows never comes here.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,7 +23,7 @@ import torch
 class GrammarMask:
     """The masks of one step, on the device, as the sampler needs them."""
 
-    rows: torch.Tensor  # [num_masked] int64, logits rows that are constrained
+    rows: torch.Tensor  # [num_masked] int64, logits rows that are constrained (unique)
     bitmask: torch.Tensor  # [num_masked, num_words] int32, bit t % 32 of word t // 32 = allowed
 
 
@@ -36,14 +40,52 @@ def unpack_bitmask(
 
 
 def apply_grammar_mask(
-    logits: torch.Tensor,  # [num_rows, vocab_size]
+    logits: torch.Tensor,  # [num_rows, vocab_size]; modified in place
     mask: GrammarMask,
-) -> torch.Tensor:  # [num_rows, vocab_size], a copy: `logits` is not modified
-    """Disallowed tokens of the constrained rows get -inf."""
+) -> torch.Tensor:  # `logits` itself
+    """Disallowed tokens of the constrained rows get -inf, in place."""
+    if use_triton_kernel(logits, mask):
+        apply_grammar_mask_triton(logits, mask)
+    else:
+        apply_grammar_mask_torch(logits, mask)
+    return logits
+
+
+def use_triton_kernel(logits: torch.Tensor, mask: GrammarMask) -> bool:
+    return (
+        logits.is_cuda
+        and logits.dim() == 2
+        and logits.stride(-1) == 1
+        and mask.bitmask.shape[1] * 32 >= logits.shape[1]
+        and _triton_installed()
+    )
+
+
+def apply_grammar_mask_torch(logits: torch.Tensor, mask: GrammarMask) -> None:
+    """Any device: unpack the constrained rows' bits, then one masked write of those rows."""
     allowed = unpack_bitmask(mask.bitmask, logits.shape[-1])  # [num_masked, vocab_size]
-    masked = logits.clone()
-    masked[mask.rows] = masked[mask.rows].masked_fill(~allowed, float("-inf"))
-    return masked
+    logits[mask.rows] = logits[mask.rows].masked_fill(~allowed, float("-inf"))
+
+
+def apply_grammar_mask_triton(logits: torch.Tensor, mask: GrammarMask) -> None:
+    """CUDA: xgrammar's Triton kernel, which reads bitmask row i for logits row i, so the
+    constrained rows are scattered into an all-allowed [num_rows, num_words] mask first
+    (a few KiB per row on the device) and only those rows are visited."""
+    import xgrammar as xgr
+
+    full = torch.full(
+        (logits.shape[0], mask.bitmask.shape[1]), -1, dtype=torch.int32, device=logits.device
+    )  # [num_rows, num_words]
+    full[mask.rows] = mask.bitmask
+    xgr.apply_token_bitmask_inplace(logits, full, indices=mask.rows, backend="triton")
+
+
+@functools.cache
+def _triton_installed() -> bool:
+    return (
+        importlib.util.find_spec("triton") is not None
+        and importlib.util.find_spec("xgrammar") is not None
+    )
 
 
 def build_grammar_mask(
@@ -54,8 +96,7 @@ def build_grammar_mask(
 ) -> GrammarMask | None:
     """Match the step's mask rows to logits rows. A request has len(its rows) consecutive
     logits rows (1 + its drafts) from `logits_row_start[i]`; None when none is constrained."""
-    host = np.frombuffer(structured_output.bitmask, dtype=np.int32)
-    host = host.reshape(-1, structured_output.num_words)  # [num_mask_rows, num_words]
+    host = _host_bitmask(structured_output)  # [num_mask_rows, num_words]
     starts = structured_output.req_row_start
     ends = sorted(starts.values())[1:] + [len(host)]
     row_end = dict(zip(sorted(starts.values()), ends))
@@ -70,6 +111,26 @@ def build_grammar_mask(
         mask_rows.extend(range(start, start + count))
     if not logits_rows:
         return None
-    bitmask = torch.from_numpy(host[mask_rows]).to(device, non_blocking=True)
-    rows = torch.tensor(logits_rows, dtype=torch.int64).to(device, non_blocking=True)
+    if mask_rows != list(range(len(host))):  # some rows unused, or in another order
+        host = host[mask_rows]
+    elif not host.flags.writeable:  # a view of a received frame: torch wants its own
+        host = host.copy()
+    bitmask = _to_device(host, device)
+    rows = _to_device(np.asarray(logits_rows, dtype=np.int64), device)
     return GrammarMask(rows=rows, bitmask=bitmask)
+
+
+def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """On CUDA through pinned memory: a copy from pageable memory may wait for the stream
+    (the forward still running) before the host can go on; a pinned one is only queued."""
+    tensor = torch.from_numpy(array)
+    if device.type != "cuda":
+        return tensor
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
+def _host_bitmask(structured_output) -> np.ndarray:  # [num_mask_rows, num_words] int32
+    bitmask = structured_output.bitmask
+    if isinstance(bitmask, (bytes, bytearray, memoryview)):
+        bitmask = np.frombuffer(bitmask, dtype=np.int32)
+    return np.asarray(bitmask, dtype=np.int32).reshape(-1, structured_output.num_words)

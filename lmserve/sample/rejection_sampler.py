@@ -43,7 +43,7 @@ class RejectionSamplerOutput:
 
 
 class RejectionSampler(torch.nn.Module):
-    """Stateless; `forward` never modifies `target_logits`."""
+    """Stateless; `forward` modifies `target_logits` only by the grammar mask (in place)."""
 
     def forward(
         self,
@@ -54,7 +54,7 @@ class RejectionSampler(torch.nn.Module):
         draft_probs: torch.Tensor | None = None,  # [num_rows, vocab]; None = point masses
     ) -> RejectionSamplerOutput:
         if sampling.grammar_mask is not None:  # structured outputs: rows after each draft
-            target_logits = apply_grammar_mask(target_logits, sampling.grammar_mask)
+            apply_grammar_mask(target_logits, sampling.grammar_mask)
         processed = apply_logit_edits(target_logits, sampling)  # [num_rows, vocab]
         argmax = processed.argmax(dim=-1)  # [num_rows]
         probs = None  # [num_rows, vocab]

@@ -2,7 +2,7 @@
 
 Order of work for one step (vLLM V1's):
 
-    raw logits ──► grammar mask (constrained rows only; structured outputs, see grammar.py)
+    raw logits ──► grammar mask (constrained rows only, in place; structured outputs, grammar.py)
         │
         ├────────► log_softmax ──► logprobs (if asked)       <- the RAW model distribution
         │
@@ -57,15 +57,16 @@ class SamplerOutput:
 
 
 class Sampler(torch.nn.Module):
-    """Stateless; `forward` never modifies `logits`."""
+    """Stateless; `forward` modifies `logits` only by the grammar mask (structured outputs:
+    disallowed tokens of constrained rows set to -inf in place, the first thing done)."""
 
     def forward(
         self,
         logits: torch.Tensor,  # [num_reqs, vocab_size] float32, raw model output
         metadata: SamplingMetadata,
     ) -> SamplerOutput:
-        if metadata.grammar_mask is not None:  # a masked copy: `logits` stays as it was
-            logits = apply_grammar_mask(logits, metadata.grammar_mask)
+        if metadata.grammar_mask is not None:  # in place: no copy of the batch's logits
+            apply_grammar_mask(logits, metadata.grammar_mask)
         raw_logprobs = None  # [num_reqs, vocab_size]
         if metadata.max_num_logprobs is not None:
             raw_logprobs = torch.log_softmax(logits, dim=-1, dtype=torch.float32)

@@ -63,3 +63,11 @@ class StructuredOutputBackend(ABC):
     def make_grammar(self, compiled: Any, stop_token_ids: list[int]) -> StructuredOutputGrammar:
         """A fresh matcher at the start of `compiled`; `stop_token_ids` end the output once the
         grammar is complete (the request's EOS and stop token ids)."""
+
+    def batch_fill_bitmask(
+        self, grammars: list[StructuredOutputGrammar], bitmask: np.ndarray, rows: list[int]
+    ) -> None:
+        """`grammars[i].fill_bitmask(bitmask, rows[i])` for every i (none terminated); a backend
+        may do it in one call over several threads. Rows not listed are left as they are."""
+        for grammar, row in zip(grammars, rows):
+            grammar.fill_bitmask(bitmask, row)

@@ -52,13 +52,17 @@ class XgrammarGrammar(StructuredOutputGrammar):
 
 
 class XgrammarBackend(StructuredOutputBackend):
-    def __init__(self, tokenizer: Any, vocab_size: int, num_threads: int = 2) -> None:
+    def __init__(
+        self, tokenizer: Any, vocab_size: int, num_threads: int = 2, num_fill_threads: int = 1
+    ) -> None:
         """`tokenizer`: the model's HF tokenizer; `vocab_size`: the logits width (tokens
-        past the tokenizer's vocabulary are never allowed)."""
+        past the tokenizer's vocabulary are never allowed); `num_fill_threads`: threads that
+        fill one step's bitmask rows together (xgrammar's BatchGrammarMatcher)."""
         self.vocab_size = vocab_size
         info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size)
         # xgrammar's own cache is keyed by grammar text too; the manager's cache sits above it.
         self.compiler = xgr.GrammarCompiler(info, max_threads=num_threads)
+        self.batch_matcher = xgr.BatchGrammarMatcher(max(num_fill_threads, 1))
 
     def compile(self, params: StructuredOutputsParams) -> xgr.CompiledGrammar:
         return self.compiler.compile_grammar(build_grammar(params))
@@ -67,6 +71,14 @@ class XgrammarBackend(StructuredOutputBackend):
         # Rollback is unlimited in xgrammar >= 0.2 (drafts are rolled back right away).
         matcher = xgr.GrammarMatcher(compiled, override_stop_tokens=stop_token_ids or None)
         return XgrammarGrammar(matcher)
+
+    def batch_fill_bitmask(
+        self, grammars: list[XgrammarGrammar], bitmask: np.ndarray, rows: list[int]
+    ) -> None:
+        """One call into xgrammar for all rows, spread over its threads (C++, no GIL)."""
+        if grammars:
+            matchers = [g.matcher for g in grammars]
+            self.batch_matcher.batch_fill_next_token_bitmask(matchers, bitmask, list(rows))
 
 
 def choice_ebnf(choices: list[str]) -> str:

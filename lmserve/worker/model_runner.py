@@ -10,13 +10,13 @@ import torch
 from lmserve.attention import ForwardContext, get_attention_backend
 from lmserve.config import EngineConfig
 from lmserve.core.messages import LogprobsLists
-from lmserve.core.sched_output import ModelRunnerOutput, SchedulerOutput
+from lmserve.core.sched_output import ModelRunnerOutput, SchedulerOutput, StructuredOutputBatch
 from lmserve.kv_transfer.base import KVConnectorBase, KVConnectorMetadata, KVConnectorOutput
 from lmserve.model.loader import get_kv_cache_spec, load_model
 from lmserve.sample.grammar import build_grammar_mask
 from lmserve.sample.logprobs import LogprobsTensors, compute_logprobs_tensors
 from lmserve.sample.metadata import SamplingMetadata
-from lmserve.sample.sampler import Sampler, SamplerOutput
+from lmserve.sample.sampler import Sampler
 from lmserve.worker.cuda_graphs import CudaGraphRunner, decode_graph_sizes, piecewise_graph_sizes
 from lmserve.worker.device_inputs import DeviceInputs, host_to_device
 from lmserve.worker.encoder_runner import EncoderRunner, ImageRows
@@ -61,6 +61,9 @@ class ModelRunner:
         )
         self.graphs: CudaGraphRunner | None = None  # set by capture_model()
         self._last_sampled: SampledTokens | None = None  # the latest step's sampled tokens
+        # The step launched last when its sampling waits for grammar masks (async scheduling
+        # with structured outputs): (step, sample rows, logits, sampling metadata).
+        self._awaiting_grammar: tuple | None = None
         self._sampled_host = _HostRing(config.scheduler_config.max_num_seqs, device)
         self._stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
         self.spec_decode: SpecDecodeRunner | None = None  # speculative decoding, if configured
@@ -245,7 +248,7 @@ class ModelRunner:
         # never computed (and its seeded generator never advanced).
         sampling = flat.completes_known_tokens  # [num_reqs] bool
         sample_rows = flat.req_rows[sampling]
-        sampler_output = None
+        logits = metadata = None
         if len(sample_rows):
             # Queued behind the forward, no host stall: the host builds the sampling inputs
             # while the GPU runs; the step's one sync is the sampled tokens' copy back.
@@ -259,16 +262,26 @@ class ModelRunner:
             metadata = build_sampling_metadata(
                 self.input_batch, sample_rows, self.vocab_size, self.device
             )
-            if scheduler_output.structured_output is not None:
-                req_ids = [self.input_batch.req_ids[r] for r in sample_rows]
-                metadata.grammar_mask = build_grammar_mask(
-                    scheduler_output.structured_output, req_ids, None, self.device
-                )
-            sampler_output = self.sampler(logits, metadata)
         prompt_logprobs = self.compute_prompt_logprobs(flat, hidden)
-        step = self._launch_copies(flat, sample_rows, sampler_output, prompt_logprobs)
+        step = self._new_step(flat, prompt_logprobs)
         step.encoder_seconds = encoder_seconds
+        if logits is not None and scheduler_output.pending_structured_output_tokens:
+            # The grammar masks wait for the step in flight: sample_tokens() samples.
+            self._awaiting_grammar = (step, sample_rows, logits, metadata)
+            step.awaiting_grammar = True
+            return step
+        self._sample(step, sample_rows, logits, metadata, scheduler_output.structured_output)
         return step
+
+    @torch.inference_mode()
+    def sample_tokens(self, structured_output: StructuredOutputBatch | None) -> None:
+        """Sample the step launched last, whose grammar masks were pending
+        (`SchedulerOutput.pending_structured_output_tokens`): `structured_output` holds them,
+        made after the step before it was collected. Its forward is already queued."""
+        step, sample_rows, logits, metadata = self._awaiting_grammar
+        self._awaiting_grammar = None
+        step.awaiting_grammar = False
+        self._sample(step, sample_rows, logits, metadata, structured_output)
 
     def _update_states(self, scheduler_output: SchedulerOutput) -> None:
         batch = self.input_batch
@@ -369,19 +382,38 @@ class ModelRunner:
         return self._last_sampled is not None and not self._last_sampled.on_host
 
     # ---- output ----------------------------------------------------------------------------
-    def _launch_copies(
-        self,
-        flat: FlatInputs,
-        sample_rows: np.ndarray,
-        sampler_output: SamplerOutput | None,
-        prompt_logprobs: dict[str, LogprobsTensors],
+    def _new_step(
+        self, flat: FlatInputs, prompt_logprobs: dict[str, LogprobsTensors]
     ) -> StepOutput:
-        """Queue the step's device->host copies and count its sampled tokens in the persistent
-        batch (their values land there when the copies are done)."""
         batch = self.input_batch
-        req_ids = [batch.req_ids[r] for r in flat.req_rows]
-        sampled = logprobs = None
-        if sampler_output is not None:
+        return StepOutput(
+            req_ids=[batch.req_ids[r] for r in flat.req_rows],
+            sample_positions=np.nonzero(flat.completes_known_tokens)[0],
+            sampled=None,
+            logprobs=None,
+            prompt_logprobs={r: _logprobs_to_host(t) for r, t in prompt_logprobs.items()},
+            batch=batch,
+        )
+
+    def _sample(
+        self,
+        step: StepOutput,
+        sample_rows: np.ndarray,  # [num_sampling] persistent-batch rows, in logits order
+        logits: torch.Tensor | None,  # [num_sampling, vocab]; None: nobody samples
+        metadata: SamplingMetadata | None,
+        structured_output: StructuredOutputBatch | None,
+    ) -> None:
+        """Sample (grammar masks first, if any), then queue the step's device->host copies
+        and count its sampled tokens in the persistent batch (their values land there when
+        the copies are done)."""
+        batch = self.input_batch
+        if logits is not None:
+            if structured_output is not None:
+                req_ids = [batch.req_ids[r] for r in sample_rows]
+                metadata.grammar_mask = build_grammar_mask(
+                    structured_output, req_ids, None, self.device
+                )
+            sampler_output = self.sampler(logits, metadata)
             token_ids = sampler_output.sampled_token_ids  # [num_sampling] int64
             sampled = SampledTokens(
                 req_ids=[batch.req_ids[r] for r in sample_rows],
@@ -390,24 +422,15 @@ class ModelRunner:
                 host=self._sampled_host.copy(token_ids),
             )
             batch.num_tokens[sample_rows] += 1
-            self._last_sampled = sampled
+            self._last_sampled = step.sampled = sampled
             lp = sampler_output.logprobs
             if lp is not None:
-                logprobs = (batch.num_logprobs[sample_rows] >= 0, _logprobs_to_host(lp))
-        step = StepOutput(
-            req_ids=req_ids,
-            sample_positions=np.nonzero(flat.completes_known_tokens)[0],
-            sampled=sampled,
-            logprobs=logprobs,
-            prompt_logprobs={r: _logprobs_to_host(t) for r, t in prompt_logprobs.items()},
-            batch=batch,
-        )
+                step.logprobs = (batch.num_logprobs[sample_rows] >= 0, _logprobs_to_host(lp))
         if self.device.type == "cuda":
             step.copied = torch.cuda.Event()
             step.copied.record(self._stream)
-            if sampled is not None:
-                sampled.copied = step.copied
-        return step
+            if step.sampled is not None:
+                step.sampled.copied = step.copied
 
 
 class SampledTokens:
@@ -464,6 +487,7 @@ class StepOutput:
         self.output: ModelRunnerOutput | None = None
         self.kv_connector_output: KVConnectorOutput | None = None  # set by execute_model_async
         self.encoder_seconds = 0.0  # set by _execute
+        self.awaiting_grammar = False  # launched without its sampling (see sample_tokens)
 
     @classmethod
     def done(cls, output: ModelRunnerOutput) -> StepOutput:
@@ -472,6 +496,7 @@ class StepOutput:
         return step
 
     def result(self) -> ModelRunnerOutput:
+        assert not self.awaiting_grammar, "the step's grammar masks never came (sample_tokens)"
         if self.output is None:
             self.output = self._build_output()
         if self.kv_connector_output is not None:

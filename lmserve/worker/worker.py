@@ -11,7 +11,7 @@ import torch
 
 from lmserve import envs
 from lmserve.config import EngineConfig
-from lmserve.core.sched_output import ModelRunnerOutput, SchedulerOutput
+from lmserve.core.sched_output import ModelRunnerOutput, SchedulerOutput, StructuredOutputBatch
 from lmserve.worker.cpu_threads import SMALL_STEP_TOKENS, CpuThreadTuner
 from lmserve.worker.model_runner import ModelRunner, StepOutput
 
@@ -122,9 +122,11 @@ class Worker:
         tuner.record(threads, time.perf_counter() - start, small)
         return output
 
-
     def execute_model_async(self, scheduler_output: SchedulerOutput) -> StepOutput:
         return self.model_runner.execute_model_async(scheduler_output)
+
+    def sample_tokens(self, structured_output: StructuredOutputBatch | None) -> None:
+        self.model_runner.sample_tokens(structured_output)
 
     def shutdown(self) -> None:
         """Finish background work (the KV connector's pending saves)."""
@@ -140,7 +142,9 @@ def _make_thread_tuner() -> CpuThreadTuner | None:
     try:
         threads = int(setting)
     except ValueError:
-        raise ValueError(f"LMSERVE_CPU_THREADS must be 'auto' or an integer, got {setting!r}") from None
+        raise ValueError(
+            f"LMSERVE_CPU_THREADS must be 'auto' or an integer, got {setting!r}"
+        ) from None
     if threads < 1:
         raise ValueError(f"LMSERVE_CPU_THREADS must be >= 1, got {threads}")
     torch.set_num_threads(threads)

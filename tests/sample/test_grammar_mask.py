@@ -1,10 +1,12 @@
 """The grammar bitmask on the sampler's path: bits unpack to the right tokens, disallowed tokens
-never win (greedy, random, rejection sampling), the caller's logits are not modified, and the
-step's mask rows map to logits rows (one per request, or 1 + drafts with speculation)."""
+never win (greedy, random, rejection sampling), only the constrained rows change (in place),
+our torch code and xgrammar's kernels (CPU; Triton on CUDA) mask exactly the same entries, and
+the step's mask rows map to logits rows (one per request, or 1 + drafts with speculation)."""
 
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from lmserve.core.sched_output import StructuredOutputBatch
@@ -37,14 +39,62 @@ def test_unpack_matches_the_bits():
         assert torch.nonzero(unpacked[row]).flatten().tolist() == sorted(tokens)
 
 
-def test_masked_rows_only_and_logits_untouched():
+def test_masked_rows_only_in_place():
     logits = torch.randn(3, VOCAB)
     before = logits.clone()
     mask = GrammarMask(rows=torch.tensor([1]), bitmask=bitmask_allowing([[3, 40]]))
     masked = apply_grammar_mask(logits, mask)
-    assert torch.equal(logits, before)
-    assert torch.equal(masked[0], logits[0]) and torch.equal(masked[2], logits[2])
+    assert masked is logits  # in place: no copy of the batch's logits
+    assert torch.equal(masked[0], before[0]) and torch.equal(masked[2], before[2])
     assert torch.isfinite(masked[1]).nonzero().flatten().tolist() == [3, 40]
+    assert torch.equal(masked[1, [3, 40]], before[1, [3, 40]])
+
+
+def random_case(num_rows: int, vocab: int, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(num_rows, vocab, generator=gen)
+    rows = torch.randperm(num_rows, generator=gen)[: num_rows // 2 + 1]  # unique, any order
+    words = -(-vocab // 32)
+    bits = torch.randint(-(2**31), 2**31 - 1, (len(rows), words), dtype=torch.int32, generator=gen)
+    return logits, GrammarMask(rows=rows, bitmask=bits)
+
+
+def test_torch_path_equals_xgrammar_kernel():
+    import xgrammar as xgr
+
+    from lmserve.sample.grammar import apply_grammar_mask_torch
+
+    for num_rows, vocab, seed in [(5, VOCAB, 0), (16, 1000, 1), (33, 4099, 2)]:
+        logits, mask = random_case(num_rows, vocab, seed)
+        ours = logits.clone()
+        apply_grammar_mask_torch(ours, mask)
+        full = torch.full((num_rows, mask.bitmask.shape[1]), -1, dtype=torch.int32)
+        full[mask.rows] = mask.bitmask
+        theirs = logits.clone()
+        xgr.apply_token_bitmask_inplace(theirs, full, indices=mask.rows.tolist(), backend="cpu")
+        assert torch.equal(ours, theirs)
+        untouched = torch.ones(num_rows, dtype=torch.bool)
+        untouched[mask.rows] = False
+        assert torch.equal(ours[untouched], logits[untouched])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (Triton kernel)")
+def test_triton_path_equals_torch_path_on_cuda():
+    from lmserve.sample.grammar import (
+        apply_grammar_mask_torch,
+        apply_grammar_mask_triton,
+        use_triton_kernel,
+    )
+
+    for dtype in (torch.float32, torch.bfloat16):
+        logits, mask = random_case(64, 128256, 3)
+        logits = logits.to("cuda", dtype)
+        mask = GrammarMask(mask.rows.cuda(), mask.bitmask.cuda())
+        assert use_triton_kernel(logits, mask)
+        ours, theirs = logits.clone(), logits.clone()
+        apply_grammar_mask_torch(ours, mask)
+        apply_grammar_mask_triton(theirs, mask)
+        assert torch.equal(ours, theirs)
 
 
 def test_sampler_never_picks_a_disallowed_token():
@@ -78,6 +128,6 @@ def test_mask_rows_map_to_logits_rows_with_drafts():
     assert mask.rows.tolist() == [2, 3, 4, 5, 6]
     assert mask.bitmask.tolist() == bitmask[[1, 2, 3, 4, 0]].tolist()
     # without drafts: one logits row per request, in order
-    plain = StructuredOutputBatch({"a": 0}, bitmask[:1].tobytes(), 3)
+    plain = StructuredOutputBatch({"a": 0}, bitmask[:1], 3)  # an array, as the manager makes
     assert build_grammar_mask(plain, ["x", "a"], None, torch.device("cpu")).rows.tolist() == [1]
     assert build_grammar_mask(plain, ["x"], None, torch.device("cpu")) is None

@@ -84,8 +84,13 @@ def test_default_model_regex_and_choice(llm):
     assert re.fullmatch(r"[A-Z][a-z]{2,10}", outs[1].outputs[0].text)
 
 
-def test_default_model_ngram_speculation_keeps_greedy_identical(default_model, llm):
-    spec_llm = make_llm(default_model, speculative_config=NGRAM)
+def test_default_model_ngram_speculation_keeps_greedy_identical(default_model):
+    # The exact path. With packed weights (the CPU default for a GGUF) activations are rounded
+    # to bfloat16 before each matmul, so a last-bit difference between a verify step's attention
+    # (several query rows, masked) and a decode step's can flip a rounding and, at a near-tie, a
+    # greedy pick: seen on this test's schemas.
+    llm = make_llm(default_model, quantization="none")
+    spec_llm = make_llm(default_model, speculative_config=NGRAM, quantization="none")
     got = run(spec_llm, 0.0)
     assert_valid(got)
     assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in run(llm, 0.0)]

@@ -238,10 +238,48 @@ def test_async_scheduling_keeps_outputs_valid_and_greedy_identical(tiny_model_di
     assert_valid_json(run_schemas(async_llm, 1.0))
 
 
-def test_preemption_keeps_outputs_valid_and_greedy_identical(tiny_model_dir, llm):
+def test_async_scheduling_decodes_constrained_requests_every_step(tiny_model_dir, llm):
+    """Counted at the scheduler: with async scheduling, a constrained request is scheduled in
+    every step from its prompt to its end (one token per step; at most one more step, sampled
+    ahead of its stop), its masks made after the step in flight was collected (pending steps);
+    greedy outputs equal those of sync scheduling."""
+    async_llm = make_llm(tiny_model_dir("llama"), async_scheduling=True)
+    scheduler = async_llm.llm_engine.engine_core.engine_core.scheduler
+    steps = []
+    schedule = scheduler.schedule
+
+    def recording_schedule():
+        out = schedule()
+        if not out.is_empty:
+            steps.append(out)
+        return out
+
+    scheduler.schedule = recording_schedule
+    names = ["nested_object", "flat_required", "array_of_objects"]
+    params = [json_params(SCHEMAS[n], 0.0) for n in names]
+    params.append(SamplingParams(temperature=0.0, max_tokens=24))
+    prompts = [PROMPTS[i % 4] for i in range(len(params))]
+    got = async_llm.generate(prompts, params, use_tqdm=False)
+    want = llm.generate(prompts, params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
+    assert any(out.pending_structured_output_tokens for out in steps)
+    lengths = []
+    for out in got[: len(names)]:
+        scheduled_in = [i for i, s in enumerate(steps) if out.request_id in s.num_scheduled_tokens]
+        assert scheduled_in == list(range(scheduled_in[0], scheduled_in[0] + len(scheduled_in)))
+        lengths.append(len(out.outputs[0].token_ids))
+        assert lengths[-1] <= len(scheduled_in) <= lengths[-1] + 1
+    assert max(lengths) >= 8  # long enough that skipping every other step would show
+    assert scheduler.num_constrained == 0 and not scheduler.requests
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_preemption_keeps_outputs_valid_and_greedy_identical(tiny_model_dir, llm, async_scheduling):
+    """Async too: a request preempted with a token in flight (its masks pending) drops that
+    token unseen and recomputes; its grammar never saw it."""
     small = make_llm(
         tiny_model_dir("llama"), max_model_len=384, num_gpu_blocks_override=24,
-        max_num_batched_tokens=64,
+        max_num_batched_tokens=64, async_scheduling=async_scheduling,
     )  # fmt: skip
     got = run_schemas(small, 0.0)
     assert small.llm_engine.engine_core.engine_core.scheduler.num_preemptions > 0

@@ -2,8 +2,9 @@
 
 Requests are validated strictly: a field of the wrong JSON type is a 400, never coerced
 ("2" is not an integer). Unknown fields are ignored, as OpenAI's clients send fields that a
-given server may not know; fields OpenAI defines that we cannot honour (audio, legacy
-`functions`) are rejected explicitly by the serving layer rather than silently dropped.
+given server may not know; fields OpenAI defines that we cannot honour (audio) are rejected
+explicitly by the serving layer rather than silently dropped. OpenAI's deprecated `functions` /
+`function_call` are served as the `tools` / `tool_choice` they stand for.
 Range checks (temperature >= 0, top_p in (0, 1], ...) happen in SamplingParams, so the
 server and `LLM` accept exactly the same values.
 
@@ -172,7 +173,7 @@ class UsageInfo(OpenAIResponse):
     prompt_tokens_details: PromptTokensDetails | None = Field(default=None, exclude_if=_is_none)
 
 
-FinishReason = Literal["stop", "length", "tool_calls"]
+FinishReason = Literal["stop", "length", "tool_calls", "function_call"]  # the last: deprecated
 
 
 class CompletionLogprobs(OpenAIResponse):
@@ -232,6 +233,8 @@ class ChatMessage(OpenAIResponse):
     content: str | None = None
     refusal: str | None = None
     tool_calls: list[ToolCall] | None = Field(default=None, exclude_if=_is_none)
+    # OpenAI's deprecated form of tool_calls, for requests that sent `functions`.
+    function_call: FunctionCall | None = Field(default=None, exclude_if=_is_none)
 
 
 class ChatChoice(OpenAIResponse):
@@ -269,6 +272,7 @@ class DeltaMessage(OpenAIResponse):
     role: Literal["assistant"] | None = Field(default=None, exclude_if=_is_none)
     content: str | None = Field(default=None, exclude_if=_is_none)
     tool_calls: list[DeltaToolCall] | None = Field(default=None, exclude_if=_is_none)
+    function_call: DeltaFunctionCall | None = Field(default=None, exclude_if=_is_none)
 
 
 class ChatStreamChoice(OpenAIResponse):

@@ -7,7 +7,8 @@ finish_reason (its delta may be empty), then, with stream_options.include_usage,
 with no choices and the usage; every earlier chunk then has `"usage": null`.
 
 Structured outputs (`response_format`, vLLM's `structured_outputs`) and tools (`tools`,
-`tool_choice`, the replies' `tool_calls`) are planned by lmserve.entrypoints.openai.tools.
+`tool_choice`, the replies' `tool_calls`; OpenAI's deprecated `functions` / `function_call`
+as their equivalents) are planned by lmserve.entrypoints.openai.tools.
 """
 
 from __future__ import annotations
@@ -35,7 +36,9 @@ from lmserve.entrypoints.openai.protocol import (
     ChatStreamChoice,
     ChatTokenLogprob,
     ChatTopLogprob,
+    DeltaFunctionCall,
     DeltaMessage,
+    FunctionCall,
     PromptTokensDetails,
     ToolCall,
     UsageInfo,
@@ -56,10 +59,13 @@ from lmserve.entrypoints.openai.tool_parsers import ToolParser
 from lmserve.entrypoints.openai.tools import (
     StreamedReply,
     ToolPlan,
+    legacy_function_call,
+    legacy_function_call_delta,
     parse_reply,
     plan_tools,
     structured_outputs_for,
     tool_call_dicts,
+    tool_fields,
 )
 from lmserve.outputs import Logprob, RequestOutput
 
@@ -85,7 +91,10 @@ class OpenAIServingChat(OpenAIServing):
         model = self.resolve_model(request.model)
         _reject_unsupported(request)
         stream = bool(request.stream)
-        plan = plan_tools(request.tools, request.tool_choice, self.tool_parser)
+        fields = tool_fields(
+            request.tools, request.tool_choice, request.functions, request.function_call
+        )
+        plan = plan_tools(fields, parser=self.tool_parser)
         constraint = structured_outputs_for(
             request.response_format, request.structured_outputs, plan
         )
@@ -185,7 +194,10 @@ class OpenAIServingChat(OpenAIServing):
             reason = finish_reason(sample.finish_reason, sample.stop_reason)
             reply = parse_reply(sample.text, plan, self.tool_parser)
             message = ChatMessage(content=reply.content)
-            if reply.tool_calls:
+            if reply.tool_calls and plan.legacy:  # asked with `functions`: OpenAI's old form
+                message.function_call = FunctionCall(**legacy_function_call(reply.tool_calls))
+                reason = "function_call" if reason == "stop" else reason
+            elif reply.tool_calls:
                 message.tool_calls = [ToolCall(**c) for c in tool_call_dicts(reply.tool_calls)]
                 reason = "tool_calls" if reason == "stop" else reason
             elif plan is None or plan.mode == "none":
@@ -253,13 +265,26 @@ class OpenAIServingChat(OpenAIServing):
                     content, tool_calls = reply.feed(sample.text, reason is not None)
                     if reason == "stop" and reply.has_tool_calls:
                         reason = "tool_calls"
-                    nothing = content is None and tool_calls is None and logprobs is None
+                    function_call = None
+                    if plan is not None and plan.legacy:  # asked with `functions`
+                        function_call = legacy_function_call_delta(tool_calls)
+                        tool_calls = None
+                        reason = "function_call" if reason == "tool_calls" else reason
+                    nothing = (
+                        content is None
+                        and tool_calls is None
+                        and function_call is None
+                        and logprobs is None
+                    )
                     if reply.mode != "none" and nothing and reason is None:
                         continue  # held back: it may be part of a tool call
+                    delta = DeltaMessage(content=content, tool_calls=tool_calls)
+                    if function_call is not None:
+                        delta.function_call = DeltaFunctionCall(**function_call)
                     chunk.choices = [
                         ChatStreamChoice(
                             index=sample.index,
-                            delta=DeltaMessage(content=content, tool_calls=tool_calls),
+                            delta=delta,
                             logprobs=logprobs,
                             finish_reason=reason,
                             stop_reason=sample.stop_reason,
@@ -311,10 +336,6 @@ class OpenAIServingChat(OpenAIServing):
 
 
 def _reject_unsupported(request: ChatCompletionRequest) -> None:
-    if request.functions and request.function_call != "none":
-        raise invalid_request(
-            "the legacy `functions` field is not supported; use `tools`", "functions"
-        )
     if request.audio is not None or any(m != "text" for m in request.modalities or []):
         raise invalid_request("only text output is supported", "modalities")
     if request.stream_options is not None and not request.stream:

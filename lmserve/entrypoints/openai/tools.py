@@ -11,9 +11,15 @@
                      function's JSON Schema
         {"type": "function", "function": {"name": N}}
                      the output is constrained to N's arguments object
+    functions + function_call (OpenAI's deprecated forms of tools + tool_choice)
+                     `functions: [F]` is `tools: [{"type": "function", "function": F}]`;
+                     `function_call` "none" / "auto" / {"name": N} is tool_choice "none" /
+                     "auto" / N; the reply then carries the legacy `function_call` (the first
+                     call) and finish_reason "function_call" instead of `tool_calls`
 
 Every problem is a 400 naming the field (`response_format`, `tools`, `tool_choice`,
-`structured_outputs`); the schema checks are lmserve/structured_output/validate.py's.
+`functions`, `function_call`, `structured_outputs`); the schema checks are
+lmserve/structured_output/validate.py's.
 """
 
 from __future__ import annotations
@@ -36,6 +42,51 @@ class ToolPlan:
     tools: list[dict[str, Any]] | None  # rendered into the prompt (None: not offered)
     mode: str  # "none" | "auto" | "required" | "named"
     named: str | None = None  # the forced function's name (mode "named")
+    legacy: bool = False  # asked with `functions`: reply with `function_call`
+
+
+@dataclass(frozen=True, slots=True)
+class ToolFields:
+    """A chat request's tool fields, in their current form whichever form it used."""
+
+    tools: list[dict[str, Any]] | None
+    tool_choice: Any
+    legacy: bool = False  # given as `functions` / `function_call`
+
+    @property
+    def names(self) -> tuple[str, str]:  # the request's own field names, for errors
+        return ("functions", "function_call") if self.legacy else ("tools", "tool_choice")
+
+
+def tool_fields(tools: Any, tool_choice: Any, functions: Any, function_call: Any) -> ToolFields:
+    """`tools` / `tool_choice`, or OpenAI's deprecated `functions` / `function_call` mapped
+    onto them (OpenAI documents each as the other's deprecated equivalent). Mixing the two
+    forms is a 400."""
+    if functions is None:
+        if function_call not in (None, "none"):
+            raise invalid_request("function_call needs functions", "function_call")
+        return ToolFields(tools, tool_choice)
+    if tools is not None:
+        raise invalid_request(
+            "functions is the deprecated form of tools: send one or the other", "functions"
+        )
+    if tool_choice is not None:
+        raise invalid_request(
+            "function_call (the deprecated form of tool_choice) goes with functions, "
+            "tool_choice with tools: send one form",
+            "function_call" if function_call is not None else "tool_choice",
+        )
+    if not isinstance(functions, list) or not all(isinstance(f, dict) for f in functions):
+        raise invalid_request("functions must be a list of function objects", "functions")
+    if function_call is None or function_call in ("none", "auto"):
+        choice = function_call
+    elif isinstance(function_call, dict) and isinstance(function_call.get("name"), str):
+        choice = {"type": "function", "function": {"name": function_call["name"]}}
+    else:
+        raise invalid_request(
+            "function_call must be 'none', 'auto' or {\"name\": ...}", "function_call"
+        )
+    return ToolFields([{"type": "function", "function": f} for f in functions], choice, True)
 
 
 def structured_outputs_for(
@@ -105,35 +156,41 @@ def _from_response_format(fmt: dict[str, Any]) -> StructuredOutputsParams | None
 
 # ---- tools ---------------------------------------------------------------------------------
 def plan_tools(
-    tools: list[dict[str, Any]] | None, tool_choice: Any, parser: ToolParser | None
+    tools: list[dict[str, Any]] | ToolFields | None,
+    tool_choice: Any = None,
+    parser: ToolParser | None = None,
 ) -> ToolPlan | None:
-    """Validate `tools` and `tool_choice`; None when the request has no tools."""
+    """Validate `tools` and `tool_choice` (or a request's ToolFields); None when the request
+    has no tools. Errors name the fields the request used."""
+    fields = tools if isinstance(tools, ToolFields) else ToolFields(tools, tool_choice)
+    tools, tool_choice, legacy = fields.tools, fields.tool_choice, fields.legacy
+    tools_field, choice_field = fields.names
     if not tools:
         if tool_choice not in (None, "none"):
-            raise invalid_request("tool_choice needs tools", "tool_choice")
+            raise invalid_request(f"{choice_field} needs {tools_field}", choice_field)
         return None
-    names = [_check_tool(i, tool) for i, tool in enumerate(tools)]
+    names = [_check_tool(i, tool, tools_field) for i, tool in enumerate(tools)]
     choice = "auto" if tool_choice is None else tool_choice
     if choice == "none":
-        return ToolPlan(None, "none")
+        return ToolPlan(None, "none", legacy=legacy)
     if choice == "auto":
         if parser is None:
             raise invalid_request(
-                'tool_choice "auto" needs the server started with --tool-call-parser '
+                f'{choice_field} "auto" needs the server started with --tool-call-parser '
                 '(hermes, llama3_json); use "required" or a named function instead',
-                "tool_choice",
+                choice_field,
             )
-        return ToolPlan(tools, "auto")
+        return ToolPlan(tools, "auto", legacy=legacy)
     if choice == "required":
-        return ToolPlan(tools, "required")
+        return ToolPlan(tools, "required", legacy=legacy)
     if isinstance(choice, dict) and choice.get("type") == "function":
         name = (choice.get("function") or {}).get("name")
         if name not in names:
             raise invalid_request(
-                f"tool_choice names function {name!r}, which is not among tools {names}",
-                "tool_choice",
+                f"{choice_field} names function {name!r}, which is not among {tools_field} {names}",
+                choice_field,
             )
-        return ToolPlan(tools, "named", name)
+        return ToolPlan(tools, "named", name, legacy=legacy)
     raise invalid_request(
         "tool_choice must be 'none', 'auto', 'required' or "
         '{"type": "function", "function": {"name": ...}}',
@@ -141,21 +198,24 @@ def plan_tools(
     )
 
 
-def _check_tool(i: int, tool: Any) -> str:
+def _check_tool(i: int, tool: Any, field: str = "tools") -> str:
+    """`field`: "functions" when the request used the deprecated form (errors then name
+    `functions[i]`, whose entries are the function objects themselves)."""
+    where = f"{field}[{i}]" if field == "functions" else f"{field}[{i}].function"
     if not isinstance(tool, dict) or tool.get("type", "function") != "function":
         raise invalid_request(
-            f"tools[{i}] must be {{'type': 'function', 'function': ...}}", "tools"
+            f"{field}[{i}] must be {{'type': 'function', 'function': ...}}", field
         )
     function = tool.get("function")
     if not isinstance(function, dict) or not isinstance(function.get("name"), str):
-        raise invalid_request(f"tools[{i}].function needs a string 'name'", "tools")
+        raise invalid_request(f"{where} needs a string 'name'", field)
     parameters = function.get("parameters", {"type": "object"})
     if not isinstance(parameters, dict):
-        raise invalid_request(f"tools[{i}].function.parameters must be a JSON Schema", "tools")
+        raise invalid_request(f"{where}.parameters must be a JSON Schema", field)
     try:
         validate_structured_outputs(StructuredOutputsParams(json=parameters or {"type": "object"}))
     except ValueError as e:
-        raise invalid_request(f"tools[{i}].function.parameters: {e}", "tools") from None
+        raise invalid_request(f"{where}.parameters: {e}", field) from None
     return function["name"]
 
 
@@ -212,6 +272,21 @@ def tool_call_dicts(calls: list[ParsedToolCall]) -> list[dict[str, Any]]:
         }
         for call in calls
     ]
+
+
+def legacy_function_call(calls: list[ParsedToolCall]) -> dict[str, str]:
+    """The deprecated `message.function_call` for a reply's calls: the first one (the legacy
+    API calls one function per reply)."""
+    return {"name": calls[0].name, "arguments": calls[0].arguments}
+
+
+def legacy_function_call_delta(entries: list[dict] | None) -> dict[str, str] | None:
+    """The deprecated `delta.function_call` for streamed tool_calls entries: call 0's name
+    and arguments pieces (no id, no type); None when the entries carry nothing of call 0."""
+    for entry in entries or []:
+        if entry["index"] == 0:
+            return {k: v for k, v in entry["function"].items() if k in ("name", "arguments")}
+    return None
 
 
 class StreamedReply:

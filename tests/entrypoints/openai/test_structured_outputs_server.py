@@ -283,6 +283,134 @@ def test_tool_results_go_back_into_the_conversation(so_server):
     assert body["choices"][0]["message"]["content"] is not None
 
 
+# ---- OpenAI's deprecated functions / function_call ----------------------------------------
+FUNCTIONS = [t["function"] for t in TOOLS]
+
+
+def test_legacy_fields_map_onto_tools_and_tool_choice():
+    from lmserve.entrypoints.openai.tools import plan_tools, tool_fields
+
+    named = tool_fields(None, None, FUNCTIONS, {"name": "get_time"})
+    assert named.tools == TOOLS and named.legacy
+    assert named.tool_choice == {"type": "function", "function": {"name": "get_time"}}
+    plan = plan_tools(named)
+    assert (plan.mode, plan.named, plan.legacy) == ("named", "get_time", True)
+    assert plan_tools(tool_fields(None, None, FUNCTIONS, "none")).mode == "none"
+    assert plan_tools(tool_fields(None, None, FUNCTIONS, None), parser=object()).mode == "auto"
+    current = tool_fields(TOOLS, "required", None, None)
+    assert (current.tools, current.tool_choice, current.legacy) == (TOOLS, "required", False)
+
+
+def test_legacy_named_function_call(so_server):
+    from tests.entrypoints.openai.openapi_schema import validate
+
+    body = chat(
+        so_server, functions=FUNCTIONS, function_call={"name": "get_time"}, temperature=0,
+    )  # fmt: skip
+    validate(body, "CreateChatCompletionResponse")
+    choice = body["choices"][0]
+    assert choice["finish_reason"] == "function_call"
+    message = choice["message"]
+    assert "tool_calls" not in message and message["content"] is None
+    assert message["function_call"]["name"] == "get_time"
+    jsonschema.validate(json.loads(message["function_call"]["arguments"]), SCHEMA_BY_NAME["get_time"])  # fmt: skip
+
+
+def test_legacy_named_function_call_streamed(so_server):
+    from tests.entrypoints.openai.openapi_schema import validate
+
+    chunks = stream_chat(
+        so_server, functions=FUNCTIONS, function_call={"name": "get_weather"}, temperature=0,
+        max_tokens=300,
+    )  # fmt: skip
+    name, arguments, reason = None, "", None
+    for chunk in chunks:
+        validate(chunk, "CreateChatCompletionStreamResponse")
+        for choice in chunk["choices"]:
+            assert "tool_calls" not in choice["delta"]
+            reason = choice["finish_reason"] or reason
+            function_call = choice["delta"].get("function_call") or {}
+            name = function_call.get("name", name)
+            arguments += function_call.get("arguments", "")
+    assert reason == "function_call" and name == "get_weather"
+    jsonschema.validate(json.loads(arguments), WEATHER_PARAMS)
+
+
+def test_legacy_auto_parses_a_hermes_tool_call_with_the_openai_client(so_server):
+    client = so_server.client()
+    reply = client.chat.completions.create(
+        model=so_server.model, messages=MESSAGES, functions=FUNCTIONS, function_call="auto",
+        max_tokens=200, temperature=0,
+        extra_body={"structured_outputs": {"regex": regex_escape(HERMES_CALL)}},
+    )  # fmt: skip
+    choice = reply.choices[0]
+    assert choice.finish_reason == "function_call" and not choice.message.tool_calls
+    assert choice.message.function_call.name == "get_weather"
+    assert json.loads(choice.message.function_call.arguments) == {"location": "Paris", "unit": "celsius"}  # fmt: skip
+
+
+def test_legacy_function_call_none_and_legacy_turns_in_the_conversation(so_server):
+    messages = MESSAGES + [
+        {
+            "role": "assistant",
+            "content": None,
+            "function_call": {
+                "name": "get_weather",
+                "arguments": '{"location": "Paris", "unit": "celsius"}',
+            },
+        },  # fmt: skip
+        {"role": "function", "name": "get_weather", "content": '{"celsius": 21}'},
+    ]
+    body = chat(so_server, messages=messages, functions=FUNCTIONS, function_call="none", max_tokens=8, temperature=0)  # fmt: skip
+    choice = body["choices"][0]
+    assert choice["finish_reason"] in ("stop", "length")
+    assert (
+        isinstance(choice["message"]["content"], str) and "function_call" not in choice["message"]
+    )
+
+
+def test_legacy_function_turns_render_as_tool_turns():
+    from lmserve.engine.chat import validate_conversation
+
+    converted = validate_conversation(
+        [
+            {"role": "user", "content": "Weather?"},
+            {
+                "role": "assistant",
+                "content": None,
+                "function_call": {"name": "f", "arguments": '{"a": 1}'},
+            },  # fmt: skip
+            {"role": "function", "name": "f", "content": "sunny"},
+        ]
+    )
+    call = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": {"a": 1}}}
+    assert converted[1] == {"role": "assistant", "content": "", "tool_calls": [call]}
+    assert converted[2] == {"role": "tool", "name": "f", "content": "sunny", "tool_call_id": "call_1"}  # fmt: skip
+
+
+LEGACY_BAD_REQUESTS = [
+    ({"functions": FUNCTIONS, "tools": TOOLS}, "functions"),
+    ({"function_call": {"name": "get_time"}}, "function_call"),
+    ({"function_call": "auto", "tools": TOOLS, "tool_choice": "required"}, "function_call"),
+    ({"functions": FUNCTIONS, "function_call": {"name": "nope"}}, "function_call"),
+    ({"functions": FUNCTIONS, "function_call": "sometimes"}, "function_call"),
+    ({"functions": FUNCTIONS, "function_call": "required"}, "function_call"),
+    (
+        {"functions": [{"name": "f", "parameters": {"type": 5}}], "function_call": {"name": "f"}},
+        "functions",
+    ),  # fmt: skip
+    ({"functions": [{"parameters": {}}], "function_call": "none"}, "functions"),
+]
+
+
+@pytest.mark.parametrize("extra, param", LEGACY_BAD_REQUESTS)
+def test_bad_legacy_function_fields_are_400_naming_the_field(so_server, extra, param):
+    body = {"model": so_server.model, "messages": MESSAGES, "max_tokens": 4, **extra}
+    response = so_server.post("/v1/chat/completions", json=body)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == param, response.json()
+
+
 # ---- bad input -----------------------------------------------------------------------------
 BAD_REQUESTS = [
     (
