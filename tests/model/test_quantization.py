@@ -281,3 +281,28 @@ def test_thread_tuner_does_not_count_the_first_step_after_a_switch():
 def test_thread_tuner_with_one_core_never_probes():
     tuner = CpuThreadTuner(max_threads=1)
     assert tuner.threads_for_step(small=True) == 1 and tuner.candidates == [1]
+
+
+@pytest.mark.parametrize(
+    "value, error",
+    [("many", "must be 'auto' or an integer"), ("0", "must be >= 1")],
+)
+def test_cpu_threads_setting_rejects_bad_values(monkeypatch, value, error):
+    from lmserve.worker.worker import _make_thread_tuner
+
+    monkeypatch.setenv("LMSERVE_CPU_THREADS", value)
+    with pytest.raises(ValueError, match=error):
+        _make_thread_tuner()
+
+
+def test_cpu_threads_setting_fixes_the_count_or_tunes(monkeypatch):
+    from lmserve.worker.worker import _make_thread_tuner
+
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setenv("LMSERVE_CPU_THREADS", "1")
+        assert _make_thread_tuner() is None and torch.get_num_threads() == 1
+        monkeypatch.setenv("LMSERVE_CPU_THREADS", "auto")
+        assert isinstance(_make_thread_tuner(), CpuThreadTuner)
+    finally:
+        torch.set_num_threads(before)
