@@ -8,7 +8,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from lmserve.model.layers.rotary import compute_inv_freq, get_rope_parameters
+from lmserve.model.layers.rotary import (
+    apply_rope_tables,
+    compute_inv_freq,
+    get_rope_parameters,
+    rope_tables,
+    rotate_half,
+)
 from tests.tiny_models import tiny_hf_config
 
 LLAMA3_ROPE = {
@@ -81,3 +87,16 @@ def test_config_without_rope_settings_uses_default_theta():
 def test_unsupported_rope_type_error_names_the_type(rope_type):
     with pytest.raises(NotImplementedError, match=rope_type):
         compute_inv_freq(64, {"rope_type": rope_type, "rope_theta": 10000.0, "factor": 2.0})
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_tables_give_hf_rotary_bit_for_bit(dtype):
+    """x * cos + roll(x) * signed sin (one roll, tables made once per forward) equals HF's
+    x * cos + rotate_half(x) * sin exactly, not just closely."""
+    torch.manual_seed(0)
+    x = torch.randn(7, 4, 64, dtype=dtype)  # [tokens, heads, head_dim]
+    angles = torch.randn(7, 32)
+    cos = torch.cat([angles.cos()] * 2, dim=-1).to(dtype)  # [tokens, head_dim]
+    sin = torch.cat([angles.sin()] * 2, dim=-1).to(dtype)
+    expected = x * cos[:, None, :] + rotate_half(x) * sin[:, None, :]
+    assert torch.equal(apply_rope_tables(x, *rope_tables(cos, sin)), expected)
