@@ -110,13 +110,14 @@ def words(rng: random.Random, n: int) -> str:
     return " ".join(f"w{rng.randrange(8, VOCAB)}" for _ in range(n))
 
 
-async def run_user(session, url, w, system, rng, sem, records, start_at) -> None:
+async def run_user(session, url, w, group, system, rng, sem, records, start_at) -> None:
     await asyncio.sleep(start_at)
     messages = [{"role": "system", "content": system}]
     for _ in range(w["rounds"]):
         messages.append({"role": "user", "content": words(rng, w["question"])})
         async with sem:
             record = await stream_chat(session, url, messages, w["answer"])
+        record["group"] = group
         records.append(record)
         messages.append({"role": "assistant", "content": record["text"]})
 
@@ -126,20 +127,24 @@ async def stream_chat(session, url, messages, max_tokens) -> dict:
             "temperature": 0, "ignore_eos": True, "stream": True,
             "stream_options": {"include_usage": True}}  # fmt: skip
     start = time.perf_counter()
-    ttft, pieces = None, []
+    ttft, pieces, cached = None, [], None
     async with session.post(url + "/v1/chat/completions", json=body) as resp:
         if resp.status != 200:
             raise RuntimeError(f"HTTP {resp.status}: {(await resp.read())[:500]!r}")
+        backend = resp.headers.get("x-lmserve-backend")
         async for line in resp.content:
             if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
                 continue
-            choices = json.loads(line[6:])["choices"]
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                cached = chunk["usage"]["prompt_tokens_details"]["cached_tokens"]
+            choices = chunk["choices"]
             delta = choices[0]["delta"].get("content") if choices else None
             if delta:
                 ttft = ttft if ttft is not None else time.perf_counter() - start
                 pieces.append(delta)
     return {"ttft": ttft, "e2e": time.perf_counter() - start, "text": "".join(pieces).strip(),
-            "output_tokens": max_tokens}  # fmt: skip
+            "output_tokens": max_tokens, "backend": backend, "cached_tokens": cached}  # fmt: skip
 
 
 async def drive(url: str, w: dict, seed: int) -> tuple[list[dict], float]:
@@ -156,7 +161,7 @@ async def drive(url: str, w: dict, seed: int) -> tuple[list[dict], float]:
     async with aiohttp.ClientSession(headers=headers, timeout=timeout) as session:
         start = time.perf_counter()
         await asyncio.gather(*(
-            run_user(session, url, w, systems[g], user_rng, sem, records, i / w["rate"])
+            run_user(session, url, w, g, systems[g], user_rng, sem, records, i / w["rate"])
             for i, (g, user_rng) in enumerate(users)
         ))  # fmt: skip
         return records, time.perf_counter() - start
@@ -282,16 +287,47 @@ def one_run(engines, logic, model, w, seed, log_dir) -> dict:
         "output_tok_s": sum(r["output_tokens"] for r in records) / duration,
         "prefix_cache_hit_rate": hits / queries if queries else 0.0,
         "routing_decisions": why,
+        "placement": placement(records),
     }
     if logic == "kv-aware":
-        count = metric_sum(router_metrics, "lmserve_router:kv_cached_tokens_prediction_error_count")
+        name = "lmserve_router:kv_cached_tokens_prediction_error"
+        count = metric_sum(router_metrics, name + "_count")
         exact = metric_sum(
             router_metrics, "lmserve_router:kv_cached_tokens_prediction_error_bucket", le="0.0"
         ) - metric_sum(
             router_metrics, "lmserve_router:kv_cached_tokens_prediction_error_bucket", le="-1.0"
         )
         result["predictions_exact"] = f"{int(exact)}/{int(count)}"
+        result["prediction_error_buckets"] = {  # reported - predicted cached tokens, cumulative
+            le: metric_sum(router_metrics, name + "_bucket", le=le)
+            for le in ("-1024.0", "-256.0", "-64.0", "-16.0", "-1.0", "0.0", "16.0", "64.0",
+                       "256.0", "1024.0", "+Inf")
+        }  # fmt: skip
+        lag = "lmserve_router:kv_event_lag_seconds"
+        result["event_lag_buckets"] = {  # cumulative batches applied within each lag
+            le: metric_sum(router_metrics, lag + "_bucket", le=le)
+            for le in ("0.01", "0.05", "0.1", "0.25", "0.5", "1.0", "2.5", "+Inf")
+        }
     return result
+
+
+def placement(records: list[dict]) -> dict:
+    """Where the requests went: per engine, how many and how many groups; per group, on how
+    many engines its requests landed (1 = one copy of its system prompt)."""
+    by_engine: dict[str, list[dict]] = {}
+    engines_of_group: dict[int, set[str]] = {}
+    for r in records:
+        by_engine.setdefault(r["backend"], []).append(r)
+        engines_of_group.setdefault(r["group"], set()).add(r["backend"])
+    spread = [len(e) for e in engines_of_group.values()]
+    return {
+        "requests_per_engine": sorted(len(v) for v in by_engine.values()),
+        "groups_per_engine": sorted(len({r["group"] for r in v}) for v in by_engine.values()),
+        "engines_per_group_mean": statistics.mean(spread),
+        "cached_tokens_per_engine": sorted(
+            sum(r["cached_tokens"] or 0 for r in v) for v in by_engine.values()
+        ),
+    }
 
 
 def summarize(trials: list[dict]) -> dict:

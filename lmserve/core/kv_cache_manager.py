@@ -186,6 +186,17 @@ class KVCacheManager:
             hit.append(block)
         return KVCacheBlocks(tuple(hit)), len(hit) * self.block_size
 
+    def touch_prefix(self, request: Request) -> None:
+        """Make the free blocks of `request`'s cached prefix the last to be evicted, as if
+        they had just been freed (tail blocks before head blocks, as `free` does). Called when
+        the request arrives: under KV pressure, the steps it waits through would otherwise
+        evict the prefix it came for (and that a KV-aware router sent it here to find)."""
+        hit, _ = self.get_computed_blocks(request)
+        for block in reversed(hit.blocks):
+            if block.ref_cnt == 0:
+                self.free_queue.remove(block)
+                self.free_queue.append(block)
+
     # ---- allocation -----------------------------------------------------------------------
     def allocate_slots(
         self,

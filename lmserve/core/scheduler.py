@@ -177,6 +177,7 @@ class Scheduler:
         if request.sampling_params.structured_outputs is not None:
             self._start_grammar(request)
             return
+        self.kv_cache_manager.touch_prefix(request)
         self.waiting.add(request)
 
     def abort_requests(self, request_ids: Iterable[str]) -> list[Request]:

@@ -26,7 +26,8 @@ request that starts alike (a group's users who all miss land together and build 
 their prefix, not four), spread evenly over the engines for unrelated prompts, and never onto
 an engine busier than the slack allows.
 Blocks just sent to an engine count as held there for `pending_ttl_s`, until its events
-confirm them: requests sharing a new prefix that arrive together follow the first.
+confirm them (from then on its events alone decide, so a block evicted soon after counts as
+gone): requests sharing a new prefix that arrive together follow the first.
 When a candidate publishes no events the whole decision falls back to prefix-aware.
 """
 
@@ -70,6 +71,14 @@ class PendingBlocks:
             return False
         return True
 
+    def confirm(self, url: str, hashes: Sequence[BlockHash]) -> None:
+        """The engine's events now report these blocks: from here on its events, not the
+        dispatch, say whether it holds them (a later BlockRemoved must count)."""
+        for h in hashes:
+            holders = self.entries.get(h)
+            if holders and holders.pop(url, None) is not None and not holders:
+                del self.entries[h]
+
     def prune(self, now: float) -> None:
         for h in list(self.entries):
             holders = self.entries[h]
@@ -100,6 +109,7 @@ class KvAware(RoutingLogic):
         self.request_cost = request_cost
         self.slack = slack
         self.pending = PendingBlocks(pending_ttl_s)
+        index.on_stored.append(self.pending.confirm)
         self.clock = clock
         self._decisions = 0
 
@@ -121,9 +131,10 @@ class KvAware(RoutingLogic):
             "kv_miss" if most == 0 else "kv_hit" if cached[best.url] == most else "kv_overloaded"
         )
         hashes = chains.get(best.url)
-        if hashes:
-            self.pending.add(best.url, hashes, now)
         predicted = cached[best.url]
+        if hashes:  # the blocks it will compute: held there once the engine confirms them
+            block_size = self.index.layouts[best.url].block_size
+            self.pending.add(best.url, hashes[predicted // block_size :], now)
         return Decision(best, reason, predicted, len(ids) - predicted)
 
     def _hash_chains(

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urlparse
@@ -113,13 +114,16 @@ class EventSubscriber:
                 return  # the replay brought it already
         self.apply(seq, payload)
 
-    def apply(self, seq: int, payload: bytes) -> None:
-        """Apply batch `seq`; batches skipped before it are lost (counted as dropped)."""
+    def apply(self, seq: int, payload: bytes, live: bool = True) -> None:
+        """Apply batch `seq`; batches skipped before it are lost (counted as dropped). The
+        lag is observed for `live` batches only: a replayed one is old by design."""
         expected = 0 if self.last_seq is None else self.last_seq + 1
         if seq > expected:
             self.metrics.kv_events_dropped.labels(self.url).inc(seq - expected)
         try:
-            self.index.apply(self.url, payload)
+            stats = self.index.apply(self.url, payload)
+            if live and stats.timestamp:
+                self.metrics.kv_event_lag.observe(max(0.0, time.time() - stats.timestamp))
         except ValueError as e:
             logger.warning("KV events from %s, seq %d: %s", self.url, seq, e)
         self.last_seq = seq
@@ -143,7 +147,7 @@ class EventSubscriber:
                     self.live = True
                     break
                 if self.last_seq is None or seq > self.last_seq:
-                    self.apply(seq, frames[-1])
+                    self.apply(seq, frames[-1], live=False)
                     replayed += 1
         except asyncio.TimeoutError:
             logger.warning("KV event replay from %s timed out", self.endpoints.replay)

@@ -15,7 +15,7 @@ keeps the one that agrees): no setting has to match between engine and router.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import msgspec
@@ -35,6 +35,7 @@ class EngineLayout:
 
 @dataclass(slots=True)
 class BatchStats:
+    timestamp: float = 0.0  # when the engine stamped the batch (its time.time())
     stored: int = 0
     removed: int = 0
     cleared: bool = False
@@ -47,6 +48,8 @@ class KVIndex:
     blocks: dict[BlockHash, dict[str, set[str]]] = field(default_factory=dict)
     held: dict[str, set[BlockHash]] = field(default_factory=dict)  # engine -> its hashes
     layouts: dict[str, EngineLayout] = field(default_factory=dict)
+    # called with (engine url, hashes) for every BlockStored applied (kv-aware's pending blocks)
+    on_stored: list[Callable[[str, Sequence[BlockHash]], None]] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.blocks)
@@ -67,7 +70,7 @@ class KVIndex:
             events = batch[1]
         except (msgspec.DecodeError, TypeError, IndexError, KeyError) as e:
             raise ValueError(f"not a KV event batch: {e}") from None
-        stats = BatchStats()
+        stats = BatchStats(timestamp=batch[0] if isinstance(batch[0], (int, float)) else 0.0)
         for event in events:
             kind = event[0]
             if kind == "BlockStored":
@@ -100,6 +103,8 @@ class KVIndex:
         for h in hashes:
             self.blocks.setdefault(h, {}).setdefault(url, set()).add(medium)
             held.add(h)
+        for listener in self.on_stored:
+            listener(url, hashes)
 
     def _remove(self, url: str, hashes: Iterable[BlockHash], medium: str) -> None:
         held = self.held.get(url, set())

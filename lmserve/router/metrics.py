@@ -43,6 +43,7 @@ class RouterMetrics:
     kv_events_replayed: Counter  # label backend
     kv_events_dropped: Counter  # label backend
     kv_events_restarts: Counter  # label backend
+    kv_event_lag: Histogram
     kv_index_blocks: Gauge
     kv_index_engines: Gauge
     kv_prediction_error: Histogram
@@ -161,6 +162,13 @@ class RouterMetrics:
                 "lmserve_router:kv_event_restarts",
                 "Times a backend's event sequence started over (its index entries cleared)",
                 ["backend"],
+                registry=r,
+            ),
+            kv_event_lag=Histogram(
+                "lmserve_router:kv_event_lag_seconds",
+                "From an engine stamping a KV event batch to the index applying it (the "
+                "engines' clocks against the router's: meaningful on one host or with NTP)",
+                buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
                 registry=r,
             ),
             kv_index_blocks=Gauge(

@@ -312,6 +312,23 @@ def test_a_requests_blocks_are_freed_in_reverse_so_its_last_block_is_evicted_fir
     assert num_hit == 8 and blocks.get_block_ids() == [first, middle]
 
 
+def test_an_arriving_requests_prefix_is_evicted_last_while_it_waits():
+    manager = make_manager(num_gpu_blocks=4)
+    a, b = make_request("a", list(range(8))), make_request("b", list(range(100, 108)))
+    run_prefill(manager, a)
+    run_prefill(manager, b)
+    manager.free(a)  # a's blocks are the least recently freed: next to be evicted ...
+    manager.free(b)
+    waiting = make_request("w", list(range(8)) + [50])
+    manager.touch_prefix(waiting)  # ... until a request that wants them arrives
+    assert (
+        free_queue_ids(manager)[-2:]
+        == manager.get_computed_blocks(waiting)[0].get_block_ids()[::-1]
+    )
+    manager.allocate_slots(make_request("x", list(range(200, 208))), 8)  # evicts two blocks
+    assert manager.get_computed_blocks(waiting)[1] == 8  # b's went, a's survived
+
+
 def test_cached_block_at_ref_zero_stays_hittable_and_is_reclaimed_from_the_free_queue():
     manager = make_manager(num_gpu_blocks=8)
     a = make_request("a", list(range(13)))

@@ -177,6 +177,22 @@ def test_blocks_just_sent_count_as_held_there_until_their_ttl_passes():
     assert third.reason == "kv_miss"
 
 
+def test_a_sent_block_the_engine_stored_and_then_evicted_counts_as_gone_before_its_ttl():
+    clock = Clock()
+    index = warm_index([1] * 9, {})
+    logic = make_logic(index, pending_ttl_s=5.0, clock=clock)
+    cands = engines("a", "b", "c")
+    prompt = list(range(400, 433))  # 8 usable blocks
+    first = logic.choose(RouteRequest(None, token_ids=prompt), cands)
+    url = first.backend.url
+    index.apply(url, payload(stored(prompt)))  # the engine computed them: confirmed
+    hashes = block_hashes(prompt, BS, "sha256")
+    index.apply(url, payload(BlockRemoved(hashes[2:], None)))  # then evicted all but two
+    clock.now = 1.0  # well inside the pending TTL
+    again = logic.choose(RouteRequest(None, token_ids=prompt + [5]), [first.backend])
+    assert again.predicted_cached == 2 * BS
+
+
 def test_an_engine_without_events_sends_the_decision_to_prefix_aware():
     logic = make_logic(warm_index([1] * 9, {"a": 1}), live=lambda url: url != "http://c")
     decision = logic.choose(

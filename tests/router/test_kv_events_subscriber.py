@@ -76,7 +76,7 @@ def test_a_router_started_after_the_engine_catches_up_from_the_replay_socket():
 
         async def main():
             context = zmq.asyncio.Context()
-            subscriber, _ = make_subscriber(endpoints, context)
+            subscriber, metrics = make_subscriber(endpoints, context)
             task = asyncio.create_task(subscriber.run())
             await asyncio.sleep(0.5)
             publish(pub, 5, 2)  # and the live ones after
@@ -86,11 +86,15 @@ def test_a_router_started_after_the_engine_catches_up_from_the_replay_socket():
                 await asyncio.sleep(0.02)
             task.cancel()
             context.destroy(linger=0)
-            return subscriber
+            return subscriber, metrics
 
-        subscriber = run(main())
+        subscriber, metrics = run(main())
         assert subscriber.live and subscriber.last_seq == 6
         assert held_prompts(subscriber.index) == set(range(7))
+        # the lag histogram counts the two live batches, not the five replayed (old by design)
+        lag = metrics.registry.get_sample_value
+        assert lag("lmserve_router:kv_event_lag_seconds_count") == 2
+        assert lag("lmserve_router:kv_event_lag_seconds_bucket", {"le": "5.0"}) == 2
     finally:
         pub.shutdown()
 
