@@ -89,7 +89,12 @@ class ModelConfig:
             self.load_format = "auto"
         _require_int("ModelConfig", "seed", self.seed, lo=0)
         if self.quantization not in QUANTIZATION_METHODS:
-            _fail("ModelConfig", "quantization", self.quantization, f"must be one of {QUANTIZATION_METHODS}")
+            _fail(
+                "ModelConfig",
+                "quantization",
+                self.quantization,
+                f"must be one of {QUANTIZATION_METHODS}",
+            )
         if self.cuda_graph_mode not in CUDA_GRAPH_MODES:
             _fail(
                 "ModelConfig", "cuda_graph_mode", self.cuda_graph_mode,
@@ -197,11 +202,17 @@ def _default_model() -> str:
 
 
 def _load_hf_config(model: str, revision: str | None) -> tuple[str, Any]:
-    from transformers import AutoConfig
-
+    from lmserve import envs
+    from lmserve.hf_config import read_plain_config
     from lmserve.model.loader import resolve_model_path
 
     model_path = resolve_model_path(model, revision)
+    if envs.LMSERVE_HF_CONFIG_READER != "transformers":
+        plain = read_plain_config(model_path)
+        if plain is not None:
+            return model_path, plain
+    from transformers import AutoConfig
+
     try:
         return model_path, AutoConfig.from_pretrained(model_path)
     except (OSError, ValueError) as e:
@@ -620,7 +631,7 @@ class EngineConfig:
             )
 
     def _resolve_quantization(self) -> None:
-        """"auto" becomes "gguf" for a .gguf model on the CPU (when torch has the packed
+        """ "auto" becomes "gguf" for a .gguf model on the CPU (when torch has the packed
         kernels), else "none"; a method that cannot run here fails now, not at load time."""
         from lmserve.model.layers.quantization import packed_kernels_available
 
@@ -631,9 +642,19 @@ class EngineConfig:
             packable = is_gguf and device == "cpu" and mc.load_format != "dummy"
             method = "gguf" if packable and packed_kernels_available() else "none"
         elif method != "none" and device != "cpu":
-            _fail("ModelConfig", "quantization", method, f"runs on the CPU only (device is {device!r})")
+            _fail(
+                "ModelConfig",
+                "quantization",
+                method,
+                f"runs on the CPU only (device is {device!r})",
+            )
         elif method != "none" and not packed_kernels_available():
-            _fail("ModelConfig", "quantization", method, f"needs torch's packed CPU kernels (torch {torch.__version__})")
+            _fail(
+                "ModelConfig",
+                "quantization",
+                method,
+                f"needs torch's packed CPU kernels (torch {torch.__version__})",
+            )
         elif method == "gguf" and (not is_gguf or mc.load_format == "dummy"):
             _fail("ModelConfig", "quantization", method, "needs a .gguf model with its weights")
         mc.quantization = method

@@ -61,6 +61,12 @@ ENVIRONMENT_VARIABLES: dict[str, tuple[Callable[[], Any], str]] = {
         "and with one and keeps the faster, again every few hundred steps (on a machine shared "
         "with busy processes one thread wins); an integer fixes the count",
     ),
+    "LMSERVE_HF_CONFIG_READER": (
+        lambda: os.environ.get("LMSERVE_HF_CONFIG_READER", "auto").strip().lower() or "auto",
+        "'auto' (default): lmserve reads a Llama/Mistral/Qwen2/Qwen3 config.json itself when it "
+        "states every size, without importing transformers (seconds of start-up); "
+        "'transformers': always AutoConfig",
+    ),
     "LMSERVE_DISABLE_GEMV": (
         _bool("LMSERVE_DISABLE_GEMV", False),
         "1: every linear layer goes to cuBLAS (F.linear), never to the Triton GEMV for 1-8 rows",
