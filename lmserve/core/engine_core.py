@@ -11,7 +11,8 @@ output, so the host's scheduling and input preparation hide behind the device's 
     step(): launch(schedule(N+1)); outputs = update_from_output(N, wait(N))
 
 (With constrained requests in step N+1 whose masks need step N's tokens, only N+1's forward is
-launched first; it samples after update_from_output(N), once the masks are made.)
+launched first; it samples after update_from_output(N), once the masks are made, and step N+2
+is scheduled just before that sampling and launched right after it.)
 
 Tokenization, detokenization and streaming happen in the front-end. `EngineCore` runs
 in-process (LMSERVE_ENABLE_MULTIPROCESSING=0); `EngineCoreProc` wraps it in its own process:
@@ -85,8 +86,10 @@ class EngineCore:
             enable_kv_cache_events=self.kv_events is not None,
             structured_output=StructuredOutputManager(config.model_config),
         )
-        # Steps launched and not yet collected (async scheduling only; at most two).
+        # Steps launched and not yet collected (async scheduling only; at most two, counting
+        # a step launched without its sampling, held aside until its masks are made).
         self.in_flight: deque[tuple[SchedulerOutput, Any]] | None = None
+        self.deferred: tuple[SchedulerOutput, Any] | None = None
         if config.scheduler_config.async_scheduling:
             self.in_flight = deque()
         logger.info("EngineCore ready in %.2f s", time.perf_counter() - start)
@@ -111,7 +114,11 @@ class EngineCore:
         return [EngineCoreOutput(r.request_id, [], finish_reason="abort") for r in aborted]
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests() or bool(self.in_flight)
+        return (
+            self.scheduler.has_unfinished_requests()
+            or bool(self.in_flight)
+            or self.deferred is not None
+        )
 
     def step(self) -> EngineCoreOutputs:
         if self.in_flight is not None:
@@ -134,40 +141,62 @@ class EngineCore:
         another, so the device always has queued work while the host waits).
 
         A step whose grammar masks wait for a token in flight (structured outputs,
-        `pending_structured_output_tokens`) is launched without its sampling: its forward
-        runs on the device while the host collects the step before it, advances the grammars
-        over that step's tokens and makes the masks; then the step samples (vLLM V1's
-        deferred sampling). Constrained requests thus decode every step, like the others."""
+        `pending_structured_output_tokens`) is launched without its sampling and held in
+        `self.deferred`: its forward runs on the device while the host collects the step
+        before it, advances the grammars over that step's tokens and makes the masks; then
+        it samples (vLLM V1's deferred sampling; `_sample_deferred`). Constrained requests
+        thus decode every step, like the others."""
         launched = False
-        deferred = None  # (scheduler output, step) launched, its sampling not yet
-        if len(in_flight) < 2 and self.scheduler.has_unfinished_requests():
-            scheduler_output = self.scheduler.schedule()
-            if scheduler_output.is_empty:  # still tell the worker of finished requests
-                runner_output = self.executor.execute_model(scheduler_output)
-                self.scheduler.update_from_kv_connector(runner_output.kv_connector_output)
-                if not in_flight and self._only_waiting_aside():
-                    time.sleep(_LOAD_POLL_S)  # only KV loads or grammars: leave them the GIL
-            else:
-                step = self.executor.execute_model_async(scheduler_output)
-                if scheduler_output.pending_structured_output_tokens:
-                    assert len(in_flight) == 1, "pending masks need exactly one step in flight"
-                    deferred = (scheduler_output, step)
-                else:
-                    in_flight.append((scheduler_output, step))
-                    launched = True
-        if deferred is None and (not in_flight or (launched and len(in_flight) == 1)):
+        if (
+            self.deferred is None
+            and len(in_flight) < 2
+            and self.scheduler.has_unfinished_requests()
+        ):
+            launched = self._launch(self.scheduler.schedule(), in_flight)
+        if self.deferred is None and (not in_flight or (launched and len(in_flight) == 1)):
             failed = self.scheduler.take_failed_outputs()  # grammar errors, if any
             return EngineCoreOutputs(outputs=failed, timestamp=time.monotonic())
         scheduler_output, pending = in_flight.popleft()
         runner_output = pending.result()
-        if deferred is None:
+        if self.deferred is None:
             return self._update(scheduler_output, runner_output)
         outputs = self.scheduler.update_from_output(scheduler_output, runner_output)
-        # The grammars have seen the step's tokens: the deferred step's masks, then its
-        # sampling, before anything else (its forward is running on the device meanwhile).
-        self.executor.sample_tokens(self.scheduler.get_grammar_bitmask(deferred[0]))
-        in_flight.append(deferred)
+        self._sample_deferred(in_flight)
         return self._finish_update(scheduler_output, outputs)
+
+    def _launch(self, scheduler_output: SchedulerOutput, in_flight: deque) -> bool:
+        """Queue a scheduled step on the device: into `in_flight` (True), or, when its masks
+        wait for the step in flight, into `self.deferred`; an empty step only tells the
+        worker of finished requests."""
+        if scheduler_output.is_empty:
+            runner_output = self.executor.execute_model(scheduler_output)
+            self.scheduler.update_from_kv_connector(runner_output.kv_connector_output)
+            if not in_flight and self._only_waiting_aside():
+                time.sleep(_LOAD_POLL_S)  # only KV loads or grammars: leave them the GIL
+            return False
+        step = self.executor.execute_model_async(scheduler_output)
+        if scheduler_output.pending_structured_output_tokens:
+            assert len(in_flight) == 1, "pending masks need exactly one step in flight"
+            self.deferred = (scheduler_output, step)
+            return False
+        in_flight.append((scheduler_output, step))
+        return True
+
+    def _sample_deferred(self, in_flight: deque) -> None:
+        """The deferred step's masks (the grammars have seen the collected step's tokens),
+        then its sampling, then the launch of the step after it. That step is scheduled
+        before the sampling, while the deferred forward still runs, so that only its launch
+        stands between the sampling and the device's next forward."""
+        scheduler_output, step = self.deferred
+        self.deferred = None
+        masks = self.scheduler.get_grammar_bitmask(scheduler_output)
+        following = None
+        if self.scheduler.has_unfinished_requests():
+            following = self.scheduler.schedule()
+        self.executor.sample_tokens(masks)
+        in_flight.append((scheduler_output, step))
+        if following is not None:
+            self._launch(following, in_flight)
 
     def _update(self, scheduler_output: SchedulerOutput, runner_output) -> EngineCoreOutputs:
         outputs = self.scheduler.update_from_output(scheduler_output, runner_output)

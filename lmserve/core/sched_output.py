@@ -51,7 +51,7 @@ class StructuredOutputBatch:
 
     req_row_start: dict[str, int]  # req_id -> its first row
     bitmask: Any  # numpy [num_rows, num_words] int32; bit t % 32 of word t // 32: t allowed
-    num_words: int  # ceil(vocab_size / 32)
+    num_words: int  # ceil(tokens covered / 32); tokens past the rows are never allowed
 
 
 @dataclass(slots=True)

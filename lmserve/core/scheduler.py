@@ -530,6 +530,7 @@ class Scheduler:
             self._update_encoder_cache(scheduler_output, runner_output)
         outputs: list[EngineCoreOutput] = []
         finished: list[Request] = []
+        accepted = self._accept_grammar_tokens(scheduler_output, runner_output)
         for req_id in scheduler_output.num_scheduled_tokens:
             request = self.requests.get(req_id)
             if request is None or request.status != RequestStatus.RUNNING:
@@ -546,7 +547,7 @@ class Scheduler:
                 self._take_back_rejected(request, len(scheduled_spec), len(sampled))
             new_token_ids = self._append_and_check_stop(request, sampled) if sampled else []
             if request.structured_output is not None and new_token_ids:
-                self._advance_grammar(request, new_token_ids)
+                self._advance_grammar(request, new_token_ids, accepted.get(req_id))
             if request.is_finished:
                 finished.append(request)
             elif runner_output.spec_token_ids:
@@ -699,13 +700,41 @@ class Scheduler:
         spec_tokens = scheduler_output.scheduled_spec_decode_tokens
         return self.structured_output.grammar_bitmask(requests, spec_tokens)
 
-    def _advance_grammar(self, request: Request, token_ids: list[int]) -> None:
-        """The matcher accepts the emitted tokens; a grammar that is complete ends the request
-        (only a stop token could follow)."""
+    def _accept_grammar_tokens(
+        self, scheduler_output: SchedulerOutput, runner_output: ModelRunnerOutput
+    ) -> dict[str, int]:
+        """The matchers of the step's constrained requests accept the tokens they sampled, in
+        one batched backend call: req_id -> how many each accepted. `_advance_grammar` then
+        rolls back those a stop condition cut."""
+        requests, token_ids = [], []
+        for req_id in scheduler_output.structured_output_request_ids:
+            request = self.requests.get(req_id)
+            if request is None or request.status != RequestStatus.RUNNING:
+                continue  # aborted (or preempted) while the step ran: never accepted
+            sampled = runner_output.sampled_token_ids[runner_output.req_id_to_index[req_id]]
+            if sampled:
+                requests.append(request)
+                token_ids.append(sampled)
+        if not requests:
+            return {}
+        counts = self.structured_output.accept_tokens(requests, token_ids)
+        return {r.request_id: n for r, n in zip(requests, counts)}
+
+    def _advance_grammar(
+        self, request: Request, token_ids: list[int], num_accepted: int | None
+    ) -> None:
+        """The matcher is made to stand at the emitted `token_ids`: it accepted
+        `num_accepted` of the tokens sampled (`_accept_grammar_tokens`; None: accept them
+        now), of which those past a stop are rolled back. A grammar that is complete ends
+        the request (only a stop token could follow)."""
         grammar = request.structured_output.grammar
-        if not grammar.accept_tokens(token_ids):
+        if num_accepted is None:
+            num_accepted = self.structured_output.accept_tokens([request], [token_ids])[0]
+        if num_accepted < len(token_ids):
             # Cannot happen with the mask applied; never let a bad token go unnoticed.
             logger.error("request %s emitted a token its grammar refuses", request.request_id)
+        else:
+            grammar.rollback(num_accepted - len(token_ids))
         if not request.is_finished and grammar.is_terminated():
             request.status = RequestStatus.FINISHED_STOPPED
 

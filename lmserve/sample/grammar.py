@@ -52,13 +52,7 @@ def apply_grammar_mask(
 
 
 def use_triton_kernel(logits: torch.Tensor, mask: GrammarMask) -> bool:
-    return (
-        logits.is_cuda
-        and logits.dim() == 2
-        and logits.stride(-1) == 1
-        and mask.bitmask.shape[1] * 32 >= logits.shape[1]
-        and _triton_installed()
-    )
+    return logits.is_cuda and logits.dim() == 2 and logits.stride(-1) == 1 and _triton_installed()
 
 
 def apply_grammar_mask_torch(logits: torch.Tensor, mask: GrammarMask) -> None:
@@ -69,14 +63,16 @@ def apply_grammar_mask_torch(logits: torch.Tensor, mask: GrammarMask) -> None:
 
 def apply_grammar_mask_triton(logits: torch.Tensor, mask: GrammarMask) -> None:
     """CUDA: xgrammar's Triton kernel, which reads bitmask row i for logits row i, so the
-    constrained rows are scattered into an all-allowed [num_rows, num_words] mask first
-    (a few KiB per row on the device) and only those rows are visited."""
+    constrained rows are scattered into a [num_rows, words of the logits] mask first (a few
+    KiB per row on the device; words past the mask's stay 0: never allowed) and only those
+    rows are visited."""
     import xgrammar as xgr
 
-    full = torch.full(
-        (logits.shape[0], mask.bitmask.shape[1]), -1, dtype=torch.int32, device=logits.device
-    )  # [num_rows, num_words]
-    full[mask.rows] = mask.bitmask
+    num_words = -(-logits.shape[1] // 32)
+    full = torch.zeros(
+        (logits.shape[0], num_words), dtype=torch.int32, device=logits.device
+    )  # [num_rows, num_words]; rows not in mask.rows are never read
+    full[mask.rows, : mask.bitmask.shape[1]] = mask.bitmask
     xgr.apply_token_bitmask_inplace(logits, full, indices=mask.rows, backend="triton")
 
 
@@ -97,27 +93,43 @@ def build_grammar_mask(
     """Match the step's mask rows to logits rows. A request has len(its rows) consecutive
     logits rows (1 + its drafts) from `logits_row_start[i]`; None when none is constrained."""
     host = _host_bitmask(structured_output)  # [num_mask_rows, num_words]
-    starts = structured_output.req_row_start
-    ends = sorted(starts.values())[1:] + [len(host)]
-    row_end = dict(zip(sorted(starts.values()), ends))
-    logits_rows, mask_rows = [], []
+    logits_rows, mask_rows = _matching_rows(
+        structured_output.req_row_start, len(host), req_ids, logits_row_start
+    )
+    if not logits_rows:
+        return None
+    if not host.flags.writeable:  # a view of a received frame: torch wants its own
+        host = host.copy()
+    # Every mask row goes over as is; any reordering (the scheduler's order is not the
+    # batch's) is a gather on the device, not a copy of the rows on the host.
+    bitmask = _to_device(host, device)  # [num_mask_rows, num_words]
+    index = _to_device(np.array([logits_rows, mask_rows], dtype=np.int64), device)  # [2, n]
+    if mask_rows != list(range(len(host))):
+        bitmask = bitmask.index_select(0, index[1])  # [n, num_words]
+    return GrammarMask(rows=index[0], bitmask=bitmask)
+
+
+def _matching_rows(
+    req_row_start: dict[str, int],  # req_id -> its first mask row
+    num_mask_rows: int,
+    req_ids: list[str],
+    logits_row_start: np.ndarray | None,
+) -> tuple[list[int], list[int]]:
+    """(logits rows, mask rows), pairwise, of the constrained requests among `req_ids`; a
+    request's rows run up to the next request's first mask row."""
+    starts = sorted(req_row_start.values())
+    row_end = dict(zip(starts, starts[1:] + [num_mask_rows]))
+    logits_rows: list[int] = []
+    mask_rows: list[int] = []
     for i, req_id in enumerate(req_ids):
-        start = starts.get(req_id)
+        start = req_row_start.get(req_id)
         if start is None:
             continue
         first = i if logits_row_start is None else int(logits_row_start[i])
         count = row_end[start] - start
         logits_rows.extend(range(first, first + count))
         mask_rows.extend(range(start, start + count))
-    if not logits_rows:
-        return None
-    if mask_rows != list(range(len(host))):  # some rows unused, or in another order
-        host = host[mask_rows]
-    elif not host.flags.writeable:  # a view of a received frame: torch wants its own
-        host = host.copy()
-    bitmask = _to_device(host, device)
-    rows = _to_device(np.asarray(logits_rows, dtype=np.int64), device)
-    return GrammarMask(rows=rows, bitmask=bitmask)
+    return logits_rows, mask_rows
 
 
 def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:

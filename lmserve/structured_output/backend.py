@@ -1,8 +1,9 @@
 """The interface a structured-output backend implements (xgrammar today; llguidance would be a
 second implementation of the same two classes).
 
-A bitmask row has `ceil(vocab_size / 32)` int32 words; bit `t % 32` of word `t // 32` is 1 when
-token t is allowed. Rows for one step are laid out by the manager
+A bitmask row has `ceil(backend.vocab_size / 32)` int32 words; bit `t % 32` of word `t // 32` is
+1 when token t is allowed, and tokens past the row (logits padded beyond the tokenizer's
+vocabulary) are never allowed. Rows for one step are laid out by the manager
 (lmserve/core/structured_output.py) and applied on the device by lmserve/sample/grammar.py.
 """
 
@@ -53,7 +54,7 @@ class StructuredOutputBackend(ABC):
     """Compiles grammars for one vocabulary. `compile` runs in the manager's thread pool and
     may be called from several threads at once."""
 
-    vocab_size: int  # the model's logits width (may exceed the tokenizer's vocabulary)
+    vocab_size: int  # tokens a mask row covers: the tokenizer's, at most the logits width
 
     @abstractmethod
     def compile(self, params: StructuredOutputsParams) -> Any:
@@ -71,3 +72,19 @@ class StructuredOutputBackend(ABC):
         may do it in one call over several threads. Rows not listed are left as they are."""
         for grammar, row in zip(grammars, rows):
             grammar.fill_bitmask(bitmask, row)
+
+    def batch_accept_tokens(
+        self, grammars: list[StructuredOutputGrammar], token_ids: list[list[int]]
+    ) -> list[int]:
+        """`grammars[i]` advances over `token_ids[i]` (distinct grammars) until a token it
+        refuses or a stop token: how many tokens each accepted. A backend may batch it."""
+        return [num_accepted(g, tokens) for g, tokens in zip(grammars, token_ids)]
+
+
+def num_accepted(grammar: StructuredOutputGrammar, token_ids: list[int]) -> int:
+    """`grammar` advances over `token_ids` until one is refused or it has accepted a stop
+    token: how many it accepted."""
+    for i, token_id in enumerate(token_ids):
+        if grammar.is_terminated() or not grammar.accept_tokens([token_id]):
+            return i
+    return len(token_ids)

@@ -50,11 +50,21 @@ def test_masked_rows_only_in_place():
     assert torch.equal(masked[1, [3, 40]], before[1, [3, 40]])
 
 
-def random_case(num_rows: int, vocab: int, seed: int):
+def test_tokens_past_a_narrow_mask_are_never_allowed():
+    """Masks cover the tokenizer's ids; a model's logits padded past them stay disallowed."""
+    logits = torch.randn(3, VOCAB + 50)
+    before = logits.clone()
+    mask = GrammarMask(rows=torch.tensor([1]), bitmask=bitmask_allowing([[3, 40, 69]]))
+    masked = apply_grammar_mask(logits, mask)
+    assert torch.equal(masked[0], before[0]) and torch.equal(masked[2], before[2])
+    assert torch.isfinite(masked[1]).nonzero().flatten().tolist() == [3, 40, 69]
+
+
+def random_case(num_rows: int, vocab: int, seed: int, mask_vocab: int | None = None):
     gen = torch.Generator().manual_seed(seed)
     logits = torch.randn(num_rows, vocab, generator=gen)
     rows = torch.randperm(num_rows, generator=gen)[: num_rows // 2 + 1]  # unique, any order
-    words = -(-vocab // 32)
+    words = -(-(mask_vocab or vocab) // 32)
     bits = torch.randint(-(2**31), 2**31 - 1, (len(rows), words), dtype=torch.int32, generator=gen)
     return logits, GrammarMask(rows=rows, bitmask=bits)
 
@@ -86,8 +96,12 @@ def test_triton_path_equals_torch_path_on_cuda():
         use_triton_kernel,
     )
 
-    for dtype in (torch.float32, torch.bfloat16):
-        logits, mask = random_case(64, 128256, 3)
+    for dtype, mask_vocab in (
+        (torch.float32, None),
+        (torch.bfloat16, None),
+        (torch.float32, 49152),
+    ):
+        logits, mask = random_case(64, 128256, 3, mask_vocab)
         logits = logits.to("cuda", dtype)
         mask = GrammarMask(mask.rows.cuda(), mask.bitmask.cuda())
         assert use_triton_kernel(logits, mask)

@@ -121,6 +121,21 @@ def test_regex_choice_grammar_and_json_object(llm, temperature):
         assert isinstance(json.loads(texts[5]), dict)
 
 
+def test_logits_padded_past_the_tokenizer(tmp_path):
+    """A model whose logits are wider than its tokenizer's vocabulary (600 vs 512 ids, as a
+    padded lm_head): masks cover the tokenizer's ids only, the padding is never emitted, and
+    outputs stay valid."""
+    from tests.tiny_models import make_tiny_model, make_tiny_tokenizer
+
+    path = make_tiny_model(tmp_path, "llama", vocab_size=600)
+    make_tiny_tokenizer(512).save_pretrained(path)
+    llm = make_llm(path)
+    outputs = run_schemas(llm, 1.0)
+    assert_valid_json(outputs)
+    assert max(t for out in outputs for t in out.outputs[0].token_ids) < 512
+    llm.shutdown()
+
+
 def test_every_choice_is_reachable_by_sampling(llm):
     params = [
         SamplingParams(
