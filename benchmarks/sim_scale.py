@@ -114,7 +114,8 @@ def main() -> None:
         print(f"{rate:.5f} users/s per replica -> {busy:.2f} busy on {args.probe_replicas} "
               "replicas", flush=True)  # fmt: skip
     else:
-        rate, busy = args.rate_per_replica, None
+        # the probe's figure at this rate (a few seconds), so the result reads as a searched one
+        rate, busy = args.rate_per_replica, busy_at(args.rate_per_replica, args.probe_replicas)
     runs = {}
     with tempfile.TemporaryDirectory() as tmp:
         for logic in args.logics.split(","):

@@ -15,12 +15,16 @@ is one event), scrapes, autoscaler polls and pods becoming ready.
 
 from __future__ import annotations
 
+import gc
 import heapq
 import math
+from array import array
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
+
+import numpy as np
 
 from lmserve.router.backends import Backend, BackendPool
 from lmserve.router.config import RouterConfig
@@ -62,6 +66,32 @@ class Pod:
     ready_s: float | None = None
     removed_s: float | None = None
     drained_s: float | None = None
+    backend: Backend | None = None  # its entry in the pool once ready
+
+
+class Records:
+    """One row per finished request: (sent, first token, finish, prompt tokens, output tokens,
+    cached tokens, replica index), kept as one flat array of doubles (56 bytes a request; a
+    tuple of 7 numbers is ~250 bytes, and millions of them are GC-tracked)."""
+
+    WIDTH = 7
+
+    def __init__(self) -> None:
+        self.data = array("d")
+
+    def append(self, row: tuple) -> None:
+        self.data.extend(row)
+
+    def __len__(self) -> int:
+        return len(self.data) // self.WIDTH
+
+    def __iter__(self) -> Iterator[tuple[float, ...]]:
+        d, w = self.data, self.WIDTH
+        return (tuple(d[i : i + w]) for i in range(0, len(d), w))
+
+    def as_array(self) -> np.ndarray:
+        """A (requests, 7) float array (a copy)."""
+        return np.array(self.data, dtype=float).reshape(-1, self.WIDTH)
 
 
 LogicFactory = Callable[["Cluster"], RoutingLogic]
@@ -102,7 +132,7 @@ class Cluster:
         self._candidates: list[Backend] | None = None
         self.autoscaler = Autoscaler(config.autoscale) if config.autoscale else None
         self.reasons: dict[str, int] = {}
-        self.records: list[tuple] = []  # per finished request, see report.py
+        self.records = Records()  # per finished request, see report.py
         self.replica_samples: list[tuple[float, int, int]] = []  # (t, ready, total)
         self._arrivals: Iterator[tuple[float, Session]] = sessions(
             workload, profile.block_size, profile.hash_algo
@@ -123,6 +153,16 @@ class Cluster:
     def run(self) -> Cluster:
         for _ in range(self.config.replicas):
             self._create_pod(ready_now=True)
+        # The engines' block maps grow to millions of entries: frozen (they exist now), the
+        # GC's full collections no longer walk them (it did, every few thousand requests).
+        gc.freeze()
+        try:
+            self._loop()
+        finally:
+            gc.unfreeze()
+        return self
+
+    def _loop(self) -> None:
         self._next_arrival()
         self.push(0.0, _SCRAPE)
         self.push(0.0, _POLL)
@@ -148,7 +188,6 @@ class Cluster:
             if self._finished() or (self._arrivals_done and not self._pending):
                 break  # done, or what is left can never finish (e.g. a prompt no pool holds)
         self.end_s = self.now
-        return self
 
     def _finished(self) -> bool:
         return self._arrivals_done and self._live_sessions == 0
@@ -188,7 +227,9 @@ class Cluster:
     def route(self, request: SimRequest) -> Any:
         """The router's path for one request: candidates, the logic's choice, bookkeeping."""
         logic = self.logic
-        ids = request.token_ids[: request.num_prompt_tokens]
+        # the prompt's ids (a copy of ~2,000 of them) only for a logic that reads them
+        wants_ids = logic.needs_prompt or logic.needs_tokens
+        ids = request.token_ids[: request.num_prompt_tokens] if wants_ids else None
         session = request.session
         route_request = RouteRequest(
             MODEL,
@@ -284,7 +325,7 @@ class Cluster:
         if pod.removed_s is not None:
             return
         pod.ready_s = self.now
-        backend = self.pool.add(pod.engine.url)
+        backend = pod.backend = self.pool.add(pod.engine.url)
         backend.model_cards = [{"id": MODEL}]
         backend.healthy = True
         if self.kv_events:
@@ -315,9 +356,9 @@ class Cluster:
         for pod in self.pods:
             if pod.ready_s is None or pod.removed_s is not None:
                 continue
-            backend = self.pool.get(pod.engine.url)
-            backend.scraped_running = pod.engine.num_running
-            backend.scraped_waiting = pod.engine.num_waiting
+            backend, engine = pod.backend, pod.engine
+            backend.scraped_running = len(engine.running)
+            backend.scraped_waiting = len(engine.waiting)
             backend.in_flight_at_scrape = backend.in_flight
         if not self._finished():
             self.push(self.now + self.config.router.health_check_interval, _SCRAPE)

@@ -24,9 +24,11 @@ would admit it at the next step boundary). Everything else is one event per step
 from __future__ import annotations
 
 import math
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from itertools import compress, repeat
+from operator import add, eq, itemgetter, not_
 from typing import Any
 
 import msgspec
@@ -36,6 +38,13 @@ from lmserve.prefix_hash import BlockHash
 from lmserve.sim.profile import StepProfile
 
 _encode = msgspec.msgpack.Encoder().encode
+
+
+def _values(mapping: dict, keys: list) -> list:
+    """[mapping[k] for k in keys] in one C call (itemgetter of several keys gives a tuple)."""
+    if len(keys) > 1:
+        return list(itemgetter(*keys)(mapping))
+    return [mapping[k] for k in keys]
 
 
 class SimRequest:
@@ -112,6 +121,10 @@ class SimEngine:
     """One engine. The cluster calls `add`, then `on_step_end` at the time `next_event_s`
     names; `hooks` report first tokens, finishes and KV event batches back to it."""
 
+    # `freed` entries tolerated beyond twice the valid ones before a compaction, and consumed
+    # ones before they are dropped (a class attribute so a test can make them 0)
+    freed_slack = 4096
+
     def __init__(
         self,
         url: str,
@@ -130,9 +143,19 @@ class SimEngine:
         self.host_load = host_load  # engines stepping on this host right now (CPU sharing)
         self.running: list[SimRequest] = []
         self.waiting: deque[SimRequest] = deque()
-        # block pool: referenced hashed blocks, free hashed blocks (LRU), free empty blocks
-        self.refs: dict[BlockHash, int] = {}  # every hash the cache holds -> references
-        self.lru: OrderedDict[BlockHash, None] = OrderedDict()  # free cached, oldest first
+        # Block pool: referenced hashed blocks, free hashed blocks (LRU), free empty blocks.
+        # `refs` maps every hash the cache holds to its references (> 0) or, once free, to
+        # its stamp -(1 + its position in the eviction queue `freed`, least recently freed
+        # first; position = freed_base + list index, entries before freed_head are consumed).
+        # A block taken again keeps its queue entry, which goes stale (the stamp no longer
+        # matches) and is skipped when evicting: no per-block unlinking, 8 bytes an entry
+        # instead of an OrderedDict node (the LRU was most of the memory at scale), and whole
+        # requests' blocks are counted, freed and evicted with C-level map/zip/compress.
+        self.refs: dict[BlockHash, int] = {}
+        self.freed: list[BlockHash] = []
+        self.freed_base = 0
+        self.freed_head = 0
+        self.num_cached_free = 0  # hashes with no reference (the valid entries of `freed`)
         self.empty = p.num_gpu_blocks  # free blocks holding nothing
         self.stats = EngineStats()
         self.events: list[Any] = []  # KV events of the step in progress
@@ -155,7 +178,7 @@ class SimEngine:
 
     @property
     def num_free_blocks(self) -> int:
-        return self.empty + len(self.lru)
+        return self.empty + self.num_cached_free
 
     def add(self, request: SimRequest, now: float) -> bool:
         """Queue a request. True when the engine was idle and must be started (`start_step`);
@@ -226,35 +249,44 @@ class SimEngine:
             return plan, True
         while self.waiting and budget > 0 and len(self.running) < self.profile.max_num_seqs:
             request = self.waiting[0]
-            hit = self._lookup(request)
+            counts = self._lookup(request)
+            hit = len(counts)
+            hit_free = sum(map((0).__gt__, counts))  # free cached blocks it will take
             n = min(request.num_tokens - hit * self.bs, budget)
             need = -(-(hit * self.bs + n) // self.bs) - hit
-            hit_free = sum(1 for h in request.hashes[:hit] if self.refs[h] == 0)
             if need > self.num_free_blocks - hit_free:
                 break
             self.waiting.popleft()
-            self._admit(request, hit)
+            self._admit(request, counts, hit_free)
             self._take_blocks(need)
             request.blocks_held += need
             plan.append((request, n))
             budget -= n
         return plan, False
 
-    def _lookup(self, request: SimRequest) -> int:
-        """Blocks of the longest cached prefix (never the prompt's last token)."""
+    def _lookup(self, request: SimRequest) -> list[int]:
+        """The `refs` values of the longest cached prefix's blocks (never the prompt's last
+        token), looked up 32 at a time (past the first miss is wasted, but in C)."""
         max_hit = (request.num_tokens - 1) // self.bs
-        hashes, refs = request.hashes, self.refs
-        hit = 0
-        while hit < max_hit and hashes[hit] in refs:
-            hit += 1
-        return hit
+        hashes, get = request.hashes, self.refs.get
+        counts: list[int] = []
+        while len(counts) < max_hit:
+            start = len(counts)
+            part = list(map(get, hashes[start : min(start + 32, max_hit)]))
+            if None in part:
+                counts += part[: part.index(None)]
+                break
+            counts += part
+        return counts
 
-    def _admit(self, request: SimRequest, hit: int) -> None:
-        for h in request.hashes[:hit]:
-            if self.refs[h] == 0:
-                del self.lru[h]
-            self.refs[h] += 1
-        request.shared = list(request.hashes[:hit])
+    def _admit(self, request: SimRequest, counts: list[int], free: int) -> None:
+        """Take a reference on the `len(counts)` hit blocks (`free` of them were free: their
+        entries in `freed` go stale)."""
+        hit = len(counts)
+        shared = request.hashes[:hit]
+        self.refs.update(zip(shared, [c + 1 if c > 0 else 1 for c in counts]))
+        self.num_cached_free -= free
+        request.shared = shared
         request.num_hashed = request.blocks_held = hit
         request.num_computed = hit * self.bs
         request.admitted = True
@@ -397,6 +429,12 @@ class SimEngine:
         full = min(request.num_computed // self.bs, len(request.hashes))
         refs = self.refs
         bs = self.bs
+        if self.on_kv_events is None and full > request.num_hashed:
+            new = [h for h in request.hashes[request.num_hashed : full] if h not in refs]
+            refs.update(zip(new, repeat(1)))
+            request.shared += new
+            request.num_hashed = full
+            return
         for i in range(request.num_hashed, full):
             h = request.hashes[i]
             if h in refs:
@@ -419,26 +457,72 @@ class SimEngine:
         """Drop the request's blocks: hashed ones join the LRU's tail (its last blocks first,
         so they are evicted first), private ones become empty."""
         private = request.blocks_held - len(request.shared)
-        refs, lru = self.refs, self.lru
-        for h in reversed(request.shared):
-            count = refs[h] - 1
-            refs[h] = count
-            if count == 0:
-                lru[h] = None
+        refs, freed = self.refs, self.freed
+        shared = request.shared[::-1]
+        counts = _values(refs, shared)
+        if counts.count(1) == len(counts):  # the usual case: nobody else holds one of them
+            to_free = shared
+        else:
+            held = list(map((1).__lt__, counts))  # others hold these: one reference less
+            refs.update(zip(compress(shared, held), map(add, compress(counts, held), repeat(-1))))
+            to_free = list(compress(shared, map(not_, held)))
+        first = self.freed_base + len(freed) + 1
+        refs.update(zip(to_free, range(-first, -first - len(to_free), -1)))
+        freed += to_free
+        self.num_cached_free += len(to_free)
         self.empty += private
         request.shared = []
         request.blocks_held = 0
+        if len(freed) - self.freed_head > 2 * self.num_cached_free + self.freed_slack:
+            self._compact_freed()
+
+    def _compact_freed(self) -> None:
+        """Drop the stale entries of `freed` (many when blocks are freed and taken again
+        while nothing is evicted), renumbering the rest in the same order."""
+        refs, freed = self.refs, self.freed
+        first = self.freed_base + self.freed_head + 1
+        entries = freed[self.freed_head :]
+        valid = map(eq, map(refs.get, entries), range(-first, -first - len(entries), -1))
+        # the same list object: Cluster.run freezes it out of the GC's full scans
+        freed[:] = compress(entries, valid)
+        refs.update(zip(freed, range(-1, -len(freed) - 1, -1)))
+        self.freed_base = self.freed_head = 0
 
     def _take_blocks(self, n: int) -> None:
         """Claim `n` free blocks: empty ones first, then evict the least recently freed."""
         from_empty = min(n, self.empty)
         self.empty -= from_empty
-        for _ in range(n - from_empty):
-            h, _ = self.lru.popitem(last=False)
-            del self.refs[h]
-            self.stats.evicted_blocks += 1
-            if self.on_kv_events is not None:
-                self.events.append(BlockRemoved([h]))
+        evict = n - from_empty
+        if evict <= 0:
+            return
+        victims = self._next_victims(evict)
+        refs = self.refs
+        for h in victims:
+            del refs[h]
+        if self.on_kv_events is not None:
+            self.events += [BlockRemoved([h]) for h in victims]
+        self.num_cached_free -= evict
+        self.stats.evicted_blocks += evict
+
+    def _next_victims(self, n: int) -> list[BlockHash]:
+        """Consume the first `n` valid entries of `freed` (skipping stale ones)."""
+        refs, freed = self.refs, self.freed
+        head = self.freed_head
+        victims: list[BlockHash] = []
+        while len(victims) < n:
+            chunk = freed[head : head + n - len(victims)]
+            if not chunk:
+                raise RuntimeError("no free block to evict")
+            first = self.freed_base + head + 1
+            valid = list(map(eq, map(refs.get, chunk), range(-first, -first - len(chunk), -1)))
+            head += len(chunk)
+            victims += chunk if valid.count(True) == len(chunk) else compress(chunk, valid)
+        if head > self.freed_slack and head > len(freed) // 2:  # drop the consumed entries
+            del freed[:head]
+            self.freed_base += head
+            head = 0
+        self.freed_head = head
+        return victims
 
     def _publish(self, now: float) -> None:
         if self.events:

@@ -41,7 +41,7 @@ def _histogram_percentiles(hist: dict[int, float]) -> dict[str, float]:
 
 
 def summarize(cluster: Cluster) -> dict[str, Any]:
-    records = np.array(cluster.records, dtype=float).reshape(-1, 7)
+    records = cluster.records.as_array()
     records = records[records[:, 0] >= cluster.config.warmup_s]
     sent, first, finish, prompt, output, cached, replica = (
         records.T if len(records) else [np.zeros(0)] * 7
