@@ -541,6 +541,21 @@ def test_requests_sharing_a_prefix_while_both_run_share_its_blocks():
     assert_no_leaked_blocks(h.scheduler)
 
 
+def test_a_waiting_requests_cached_prefix_outlives_the_blocks_a_running_request_takes():
+    h = make_harness(num_gpu_blocks=8, block_size=4, max_num_seqs=1)
+    prefix = list(range(500, 508))  # 2 full blocks
+    for req_id, prompt in (("a", prefix), ("b", list(range(600, 608)))):
+        h.add(req_id, prompt, max_tokens=1)
+        h.run()
+    # free queue, evicted first to last: 2 never-used blocks, a's 3 (partial last), b's 3
+    h.add("x", [7, 7, 7, 7], max_tokens=19)  # will need 6 blocks
+    h.step()
+    h.add("w", prefix + [9], max_tokens=1)  # waits (max_num_seqs=1): a's blocks move last
+    h.run()
+    assert h.num_cached_tokens["w"] == 8  # x evicted b's blocks, not the prefix w waits for
+    assert_no_leaked_blocks(h.scheduler)
+
+
 def test_prefix_cache_stats_count_each_request_once_even_if_it_waits_for_blocks():
     h = make_harness(num_gpu_blocks=4, block_size=4)
     h.add("a", list(range(10, 22)), max_tokens=4)  # takes all 4 blocks at its 13th token
