@@ -207,7 +207,10 @@ def _load_hf_config(model: str, revision: str | None) -> tuple[str, Any]:
     from lmserve.model.loader import resolve_model_path
 
     model_path = resolve_model_path(model, revision)
-    if envs.LMSERVE_HF_CONFIG_READER != "transformers":
+    reader = envs.LMSERVE_HF_CONFIG_READER
+    if reader not in ("auto", "transformers"):
+        raise ConfigError(f"LMSERVE_HF_CONFIG_READER={reader!r}: must be 'auto' or 'transformers'")
+    if reader == "auto":
         plain = read_plain_config(model_path)
         if plain is not None:
             return model_path, plain

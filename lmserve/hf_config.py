@@ -52,6 +52,14 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
     "qwen3": {"tie_word_embeddings": False, "use_sliding_window": False,
               "attention_bias": False, "head_dim": 128},
 }  # fmt: skip
+_SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+          "num_attention_heads", "num_key_value_heads", "max_position_embeddings")  # fmt: skip
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
 # Anything that needs transformers' own handling: remote code, quantized checkpoints, a vision
 # tower. (Per-layer attention patterns too, unless every layer is full attention.)
 _NEEDS_TRANSFORMERS = ("auto_map", "quantization_config", "text_config")
@@ -68,6 +76,8 @@ def read_plain_config(folder: str) -> PlainHFConfig | None:
     defaults = _DEFAULTS.get(values.get("model_type")) if isinstance(values, dict) else None
     if defaults is None or any(k not in values for k in _REQUIRED):
         return None
+    if not all(_positive_int(values[k]) for k in _SIZES):
+        return None  # transformers' own checks say what is wrong with the file
     if any(k in values for k in _NEEDS_TRANSFORMERS):
         return None
     if any(t != "full_attention" for t in values.get("layer_types") or ()):

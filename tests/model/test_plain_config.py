@@ -181,6 +181,8 @@ def test_a_saved_tiny_model_reads_the_same_both_ways(arch, tmp_path):
         {"quantization_config": {"quant_method": "gptq"}},
         {"auto_map": {"AutoConfig": "custom.Config"}},
         {"layer_types": ["full_attention", "sliding_attention"]},
+        {"num_attention_heads": 0},  # nonsense sizes: transformers' checks explain them
+        {"hidden_size": "64"},
     ],
 )
 def test_configs_the_reader_does_not_cover_go_to_transformers(change, tmp_path):
@@ -211,3 +213,12 @@ def test_the_environment_can_force_autoconfig(tmp_path, monkeypatch):
     config = ModelConfig(folder, load_format="dummy")
     assert not isinstance(config.hf_config, PlainHFConfig)
     assert config.dtype == torch.bfloat16
+
+
+def test_an_unknown_reader_setting_is_a_clear_error(tmp_path, monkeypatch):
+    from lmserve.config import ConfigError
+
+    folder = write(tmp_path, CONFIGS["llama3"])
+    monkeypatch.setenv("LMSERVE_HF_CONFIG_READER", "transfomers")
+    with pytest.raises(ConfigError, match="LMSERVE_HF_CONFIG_READER='transfomers'"):
+        ModelConfig(folder, load_format="dummy")
