@@ -127,16 +127,11 @@ class PromptTokenizer:
 
     @classmethod
     def load(cls, path: str, chat_template: str | None = None) -> PromptTokenizer:
-        """From a model folder (tokenizer.json + tokenizer_config.json), a tokenizer.json
-        (whose folder may hold the config) or a .gguf file (its converted folder, the one the
-        engines serve from: converted on first use and shared through LMSERVE_CACHE_DIR).
-        `chat_template`: a file or the template itself, as the engine's --chat-template."""
+        """From a model folder (tokenizer.json + tokenizer_config.json) or a tokenizer.json
+        (whose folder may hold the config). `chat_template`: a file or the template itself,
+        as the engine's --chat-template."""
         from tokenizers import Tokenizer
 
-        if path.lower().endswith(".gguf") and os.path.isfile(path):
-            from lmserve.model.gguf_loader import cached_gguf_folder
-
-            path = cached_gguf_folder(path)
         folder = path if os.path.isdir(path) else os.path.dirname(path) or "."
         file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
         if not os.path.isfile(file):

@@ -74,23 +74,6 @@ def test_default_models_tokenizer_pieces_match_transformers_chat_template(tmp_pa
     assert tokens.segments.enabled
 
 
-def test_a_gguf_tokenizer_gives_the_ids_the_engine_computes_for_that_gguf(
-    tmp_path, monkeypatch, default_model
-):
-    from transformers import AutoTokenizer
-
-    from lmserve.engine.chat import apply_chat_template, validate_conversation
-    from lmserve.model.loader import resolve_model_path
-
-    monkeypatch.setenv("LMSERVE_CACHE_DIR", str(tmp_path))
-    tokens = PromptTokenizer.load(default_model)  # `--tokenizer model.gguf`
-    engine = AutoTokenizer.from_pretrained(resolve_model_path(default_model))  # same folder
-    conversation = _conversation(random.Random(3), 2)
-    assert tokens.for_body({"messages": conversation}) == apply_chat_template(
-        engine, validate_conversation(conversation)
-    )
-
-
 def test_added_tokens_that_strip_whitespace_keep_whole_text_encoding():
     from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
 
