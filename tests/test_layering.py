@@ -23,6 +23,7 @@ FRONT_END = ("engine", "entrypoints")
 ROUTER_MAY_IMPORT = (
     "lmserve", "lmserve.envs", "lmserve.entrypoints.openai.errors", "lmserve.prefix_hash",
     "lmserve.engine.chat",  # kv-aware routing renders chat exactly as the engine does
+    "lmserve.gguf_tokenizer",  # --tokenizer model.gguf: the engines' tokenizer, no weights
     "lmserve.dashboard", "lmserve.dashboard.sources",  # GET /dashboard (prometheus_client only)
 )  # fmt: skip
 

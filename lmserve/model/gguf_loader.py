@@ -41,6 +41,8 @@ from typing import Any
 
 import numpy as np
 
+from lmserve.gguf_tokenizer import gguf_field, save_gguf_tokenizer
+
 logger = logging.getLogger(__name__)
 
 # Bump when the converted folder's contents change: older conversions are then ignored.
@@ -59,22 +61,6 @@ _STALE_TMP_SECONDS = 3600
 SUPPORTED_TENSOR_TYPES = frozenset(
     ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 )  # fmt: skip
-# llama.cpp pre-tokenizers (llama-vocab.cpp) for byte-level BPE vocabularies. These split
-# every digit off on its own before GPT-2's regex (transformers' GGUF converter drops that):
-_DIGIT_SPLIT_PRETOKENIZERS = frozenset(
-    ("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva-7b")
-)
-# ... and these use Llama 3's regex (numbers in groups of up to three digits), look a whole word
-# up in the vocabulary before merging, and add bos unless the metadata says otherwise.
-_LLAMA3_PRETOKENIZERS = frozenset(
-    ("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2")
-)
-_LLAMA3_REGEX = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-# tokenizer.ggml.token_type values (llama.cpp's llama_token_type).
-_TOKEN_NORMAL, _TOKEN_CONTROL, _TOKEN_USER_DEFINED = 1, 3, 4
 # llama.cpp tensor name (after "blk.N.") -> HF name (after "model.layers.N.").
 _LAYER_TENSORS = {
     "attn_norm": "input_layernorm",
@@ -298,14 +284,14 @@ def gguf_to_hf_config(reader) -> Any:
     """A transformers LlamaConfig from the GGUF metadata (llama.cpp's key names)."""
     from transformers import LlamaConfig
 
-    arch = _field(reader, "general.architecture")
+    arch = gguf_field(reader, "general.architecture")
     if arch != "llama":
         raise ValueError(
             f"GGUF architecture {arch!r} is not supported (lmserve converts 'llama' GGUF files)"
         )
 
     def meta(key: str, default: Any = None) -> Any:
-        value = _field(reader, f"{arch}.{key}", default)
+        value = gguf_field(reader, f"{arch}.{key}", default)
         if value is None:
             raise ValueError(f"GGUF metadata lacks {arch}.{key}")
         return value
@@ -322,7 +308,7 @@ def gguf_to_hf_config(reader) -> Any:
             f"GGUF rotary dimension {rotary_dim} != head_dim {head_dim}: not supported"
         )
     embedding = next(t for t in reader.tensors if t.name == "token_embd.weight")
-    vocab_size = _field(reader, f"{arch}.vocab_size") or int(embedding.shape[-1])
+    vocab_size = gguf_field(reader, f"{arch}.vocab_size") or int(embedding.shape[-1])
     config = LlamaConfig(
         vocab_size=int(vocab_size),
         hidden_size=hidden_size,
@@ -337,9 +323,9 @@ def gguf_to_hf_config(reader) -> Any:
         attention_bias="blk.0.attn_q.bias" in tensor_names,
         mlp_bias="blk.0.ffn_up.bias" in tensor_names,
         tie_word_embeddings="output.weight" not in tensor_names,
-        bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id"),
-        eos_token_id=_field(reader, "tokenizer.ggml.eos_token_id"),
-        pad_token_id=_field(reader, "tokenizer.ggml.padding_token_id"),
+        bos_token_id=gguf_field(reader, "tokenizer.ggml.bos_token_id"),
+        eos_token_id=gguf_field(reader, "tokenizer.ggml.eos_token_id"),
+        pad_token_id=gguf_field(reader, "tokenizer.ggml.padding_token_id"),
         dtype="float32",
     )
     config.architectures = ["LlamaForCausalLM"]
@@ -347,12 +333,12 @@ def gguf_to_hf_config(reader) -> Any:
 
 
 def _rope_parameters(reader, arch: str) -> dict[str, Any]:
-    theta = float(_field(reader, f"{arch}.rope.freq_base", 10000.0))
-    scaling = _field(reader, f"{arch}.rope.scaling.type", "none")
+    theta = float(gguf_field(reader, f"{arch}.rope.freq_base", 10000.0))
+    scaling = gguf_field(reader, f"{arch}.rope.scaling.type", "none")
     if scaling == "none":
         return {"rope_type": "default", "rope_theta": theta}
     if scaling == "linear":
-        factor = float(_field(reader, f"{arch}.rope.scaling.factor", 1.0))
+        factor = float(gguf_field(reader, f"{arch}.rope.scaling.factor", 1.0))
         return {"rope_type": "linear", "factor": factor, "rope_theta": theta}
     raise ValueError(f"GGUF rope scaling {scaling!r} is not supported (only linear)")
 
@@ -560,114 +546,3 @@ def permute_rotary_rows(weight: np.ndarray, num_heads: int) -> np.ndarray:
     return (
         weight.reshape(num_heads, 2, half, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
     )
-
-
-def save_gguf_tokenizer(gguf_path: str, reader, out_dir: str) -> None:
-    """Build the tokenizer from `tokenizer.ggml.*` and save it (tokenizer.json,
-    tokenizer_config.json, the chat template) into `out_dir`.
-
-    Byte-level BPE vocabularies (tokenizer.ggml.model == "gpt2": SmolLM2, Llama 3, ...) are built
-    here with `tokenizers`, the way llama.cpp tokenizes them. Others (SentencePiece "llama", ...)
-    go through transformers' GGUF converter, with the special tokens then set from the metadata
-    (transformers 5.17's converter, for one, names the wrong eos token)."""
-    byte_level = _field(reader, "tokenizer.ggml.model") == "gpt2"
-    if byte_level:
-        tokenizer = _byte_level_bpe_tokenizer(reader)
-    else:
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(
-            os.path.dirname(gguf_path), gguf_file=os.path.basename(gguf_path)
-        )
-        for role, token in _special_tokens(reader).items():
-            setattr(tokenizer, role, token)
-    # llama.cpp's defaults where the metadata is silent: SentencePiece and Llama 3's
-    # pre-tokenizers add bos, other byte-level ones do not; none adds eos.
-    pre = _field(reader, "tokenizer.ggml.pre")
-    add_bos = _field(
-        reader, "tokenizer.ggml.add_bos_token", not byte_level or pre in _LLAMA3_PRETOKENIZERS
-    )
-    add_eos = _field(reader, "tokenizer.ggml.add_eos_token", False)
-    _set_bos_eos_template(tokenizer, add_bos, add_eos)
-    template = _field(reader, "tokenizer.chat_template")
-    if template:
-        tokenizer.chat_template = template
-    tokenizer.save_pretrained(out_dir)
-
-
-def _special_tokens(reader) -> dict[str, str]:
-    """{"bos_token": "<|im_start|>", ...} for the special-token ids the metadata names."""
-    tokens = _field(reader, "tokenizer.ggml.tokens")
-    keys = {"bos_token": "bos", "eos_token": "eos", "unk_token": "unknown", "pad_token": "padding"}
-    special = {}
-    for role, key in keys.items():
-        token_id = _field(reader, f"tokenizer.ggml.{key}_token_id")
-        if token_id is not None and 0 <= token_id < len(tokens):
-            special[role] = tokens[token_id]
-    return special
-
-
-def _byte_level_bpe_tokenizer(reader) -> Any:
-    """A transformers fast tokenizer for a GGUF byte-level BPE vocabulary: vocab and merges,
-    llama.cpp's pre-tokenizer for `tokenizer.ggml.pre`, control tokens as special tokens."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models
-    from transformers import PreTrainedTokenizerFast
-
-    tokens: list[str] = _field(reader, "tokenizer.ggml.tokens")
-    token_types = _field(reader, "tokenizer.ggml.token_type", [_TOKEN_NORMAL] * len(tokens))
-    merges = [tuple(m.split(" ", 1)) for m in _field(reader, "tokenizer.ggml.merges", [])]
-    pre = _field(reader, "tokenizer.ggml.pre", "default")
-    llama3 = pre in _LLAMA3_PRETOKENIZERS
-    vocab = {t: i for i, t in enumerate(tokens)}
-    backend = Tokenizer(models.BPE(vocab, merges, fuse_unk=False, ignore_merges=llama3))
-    backend.pre_tokenizer = _byte_level_pre_tokenizer(
-        pre, bool(_field(reader, "tokenizer.ggml.add_space_prefix", False))
-    )
-    backend.decoder = decoders.ByteLevel()
-    control = [t for t, kind in zip(tokens, token_types) if kind == _TOKEN_CONTROL]
-    user_defined = [t for t, kind in zip(tokens, token_types) if kind == _TOKEN_USER_DEFINED]
-    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in control])
-    backend.add_tokens([AddedToken(t, special=False, normalized=False) for t in user_defined])
-
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend, clean_up_tokenization_spaces=False, **_special_tokens(reader)
-    )
-
-
-def _set_bos_eos_template(tokenizer, add_bos: bool, add_eos: bool) -> None:
-    """Make encoding add bos / eos exactly as the GGUF says (transformers' converters differ
-    between versions here): "<s> $A" for one sequence, "<s> $A <s>:1 $B:1" for a pair."""
-    from tokenizers import processors
-
-    bos = tokenizer.bos_token if add_bos else None
-    eos = tokenizer.eos_token if add_eos else None
-    single = [t for t in (bos, "$A", eos) if t]
-    pair = single + [f"{t}:1" for t in (bos, "$B", eos) if t]
-    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
-        single=" ".join(single),
-        pair=" ".join(pair),
-        special_tokens=[
-            (t, tokenizer.convert_tokens_to_ids(t)) for t in dict.fromkeys((bos, eos)) if t
-        ],
-    )
-
-
-def _byte_level_pre_tokenizer(pre: str, add_prefix_space: bool) -> Any:
-    """llama.cpp's pre-tokenizer `pre` (its regexes in llama-vocab.cpp) as a `tokenizers` one."""
-    from tokenizers import Regex, pre_tokenizers
-
-    gpt2 = pre_tokenizers.ByteLevel(add_prefix_space=add_prefix_space, use_regex=True)
-    if pre in _DIGIT_SPLIT_PRETOKENIZERS:  # "2024" -> "2" "0" "2" "4", then GPT-2's regex
-        return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), gpt2])
-    if pre in _LLAMA3_PRETOKENIZERS:
-        split = pre_tokenizers.Split(Regex(_LLAMA3_REGEX), behavior="isolated")
-        no_regex = pre_tokenizers.ByteLevel(add_prefix_space=add_prefix_space, use_regex=False)
-        return pre_tokenizers.Sequence([split, no_regex])
-    if pre not in ("default", "gpt2"):
-        logger.warning("GGUF pre-tokenizer %r is not known here; using GPT-2's regex", pre)
-    return gpt2
-
-
-def _field(reader, key: str, default: Any = None) -> Any:
-    field = reader.fields.get(key)
-    return default if field is None else field.contents()

@@ -27,7 +27,7 @@ class RouterConfig:
     prefix_trie_max_bytes: int = 64 * 1024 * 1024
     prefix_balance_margin: float = 4.0  # requests a prefix holder may carry beyond the least
     # kv-aware
-    tokenizer: str | None = None  # model folder or tokenizer.json: the engines' prompt ids
+    tokenizer: str | None = None  # model folder, tokenizer.json or .gguf: the engines' prompt ids
     chat_template: str | None = None  # as the engines' --chat-template (a file or the text)
     kv_events_endpoints: tuple[str, ...] = ()  # one per --backends entry, same order
     kv_events_replay_endpoints: tuple[str, ...] = ()
@@ -84,8 +84,8 @@ class RouterConfig:
                 raise ValueError(f"{flag} {port} is not a TCP port (1-65535)")
         if not self.tokenizer:
             raise ValueError(
-                "--routing-logic kv-aware needs --tokenizer (the engines' model folder or its "
-                "tokenizer.json) to compute their block hashes"
+                "--routing-logic kv-aware needs --tokenizer (the engines' model folder, its "
+                "tokenizer.json or their .gguf file) to compute their block hashes"
             )
         if self.k8s_namespace and self.k8s_kv_events_port is None:
             raise ValueError(
@@ -138,7 +138,7 @@ _FLAGS: list[tuple[str, type, str]] = [
         float,
         "prefix-aware: load a prefix holder may exceed the least by",
     ),
-    ("--tokenizer", str, "kv-aware: the engines' model folder or tokenizer.json"),
+    ("--tokenizer", str, "kv-aware: the engines' model folder, tokenizer.json or .gguf"),
     ("--chat-template", str, "kv-aware: the engines' --chat-template, if they were given one"),
     ("--kv-events-topic", str, "kv-aware: topic the engines publish KV events on"),
     ("--k8s-kv-events-port", int, "kv-aware with discovery: the pods' KV events port"),

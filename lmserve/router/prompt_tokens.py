@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import re
+import shutil
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
@@ -127,11 +128,14 @@ class PromptTokenizer:
 
     @classmethod
     def load(cls, path: str, chat_template: str | None = None) -> PromptTokenizer:
-        """From a model folder (tokenizer.json + tokenizer_config.json) or a tokenizer.json
-        (whose folder may hold the config). `chat_template`: a file or the template itself,
-        as the engine's --chat-template."""
+        """From a model folder (tokenizer.json + tokenizer_config.json), a tokenizer.json
+        (whose folder may hold the config) or the .gguf file the engines serve (its tokenizer
+        metadata, built as the engine's converter builds it). `chat_template`: a file or the
+        template itself, as the engine's --chat-template."""
         from tokenizers import Tokenizer
 
+        if path.lower().endswith(".gguf") and os.path.isfile(path):
+            return cls._load_gguf(path, chat_template)
         folder = path if os.path.isdir(path) else os.path.dirname(path) or "."
         file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
         if not os.path.isfile(file):
@@ -146,6 +150,22 @@ class PromptTokenizer:
         if template is not None:
             _renderer()  # import it now (0.6 s), not on the first chat request
         return cls(Tokenizer.from_file(file), template, special)
+
+    @classmethod
+    def _load_gguf(cls, path: str, chat_template: str | None) -> PromptTokenizer:
+        from lmserve.gguf_tokenizer import gguf_tokenizer_folder
+
+        try:
+            folder = gguf_tokenizer_folder(path)
+        except Exception as e:  # not a GGUF, truncated, no tokenizer metadata
+            raise ValueError(
+                f"--tokenizer {path!r}: cannot read a tokenizer from this GGUF file "
+                f"({type(e).__name__}: {e})"
+            ) from e
+        try:
+            return cls.load(folder, chat_template)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
 
     def for_body(self, body: dict[str, Any]) -> list[int] | None:
         """The prompt ids of a completions or chat body; None when it has no single prompt the

@@ -61,7 +61,7 @@ def test_default_models_tokenizer_pieces_match_transformers_chat_template(tmp_pa
     from transformers import AutoTokenizer
 
     from lmserve.engine.chat import apply_chat_template, validate_conversation
-    from lmserve.model.gguf_loader import save_gguf_tokenizer
+    from lmserve.gguf_tokenizer import save_gguf_tokenizer
 
     save_gguf_tokenizer(default_model, GGUFReader(default_model), str(tmp_path))
     tokens = PromptTokenizer.load(str(tmp_path))
@@ -72,6 +72,45 @@ def test_default_models_tokenizer_pieces_match_transformers_chat_template(tmp_pa
         engine_side = apply_chat_template(hf, validate_conversation(conversation))
         assert tokens.for_body({"messages": conversation}) == engine_side
     assert tokens.segments.enabled
+
+
+def test_a_gguf_tokenizer_gives_the_ids_the_engine_computes_for_that_gguf(
+    tmp_path, monkeypatch, default_model
+):
+    """`lmserve router --tokenizer model.gguf`: the same ids as the engine serving that file
+    (its converted folder), with no weights read on the router's side."""
+    import os
+
+    from transformers import AutoTokenizer
+
+    from lmserve.engine.chat import apply_chat_template, validate_conversation
+    from lmserve.model.loader import resolve_model_path
+
+    monkeypatch.setenv("LMSERVE_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
+    os.makedirs(tmp_path / "tmp")
+    tokens = PromptTokenizer.load(default_model)
+    assert os.listdir(tmp_path / "tmp") == []  # its temporary folder is gone
+    assert not (tmp_path / "cache").exists()  # nothing converted for the router
+    engine = AutoTokenizer.from_pretrained(resolve_model_path(default_model))
+    for rounds in (0, 3):
+        conversation = _conversation(random.Random(20 + rounds), rounds)
+        assert tokens.for_body({"messages": conversation}) == apply_chat_template(
+            engine, validate_conversation(conversation)
+        )
+    assert (
+        tokens.for_body({"prompt": "Hello there, 2024!"})
+        == engine("Hello there, 2024!")["input_ids"]
+    )
+
+
+def test_a_file_named_gguf_that_is_not_one_is_a_clear_error(tmp_path):
+    import pytest
+
+    bad = tmp_path / "model.gguf"
+    bad.write_bytes(b"not a gguf file at all")
+    with pytest.raises(ValueError, match="cannot read a tokenizer from this GGUF file"):
+        PromptTokenizer.load(str(bad))
 
 
 def test_added_tokens_that_strip_whitespace_keep_whole_text_encoding():
