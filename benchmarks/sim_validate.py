@@ -174,6 +174,7 @@ def real_run(engines, logic: str, model: str, w: dict, seed: int, tmp: Path) -> 
     proc, url = kvr.start_router(logic, engines, model, tmp)
     try:
         before = kvr.cache_counters(engines)
+        finished_before = _finished_per_engine(engines)
         result = bench_serve(url, model, tmp / f"real-{logic}-{seed}.json",
                              "--dataset-name", "multi-round-qa", "--num-users", str(w["users"]),
                              "--num-rounds", str(w["rounds"]),
@@ -183,6 +184,7 @@ def real_run(engines, logic: str, model: str, w: dict, seed: int, tmp: Path) -> 
                              "--request-rate", str(w["rate"]),
                              "--max-concurrency", str(w["concurrency"]), "--seed", str(seed))  # fmt: skip
         after = kvr.cache_counters(engines)
+        finished = [b - a for a, b in zip(finished_before, _finished_per_engine(engines))]
     finally:
         kvr.stop(proc)
     hits, queries = after[0] - before[0], after[1] - before[1]
@@ -195,7 +197,13 @@ def real_run(engines, logic: str, model: str, w: dict, seed: int, tmp: Path) -> 
         "e2el_p50_ms": result["p50_e2el_ms"],
         "completed": result["completed"],
         "duration_s": result["duration"],
+        "requests_per_engine": finished,
+        "itl_p90_ms": result["p90_itl_ms"],
     }
+
+
+def _finished_per_engine(engines) -> list[int]:
+    return [int(e.metric("lmserve:request_success_total")) for e in engines]
 
 
 def sim_run(logic: str, w: dict, seed: int, profile_path: str | Path = PROFILE_PATH) -> dict:
@@ -213,6 +221,8 @@ def sim_run(logic: str, w: dict, seed: int, profile_path: str | Path = PROFILE_P
         "e2el_p50_ms": s["p50_e2el_ms"],
         "completed": s["completed"],
         "duration_s": s["duration_s"],
+        "requests_per_engine": [r["requests"] for r in s["per_replica"]],
+        "itl_p90_ms": s["p90_itl_ms"],
         "wall_s": time.perf_counter() - start,
     }
 
