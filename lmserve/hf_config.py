@@ -80,8 +80,9 @@ def read_plain_config(folder: str) -> PlainHFConfig | None:
         return None  # transformers' own checks say what is wrong with the file
     if any(k in values for k in _NEEDS_TRANSFORMERS):
         return None
-    if any(t != "full_attention" for t in values.get("layer_types") or ()):
-        return None
+    layer_types = values.get("layer_types") or []
+    if not isinstance(layer_types, list) or any(t != "full_attention" for t in layer_types):
+        return None  # sliding layers, or a malformed list: transformers decides
     values = {**defaults, **values}
     if values["model_type"] in ("qwen2", "qwen3") and not values["use_sliding_window"]:
         values["sliding_window"] = None  # as Qwen2Config/Qwen3Config do

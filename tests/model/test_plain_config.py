@@ -181,6 +181,8 @@ def test_a_saved_tiny_model_reads_the_same_both_ways(arch, tmp_path):
         {"quantization_config": {"quant_method": "gptq"}},
         {"auto_map": {"AutoConfig": "custom.Config"}},
         {"layer_types": ["full_attention", "sliding_attention"]},
+        {"layer_types": 4},  # malformed: no TypeError here, transformers explains it
+        {"layer_types": "full_attention"},
         {"num_attention_heads": 0},  # nonsense sizes: transformers' checks explain them
         {"hidden_size": "64"},
     ],
