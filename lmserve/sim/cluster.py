@@ -155,11 +155,15 @@ class Cluster:
             self._create_pod(ready_now=True)
         # The engines' block maps grow to millions of entries: frozen (they exist now), the
         # GC's full collections no longer walk them (it did, every few thousand requests).
-        gc.freeze()
+        # Not when the caller froze objects itself: unfreezing would thaw those too.
+        freeze = gc.get_freeze_count() == 0
+        if freeze:
+            gc.freeze()
         try:
             self._loop()
         finally:
-            gc.unfreeze()
+            if freeze:
+                gc.unfreeze()
         return self
 
     def _loop(self) -> None:

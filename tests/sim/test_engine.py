@@ -132,3 +132,21 @@ def test_every_request_of_a_workload_finishes_and_blocks_are_returned(profile):
     for pod in cluster.pods:
         assert pod.engine.num_free_blocks == profile.num_gpu_blocks
         assert not pod.engine.running and not pod.engine.waiting
+
+
+def test_a_run_leaves_objects_the_caller_froze_frozen(profile):
+    """The run freezes its own block maps only when nothing else is frozen: thawing at the end
+    must not thaw what the caller froze."""
+    import gc
+
+    from tests.sim.conftest import multi_round
+
+    gc.freeze()
+    try:
+        before = gc.get_freeze_count()
+        run_cluster(profile, multi_round(num_users=4, num_rounds=1))
+        assert gc.get_freeze_count() > before // 2  # not thawed (objects freed meanwhile leave)
+    finally:
+        gc.unfreeze()
+    run_cluster(profile, multi_round(num_users=4, num_rounds=1))
+    assert gc.get_freeze_count() == 0  # its own freeze is undone
