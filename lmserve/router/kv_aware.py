@@ -58,16 +58,11 @@ class PendingBlocks:
             self.entries.setdefault(h, {})[url] = expiry
 
     def holds(self, url: str, h: BlockHash, now: float) -> bool:
-        holders = self.entries.get(h)
-        if not holders:
-            return False
-        expiry = holders.get(url)
+        expiry = self.entries.get(h, {}).get(url)
         if expiry is None:
             return False
         if expiry < now:
-            del holders[url]
-            if not holders:
-                del self.entries[h]
+            self._drop(h, url)
             return False
         return True
 
@@ -75,17 +70,18 @@ class PendingBlocks:
         """The engine's events now report these blocks: from here on its events, not the
         dispatch, say whether it holds them (a later BlockRemoved must count)."""
         for h in hashes:
-            holders = self.entries.get(h)
-            if holders and holders.pop(url, None) is not None and not holders:
-                del self.entries[h]
+            self._drop(h, url)
 
     def prune(self, now: float) -> None:
         for h in list(self.entries):
-            holders = self.entries[h]
-            for url in [u for u, expiry in holders.items() if expiry < now]:
-                del holders[url]
-            if not holders:
-                del self.entries[h]
+            for url in [u for u, expiry in self.entries[h].items() if expiry < now]:
+                self._drop(h, url)
+
+    def _drop(self, h: BlockHash, url: str) -> None:
+        """Forget `url` as a pending holder of `h` (and `h` once nobody holds it)."""
+        holders = self.entries.get(h)
+        if holders is not None and holders.pop(url, None) is not None and not holders:
+            del self.entries[h]
 
 
 class KvAware(RoutingLogic):

@@ -9,7 +9,7 @@ import pytest
 from lmserve.core.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEventBatch
 from lmserve.prefix_hash import block_hashes
 from lmserve.router.backends import Backend
-from lmserve.router.kv_aware import KvAware
+from lmserve.router.kv_aware import KvAware, PendingBlocks
 from lmserve.router.kv_index import KVIndex
 from lmserve.router.prefix_trie import PrefixTrie
 from lmserve.router.routing import PrefixAware, RouteRequest
@@ -278,3 +278,17 @@ def test_a_chat_template_flag_overrides_the_tokenizers(tiny_model_dir, tmp_path)
     tokens = PromptTokenizer.load(tiny_model_dir("llama"), str(template))
     ids = tokens.for_body({"messages": [{"role": "user", "content": "hi"}]})
     assert tokens.tokenizer.decode(ids) == "[hi]"
+
+
+def test_pending_blocks_expire_confirm_and_prune_per_engine():
+    pending = PendingBlocks(ttl_s=5.0)
+    pending.add("a", [b"h1", b"h2"], now=0.0)
+    pending.add("b", [b"h1"], now=3.0)
+    assert pending.holds("a", b"h1", 4.0) and pending.holds("b", b"h1", 4.0)
+    assert not pending.holds("b", b"h2", 4.0)  # never sent there
+    pending.confirm("a", [b"h1"])  # a's events report h1: the dispatch no longer counts
+    assert not pending.holds("a", b"h1", 4.0) and pending.holds("b", b"h1", 4.0)
+    assert not pending.holds("a", b"h2", 5.5)  # expired, and forgotten on the way
+    assert b"h2" not in pending.entries
+    pending.prune(now=9.0)  # b's h1 expired at 8.0
+    assert pending.entries == {}
