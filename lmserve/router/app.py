@@ -215,6 +215,7 @@ def _kv_aware(config: RouterConfig, trie: PrefixTrie, metrics: RouterMetrics):
         request_cost=config.kv_aware_request_cost,
         pending_ttl_s=config.kv_aware_pending_ttl,
         slack=config.kv_aware_slack,
+        placement_max_bytes=config.prefix_trie_max_bytes,
     )
     return logic, kv, PromptTokenizer.load(config.tokenizer, config.chat_template)
 

@@ -42,6 +42,7 @@ import xxhash
 from lmserve.prefix_hash import HASH_FUNCTIONS, BlockHash, extend_block_hashes
 from lmserve.router.backends import Backend
 from lmserve.router.kv_index import KVIndex
+from lmserve.router.prefix_trie import PrefixTrie
 from lmserve.router.routing import Decision, PrefixAware, RouteRequest, RoutingLogic
 
 
@@ -98,6 +99,8 @@ class KvAware(RoutingLogic):
         pending_ttl_s: float = 5.0,
         slack: float = 256.0,
         clock: Callable[[], float] = time.monotonic,
+        placement_chunk: int = 16,
+        placement_max_bytes: int = 64 * 1024 * 1024,
     ) -> None:
         self.index = index
         self.is_live = is_live
@@ -105,6 +108,9 @@ class KvAware(RoutingLogic):
         self.request_cost = request_cost
         self.slack = slack
         self.pending = PendingBlocks(pending_ttl_s)
+        # Where each conversation was sent (a trie over its token ids): a prompt cached nowhere
+        # returns there, as prefix-aware sends it, instead of wherever is cheapest.
+        self.placements = PrefixTrie(placement_chunk, placement_max_bytes)
         index.on_stored.append(self.pending.confirm)
         self.clock = clock
         self._decisions = 0
@@ -121,8 +127,12 @@ class KvAware(RoutingLogic):
         chains = self._hash_chains(ids, candidates)
         cached = {b.url: self._cached_tokens(b.url, chains.get(b.url), now) for b in candidates}
         costs = {b.url: self._cost(b, len(ids), cached[b.url]) for b in candidates}
-        best = self._cheapest(candidates, costs, cached, _anchor(ids))
+        placed = self.placements.chain_hashes(ids)
         most = max(cached.values())
+        best = self._home(placed, candidates, costs) if most == 0 else None
+        if best is None:
+            best = self._cheapest(candidates, costs, cached, _anchor(ids))
+        self.placements.insert(placed, best.url)
         reason = (
             "kv_miss" if most == 0 else "kv_hit" if cached[best.url] == most else "kv_overloaded"
         )
@@ -166,6 +176,20 @@ class KvAware(RoutingLogic):
     def _cost(self, backend: Backend, prompt_len: int, cached: int) -> float:
         queued = backend.pending_prefill_tokens + self.request_cost * backend.load
         return queued + (prompt_len - cached)
+
+    def _home(
+        self, placed: list[int], candidates: Sequence[Backend], costs: dict[str, float]
+    ) -> Backend | None:
+        """The engine this conversation was last sent to, unless it costs more than the
+        cheapest by the slack. Its blocks are gone everywhere (evicted under pressure), but its
+        next turns will be sent there too: recomputed there, they are shared again, where a
+        fresh pick would spread the conversation's turns over several engines' caches."""
+        by_url = {b.url: b for b in candidates}
+        match = self.placements.match(placed, usable=by_url.__contains__)
+        if match.num_chunks == 0:
+            return None
+        home = min((by_url[u] for u in match.backends), key=lambda b: costs[b.url])
+        return home if costs[home.url] <= min(costs.values()) + self.slack else None
 
     def _cheapest(
         self,

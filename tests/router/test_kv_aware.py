@@ -292,3 +292,27 @@ def test_pending_blocks_expire_confirm_and_prune_per_engine():
     assert b"h2" not in pending.entries
     pending.prune(now=9.0)  # b's h1 expired at 8.0
     assert pending.entries == {}
+
+
+def test_a_conversation_cached_nowhere_returns_to_the_engine_it_was_sent_to():
+    """Under KV pressure a conversation's blocks are evicted everywhere between its turns. Its
+    next turn goes back where the earlier ones went (they are recomputed there and shared
+    again), not wherever a fresh pick among equally cheap engines would land."""
+    logic = make_logic(warm_index([1] * 9, {}), pending_ttl_s=0.0)
+    a, b, c = cands = engines("a", "b", "c")
+    a.in_flight = b.in_flight = 5  # beyond the slack: every first turn goes to c
+    firsts = [list(range(1000 * i, 1000 * i + 40)) for i in range(1, 9)]
+    assert {logic.choose(RouteRequest(None, token_ids=p), cands).backend.url for p in firsts} == {
+        c.url
+    }
+    a.in_flight = b.in_flight = 0
+    for prompt in firsts:  # nothing cached anywhere (pending blocks expire at once here)
+        decision = logic.choose(RouteRequest(None, token_ids=prompt + [7] * 30), cands)
+        assert (decision.backend.url, decision.reason) == (c.url, "kv_miss")
+    # ... unless home is busier than the slack: then the cheapest engine takes it (and is home)
+    c.in_flight = 5
+    moved = logic.choose(RouteRequest(None, token_ids=firsts[0] + [7] * 60), cands).backend
+    assert moved is not c
+    c.in_flight = 0
+    again = logic.choose(RouteRequest(None, token_ids=firsts[0] + [7] * 90), cands).backend
+    assert again is moved
