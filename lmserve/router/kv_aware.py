@@ -99,7 +99,6 @@ class KvAware(RoutingLogic):
         pending_ttl_s: float = 5.0,
         slack: float = 256.0,
         clock: Callable[[], float] = time.monotonic,
-        placement_chunk: int = 16,
         placement_max_bytes: int = 64 * 1024 * 1024,
     ) -> None:
         self.index = index
@@ -108,9 +107,9 @@ class KvAware(RoutingLogic):
         self.request_cost = request_cost
         self.slack = slack
         self.pending = PendingBlocks(pending_ttl_s)
-        # Where each conversation was sent (a trie over its token ids): a prompt cached nowhere
-        # returns there, as prefix-aware sends it, instead of wherever is cheapest.
-        self.placements = PrefixTrie(placement_chunk, placement_max_bytes)
+        # Where each conversation was sent (a trie over its block hashes): a prompt cached
+        # nowhere returns there, as prefix-aware sends it, instead of wherever is cheapest.
+        self.placements = PrefixTrie(1, placement_max_bytes)
         index.on_stored.append(self.pending.confirm)
         self.clock = clock
         self._decisions = 0
@@ -127,7 +126,7 @@ class KvAware(RoutingLogic):
         chains = self._hash_chains(ids, candidates)
         cached = {b.url: self._cached_tokens(b.url, chains.get(b.url), now) for b in candidates}
         costs = {b.url: self._cost(b, len(ids), cached[b.url]) for b in candidates}
-        placed = self.placements.chain_hashes(ids)
+        placed = self._placement_keys(chains)
         most = max(cached.values())
         best = self._home(placed, candidates, costs) if most == 0 else None
         if best is None:
@@ -177,8 +176,17 @@ class KvAware(RoutingLogic):
         queued = backend.pending_prefill_tokens + self.request_cost * backend.load
         return queued + (prompt_len - cached)
 
+    def _placement_keys(self, chains: dict[str, list[BlockHash]]) -> list[BlockHash]:
+        """The prompt's block hashes for the placement trie: those of one engine layout (the
+        smallest, so every request uses the same one), already computed for the index."""
+        if not chains:
+            return []
+        layouts = self.index.layouts
+        url = min(chains, key=lambda u: (layouts[u].block_size, layouts[u].hash_algo))
+        return chains[url]
+
     def _home(
-        self, placed: list[int], candidates: Sequence[Backend], costs: dict[str, float]
+        self, placed: list[BlockHash], candidates: Sequence[Backend], costs: dict[str, float]
     ) -> Backend | None:
         """The engine this conversation was last sent to, unless it costs more than the
         cheapest by the slack. Its blocks are gone everywhere (evicted under pressure), but its
