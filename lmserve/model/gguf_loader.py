@@ -101,7 +101,7 @@ def cached_gguf_folder(gguf_path: str, cache_dir: str | None = None) -> str:
         from lmserve import envs
 
         cache_dir = os.path.join(envs.LMSERVE_CACHE_DIR, GGUF_CACHE_SUBDIR)
-    key = gguf_cache_key(gguf_path)
+    key = gguf_cache_key(gguf_path, cache_dir)
     folder = os.path.join(cache_dir, key)
     if _is_complete(folder):
         logger.info("GGUF %s: using its converted copy in %s", gguf_path, folder)
@@ -122,14 +122,46 @@ def cached_gguf_folder(gguf_path: str, cache_dir: str | None = None) -> str:
     return folder
 
 
-def gguf_cache_key(gguf_path: str) -> str:
-    """`<file stem>-<16 hex digits>`: a hash of the real path, size, mtime and converter version.
-    Cheap (one stat); a file replaced or edited in place gets a new key."""
+def gguf_cache_key(gguf_path: str, cache_dir: str | None = None) -> str:
+    """`<file stem>-<16 hex digits>`: a hash of the file's bytes and the converter version.
+
+    Content, not path: the same GGUF installed into a second virtual environment (a new path, a
+    new mtime) reuses the first conversion instead of writing another full-precision copy. The
+    digest is remembered per (real path, size, mtime) under `<cache_dir>/.digests`, so a start
+    after the first costs one stat; a file replaced or edited in place is hashed again.
+    """
     path = os.path.realpath(gguf_path)
-    st = os.stat(path)
-    ident = f"{CONVERTER_VERSION}\0{path}\0{st.st_size}\0{st.st_mtime_ns}"
     stem = os.path.basename(path)[: -len(".gguf")] if is_gguf_file(path) else os.path.basename(path)
+    ident = f"{CONVERTER_VERSION}\0{_content_digest(path, cache_dir)}"
     return f"{stem}-{hashlib.sha256(ident.encode()).hexdigest()[:16]}"
+
+
+def _content_digest(path: str, cache_dir: str | None) -> str:
+    """sha256 of the file, memoised in `<cache_dir>/.digests/<hash of path, size, mtime>`."""
+    if cache_dir is None:
+        from lmserve import envs
+
+        cache_dir = os.path.join(envs.LMSERVE_CACHE_DIR, GGUF_CACHE_SUBDIR)
+    st = os.stat(path)
+    stat_id = hashlib.sha256(f"{path}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()
+    memo = os.path.join(cache_dir, ".digests", stat_id[:32])
+    with contextlib.suppress(OSError):
+        with open(memo) as f:
+            digest = f.read().strip()
+        if len(digest) == 64:
+            return digest
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 23):
+            h.update(chunk)
+    digest = h.hexdigest()
+    with contextlib.suppress(OSError):  # a read-only cache just hashes again next time
+        os.makedirs(os.path.dirname(memo), exist_ok=True)
+        tmp = f"{memo}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            f.write(digest)
+        os.replace(tmp, memo)
+    return digest
 
 
 def _is_complete(folder: str) -> bool:

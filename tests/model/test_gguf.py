@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import threading
 
 import numpy as np
@@ -349,7 +350,9 @@ def test_unsupported_storage_type_names_the_tensor(tmp_path):
     finish(writer)
     with pytest.raises(ValueError, match=r"'blk\.0\.attn_q\.weight' is stored as F64"):
         cached_gguf_folder(path, str(tmp_path / "cache"))
-    assert not [n for n in os.listdir(tmp_path / "cache") if not n.endswith(".lock")]
+    assert not [
+        n for n in os.listdir(tmp_path / "cache") if not n.endswith(".lock") and n != ".digests"
+    ]
 
 
 def test_non_llama_architecture_is_refused(tmp_path):
@@ -401,9 +404,34 @@ def test_resolve_model_path_converts_once_then_reuses(q8_gguf, count_conversions
     assert os.stat(os.path.join(folder, "model.safetensors")).st_mtime_ns == mtime
     assert [n for n in os.listdir(os.path.join(cache, "gguf")) if n.startswith(".tmp")] == []
 
-    os.utime(path, ns=(mtime + 10**9, mtime + 10**9))  # the file changed: a new conversion
-    assert resolve_model_path(path) != folder
-    assert len(count_conversions) == 2
+    os.utime(path, ns=(mtime + 10**9, mtime + 10**9))  # touched, same bytes: same conversion
+    assert resolve_model_path(path) == folder
+    assert len(count_conversions) == 1
+
+
+def test_the_same_gguf_at_another_path_reuses_its_conversion(q8_gguf, count_conversions, tmp_path):
+    """A reinstall (new venv, new path, new mtime) must not write a second full-precision copy."""
+    path, cache = q8_gguf
+    folder = cached_gguf_folder(path, cache)
+    copy = str(tmp_path / "elsewhere" / os.path.basename(path))
+    os.makedirs(os.path.dirname(copy))
+    shutil.copyfile(path, copy)
+    assert cached_gguf_folder(copy, cache) == folder
+    assert len(count_conversions) == 1
+
+
+def test_a_gguf_whose_bytes_change_gets_a_new_cache_key(q8_gguf, tmp_path):
+    path, cache = q8_gguf
+    key = gguf_cache_key(path, cache)
+    assert gguf_cache_key(path, cache) == key  # remembered, same answer
+    with open(path, "r+b") as f:  # same size, one byte different, mtime moved on
+        f.seek(-1, os.SEEK_END)
+        last = f.read(1)
+        f.seek(-1, os.SEEK_END)
+        f.write(bytes([last[0] ^ 0xFF]))
+    st = os.stat(path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert gguf_cache_key(path, cache) != key
 
 
 def test_leftover_temp_dir_and_incomplete_folder_are_ignored(q8_gguf, count_conversions):
@@ -434,7 +462,7 @@ def test_failed_conversion_leaves_nothing_behind(q8_gguf, monkeypatch):
     monkeypatch.setattr(gguf_loader, "save_gguf_tokenizer", crash)
     with pytest.raises(RuntimeError, match="disk full"):
         cached_gguf_folder(path, cache)
-    assert [n for n in os.listdir(cache) if not n.endswith(".lock")] == []
+    assert [n for n in os.listdir(cache) if not n.endswith(".lock") and n != ".digests"] == []
     monkeypatch.undo()
     assert os.path.isfile(os.path.join(cached_gguf_folder(path, cache), "gguf_source.json"))
 
