@@ -4,9 +4,10 @@
     python benchmarks/sim_validate.py [--quick] [--calibrate] [--logics roundrobin,kv-aware]
 
 1. Calibrate (with --calibrate, or when the profile file is missing), on random prompts (no
-   shared prefix), never the validation's workload: `lmserve bench serve` straight to one of
-   the engines at --max-concurrency 1 (two prompt lengths), 2, 4, 8 gives the step-time
-   coefficients and the request overhead (the fit `lmserve simulate calibrate` does); the
+   shared prefix), never the validation's workload: `lmserve bench latency` (one engine
+   in-process, one thread; batches of 1-16 prompts of 64-1,024 tokens) times exact prefill
+   and decode steps; `lmserve bench serve` through a router to one engine at concurrency 1
+   adds the request overhead; the fit `lmserve simulate calibrate` does gives the coefficients. The
    same through a round-robin router over all 4 at 4, 8, 16 gives `host_cores`, the cores the
    engines' steps effectively share on this machine. Written to
    lmserve/sim/profiles/cpu-tiny-llama.json.
@@ -76,44 +77,42 @@ def bench_serve(base_url: str, model: str, out: Path, *flags: str) -> dict:
 
 
 # ---- 1. calibration ----------------------------------------------------------------------------
-ONE_ENGINE = (  # (max concurrency, input len, output len, prompts): one engine, the others idle
-    (1, 64, 24, 12), (1, 512, 24, 12), (2, 128, 24, 16), (4, 128, 24, 24), (8, 128, 24, 32),
+# `lmserve bench latency` (one engine in-process, one thread, as each served engine has): the
+# exact step shapes (batch x prompt length), so the fit sees a decode step of B rows at a known
+# context and a prefill of B x n tokens; prompts from 64 to 1,024 tokens separate the
+# prefill's attention (pairs) from its per-token cost.
+LATENCY_GRID = (  # (batch, input len)
+    (1, 64), (1, 256), (1, 1024), (2, 128), (2, 512), (4, 128), (4, 512), (8, 128), (8, 512),
+    (16, 256),
 )  # fmt: skip
-CLUSTER = ((4, 128, 24, 32), (8, 128, 24, 48), (16, 128, 24, 64))  # through a round-robin router
-HOST_CORES = (1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 4.0)
-
-
-def sweep(url: str, model: str, runs, tmp: Path, tag: str) -> list[tuple[str, dict, tuple]]:
-    found = []
-    for i, (c, n_in, n_out, n) in enumerate(runs):
-        seed = 40 + i + (100 if tag == "cluster" else 0)
-        result = bench_serve(url, model, tmp / f"calibrate-{tag}-{i}.json", "--dataset-name",
-                             "random", "--input-len", str(n_in), "--output-len", str(n_out),
-                             "--num-prompts", str(n), "--max-concurrency", str(c),
-                             "--request-rate", "inf", "--seed", str(seed))  # fmt: skip
-        found.append((f"bench serve random c={c} in={n_in} out={n_out} ({tag})", result,
-                      (c, n_in, n_out, n, seed)))  # fmt: skip
-        print(f"calibration {tag} c={c} in={n_in}: TTFT p50 {result['median_ttft_ms']:.1f} ms, "
-              f"ITL p50 {result['median_itl_ms']:.2f} ms", flush=True)  # fmt: skip
-    return found
+# Served at concurrency 1 through a router to one engine, as the validation's requests go:
+# TTFT = the request overhead (the client's and the router's HTTP hops, tokenizing, the first
+# token's way back) + one prefill the latency runs already time.
+ONE_ENGINE = ((1, 64, 24, 12), (1, 256, 24, 12))  # (max concurrency, input, output, prompts)
 
 
 def calibrate(engines, model: str, blocks: int, tmp: Path) -> dict:
-    """Two sweeps of random prompts (no prefix shared), neither the validation's workload:
-    1. straight to one engine (the other three idle): the step-time coefficients and the
-       per-request overhead (`lmserve simulate calibrate` on those results);
+    """Random prompts (no prefix shared), never the validation's workload:
+    1. `bench latency` runs (exact steps) and served requests one at a time through a router
+       to one engine (the other three idle): the step-time coefficients and the per-request
+       overhead (`lmserve simulate calibrate` on those results);
     2. through a round-robin router over all four: every engine steps at once on this 2-core
        machine next to four API servers, the router and the client. `host_cores` (the cores
        engine steps effectively get) is the value whose simulation of these runs matches
        their TTFT and ITL medians best."""
-    single = sweep(engines[0].url, model, ONE_ENGINE, tmp, "one engine")
+    latency = [bench_latency(model, batch, n_in, tmp) for batch, n_in in LATENCY_GRID]
+    proc, url = kvr.start_router("roundrobin", engines[:1], model, tmp)
+    try:
+        single = sweep(url, model, ONE_ENGINE, tmp, "one engine")
+    finally:
+        kvr.stop(proc)
     proc, url = kvr.start_router("roundrobin", engines, model, tmp)
     try:
         shared = sweep(url, model, CLUSTER, tmp, "cluster")
     finally:
         kvr.stop(proc)
     profile = fit_profile(
-        [(name, r) for name, r, _ in single],
+        latency + [(name, r) for name, r, _ in single],
         "cpu-tiny-llama",
         num_gpu_blocks=blocks,
         max_num_batched_tokens=8192,
@@ -143,10 +142,48 @@ def calibrate(engines, model: str, blocks: int, tmp: Path) -> dict:
           f"{json.dumps(profile.to_json())[:400]}")  # fmt: skip
     return {
         "observations": [{"source": name, "median_ttft_ms": r["median_ttft_ms"],
-                          "median_itl_ms": r["median_itl_ms"]} for name, r, _ in single + shared],
+                          "median_itl_ms": r["median_itl_ms"]} for name, r, _ in single + shared]
+        + [{"source": name, "avg_ttft_ms": 1000 * r["avg_ttft"],
+            "avg_decode_step_ms": 1000 * r["avg_decode_step_latency"]} for name, r in latency],
         "host_cores_rms_log_error": errors,
         "profile": profile.to_json(),
     }  # fmt: skip
+
+
+CLUSTER = ((4, 128, 24, 32), (8, 128, 24, 48), (16, 128, 24, 64))  # through a round-robin router
+HOST_CORES = (1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 4.0)
+
+
+def sweep(url: str, model: str, runs, tmp: Path, tag: str) -> list[tuple[str, dict, tuple]]:
+    found = []
+    for i, (c, n_in, n_out, n) in enumerate(runs):
+        seed = 40 + i + (100 if tag == "cluster" else 0)
+        result = bench_serve(url, model, tmp / f"calibrate-{tag}-{i}.json", "--dataset-name",
+                             "random", "--input-len", str(n_in), "--output-len", str(n_out),
+                             "--num-prompts", str(n), "--max-concurrency", str(c),
+                             "--request-rate", "inf", "--seed", str(seed))  # fmt: skip
+        found.append((f"bench serve random c={c} in={n_in} out={n_out} ({tag})", result,
+                      (c, n_in, n_out, n, seed)))  # fmt: skip
+        print(f"calibration {tag} c={c} in={n_in}: TTFT p50 {result['median_ttft_ms']:.1f} ms, "
+              f"ITL p50 {result['median_itl_ms']:.2f} ms", flush=True)  # fmt: skip
+    return found
+
+
+def bench_latency(model: str, batch: int, n_in: int, tmp: Path) -> tuple[str, dict]:
+    """`lmserve bench latency` in its own process, one thread (as the engines run)."""
+    out = tmp / f"latency-{batch}-{n_in}.json"
+    args = [sys.executable, "-m", "lmserve.bench.cli", "latency", model, "--device", "cpu",
+            "--dtype", "float32", "--batch-size", str(batch), "--input-len", str(n_in),
+            "--output-len", "24", "--num-iters", "5", "--num-iters-warmup", "2",
+            "--temperature", "0", "--num-gpu-blocks-override", "1024", "--max-model-len", "2048",
+            "--disable-tqdm", "--output-json", str(out)]  # fmt: skip
+    done = subprocess.run(args, capture_output=True, text=True, env={**os.environ, **ENGINE_ENV})
+    if done.returncode != 0:
+        raise RuntimeError(f"bench latency failed: {done.stderr[-2000:]}")
+    result = json.loads(out.read_text())
+    print(f"calibration latency batch={batch} in={n_in}: prefill {1000 * result['avg_ttft']:.1f} "
+          f"ms, decode step {1000 * result['avg_decode_step_latency']:.2f} ms", flush=True)  # fmt: skip
+    return f"bench latency batch={batch} in={n_in} out=24 (in-process, 1 thread)", result
 
 
 def _sharing_error(profile, runs, replicas: int) -> float:
@@ -171,10 +208,12 @@ def _cpu_cold_start() -> float:
 
 # ---- 2. real and simulated runs ----------------------------------------------------------------
 def real_run(engines, logic: str, model: str, w: dict, seed: int, tmp: Path) -> dict:
+    """`engines`: the router's backends (the other engines of the machine stay idle)."""
     proc, url = kvr.start_router(logic, engines, model, tmp)
     try:
         before = kvr.cache_counters(engines)
         finished_before = _finished_per_engine(engines)
+        engine_before = _engine_counters(engines)
         result = bench_serve(url, model, tmp / f"real-{logic}-{seed}.json",
                              "--dataset-name", "multi-round-qa", "--num-users", str(w["users"]),
                              "--num-rounds", str(w["rounds"]),
@@ -185,6 +224,7 @@ def real_run(engines, logic: str, model: str, w: dict, seed: int, tmp: Path) -> 
                              "--max-concurrency", str(w["concurrency"]), "--seed", str(seed))  # fmt: skip
         after = kvr.cache_counters(engines)
         finished = [b - a for a, b in zip(finished_before, _finished_per_engine(engines))]
+        engine = {k: v - engine_before[k] for k, v in _engine_counters(engines).items()}
     finally:
         kvr.stop(proc)
     hits, queries = after[0] - before[0], after[1] - before[1]
@@ -199,18 +239,40 @@ def real_run(engines, logic: str, model: str, w: dict, seed: int, tmp: Path) -> 
         "duration_s": result["duration"],
         "requests_per_engine": finished,
         "itl_p90_ms": result["p90_itl_ms"],
+        # what the engines' API servers saw (tokens as they arrived from the engine cores),
+        # against which the client's figures above include the router's hop and the client
+        "engine_itl_mean_ms": 1000 * engine["itl_sum"] / max(engine["itl_count"], 1),
+        "engine_ttft_mean_ms": 1000 * engine["ttft_sum"] / max(engine["ttft_count"], 1),
+        "engine_steps": engine["steps"],
+        "engine_preemptions": engine["preemptions"],
     }
+
+
+_ENGINE_COUNTERS = {
+    "itl_sum": "lmserve:inter_token_latency_seconds_sum",
+    "itl_count": "lmserve:inter_token_latency_seconds_count",
+    "ttft_sum": "lmserve:time_to_first_token_seconds_sum",
+    "ttft_count": "lmserve:time_to_first_token_seconds_count",
+    "steps": "lmserve:iteration_tokens_total_count",
+    "preemptions": "lmserve:num_preemptions_total",
+}
+
+
+def _engine_counters(engines) -> dict[str, float]:
+    return {k: sum(e.metric(name) for e in engines) for k, name in _ENGINE_COUNTERS.items()}
 
 
 def _finished_per_engine(engines) -> list[int]:
     return [int(e.metric("lmserve:request_success_total")) for e in engines]
 
 
-def sim_run(logic: str, w: dict, seed: int, profile_path: str | Path = PROFILE_PATH) -> dict:
+def sim_run(
+    logic: str, w: dict, seed: int, profile_path: str | Path = PROFILE_PATH, replicas: int = 4
+) -> dict:
     profile = load_profile(str(profile_path)).with_overrides(num_gpu_blocks=w["blocks"])
     spec = sim_workload(w, seed)
     start = time.perf_counter()
-    cluster = Cluster(SimConfig(logic, replicas=4), profile, spec).run()
+    cluster = Cluster(SimConfig(logic, replicas=replicas), profile, spec).run()
     s = summarize(cluster)
     return {
         "ttft_p50_ms": s["p50_ttft_ms"],
@@ -252,6 +314,8 @@ def main() -> None:
     parser.add_argument("--logics", default=",".join(LOGICS))
     parser.add_argument("--repeats", type=int, default=1, help="real runs per logic (median)")
     parser.add_argument("--out", default=str(RESULT_PATH))
+    parser.add_argument("--replicas", type=int, default=4,
+                        help="engines behind the router (of the 4 started; a probe)")  # fmt: skip
     args = parser.parse_args()
     w = workload(args.quick)
     logics = args.logics.split(",")
@@ -268,8 +332,8 @@ def main() -> None:
                 reals, sims = [], []
                 for _ in range(args.repeats):  # the simulation replays each run's seed
                     seed += 1
-                    reals.append(real_run(engines, logic, model, w, seed, tmp))
-                    sims.append(sim_run(logic, w, seed))
+                    reals.append(real_run(engines[: args.replicas], logic, model, w, seed, tmp))
+                    sims.append(sim_run(logic, w, seed, replicas=args.replicas))
                     print("real", logic, json.dumps(reals[-1]), flush=True)
                     print("sim ", logic, json.dumps(sims[-1]), flush=True)
                 real = {k: _median([r[k] for r in reals]) for k in reals[0]}

@@ -35,7 +35,7 @@ import msgspec
 
 from lmserve.core.kv_events import BlockRemoved, BlockStored, KVEventBatch
 from lmserve.prefix_hash import BlockHash
-from lmserve.sim.profile import StepProfile
+from lmserve.sim.profile import StepProfile, prefill_pairs
 
 _encode = msgspec.msgpack.Encoder().encode
 
@@ -206,7 +206,14 @@ class SimEngine:
         rows = sum(1 for r, n in plan if n == 1 and r.num_computed >= r.num_tokens - 1)
         prefill = sum(n for _, n in plan) - rows
         context = sum(r.num_computed + n for r, n in plan)
-        duration = self.profile.step_time(prefill, rows, context) * factor
+        pairs = 0.0
+        if prefill:
+            pairs = sum(
+                prefill_pairs(n, r.num_computed)
+                for r, n in plan
+                if n > 1 or r.num_computed < r.num_tokens - 1
+            )
+        duration = self.profile.step_time(prefill, rows, context, pairs) * factor
         self._plan = plan
         self._run = None
         self.busy = True

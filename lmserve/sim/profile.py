@@ -1,11 +1,15 @@
 """Performance profiles: how long one engine step takes, and the engine's limits.
 
     step_time = base_s + per_token_s * prefill_tokens + per_row_s * decode_rows
-                + per_context_token_s * context_tokens
+                + per_context_token_s * context_tokens + per_attention_pair_s * attention_pairs
 
     prefill_tokens   prompt tokens scheduled in the step (chunks of prompts being computed)
     decode_rows      requests in the step that compute one token to sample the next (decodes)
     context_tokens   KV tokens the step's rows attend to (each row's length after the step)
+    attention_pairs  (query, key) pairs of the step's prompt chunks: a chunk of n tokens after
+                     c computed ones has n * (c + (n + 1) / 2). Prefill attention grows with
+                     the square of the prompt, and a short question after a long cached
+                     history still attends to all of it; the linear terms miss both.
 
 A linear model in the quantities the scheduler controls: what its token budget trades (prompt
 tokens against decode rows) and what grows with a conversation's history. Prompt tokens and
@@ -47,6 +51,7 @@ class StepProfile:
     per_token_s: float
     per_row_s: float
     per_context_token_s: float
+    per_attention_pair_s: float = 0.0
     max_num_batched_tokens: int = 8192
     max_num_seqs: int = 256
     num_gpu_blocks: int = 4096
@@ -62,12 +67,15 @@ class StepProfile:
     host_cores: float | None = None
     sources: dict[str, str] = field(default_factory=dict)
 
-    def step_time(self, prefill_tokens: int, decode_rows: int, context_tokens: int) -> float:
+    def step_time(
+        self, prefill_tokens: int, decode_rows: int, context_tokens: int, attention_pairs: float = 0
+    ) -> float:
         return (
             self.base_s
             + self.per_token_s * prefill_tokens
             + self.per_row_s * decode_rows
             + self.per_context_token_s * context_tokens
+            + self.per_attention_pair_s * attention_pairs
         )
 
     def with_overrides(self, **changes: Any) -> StepProfile:
@@ -109,6 +117,12 @@ class Observation:
     seconds: float
     source: str
     overhead: float = 0.0  # 1 when the time includes the per-request overhead (a served TTFT)
+    attention_pairs: float = 0.0
+
+
+def prefill_pairs(new_tokens: float, computed: float = 0.0) -> float:
+    """(query, key) pairs of a prompt chunk of `new_tokens` after `computed` tokens (causal)."""
+    return new_tokens * (computed + (new_tokens + 1) / 2)
 
 
 def observations_from_latency_result(result: dict[str, Any], source: str) -> list[Observation]:
@@ -119,7 +133,13 @@ def observations_from_latency_result(result: dict[str, Any], source: str) -> lis
     prompt_tokens = batch * n_in
     steps = max(1, math.ceil(prompt_tokens / budget))
     per_step_tokens = prompt_tokens / steps
-    found = [Observation(per_step_tokens, 0, per_step_tokens, result["avg_ttft"] / steps, source)]
+    pairs = batch * prefill_pairs(n_in) / steps
+    found = [
+        Observation(
+            per_step_tokens, 0, per_step_tokens, result["avg_ttft"] / steps, source,
+            attention_pairs=pairs,
+        )
+    ]  # fmt: skip
     if n_out > 1 and result.get("avg_decode_step_latency"):
         context = batch * (n_in + n_out / 2)
         found.append(Observation(0, batch, context, result["avg_decode_step_latency"], source))
@@ -148,7 +168,8 @@ def observations_from_serve_result(
         Observation(0, rows, rows * (n_in + n_out / 2), result["median_itl_ms"] / 1000, source)
     ]
     if c == 1:
-        found.append(Observation(n_in, 0, n_in, result["median_ttft_ms"] / 1000, source, 1.0))
+        ttft = result["median_ttft_ms"] / 1000
+        found.append(Observation(n_in, 0, n_in, ttft, source, 1.0, prefill_pairs(n_in)))
     return found
 
 
@@ -161,16 +182,25 @@ def observations_from_result(
 
 
 def fit_coefficients(observations: list[Observation]) -> tuple[np.ndarray, float]:
-    """(base, per_token, per_row, per_context, request_overhead) >= 0 minimizing the relative
-    squared error, and the fit's mean absolute relative error. Non-negativity by active-set
-    elimination: a negative coefficient is dropped (set to 0) and the rest refitted."""
+    """(base, per_token, per_row, per_context, request_overhead, per_attention_pair) >= 0
+    minimizing the relative squared error, and the fit's mean absolute relative error.
+    Non-negativity by active-set elimination: a negative coefficient is dropped (set to 0) and
+    the rest refitted. The pair term is fitted only when the prompts measured differ enough in
+    length to tell it from the per-token one (longest >= 4x the shortest prompt)."""
     x = np.array(
-        [[1.0, o.prefill_tokens, o.decode_rows, o.context_tokens, o.overhead] for o in observations]
+        [
+            [1.0, o.prefill_tokens, o.decode_rows, o.context_tokens, o.overhead, o.attention_pairs]
+            for o in observations
+        ]
     )
     y = np.array([o.seconds for o in observations])
     w = 1.0 / y  # relative error: a 5 ms step matters as much as a 500 ms prefill
-    active = [0, 1, 2, 3, 4] if x[:, 4].any() else [0, 1, 2, 3]
-    coef = np.zeros(5)
+    active = (
+        [0, 1, 2, 3]
+        + ([4] if x[:, 4].any() else [])
+        + ([5] if _pairs_identifiable(observations) else [])
+    )
+    coef = np.zeros(6)
     while active:
         sol, *_ = np.linalg.lstsq(x[:, active] * w[:, None], y * w, rcond=None)
         if (sol >= 0).all():
@@ -180,6 +210,12 @@ def fit_coefficients(observations: list[Observation]) -> tuple[np.ndarray, float
         active.pop(int(np.argmin(sol)))
     error = float(np.mean(np.abs(x @ coef - y) / y))
     return coef, error
+
+
+def _pairs_identifiable(observations: list[Observation]) -> bool:
+    # pairs per prompt token: about half a prompt's length (a batch of equal prompts included)
+    lengths = [o.attention_pairs / o.prefill_tokens for o in observations if o.attention_pairs]
+    return len(lengths) >= 2 and max(lengths) >= 4 * min(lengths)
 
 
 def fit_profile(
@@ -205,10 +241,12 @@ def fit_profile(
         per_row_s=float(coef[2]),
         per_context_token_s=float(coef[3]),
         request_overhead_s=float(coef[4]),
+        per_attention_pair_s=float(coef[5]),
         sources={
             k: how
             for k in ("base_s", "per_token_s", "per_row_s", "per_context_token_s")
             + (("request_overhead_s",) if coef[4] else ())
+            + (("per_attention_pair_s",) if coef[5] else ())
         },
         **limits,
     )

@@ -76,6 +76,21 @@ def test_chunked_prefill_takes_the_token_budget_per_step(profile):
     assert r.done[1] == pytest.approx(sum(steps) + 0.010 + 1e-4)
 
 
+def test_a_prompt_chunk_pays_for_attending_to_its_cached_prefix(profile):
+    """A 32-token question after a 64-token cached prefix costs 32 * (64 + 33/2) pairs."""
+    p = profile.with_overrides(per_attention_pair_s=1e-6)
+    r = Recorder(p)
+    prefix = list(range(100, 164))  # 4 blocks
+    r.submit(request(1, prefix + [7], 65, 1))
+    r.run()
+    start = r.now
+    r.submit(request(2, prefix + list(range(300, 332)), 96, 1))
+    r.run()
+    pairs = 32 * (64 + 33 / 2)
+    assert r.first[2] - start == pytest.approx(0.010 + 1e-5 * 32 + 1e-6 * pairs)
+    assert r.first[1] == pytest.approx(0.010 + 1e-5 * 65 + 1e-6 * 65 * 66 / 2)
+
+
 def test_a_decode_run_is_timed_as_its_steps_one_by_one(profile):
     p = profile.with_overrides(per_context_token_s=1e-6)
     r = Recorder(p)

@@ -4,8 +4,7 @@ seed. What the simulator must reproduce here is what does not depend on how busy
 is: every request completes, the prefix-cache hit rate is within 5 points of the real one, and
 kv-aware beats round-robin on hits. Times on a shared 2-core machine vary run to run by a third
 (more when other work runs), so they are printed, not asserted; benchmarks/sim_validate.py
-holds the timed comparison (and its known gap: the cache-aware logics' TTFT comes out ~45% low
-on this CPU, see the README's "Simulate a cluster")."""
+holds the timed comparison (see the README's "How far to trust it")."""
 
 from __future__ import annotations
 
