@@ -91,6 +91,42 @@ LATENCY_GRID = (  # (batch, input len)
 ONE_ENGINE = ((1, 64, 24, 12), (1, 256, 24, 12))  # (max concurrency, input, output, prompts)
 
 
+CLUSTER = ((4, 128, 24, 32), (8, 128, 24, 48), (16, 128, 24, 64))  # through a round-robin router
+HOST_CORES = (1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 4.0)
+
+
+def sweep(url: str, model: str, runs, tmp: Path, tag: str) -> list[tuple[str, dict, tuple]]:
+    found = []
+    for i, (c, n_in, n_out, n) in enumerate(runs):
+        seed = 40 + i + (100 if tag == "cluster" else 0)
+        result = bench_serve(url, model, tmp / f"calibrate-{tag}-{i}.json", "--dataset-name",
+                             "random", "--input-len", str(n_in), "--output-len", str(n_out),
+                             "--num-prompts", str(n), "--max-concurrency", str(c),
+                             "--request-rate", "inf", "--seed", str(seed))  # fmt: skip
+        found.append((f"bench serve random c={c} in={n_in} out={n_out} ({tag})", result,
+                      (c, n_in, n_out, n, seed)))  # fmt: skip
+        print(f"calibration {tag} c={c} in={n_in}: TTFT p50 {result['median_ttft_ms']:.1f} ms, "
+              f"ITL p50 {result['median_itl_ms']:.2f} ms", flush=True)  # fmt: skip
+    return found
+
+
+def bench_latency(model: str, batch: int, n_in: int, tmp: Path) -> tuple[str, dict]:
+    """`lmserve bench latency` in its own process, one thread (as the engines run)."""
+    out = tmp / f"latency-{batch}-{n_in}.json"
+    args = [sys.executable, "-m", "lmserve.bench.cli", "latency", model, "--device", "cpu",
+            "--dtype", "float32", "--batch-size", str(batch), "--input-len", str(n_in),
+            "--output-len", "24", "--num-iters", "5", "--num-iters-warmup", "2",
+            "--temperature", "0", "--num-gpu-blocks-override", "1024", "--max-model-len", "2048",
+            "--disable-tqdm", "--output-json", str(out)]  # fmt: skip
+    done = subprocess.run(args, capture_output=True, text=True, env={**os.environ, **ENGINE_ENV})
+    if done.returncode != 0:
+        raise RuntimeError(f"bench latency failed: {done.stderr[-2000:]}")
+    result = json.loads(out.read_text())
+    print(f"calibration latency batch={batch} in={n_in}: prefill {1000 * result['avg_ttft']:.1f} "
+          f"ms, decode step {1000 * result['avg_decode_step_latency']:.2f} ms", flush=True)  # fmt: skip
+    return f"bench latency batch={batch} in={n_in} out=24 (in-process, 1 thread)", result
+
+
 def calibrate(engines, model: str, blocks: int, tmp: Path) -> dict:
     """Random prompts (no prefix shared), never the validation's workload:
     1. `bench latency` runs (exact steps) and served requests one at a time through a router
@@ -148,42 +184,6 @@ def calibrate(engines, model: str, blocks: int, tmp: Path) -> dict:
         "host_cores_rms_log_error": errors,
         "profile": profile.to_json(),
     }  # fmt: skip
-
-
-CLUSTER = ((4, 128, 24, 32), (8, 128, 24, 48), (16, 128, 24, 64))  # through a round-robin router
-HOST_CORES = (1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 4.0)
-
-
-def sweep(url: str, model: str, runs, tmp: Path, tag: str) -> list[tuple[str, dict, tuple]]:
-    found = []
-    for i, (c, n_in, n_out, n) in enumerate(runs):
-        seed = 40 + i + (100 if tag == "cluster" else 0)
-        result = bench_serve(url, model, tmp / f"calibrate-{tag}-{i}.json", "--dataset-name",
-                             "random", "--input-len", str(n_in), "--output-len", str(n_out),
-                             "--num-prompts", str(n), "--max-concurrency", str(c),
-                             "--request-rate", "inf", "--seed", str(seed))  # fmt: skip
-        found.append((f"bench serve random c={c} in={n_in} out={n_out} ({tag})", result,
-                      (c, n_in, n_out, n, seed)))  # fmt: skip
-        print(f"calibration {tag} c={c} in={n_in}: TTFT p50 {result['median_ttft_ms']:.1f} ms, "
-              f"ITL p50 {result['median_itl_ms']:.2f} ms", flush=True)  # fmt: skip
-    return found
-
-
-def bench_latency(model: str, batch: int, n_in: int, tmp: Path) -> tuple[str, dict]:
-    """`lmserve bench latency` in its own process, one thread (as the engines run)."""
-    out = tmp / f"latency-{batch}-{n_in}.json"
-    args = [sys.executable, "-m", "lmserve.bench.cli", "latency", model, "--device", "cpu",
-            "--dtype", "float32", "--batch-size", str(batch), "--input-len", str(n_in),
-            "--output-len", "24", "--num-iters", "5", "--num-iters-warmup", "2",
-            "--temperature", "0", "--num-gpu-blocks-override", "1024", "--max-model-len", "2048",
-            "--disable-tqdm", "--output-json", str(out)]  # fmt: skip
-    done = subprocess.run(args, capture_output=True, text=True, env={**os.environ, **ENGINE_ENV})
-    if done.returncode != 0:
-        raise RuntimeError(f"bench latency failed: {done.stderr[-2000:]}")
-    result = json.loads(out.read_text())
-    print(f"calibration latency batch={batch} in={n_in}: prefill {1000 * result['avg_ttft']:.1f} "
-          f"ms, decode step {1000 * result['avg_decode_step_latency']:.2f} ms", flush=True)  # fmt: skip
-    return f"bench latency batch={batch} in={n_in} out=24 (in-process, 1 thread)", result
 
 
 def _sharing_error(profile, runs, replicas: int) -> float:
