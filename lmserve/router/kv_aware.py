@@ -116,41 +116,47 @@ class KvAware(RoutingLogic):
 
     def choose(self, request: RouteRequest, candidates: Sequence[Backend]) -> Decision:
         ids = request.token_ids
-        if ids is None or not all(self.is_live(b.url) for b in candidates):
+        is_live = self.is_live
+        if ids is None or not all(is_live(b.url) for b in candidates):
             decision = self.fallback.choose(request, candidates)
             return Decision(decision.backend, "kv_fallback_" + decision.reason)
         now = self.clock()
         self._decisions += 1
         if self._decisions % 1024 == 0:
             self.pending.prune(now)
-        chains = self._hash_chains(ids, candidates)
-        cached = {b.url: self._cached_tokens(b.url, chains.get(b.url), now) for b in candidates}
-        costs = {b.url: self._cost(b, len(ids), cached[b.url]) for b in candidates}
-        placed = self._placement_keys(chains)
-        most = max(cached.values())
-        best = self._home(placed, candidates, costs) if most == 0 else None
+        chains, by_layout = self._hash_chains(ids, candidates)
+        cached = self._cached_tokens(chains, by_layout, now)  # engines holding none: absent
+        n, rc = len(ids), self.request_cost
+        costs = {
+            b.url: (b.pending_prefill_tokens + rc * b.load) + (n - cached.get(b.url, 0))
+            for b in candidates
+        }
+        lowest = min(costs.values())
+        placed = by_layout[min(by_layout)] if by_layout else []  # the smallest layout's hashes
+        most = max(cached.values(), default=0)
+        best = self._home(placed, candidates, costs, lowest) if most == 0 else None
         if best is None:
-            best = self._cheapest(candidates, costs, cached, _anchor(ids))
+            best = self._cheapest(candidates, costs, lowest, cached, _anchor(ids))
         self.placements.insert(placed, best.url)
-        reason = (
-            "kv_miss" if most == 0 else "kv_hit" if cached[best.url] == most else "kv_overloaded"
-        )
+        predicted = cached.get(best.url, 0)
+        reason = "kv_miss" if most == 0 else "kv_hit" if predicted == most else "kv_overloaded"
         hashes = chains.get(best.url)
-        predicted = cached[best.url]
         if hashes:  # the blocks it will compute: held there once the engine confirms them
             block_size = self.index.layouts[best.url].block_size
             self.pending.add(best.url, hashes[predicted // block_size :], now)
-        return Decision(best, reason, predicted, len(ids) - predicted)
+        return Decision(best, reason, predicted, n - predicted)
 
     def _hash_chains(
         self, ids: Sequence[int], candidates: Sequence[Backend]
-    ) -> dict[str, list[BlockHash]]:
+    ) -> tuple[dict[str, list[BlockHash]], dict[tuple[int, str], list[BlockHash]]]:
         """Each engine's hashes for the blocks its prefix cache could reuse (all but the last
-        token), computed once per distinct (block size, hash algorithm)."""
+        token), computed once per distinct (block size, hash algorithm): (by engine, by
+        layout)."""
         by_layout: dict[tuple[int, str], list[BlockHash]] = {}
         chains = {}
+        layouts = self.index.layouts
         for backend in candidates:
-            layout = self.index.layouts.get(backend.url)
+            layout = layouts.get(backend.url)
             if layout is None or layout.block_size is None or layout.hash_algo is None:
                 continue
             key = (layout.block_size, layout.hash_algo)
@@ -160,33 +166,42 @@ class KvAware(RoutingLogic):
                 extend_block_hashes(hashes, ids[:usable], key[0], HASH_FUNCTIONS[key[1]])
                 by_layout[key] = hashes
             chains[backend.url] = by_layout[key]
-        return chains
+        return chains, by_layout
 
-    def _cached_tokens(self, url: str, hashes: list[BlockHash] | None, now: float) -> int:
-        if not hashes:
-            return 0
-        n = 0
-        for h in hashes:
-            if not self.index.holds(url, h) and not self.pending.holds(url, h, now):
-                break
-            n += 1
-        return n * self.index.layouts[url].block_size
-
-    def _cost(self, backend: Backend, prompt_len: int, cached: int) -> float:
-        queued = backend.pending_prefill_tokens + self.request_cost * backend.load
-        return queued + (prompt_len - cached)
-
-    def _placement_keys(self, chains: dict[str, list[BlockHash]]) -> list[BlockHash]:
-        """The prompt's block hashes for the placement trie: those of one engine layout (the
-        smallest, so every request uses the same one), already computed for the index."""
-        if not chains:
-            return []
-        layouts = self.index.layouts
-        url = min(chains, key=lambda u: (layouts[u].block_size, layouts[u].hash_algo))
-        return chains[url]
+    def _cached_tokens(
+        self,
+        chains: dict[str, list[BlockHash]],
+        by_layout: dict[tuple[int, str], list[BlockHash]],
+        now: float,
+    ) -> dict[str, int]:
+        """Prompt tokens each engine holds (its index entries or blocks pending there), for the
+        engines that hold at least the first block: only those are walked, so a decision costs
+        what the prompt's holders cost, not one lookup per engine of the pool."""
+        found: dict[str, int] = {}
+        index, pending = self.index, self.pending
+        for (block_size, _), hashes in by_layout.items():
+            if not hashes:
+                continue
+            first = hashes[0]
+            holders = [*index.blocks.get(first, ()), *pending.entries.get(first, ())]
+            for url in holders:
+                if url in found or chains.get(url) is not hashes:
+                    continue
+                n = 0
+                for h in hashes:
+                    if not index.holds(url, h) and not pending.holds(url, h, now):
+                        break
+                    n += 1
+                if n:
+                    found[url] = n * block_size
+        return found
 
     def _home(
-        self, placed: list[BlockHash], candidates: Sequence[Backend], costs: dict[str, float]
+        self,
+        placed: list[BlockHash],
+        candidates: Sequence[Backend],
+        costs: dict[str, float],
+        lowest: float,
     ) -> Backend | None:
         """The engine this conversation was last sent to, unless it costs more than the
         cheapest by the slack. Its blocks are gone everywhere (evicted under pressure), but its
@@ -197,18 +212,23 @@ class KvAware(RoutingLogic):
         if match.num_chunks == 0:
             return None
         home = min((by_url[u] for u in match.backends), key=lambda b: costs[b.url])
-        return home if costs[home.url] <= min(costs.values()) + self.slack else None
+        return home if costs[home.url] <= lowest + self.slack else None
 
     def _cheapest(
         self,
         candidates: Sequence[Backend],
         costs: dict[str, float],
+        lowest: float,
         cached: dict[str, int],
         anchor: bytes,
     ) -> Backend:
-        lowest = min(costs.values())
-        near = [b for b in candidates if costs[b.url] <= lowest + self.slack]
-        return max(near, key=lambda b: (cached[b.url], _rendezvous(anchor, b.url)))
+        """Of the engines within the slack of the cheapest, the one holding the most of the
+        prompt; ties by rendezvous hash of the prompt's start (stable across routers)."""
+        bound = lowest + self.slack
+        near = [b for b in candidates if costs[b.url] <= bound]
+        most = max(cached.get(b.url, 0) for b in near)
+        tied = [b for b in near if cached.get(b.url, 0) == most] if most else near
+        return max(tied, key=lambda b: _rendezvous(anchor, b.url))
 
 
 def _anchor(ids: Sequence[int]) -> bytes:

@@ -89,8 +89,9 @@ class LeastLoaded(RoutingLogic):
         self._tie_break = 0
 
     def pick(self, candidates: Sequence[Backend]) -> Backend:
-        lowest = min(b.load for b in candidates)
-        tied = [b for b in candidates if b.load == lowest]
+        loads = [b.load for b in candidates]  # a property: read once per backend
+        lowest = min(loads)
+        tied = [b for b, load in zip(candidates, loads) if load == lowest]
         self._tie_break += 1
         return tied[self._tie_break % len(tied)]
 
