@@ -127,6 +127,7 @@ class KvAware(RoutingLogic):
         chains, by_layout = self._hash_chains(ids, candidates)
         cached = self._cached_tokens(chains, by_layout, now)  # engines holding none: absent
         n, rc = len(ids), self.request_cost
+        # work queued there (tokens) + the prompt tokens it would compute: what delays this one
         costs = {
             b.url: (b.pending_prefill_tokens + rc * b.load) + (n - cached.get(b.url, 0))
             for b in candidates
