@@ -34,7 +34,6 @@ import json
 import os
 import random
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -50,7 +49,12 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from machine import cpu_machine_info  # noqa: E402
 
-from tests.entrypoints.openai.conftest import API_KEY, MODEL_NAME, start_server  # noqa: E402
+from tests.entrypoints.openai.conftest import (  # noqa: E402
+    API_KEY,
+    MODEL_NAME,
+    free_port,
+    start_server,
+)
 from tests.tiny_models import make_tiny_model  # noqa: E402
 
 RESULT_PATH = os.path.join(os.path.dirname(__file__), "results", "kv_aware_routing_cpu.json")
@@ -64,12 +68,6 @@ CHAT_TEMPLATE = (
     "{% for m in messages %}w1 {{ m['content'] }} w2 {% endfor %}"
     "{% if add_generation_prompt %}w3{% endif %}"
 )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ---- the model -----------------------------------------------------------------------------
