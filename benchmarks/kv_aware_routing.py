@@ -49,12 +49,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from machine import cpu_machine_info  # noqa: E402
 
-from tests.entrypoints.openai.conftest import (  # noqa: E402
-    API_KEY,
-    MODEL_NAME,
-    free_port,
-    start_server,
-)
+from tests.entrypoints.openai.conftest import API_KEY, MODEL_NAME, start_server  # noqa: E402
+from tests.ports import free_port  # noqa: E402
 from tests.tiny_models import make_tiny_model  # noqa: E402
 
 RESULT_PATH = os.path.join(os.path.dirname(__file__), "results", "kv_aware_routing_cpu.json")

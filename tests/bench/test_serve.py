@@ -7,7 +7,6 @@ import asyncio
 import json
 import math
 import os
-import socket
 
 import jsonschema
 import numpy as np
@@ -16,6 +15,7 @@ import pytest
 from lmserve.bench.cli import main
 from lmserve.bench.datasets import encode
 from tests.bench.fake_server import FakeServer
+from tests.ports import free_port
 
 SCHEMA_PATH = os.path.join(os.path.dirname(__file__), "../../lmserve/bench/result_schema.json")
 
@@ -162,14 +162,8 @@ def test_tokenizer_is_found_from_the_model_cards_root(tokenizer_dir, capsys):
     assert rc == 0, capsys.readouterr().err
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_unreachable_endpoint_exits_2_with_one_line(tokenizer_dir, capsys):
-    rc = run_bench(f"http://127.0.0.1:{_free_port()}", tokenizer_dir, "--num-prompts", "1")
+    rc = run_bench(f"http://127.0.0.1:{free_port()}", tokenizer_dir, "--num-prompts", "1")
     assert rc == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("lmserve bench: error: cannot connect to") and "\n" not in err

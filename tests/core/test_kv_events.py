@@ -3,7 +3,6 @@ real engine by a plain pyzmq + msgpack subscriber (no lmserve code on the readin
 
 from __future__ import annotations
 
-import socket
 import time
 
 import msgpack
@@ -14,12 +13,7 @@ from lmserve import LLM, SamplingParams
 from lmserve.config import ConfigError, KVEventsConfig
 from lmserve.core.kv_cache_manager import KVCacheManager
 from lmserve.request import Request
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.ports import free_port
 
 
 # ---- the cache manager's events ---------------------------------------------------------------

@@ -7,11 +7,11 @@ full logits (the LM head gathers), equal to TP=1 up to float32 reduction order.
 from __future__ import annotations
 
 import multiprocessing
-import socket
 
 import pytest
 import torch
 
+from tests.ports import free_port
 from tests.tiny_models import PagedKVHarness
 
 PROMPTS = {"a": [5, 17, 42, 99, 7, 300, 12, 64, 8], "b": [1, 2, 3]}
@@ -22,12 +22,6 @@ CASES = [
     ("qwen2", {}),
     ("qwen3", {}),
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_model(model_dir: str, steps: list[dict[str, list[int]]]) -> list[dict[str, torch.Tensor]]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -15,16 +14,11 @@ import pytest
 
 from lmserve.router.proxy import BACKEND_HEADER, PREDICTED_CACHED_HEADER
 from tests.entrypoints.openai.conftest import API_KEY, MODEL_NAME, RemoteServer, start_server
+from tests.ports import free_port
 from tests.router.conftest import metric, running_router, wait_until
 
 pytestmark = pytest.mark.slow
 SYSTEM = "You are a careful assistant who answers questions about the valley and its farms. " * 4
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_engine(model: str, log_dir, pub: int, replay: int, port: int | None = None):

@@ -4,7 +4,6 @@ sockets): catching up on start, replaying a gap, counting what the buffer lost, 
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 
 import zmq.asyncio
@@ -14,15 +13,10 @@ from lmserve.core.kv_events import AllBlocksCleared, KVEventBatch, ZmqEventPubli
 from lmserve.router.kv_events import EventEndpoints, EventSubscriber
 from lmserve.router.kv_index import KVIndex
 from lmserve.router.metrics import RouterMetrics
+from tests.ports import free_port
 from tests.router.test_kv_aware import BS, payload, stored
 
 URL = "http://engine"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def publisher(buffer_steps: int = 100) -> tuple[ZmqEventPublisher, EventEndpoints]:

@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +20,8 @@ import openai
 import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+
+from tests.ports import free_port
 
 API_KEY = "sk-test-lmserve"
 MODEL_NAME = "tiny-llama"
@@ -99,25 +99,6 @@ class RemoteServer:
                 self.proc.kill()
                 self.proc.wait(timeout=10)
         return self.proc.returncode
-
-
-# Ports this process has handed out: a server binds its port seconds after it was chosen (after
-# its engine started), and meanwhile the OS may offer the same free port to the next caller,
-# e.g. as another engine's KV-events socket when several start at once.
-_HANDED_OUT: set[int] = set()
-_PORTS_LOCK = threading.Lock()
-
-
-def free_port() -> int:
-    """A port nothing listens on now that this process has not handed out before."""
-    with _PORTS_LOCK:
-        while True:
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                port = s.getsockname()[1]
-            if port not in _HANDED_OUT:
-                _HANDED_OUT.add(port)
-                return port
 
 
 def start_server(

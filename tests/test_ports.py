@@ -3,7 +3,7 @@ seconds after the pick; the OS may offer the same free port again meanwhile)."""
 
 from __future__ import annotations
 
-from tests.entrypoints.openai import conftest
+from tests import ports
 
 
 class _OfferedPort:
@@ -25,9 +25,14 @@ class _OfferedPort:
 
 
 def test_a_port_the_os_offers_again_is_skipped(monkeypatch):
-    monkeypatch.setattr(conftest, "_HANDED_OUT", set())
-    monkeypatch.setattr(conftest.socket, "socket", _OfferedPort)
+    monkeypatch.setattr(ports, "_HANDED_OUT", set())
+    monkeypatch.setattr(ports.socket, "socket", _OfferedPort)
     monkeypatch.setattr(_OfferedPort, "offers", [41000, 41000, 41000, 41001])
-    assert conftest.free_port() == 41000
-    assert conftest.free_port() == 41001  # 41000 offered twice more, skipped both times
+    assert ports.free_port() == 41000
+    assert ports.free_port() == 41001  # 41000 offered twice more, skipped both times
     assert _OfferedPort.offers == []
+
+
+def test_many_picks_are_distinct_real_ports():
+    picked = [ports.free_port() for _ in range(50)]
+    assert len(set(picked)) == 50 and all(1024 <= p < 65536 for p in picked)
