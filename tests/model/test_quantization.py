@@ -227,7 +227,13 @@ def _engine_config(model: str, **kwargs) -> EngineConfig:
     return EngineConfig.from_kwargs(model, **kwargs)
 
 
-def test_quantization_auto_packs_a_gguf_model_on_the_cpu_only(tiny_gguf):  # noqa: F811
+@pytest.fixture
+def own_cache(tmp_path, monkeypatch):
+    """A config of a .gguf converts it into LMSERVE_CACHE_DIR: a temporary one, not the user's."""
+    monkeypatch.setenv("LMSERVE_CACHE_DIR", str(tmp_path / "cache"))
+
+
+def test_quantization_auto_packs_a_gguf_model_on_the_cpu_only(tiny_gguf, own_cache):  # noqa: F811
     path, folder, _ = tiny_gguf("Q4_0")
     assert _engine_config(path, device="cpu").model_config.quantization == "gguf"
     assert _engine_config(folder, device="cpu").model_config.quantization == "none"
@@ -235,7 +241,7 @@ def test_quantization_auto_packs_a_gguf_model_on_the_cpu_only(tiny_gguf):  # noq
     assert dummy.model_config.quantization == "none"
 
 
-def test_quantization_settings_that_cannot_run_fail_clearly(tiny_gguf):  # noqa: F811
+def test_quantization_settings_that_cannot_run_fail_clearly(tiny_gguf, own_cache):  # noqa: F811
     path, folder, _ = tiny_gguf("Q4_0")
     with pytest.raises(ConfigError, match="quantization.*must be one of"):
         _engine_config(path, device="cpu", quantization="awq")
