@@ -317,6 +317,8 @@ def main() -> None:
     parser.add_argument("--replicas", type=int, default=4,
                         help="engines behind the router (of the 4 started; a probe)")  # fmt: skip
     args = parser.parse_args()
+    if not 1 <= args.replicas <= 4:
+        parser.error(f"--replicas {args.replicas}: 1 to 4 (the engines this script starts)")
     w = workload(args.quick)
     logics = args.logics.split(",")
     results: dict = {"workload": w, "logics": {}}

@@ -97,10 +97,7 @@ def cached_gguf_folder(gguf_path: str, cache_dir: str | None = None) -> str:
     gguf_path = os.path.realpath(os.path.expanduser(gguf_path))
     if not os.path.isfile(gguf_path):
         raise FileNotFoundError(f"GGUF file {gguf_path!r} does not exist")
-    if cache_dir is None:
-        from lmserve import envs
-
-        cache_dir = os.path.join(envs.LMSERVE_CACHE_DIR, GGUF_CACHE_SUBDIR)
+    cache_dir = cache_dir or _default_cache_dir()
     key = gguf_cache_key(gguf_path, cache_dir)
     folder = os.path.join(cache_dir, key)
     if _is_complete(folder):
@@ -138,10 +135,7 @@ def gguf_cache_key(gguf_path: str, cache_dir: str | None = None) -> str:
 
 def _content_digest(path: str, cache_dir: str | None) -> str:
     """sha256 of the file, memoised in `<cache_dir>/.digests/<hash of path, size, mtime>`."""
-    if cache_dir is None:
-        from lmserve import envs
-
-        cache_dir = os.path.join(envs.LMSERVE_CACHE_DIR, GGUF_CACHE_SUBDIR)
+    cache_dir = cache_dir or _default_cache_dir()
     st = os.stat(path)
     stat_id = hashlib.sha256(f"{path}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()
     memo = os.path.join(cache_dir, ".digests", stat_id[:32])
@@ -162,6 +156,12 @@ def _content_digest(path: str, cache_dir: str | None) -> str:
             f.write(digest)
         os.replace(tmp, memo)
     return digest
+
+
+def _default_cache_dir() -> str:
+    from lmserve import envs
+
+    return os.path.join(envs.LMSERVE_CACHE_DIR, GGUF_CACHE_SUBDIR)
 
 
 def _is_complete(folder: str) -> bool:
