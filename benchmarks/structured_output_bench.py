@@ -18,7 +18,9 @@ Three timed runs send the same prompts with the same sampling (temperature 1, se
     (EOS ignored) exactly as many tokens as it wrote constrained — the same work, minus the
     grammar. The headline `relative_throughput` compares the constrained run with this one;
     `relative_throughput_vs_full_length` (the old figure) compares it with `unconstrained`.
-Throughput is output tokens per second; `mean_step_ms` is the run's time over the engine steps
+With --repeats N the three runs go round N times and each keeps its median round (a GPU run
+of 256 requests lasts about a second, so one round is noisy). Throughput is output tokens per
+second; `mean_step_ms` is the run's time over the engine steps
 it took. Grammars are compiled (and cached) before the timed runs; compile times are measured
 separately, each schema once, on a fresh compiler. Prints a table and writes JSON under
 benchmarks/results/; never asserts.
@@ -155,6 +157,13 @@ def timed_run(llm, steps: StepCounter, prompts: list[str], params: list) -> tupl
     return run, tokens
 
 
+def median_run(runs: list[dict]) -> dict:
+    """The round with the median time (the lower middle one of an even count), with every
+    round's seconds beside it."""
+    ordered = sorted(runs, key=lambda run: run["seconds"])
+    return {**ordered[(len(ordered) - 1) // 2], "rounds_seconds": [r["seconds"] for r in runs]}
+
+
 def compile_times(tokenizer_dir_or_model: str, vocab_size: int) -> dict:
     """Seconds to compile each test schema once on a fresh compiler (no cache hits)."""
     from transformers import AutoTokenizer
@@ -197,7 +206,12 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=96)
     parser.add_argument("--constrained-share", type=float, default=0.5)
     parser.add_argument("--output", default=None, help="JSON path (default: under results/)")
+    parser.add_argument(
+        "--repeats", type=int, default=1, help="timed rounds; each run's median round is kept"
+    )
     args = parser.parse_args()
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
 
     from lmserve import LLM
 
@@ -220,11 +234,14 @@ def main() -> None:
     for params in (plain, length_matched(constrained, warm_lengths)):
         llm.generate(prompts, params, use_tqdm=False)
     name = f"{int(args.constrained_share * 100)}%_json_schema"
-    results = {"unconstrained": timed_run(llm, steps, prompts, plain)[0]}
-    results[name], lengths = timed_run(llm, steps, prompts, constrained)
-    results["length_matched"] = timed_run(
-        llm, steps, prompts, length_matched(constrained, lengths)
-    )[0]
+    rounds: dict[str, list[dict]] = {"unconstrained": [], name: [], "length_matched": []}
+    for _ in range(args.repeats):  # one round: the three runs one after the other
+        rounds["unconstrained"].append(timed_run(llm, steps, prompts, plain)[0])
+        run, lengths = timed_run(llm, steps, prompts, constrained)
+        rounds[name].append(run)
+        matched_params = length_matched(constrained, lengths)
+        rounds["length_matched"].append(timed_run(llm, steps, prompts, matched_params)[0])
+    results = {kind: median_run(runs) for kind, runs in rounds.items()}
     full = results["unconstrained"]["output_tokens_per_s"]
     matched = results["length_matched"]["output_tokens_per_s"]
     for run in results.values():
@@ -243,6 +260,7 @@ def main() -> None:
         "dtype": dtype,
         "num_requests": args.num_requests,
         "max_tokens": args.max_tokens,
+        "repeats": args.repeats,
         "vocab_size": model_config.vocab_size,
         "async_scheduling": llm.llm_engine.config.scheduler_config.async_scheduling,
         "relative_throughput": results[name]["relative_throughput"],
