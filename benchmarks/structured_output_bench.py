@@ -9,7 +9,8 @@ the test schemas.
     python benchmarks/structured_output_bench.py --shape 8b --load-format dummy \\
         --device cuda --num-requests 256
 
-Three timed runs send the same prompts with the same sampling (temperature 1, seeded):
+Three timed runs send the same prompts with the same sampling (temperature 1; request i
+seeded with i unless --unseeded):
   - `unconstrained`: every request ignores EOS and writes exactly --max-tokens;
   - the constrained run (e.g. `50%_json_schema`): every other request constrained by a test
     schema; those stop where their grammar ends, so this run has fewer output tokens and its
@@ -71,7 +72,9 @@ def model_path(args, tmp: str) -> str | None:
     return path
 
 
-def make_params(num_requests: int, constrained_share: float, max_tokens: int) -> list:
+def make_params(
+    num_requests: int, constrained_share: float, max_tokens: int, seeded: bool = True
+) -> list:
     from lmserve import SamplingParams
     from lmserve.sampling_params import StructuredOutputsParams
 
@@ -83,7 +86,7 @@ def make_params(num_requests: int, constrained_share: float, max_tokens: int) ->
         params.append(
             SamplingParams(
                 temperature=1.0,
-                seed=i,
+                seed=i if seeded else None,
                 max_tokens=max_tokens,
                 ignore_eos=not constrained,
                 structured_outputs=(
@@ -209,6 +212,11 @@ def main() -> None:
     parser.add_argument(
         "--repeats", type=int, default=1, help="timed rounds; each run's median round is kept"
     )
+    parser.add_argument(
+        "--unseeded",
+        action="store_true",
+        help="requests without a seed (default: request i has seed i, so every run draws alike)",
+    )
     args = parser.parse_args()
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
@@ -226,8 +234,9 @@ def main() -> None:
     model_config = llm.llm_engine.config.model_config
     prompts = [f"Write the record number {i} as JSON:" for i in range(args.num_requests)]
 
-    constrained = make_params(args.num_requests, args.constrained_share, args.max_tokens)
-    plain = make_params(args.num_requests, 0.0, args.max_tokens)
+    seeded = not args.unseeded
+    constrained = make_params(args.num_requests, args.constrained_share, args.max_tokens, seeded)
+    plain = make_params(args.num_requests, 0.0, args.max_tokens, seeded)
     steps = StepCounter(llm)
     # warm-up: grammars compiled and cached, CUDA graphs, every run's shapes once
     _, warm_lengths = timed_run(llm, steps, prompts, constrained)
@@ -261,6 +270,7 @@ def main() -> None:
         "num_requests": args.num_requests,
         "max_tokens": args.max_tokens,
         "repeats": args.repeats,
+        "seeded_requests": not args.unseeded,
         "vocab_size": model_config.vocab_size,
         "async_scheduling": llm.llm_engine.config.scheduler_config.async_scheduling,
         "relative_throughput": results[name]["relative_throughput"],
