@@ -55,6 +55,11 @@ ENVIRONMENT_VARIABLES: dict[str, tuple[Callable[[], Any], str]] = {
         "force the attention backend: 'torch' (the reference; any device) or 'triton' (CUDA); "
         "unset: triton on CUDA when triton is installed, torch otherwise",
     ),
+    "LMSERVE_KEYED_RACE": (
+        _bool("LMSERVE_KEYED_RACE", True),
+        "CUDA with triton: seeded requests draw their sampling noise from (seed, position) in one "
+        "launch for the batch (default); 0: from a torch.Generator each, one launch per row",
+    ),
     "LMSERVE_CPU_THREADS": (
         lambda: os.environ.get("LMSERVE_CPU_THREADS", "auto").strip().lower() or "auto",
         "threads of a CPU engine's steps: 'auto' (default) measures small steps with all cores "

@@ -20,10 +20,17 @@ order, both before and after. CUDA graphs capture the dependency as a programmat
 from __future__ import annotations
 
 import functools
+import importlib.util
 
 import torch
 
 from lmserve import envs
+
+
+@functools.cache
+@functools.cache
+def triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
 
 
 @functools.cache

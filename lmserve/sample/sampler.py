@@ -18,7 +18,9 @@ truncation never change them (see lmserve/sample/logprobs.py).
 
 Random sampling uses the exponential-race trick: argmax(p / E) with E ~ Exp(1) draws from p,
 needs no cumulative sum and no device sync, and lets each seeded request draw its noise from its
-own generator, so the same seed gives the same output whatever else is in the batch.
+own generator, so the same seed gives the same output whatever else is in the batch. On CUDA a
+batch with seeded rows races in one Triton launch whose noise is keyed by (seed, position)
+(triton_race.py) rather than one generator launch per seeded row.
 
 Device syncs: none, except top-k used without top-p in the batch, which reads the batch's largest
 k on the host to size `torch.topk` (see truncation.py).
@@ -26,8 +28,6 @@ k on the host to size `torch.topk` (see truncation.py).
 
 from __future__ import annotations
 
-import functools
-import importlib.util
 from dataclasses import dataclass
 
 import torch
@@ -37,7 +37,9 @@ from lmserve.sample.logprobs import LogprobsTensors, compute_logprobs_tensors, g
 from lmserve.sample.metadata import SamplingMetadata
 from lmserve.sample.penalties import apply_banned_tokens, apply_logit_bias, apply_penalties
 from lmserve.sample.triton_argmax import triton_argmax
+from lmserve.sample.triton_race import seeded_race
 from lmserve.sample.truncation import apply_min_p, apply_top_k_top_p
+from lmserve.triton_utils import triton_installed
 
 __all__ = [
     "LogprobsTensors",
@@ -86,7 +88,10 @@ class Sampler(torch.nn.Module):
             return greedy_argmax(processed)
         greedy = None if metadata.all_random else greedy_argmax(processed)  # [num_reqs]
         probs = random_probs(processed, metadata, in_place=processed is not logits)
-        sampled = exponential_race(probs, metadata.generators)
+        if metadata.race_keys is not None:
+            sampled = seeded_race(probs, metadata.race_keys)
+        else:
+            sampled = exponential_race(probs, metadata.generators)
         if greedy is None:
             return sampled
         return torch.where(metadata.temperature > 0, sampled, greedy)
@@ -96,14 +101,9 @@ def greedy_argmax(logits: torch.Tensor) -> torch.Tensor:  # [num_reqs, vocab] ->
     """`logits.argmax(-1)` (the first maximum). For a few rows on CUDA, one Triton launch
     (`triton_argmax`): PyTorch runs a one-row argmax over a large vocabulary on a single block
     (~27 us on an H100 at 128k entries)."""
-    if logits.is_cuda and logits.shape[0] <= 8 and _triton_installed():
+    if logits.is_cuda and logits.shape[0] <= 8 and triton_installed():
         return triton_argmax(logits)
     return logits.argmax(dim=-1)
-
-
-@functools.cache
-def _triton_installed() -> bool:
-    return importlib.util.find_spec("triton") is not None
 
 
 def random_probs(

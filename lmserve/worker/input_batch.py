@@ -37,7 +37,12 @@ class FlatInputs:
 
 class InputBatch:
     def __init__(
-        self, max_num_reqs: int, max_model_len: int, block_size: int, device: torch.device
+        self,
+        max_num_reqs: int,
+        max_model_len: int,
+        block_size: int,
+        device: torch.device,
+        seed: int = 0,
     ) -> None:
         self.device = device  # where seeded generators draw their noise
         self.max_num_reqs = max_num_reqs
@@ -65,6 +70,10 @@ class InputBatch:
         self.eos_token_id = np.full(max_num_reqs, -1, dtype=np.int64)  # -1 = none
         self.has_logit_bias = np.zeros(max_num_reqs, dtype=bool)
         self.generators: dict[int, torch.Generator] = {}  # row -> seeded generator
+        self.seeded = np.zeros(max_num_reqs, dtype=bool)  # the rows in `generators`
+        self.seed = np.zeros(max_num_reqs, dtype=np.int64)  # their seeds (low 64 bits)
+        # Keys of unseeded rows in a keyed race (sampling_inputs.py), from the engine's seed.
+        self.race_rng = np.random.default_rng(seed)
         self.sampling_params: list[SamplingParams | None] = [None] * max_num_reqs
         self.req_ids: list[str | None] = [None] * max_num_reqs
         self.req_id_to_index: dict[str, int] = {}
@@ -94,8 +103,10 @@ class InputBatch:
         self.num_logprobs[row] = -1 if params.logprobs is None else params.logprobs
         self.eos_token_id[row] = -1 if new.eos_token_id is None else new.eos_token_id
         self.has_logit_bias[row] = bool(params.logit_bias)
-        if params.seed is not None and not params.greedy:
+        self.seeded[row] = params.seed is not None and not params.greedy
+        if self.seeded[row]:
             self.generators[row] = torch.Generator(self.device).manual_seed(params.seed)
+            self.seed[row] = _as_int64(params.seed)
         self.sampling_params[row] = params
         self.req_ids[row] = new.req_id
         self.req_id_to_index[new.req_id] = row
@@ -153,7 +164,8 @@ class InputBatch:
             self.num_tokens, self.num_prompt_tokens, self.num_computed_tokens, self.num_blocks,
             self.temperature, self.top_k, self.top_p, self.min_p, self.presence_penalty,
             self.frequency_penalty, self.repetition_penalty, self.min_tokens, self.max_tokens,
-            self.num_logprobs, self.eos_token_id, self.has_logit_bias,
+            self.num_logprobs, self.eos_token_id, self.has_logit_bias, self.seeded,
+            self.seed,
         )  # fmt: skip
 
     def _first_free_row(self) -> int:
@@ -219,3 +231,9 @@ class InputBatch:
             logits_indices=cu - 1,
             completes_known_tokens=seq_lens >= self.num_tokens[rows],
         )
+
+
+def _as_int64(seed: int) -> int:
+    """A seed in [-2**63, 2**64) as the int64 with the same low 64 bits."""
+    seed %= 2**64
+    return seed - 2**64 if seed >= 2**63 else seed

@@ -7,6 +7,7 @@ import logging
 import numpy as np
 import torch
 
+from lmserve import envs
 from lmserve.attention import ForwardContext, get_attention_backend
 from lmserve.config import EngineConfig
 from lmserve.core.messages import LogprobsLists
@@ -17,6 +18,7 @@ from lmserve.sample.grammar import build_grammar_mask
 from lmserve.sample.logprobs import LogprobsTensors, compute_logprobs_tensors
 from lmserve.sample.metadata import SamplingMetadata
 from lmserve.sample.sampler import Sampler
+from lmserve.triton_utils import triton_installed
 from lmserve.worker.cuda_graphs import CudaGraphRunner, decode_graph_sizes, piecewise_graph_sizes
 from lmserve.worker.device_inputs import DeviceInputs, host_to_device
 from lmserve.worker.encoder_runner import EncoderRunner, ImageRows
@@ -46,7 +48,10 @@ class ModelRunner:
             max_model_len=model_config.max_model_len,
             block_size=self.block_size,
             device=device,
+            seed=model_config.seed,
         )
+        # Seeded rows race in one launch, keyed by (seed, position): sample/triton_race.py.
+        self.keyed_race = device.type == "cuda" and triton_installed() and envs.LMSERVE_KEYED_RACE
         self.attn_backend = get_attention_backend(device.type)
         self.sampler = Sampler()
         self.vocab_size = model_config.vocab_size
@@ -260,8 +265,9 @@ class ModelRunner:
             if self._tokens_pending() and uses_penalties(self.input_batch, sample_rows):
                 self._last_sampled.write_to(self.input_batch)  # penalties read every token
             metadata = build_sampling_metadata(
-                self.input_batch, sample_rows, self.vocab_size, self.device
-            )
+                self.input_batch, sample_rows, self.vocab_size, self.device,
+                keyed_race=self.keyed_race,
+            )  # fmt: skip
         prompt_logprobs = self.compute_prompt_logprobs(flat, hidden)
         step = self._new_step(flat, prompt_logprobs)
         step.encoder_seconds = encoder_seconds

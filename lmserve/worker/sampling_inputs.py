@@ -20,6 +20,7 @@ def build_sampling_metadata(
     vocab_size: int,
     device: torch.device,
     num_tokens: np.ndarray | None = None,  # [num_reqs] tokens each row sees; default all known
+    keyed_race: bool = False,  # CUDA: seeded rows race in one launch (SamplingMetadata.race_keys)
 ) -> SamplingMetadata:
     """`rows` may repeat a batch row: speculative decoding samples a request at each draft
     position, row j seeing its known tokens plus drafts 1..j (`num_tokens` = known + j, the
@@ -53,12 +54,26 @@ def build_sampling_metadata(
             metadata.min_p = to_dev(min_p)
     if num_tokens is None:
         num_tokens = batch.num_tokens[rows]
+    if keyed_race and metadata.generators and random_rows.any():
+        metadata.race_keys = to_dev(race_keys(batch, rows, num_tokens))
     _add_penalties(metadata, batch, rows, num_tokens, vocab_size, to_dev)
     _add_logit_bias_and_bans(metadata, batch, rows, num_tokens, device)
     num_logprobs = batch.num_logprobs[rows]
     if (num_logprobs >= 0).any():
         metadata.max_num_logprobs = int(num_logprobs.max())
     return metadata
+
+
+def race_keys(
+    batch: InputBatch,
+    rows: np.ndarray,  # [num_reqs]
+    positions: np.ndarray,  # [num_reqs] where each row's drawn token goes in its request
+) -> np.ndarray:  # [2, num_reqs] int64
+    """(seed, position) per row for `seeded_race`: a seeded row's own seed, so its draw depends
+    on nothing but the request; an unseeded row a fresh random key."""
+    fresh = batch.race_rng.integers(-(2**63), 2**63 - 1, size=len(rows), dtype=np.int64)
+    seeds = np.where(batch.seeded[rows], batch.seed[rows], fresh)
+    return np.stack([seeds, positions.astype(np.int64)])
 
 
 def uses_penalties(batch: InputBatch, rows: np.ndarray) -> bool:

@@ -68,6 +68,7 @@ def test_condense_fills_holes_with_the_last_rows():
     assert batch.block_table[0, 0] == 3
     assert np.isclose(batch.temperature[0], 1.5)
     assert set(batch.generators) == {0, 1}  # seeded generators moved with their rows
+    assert batch.seeded[:2].tolist() == [True, True] and batch.seed[:2].tolist() == [3, 1]
 
 
 def test_a_new_request_takes_the_first_free_row():

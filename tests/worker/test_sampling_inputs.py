@@ -82,3 +82,24 @@ def test_seeded_generators_follow_their_rows():
     )
     md = build_sampling_metadata(batch, np.array([1, 0]), VOCAB, CPU)
     assert list(md.generators) == [0]  # row 1 sits first in logits order
+    assert md.race_keys is None  # not asked for
+
+
+def test_keyed_race_keys_are_each_seeded_rows_seed_and_the_drawn_tokens_position():
+    batch = make_batch(
+        ([1, 2, 3], [], SamplingParams(temperature=1.0)),
+        ([1], [7, 8], SamplingParams(temperature=1.0, seed=2**64 - 1)),  # = -1 as int64
+        ([5], [], SamplingParams(temperature=0.8, seed=11)),
+    )
+    rows = np.array([2, 1, 0])
+    md = build_sampling_metadata(batch, rows, VOCAB, CPU, keyed_race=True)
+    seeds, positions = md.race_keys.tolist()
+    assert seeds[:2] == [11, -1] and positions == [1, 3, 3]  # where each drawn token goes
+    again = build_sampling_metadata(batch, rows, VOCAB, CPU, keyed_race=True)
+    assert again.race_keys[0, :2].tolist() == seeds[:2]
+    assert again.race_keys[0, 2] != seeds[2]  # the unseeded row: a fresh key each step
+    unseeded = make_batch(([1], [], SamplingParams(temperature=1.0)))
+    assert (
+        build_sampling_metadata(unseeded, np.array([0]), VOCAB, CPU, keyed_race=True).race_keys
+        is None
+    )
