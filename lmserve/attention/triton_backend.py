@@ -36,7 +36,9 @@ the segment that draws the last ticket merges all of them in segment order (dete
 resets the counter: one launch, not a split kernel and a merge kernel. NUM_SPLITS depends only
 on the batch shape, never on sequence lengths, so a CUDA graph captures it once per batch size.
 
-NOTE (later, speed): interior KV tiles (wholly below the causal diagonal) could skip the mask.
+Long prompts: KV tiles wholly below the causal diagonal skip the mask, the programs run from the
+last query tile to the first (longest first, so the short ones fill the tail), and batches whose
+longest query reaches LONG_QUERY_LEN take larger tiles (LONG_TILE: 128 rows x 128 keys, 8 warps).
 """
 
 from __future__ import annotations
@@ -135,7 +137,8 @@ def _kernels():
         v = tl.load(value_ptr + token * stride_v_tok + heads * stride_v_head + full, mask=mask)
         tl.store(value_cache_ptr + cache_ptrs + full, v, mask=mask)
 
-    @triton.jit
+    # The query-length bounds take many values: no specialisation (and recompile) on them.
+    @triton.jit(do_not_specialize=["min_q_len", "max_q_len"])
     def paged_attention_kernel(
         out_ptr,  # [num_tokens, num_heads, head_dim]
         query_ptr,  # [num_tokens, num_heads, head_dim]
@@ -146,6 +149,8 @@ def _kernels():
         seq_lens_ptr,  # [num_reqs] int32
         qk_scale,  # softmax scale * log2(e)
         num_reqs,
+        min_q_len,  # requests with fewer query tokens are another launch's
+        max_q_len,  # ... and with more, too
         stride_q_tok,
         stride_q_head,
         stride_o_tok,
@@ -167,7 +172,9 @@ def _kernels():
         if USE_PDL:  # the previous kernel's writes are visible past this line
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
-        tile = tl.program_id(0)
+        # Highest tile first: a request's last tiles see the most keys, so the longest programs
+        # start in the first wave and the short ones fill the tail.
+        tile = tl.num_programs(0) - 1 - tl.program_id(0)
         kv_head = tl.program_id(1)
 
         # Which request: the last i with query_start_loc[i] // BLOCK_Q + i <= tile.
@@ -184,6 +191,8 @@ def _kernels():
         q_len = tl.load(query_start_loc_ptr + req + 1) - q_start
         first_q = (tile - (q_start // BLOCK_Q + req)) * BLOCK_Q  # within the request
         if first_q >= q_len:  # a surplus tile of the grid's upper bound
+            return
+        if q_len < min_q_len or q_len > max_q_len:  # left to the launch with the other tile
             return
         seq_len = tl.load(seq_lens_ptr + req)
         context_len = seq_len - q_len  # keys before this step's first query
@@ -208,16 +217,37 @@ def _kernels():
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-        # Keys this tile can see: up to the position of its last query.
+        # Keys this tile can see: up to the position of its last query. Tiles wholly below the
+        # causal diagonal (every key at or before the tile's FIRST query) need no mask: the
+        # first loop walks them; the second walks the few diagonal tiles with the mask.
         kv_end = context_len + tl.minimum(first_q + BLOCK_Q, q_len)
+        # (a padding request has seq_len 0 < q_len: both bounds are <= 0 and no key is read)
+        kv_interior = tl.maximum(context_len + first_q + 1, 0) // BLOCK_N * BLOCK_N
         block_table_row = block_tables_ptr + req.to(tl.int64) * stride_block_table
         cols = tl.arange(0, BLOCK_N)
-        for kv_start in range(0, kv_end, BLOCK_N):
+        kv_head_off = kv_head * stride_cache_head
+        for kv_start in range(0, kv_interior, BLOCK_N):
+            k_pos = kv_start + cols  # [BLOCK_N] absolute key positions, all visible
+            block_ids = tl.load(block_table_row + k_pos // block_size)
+            kv_off = block_ids.to(tl.int64) * stride_cache_block
+            kv_off += (k_pos % block_size) * stride_cache_slot + kv_head_off
+            kv_mask = dim_valid[None, :]
+            k = tl.load(key_cache_ptr + kv_off[:, None] + dims[None, :], mask=kv_mask, other=0.0)
+            v = tl.load(value_cache_ptr + kv_off[:, None] + dims[None, :], mask=kv_mask, other=0.0)
+            scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+            m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(scores - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None]
+            acc += tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+            m_i = m_new
+        for kv_start in range(kv_interior, kv_end, BLOCK_N):
             k_pos = kv_start + cols  # [BLOCK_N] absolute key positions
             k_valid = k_pos < kv_end
             block_ids = tl.load(block_table_row + k_pos // block_size, mask=k_valid, other=0)
             kv_off = block_ids.to(tl.int64) * stride_cache_block
-            kv_off += (k_pos % block_size) * stride_cache_slot + kv_head * stride_cache_head
+            kv_off += (k_pos % block_size) * stride_cache_slot + kv_head_off
             kv_mask = k_valid[:, None] & dim_valid[None, :]
             k = tl.load(
                 key_cache_ptr + kv_off[:, None] + dims[None, :], mask=kv_mask, other=0.0
@@ -425,11 +455,30 @@ def triton_write_kv_cache(
     )
 
 
-def _block_shape(group_size: int, max_query_len: int) -> tuple[int, int]:
-    """(BLOCK_M, BLOCK_Q): rows per program and query tokens per program. Decode-only batches
-    take the smallest tile a tensor-core dot accepts (16 rows); batches with prompts take 64."""
-    rows = 16 if max_query_len * group_size <= 16 else 64
-    block_m = max(rows, _next_power_of_2(group_size))
+# (rows per program, keys per inner tile, warps, pipeline stages)
+TileConfig = tuple[int, int, int, int]
+SHORT_TILE: TileConfig = (64, 64, 4, 2)
+LONG_TILE: TileConfig = (128, 128, 8, 2)
+LONG_QUERY_LEN = 1024  # a batch whose longest query has this many tokens takes LONG_TILE
+
+
+def _tile_config(
+    group_size: int, max_query_len: int, block_d: int, dtype: torch.dtype
+) -> TileConfig:
+    """Decode-only batches take the smallest tile a tensor-core dot accepts (16 rows); batches
+    with prompts take SHORT_TILE, and 16-bit ones LONG_TILE once a query is long enough to fill
+    its rows (float32 tiles that size would not fit in shared memory)."""
+    block_n = 64 if block_d <= 128 else 32
+    if max_query_len * group_size <= 16:
+        return 16, block_n, 4, 2
+    if max_query_len >= LONG_QUERY_LEN and block_d <= 128 and dtype != torch.float32:
+        return LONG_TILE
+    return SHORT_TILE[0], block_n, SHORT_TILE[2], SHORT_TILE[3]
+
+
+def _block_shape(group_size: int, block_rows: int) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_Q): rows per program (at least one whole GQA group) and query tokens."""
+    block_m = max(block_rows, _next_power_of_2(group_size))
     return block_m, block_m // group_size
 
 
@@ -441,6 +490,7 @@ def triton_paged_attention(
     scale: float,
     out: torch.Tensor | None = None,  # [num_tokens, num_heads, head_dim]; allocated if None
     num_kv_splits: int | None = None,  # decode-only batches: None = chosen from the batch shape
+    tile: TileConfig | None = None,  # None = chosen from the batch shape (benchmarks sweep it)
 ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
     """Causal attention of each query over its request's cached keys/values (already written)."""
     num_tokens, num_heads, head_dim = query.shape
@@ -455,14 +505,54 @@ def triton_paged_attention(
     assert query.stride(2) == 1 and key_cache.stride(3) == 1
     assert key_cache.stride() == value_cache.stride()
     assert metadata.block_tables.stride(1) == 1
-    block_m, block_q = _block_shape(group_size, metadata.max_query_len)
     block_d = max(16, _next_power_of_2(head_dim))
-    block_n = 64 if block_d <= 128 else 32
     if num_kv_splits is None:
         num_kv_splits = _num_kv_splits(metadata, num_kv_heads, query.device)
     if metadata.max_query_len == 1 and num_kv_splits > 1:
         _split_kv_decode(query, key_cache, value_cache, metadata, scale, output, num_kv_splits)
         return output
+    for launch_tile, min_q, max_q in _launches(metadata, group_size, block_d, query.dtype, tile):
+        _paged_attention_launch(
+            query, key_cache, value_cache, metadata, scale, output, launch_tile, min_q, max_q
+        )
+    return output
+
+
+def _launches(
+    metadata: AttentionMetadata,
+    group_size: int,
+    block_d: int,
+    dtype: torch.dtype,
+    tile: TileConfig | None,
+) -> list[tuple[TileConfig, int, int]]:
+    """(tile, min query tokens, max query tokens) per kernel launch. A batch that takes the
+    long tile for its long prompts sends its decode rows (and other queries that fit 16 rows)
+    to a second launch with the 16-row tile: one decode row in a 128-row tile would waste most
+    of its dots. The count of such requests is found once per forward (metadata.backend_state)."""
+    chosen = tile or _tile_config(group_size, metadata.max_query_len, block_d, dtype)
+    if tile is not None or chosen != LONG_TILE:
+        return [(chosen, 0, _NO_LIMIT)]
+    short_q = max(1, 16 // group_size)
+    if metadata.backend_state is None:
+        starts = metadata.query_start_loc_cpu
+        metadata.backend_state = sum(b - a <= short_q for a, b in zip(starts, starts[1:]))
+    if not metadata.backend_state:
+        return [(chosen, 0, _NO_LIMIT)]
+    short = _tile_config(group_size, 1, block_d, dtype)
+    return [(chosen, short_q + 1, _NO_LIMIT), (short, 0, short_q)]
+
+
+_NO_LIMIT = 2**31 - 1
+
+
+def _paged_attention_launch(
+    query, key_cache, value_cache, metadata, scale, output, tile: TileConfig, min_q, max_q
+) -> None:
+    num_tokens, num_heads, head_dim = query.shape
+    num_kv_heads = key_cache.shape[2]
+    group_size = num_heads // num_kv_heads
+    rows, block_n, num_warps, num_stages = tile
+    block_m, block_q = _block_shape(group_size, rows)
     grid = (num_tokens // block_q + metadata.num_reqs, num_kv_heads)
     attention_kernel = _kernels()[1]
     attention_kernel[grid](
@@ -475,6 +565,8 @@ def triton_paged_attention(
         metadata.seq_lens,
         scale * 1.4426950408889634,  # log2(e): the kernel uses exp2
         metadata.num_reqs,
+        min_q,
+        max_q,
         query.stride(0),
         query.stride(1),
         output.stride(0),
@@ -489,13 +581,12 @@ def triton_paged_attention(
         BLOCK_Q=block_q,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
-        BLOCK_D=block_d,
+        BLOCK_D=max(16, _next_power_of_2(head_dim)),
         DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
-        num_warps=4,
-        num_stages=2,
+        num_warps=num_warps,
+        num_stages=num_stages,
         **pdl_launch_options(query),
     )
-    return output
 
 
 MAX_KV_SPLITS = 16

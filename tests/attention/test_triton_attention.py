@@ -27,6 +27,9 @@ else:
 from lmserve.attention.backend import AttentionMetadata  # noqa: E402
 from lmserve.attention.torch_backend import TorchAttentionBackend  # noqa: E402
 from lmserve.attention.triton_backend import (  # noqa: E402
+    LONG_QUERY_LEN,
+    LONG_TILE,
+    SHORT_TILE,
     TritonAttentionBackend,
     _split_tickets,
     triton_paged_attention,
@@ -137,7 +140,7 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def check_against_reference(
-    specs, num_heads, num_kv_heads, head_dim, dtype, num_kv_splits=None, **kw
+    specs, num_heads, num_kv_heads, head_dim, dtype, num_kv_splits=None, tile=None, **kw
 ) -> float:
     """Run the backend (NaN-poisoned output) and the reference; assert the cache write is exact,
     every output element is written, the error is within bounds, and a rerun is bit-identical.
@@ -157,14 +160,15 @@ def check_against_reference(
 
     out = torch.full_like(query, float("nan"))
     triton_paged_attention(
-        query, kv_cache[0], kv_cache[1], metadata, scale, out=out, num_kv_splits=num_kv_splits
-    )
+        query, kv_cache[0], kv_cache[1], metadata, scale, out=out, num_kv_splits=num_kv_splits,
+        tile=tile,
+    )  # fmt: skip
     assert not out.isnan().any(), f"{out.isnan().sum().item()} output elements never written"
     error = relative_error(out, ref_out)
     assert error < MAX_REL_ERROR[dtype], f"relative error {error:.2e}"
 
     again = triton_paged_attention(
-        query, kv_cache[0], kv_cache[1], metadata, scale, num_kv_splits=num_kv_splits
+        query, kv_cache[0], kv_cache[1], metadata, scale, num_kv_splits=num_kv_splits, tile=tile
     )
     assert torch.equal(out, again), "two runs on the same inputs differ: a race?"
     return error
@@ -219,6 +223,62 @@ def test_other_block_sizes_match_reference(block_size):
 
 def test_single_long_prompt_matches_reference():
     check_against_reference([(0, 1000)], 8, 2, 128, torch.bfloat16, seed=5)
+
+
+# Long prompts take LONG_TILE: whole prompts, a long chunk after a cached prefix, and decodes and
+# short chunks in the same batch (their programs run with the long tile too).
+LONG = [(0, 1100), (300, LONG_QUERY_LEN + 6), (7, 1), (2000, 5), (0, LONG_QUERY_LEN), (64, 130)]
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("heads", [(32, 8), (14, 2), (8, 8)], ids=lambda h: f"{h[0]}q{h[1]}kv")
+def test_long_prompt_batches_match_reference(heads, head_dim):
+    check_against_reference(LONG, *heads, head_dim, torch.bfloat16, seed=8)
+
+
+def test_long_float32_prompts_keep_the_short_tile_and_match_reference():
+    """float32 tiles the long size would overflow shared memory; the choice falls back."""
+    check_against_reference([(0, LONG_QUERY_LEN + 3), (20, 1)], 8, 2, 128, torch.float32, seed=9)
+
+
+@pytest.mark.parametrize(
+    "tile", [SHORT_TILE, LONG_TILE, (128, 128, 8, 2), (64, 32, 4, 3), (32, 64, 4, 2)], ids=str
+)
+def test_every_tile_shape_computes_the_same_attention(tile):
+    """The tile shape is a speed choice only: every shape a benchmark may pick is exact on a
+    batch whose diagonal tiles, interior tiles and partial tiles all occur."""
+    specs = MIXED + [(40, 300), (0, 129), (1000, 64)]
+    check_against_reference(specs, 32, 8, 128, torch.bfloat16, tile=tile, seed=10)
+
+
+@pytest.mark.parametrize("pad_len", [1, 100, LONG_QUERY_LEN + 40])
+def test_padding_requests_read_no_keys_and_leave_real_rows_exact(pad_len):
+    """CUDA-graph padding as the model runner builds it: a request with seq_len 0 but query
+    tokens (its block table row all zeros). Its programs must read no key (a negative position
+    would be an illegal address) and the real request's rows keep their value."""
+    import dataclasses
+
+    query, key, value, kv_cache, metadata = make_batch([(30, 40)], 32, 8, 128, torch.bfloat16)
+    scale = 1.0 / math.sqrt(128)
+    ref_out = reference(query, key, value, kv_cache, metadata, scale)[0]
+    triton_write_kv_cache(key, value, kv_cache[0], kv_cache[1], metadata.slot_mapping)
+    padded_query = torch.cat([query, torch.randn_like(query[:1]).expand(pad_len, -1, -1)])
+    tables = metadata.block_tables
+    padded = dataclasses.replace(
+        metadata,
+        num_reqs=2,
+        num_tokens=40 + pad_len,
+        max_query_len=max(40, pad_len),
+        query_start_loc=torch.tensor([0, 40, 40 + pad_len], dtype=torch.int32, device=DEVICE),
+        seq_lens=torch.tensor([70, 0], dtype=torch.int32, device=DEVICE),
+        block_tables=torch.cat([tables, torch.zeros_like(tables)]),
+        query_start_loc_cpu=[0, 40, 40 + pad_len],
+        seq_lens_cpu=[70, 0],
+    )
+    out = triton_paged_attention(padded_query, kv_cache[0], kv_cache[1], padded, scale)
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+    assert relative_error(out[:40], ref_out) < MAX_REL_ERROR[torch.bfloat16]
 
 
 def test_fresh_random_batches_match_reference():
