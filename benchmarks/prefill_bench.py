@@ -213,11 +213,9 @@ def main() -> None:
         print(f"  64 x shared 1,900 prefix  {result['shared_prefix']['s']:8.3f} s")
     if "prefill_heavy" in result:
         print(f"  500 x (2000 in, 64 out)   {result['prefill_heavy']['tok_s']:8.0f} tok/s")
-    if "profile" in result:
-        print(
-            "  GPU ms by kind:",
-            {k: round(v, 1) for k, v in result["profile"]["gpu_ms_by_kind"].items()},
-        )
+    for workload, profiled in result.get("profile", {}).items():
+        kinds = {k: round(v, 1) for k, v in profiled["gpu_ms_by_kind"].items()}
+        print(f"  GPU ms by kind, {workload}: {kinds}")
     os._exit(0)  # vLLM's engine process and our threads: no slow interpreter teardown
 
 
