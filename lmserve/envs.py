@@ -57,8 +57,8 @@ ENVIRONMENT_VARIABLES: dict[str, tuple[Callable[[], Any], str]] = {
     ),
     "LMSERVE_KEYED_RACE": (
         _bool("LMSERVE_KEYED_RACE", True),
-        "CUDA with triton: seeded requests draw their sampling noise from (seed, position) in one "
-        "launch for the batch (default); 0: from a torch.Generator each, one launch per row",
+        "CUDA with triton: random sampling draws each row's noise from (seed, position) in one "
+        "launch for the batch (default); 0: torch's generators (one launch per seeded row)",
     ),
     "LMSERVE_CPU_THREADS": (
         lambda: os.environ.get("LMSERVE_CPU_THREADS", "auto").strip().lower() or "auto",

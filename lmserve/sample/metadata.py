@@ -20,8 +20,9 @@ class SamplingMetadata:
     all_greedy: bool
     all_random: bool
     generators: dict[int, torch.Generator]  # row -> the request's own seeded generator
-    # CUDA, some row seeded: (seed, position of the token drawn) per row, and the race runs as
-    # one Triton launch keyed by them (triton_race.py) instead of one launch per generator.
+    # CUDA, some row random: (seed, position of the token drawn) per row, and the race runs as
+    # one Triton launch keyed by them (triton_race.py) instead of one launch per generator
+    # and three passes over the batch's probabilities.
     race_keys: torch.Tensor | None = None  # [2, num_reqs] int64
 
     # Truncation (random rows only; greedy rows ignore them). None = nobody uses it.

@@ -18,9 +18,9 @@ truncation never change them (see lmserve/sample/logprobs.py).
 
 Random sampling uses the exponential-race trick: argmax(p / E) with E ~ Exp(1) draws from p,
 needs no cumulative sum and no device sync, and lets each seeded request draw its noise from its
-own generator, so the same seed gives the same output whatever else is in the batch. On CUDA a
-batch with seeded rows races in one Triton launch whose noise is keyed by (seed, position)
-(triton_race.py) rather than one generator launch per seeded row.
+own generator, so the same seed gives the same output whatever else is in the batch. On CUDA the
+race is one Triton launch whose noise is keyed by (seed, position) per row (triton_race.py):
+no generator launch per seeded row, one pass over the probabilities.
 
 Device syncs: none, except top-k used without top-p in the batch, which reads the batch's largest
 k on the host to size `torch.topk` (see truncation.py).

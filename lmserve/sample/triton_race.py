@@ -2,7 +2,8 @@
 
 `exponential_race` draws a seeded row's noise from the request's torch.Generator: one kernel
 launch per seeded row (256 seeded rows cost ~2 ms of host time a step on an H100 host, more
-than the GPU's own sampling). Here the noise is a counter-based hash instead (Philox-4x32, the
+than the GPU's own sampling), and makes three passes over the probabilities (noise, divide,
+argmax). Here the race reads them once, and the noise is a counter-based hash instead (Philox-4x32, the
 generator torch's CUDA kernels use): E[row, token] = -log(U), U = philox(key = the row's seed,
 counter = (token, position)), where `position` is where the sampled token goes in its request.
 A row's draw therefore depends only on (seed, position, its probabilities): not on the batch,

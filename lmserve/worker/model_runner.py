@@ -50,7 +50,7 @@ class ModelRunner:
             device=device,
             seed=model_config.seed,
         )
-        # Seeded rows race in one launch, keyed by (seed, position): sample/triton_race.py.
+        # Random rows race in one launch, keyed by (seed, position): sample/triton_race.py.
         self.keyed_race = device.type == "cuda" and triton_installed() and envs.LMSERVE_KEYED_RACE
         self.attn_backend = get_attention_backend(device.type)
         self.sampler = Sampler()

@@ -20,7 +20,7 @@ def build_sampling_metadata(
     vocab_size: int,
     device: torch.device,
     num_tokens: np.ndarray | None = None,  # [num_reqs] tokens each row sees; default all known
-    keyed_race: bool = False,  # CUDA: seeded rows race in one launch (SamplingMetadata.race_keys)
+    keyed_race: bool = False,  # CUDA: random rows race in one launch (SamplingMetadata.race_keys)
 ) -> SamplingMetadata:
     """`rows` may repeat a batch row: speculative decoding samples a request at each draft
     position, row j seeing its known tokens plus drafts 1..j (`num_tokens` = known + j, the
@@ -54,7 +54,7 @@ def build_sampling_metadata(
             metadata.min_p = to_dev(min_p)
     if num_tokens is None:
         num_tokens = batch.num_tokens[rows]
-    if keyed_race and metadata.generators and random_rows.any():
+    if keyed_race and random_rows.any():
         metadata.race_keys = to_dev(race_keys(batch, rows, num_tokens))
     _add_penalties(metadata, batch, rows, num_tokens, vocab_size, to_dev)
     _add_logit_bias_and_bans(metadata, batch, rows, num_tokens, device)

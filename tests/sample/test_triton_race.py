@@ -109,7 +109,7 @@ def test_sampler_takes_the_keyed_race_when_the_metadata_carries_keys():
 
 
 @pytest.mark.skipif(not CUDA, reason="the engine takes the keyed race on CUDA only")
-def test_engine_on_cuda_samples_a_seeded_request_alike_alone_and_in_a_crowd(
+def test_engine_on_cuda_samples_a_seeded_request_alike_alone_and_in_a_crowd_and_twins_apart(
     tiny_model_dir, monkeypatch
 ):
     from lmserve import LLM, SamplingParams
@@ -130,4 +130,6 @@ def test_engine_on_cuda_samples_a_seeded_request_alike_alone_and_in_a_crowd(
     assert crowd[1].outputs[0].token_ids == alone
     other_seed = SamplingParams(temperature=1.0, seed=99, max_tokens=12, ignore_eos=True)
     assert llm.generate(prompt, other_seed, use_tqdm=False)[0].outputs[0].token_ids != alone
+    twins = llm.generate([prompt, prompt], [others, others], use_tqdm=False)  # fresh keys each
+    assert twins[0].outputs[0].token_ids != twins[1].outputs[0].token_ids
     llm.shutdown()
