@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 import time
@@ -14,6 +15,17 @@ def process_age_s() -> float:
     import psutil
 
     return time.time() - psutil.Process().create_time()
+
+
+def freeze_startup_heap() -> None:
+    """Move every object alive after start-up (modules, the model's Python objects, tokenizer
+    tables) to the collector's permanent generation, so a full collection while serving scans
+    only what serving allocated. In a process holding the default model (318k tracked objects)
+    a full collection took 450-570 ms on this project's busy 2-core CPU machine, and ~0 ms
+    once frozen; one happened during 3 x 64 structured-output requests, stalling every request
+    in flight. vLLM's EngineCore freezes its start-up heap the same way."""
+    gc.collect()
+    gc.freeze()
 
 
 def exit_with_parent() -> None:

@@ -55,7 +55,7 @@ from lmserve.core.structured_output import StructuredOutputManager
 from lmserve.executor.uniproc_executor import UniProcExecutor
 from lmserve.request import Request
 from lmserve.serial_utils import MsgpackDecoder, MsgpackEncoder
-from lmserve.utils import exit_with_parent, process_age_s, set_process_title
+from lmserve.utils import exit_with_parent, freeze_startup_heap, process_age_s, set_process_title
 
 logger = logging.getLogger(__name__)
 
@@ -272,6 +272,7 @@ class EngineCoreProc:
         self.encoder = MsgpackEncoder()
         self.input_queue: queue.Queue[tuple[EngineCoreRequestType, Any]] = queue.Queue()
         self.output_queue: queue.Queue[EngineCoreOutputs | None] = queue.Queue()
+        freeze_startup_heap()  # before serving: full collections skip the start-up heap
         ready = ReadyMessage(ok=True, num_gpu_blocks=self.engine_core.get_num_gpu_blocks())
         handshake.send(msgspec.msgpack.encode(ready))
         handshake.close(linger=5000)
