@@ -64,7 +64,7 @@ from lmserve.entrypoints.openai.serving_chat import OpenAIServingChat
 from lmserve.entrypoints.openai.serving_completion import OpenAIServingCompletion
 from lmserve.entrypoints.openai.serving_engine import ClientDisconnected, json_response
 from lmserve.entrypoints.openai.tool_parsers import get_tool_parser
-from lmserve.utils import process_age_s
+from lmserve.utils import freeze_startup_heap, process_age_s
 
 logger = logging.getLogger(__name__)
 
@@ -386,6 +386,7 @@ async def _serve(
             timeout_graceful_shutdown=args.shutdown_timeout,
         )
         server = APIServer(uvicorn_config, engine, app.state)
+        freeze_startup_heap()  # the tokenizer, templates and app: full collections skip them
         # NOTE uvicorn re-raises SIGTERM/SIGINT after its graceful shutdown so that the
         # default action (death by signal) follows. We drained on purpose and exit 0: the
         # handlers it restores, and re-raises into, are these no-ops.
