@@ -51,6 +51,9 @@ CUDA_GRAPH_MODES = ("full_and_piecewise", "full", "piecewise", "none")
 # path); gguf: the file's 4-bit tensors keep their codes, the rest int8 in groups of 32 (exact
 # for Q8_0); int8: every linear layer and the vocabulary requantized to int8 (any checkpoint).
 QUANTIZATION_METHODS = ("auto", "none", "gguf", "int8")
+# Grammar engines for structured outputs (vLLM's names; lmserve/structured_output/): auto is
+# xgrammar. The package each needs.
+STRUCTURED_OUTPUTS_BACKENDS = {"auto": "xgrammar", "xgrammar": "xgrammar", "guidance": "llguidance"}
 
 
 @dataclass
@@ -74,6 +77,9 @@ class ModelConfig:
     # Hosts image URLs may be fetched from (http/https); None or []: never fetch (data: URLs
     # and images passed in still work).
     allowed_media_domains: list[str] | None = None
+    # The grammar engine of structured outputs: "auto" (= "xgrammar"), "xgrammar" or
+    # "guidance" (llguidance); resolved to the engine's name at construction.
+    structured_outputs_backend: str = "auto"
     model_path: str | None = field(default=None, repr=False)  # resolved local folder
 
     def __post_init__(self) -> None:
@@ -101,6 +107,9 @@ class ModelConfig:
                 f"must be one of {CUDA_GRAPH_MODES}",
             )  # fmt: skip
         _require_int("ModelConfig", "max_cuda_graph_size", self.max_cuda_graph_size)
+        self.structured_outputs_backend = _resolve_structured_outputs_backend(
+            self.structured_outputs_backend
+        )
         if self.hf_config is None:
             self.model_path, self.hf_config = _load_hf_config(self.model, self.revision)
         self.tokenizer = self.tokenizer or self.model_path or self.model
@@ -188,6 +197,25 @@ class ModelConfig:
                 f"exceeds the model's limit (max_position_embeddings={limit})",
             )
         return max_model_len
+
+
+def _resolve_structured_outputs_backend(name: object) -> str:
+    """ "auto" becomes "xgrammar"; a backend whose package is not installed fails now."""
+    import importlib.util
+
+    if name not in STRUCTURED_OUTPUTS_BACKENDS:
+        _fail(
+            "ModelConfig", "structured_outputs_backend", name,
+            f"must be one of {tuple(STRUCTURED_OUTPUTS_BACKENDS)}",
+        )  # fmt: skip
+    resolved = "xgrammar" if name == "auto" else name
+    package = STRUCTURED_OUTPUTS_BACKENDS[resolved]
+    if importlib.util.find_spec(package) is None:
+        _fail(
+            "ModelConfig", "structured_outputs_backend", name,
+            f"needs the {package!r} package, which is not installed (pip install {package})",
+        )  # fmt: skip
+    return resolved
 
 
 def _default_model() -> str:

@@ -27,7 +27,8 @@ class StructuredOutputsParams:
     json          a JSON Schema (a dict, or its JSON text): the output is one JSON value of it
     regex         a regular expression the whole output matches
     choice        one of these strings, exactly
-    grammar       an EBNF grammar (xgrammar's dialect, GBNF-like; the start rule is `root`)
+    grammar       an EBNF grammar (xgrammar's dialect, GBNF-like; the start rule is `root`);
+                  with the guidance backend also Lark (llguidance's; start rule `start`)
     json_object   True: any JSON object (OpenAI's `response_format: {"type": "json_object"}`)
 
     Shape is checked here; whether a schema, regex or grammar compiles is checked by the

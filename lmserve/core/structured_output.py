@@ -217,14 +217,18 @@ def _fill_draft_rows(backend: Any, items: list[tuple[Any, int, list[int]]], bitm
 
 
 def make_backend(model_config: ModelConfig, num_threads: int) -> Any:
-    """The xgrammar backend for the model's tokenizer and logits width."""
+    """The configured backend (`ModelConfig.structured_outputs_backend`: xgrammar or
+    guidance) for the model's tokenizer and logits width."""
     from transformers import AutoTokenizer
-
-    from lmserve.structured_output.xgrammar_backend import XgrammarBackend
 
     if model_config.skip_tokenizer_init:
         raise GrammarCompileError("structured outputs need a tokenizer (skip_tokenizer_init=True)")
     tokenizer = AutoTokenizer.from_pretrained(model_config.tokenizer)
-    return XgrammarBackend(
-        tokenizer, model_config.vocab_size, num_threads, envs.LMSERVE_GRAMMAR_BITMASK_THREADS
-    )
+    fill_threads = envs.LMSERVE_GRAMMAR_BITMASK_THREADS
+    if model_config.structured_outputs_backend == "guidance":
+        from lmserve.structured_output.llguidance_backend import GuidanceBackend
+
+        return GuidanceBackend(tokenizer, model_config.vocab_size, fill_threads)
+    from lmserve.structured_output.xgrammar_backend import XgrammarBackend
+
+    return XgrammarBackend(tokenizer, model_config.vocab_size, num_threads, fill_threads)

@@ -103,6 +103,14 @@ ENGINE_FLAGS: list[tuple[str, str, Any, Any, str]] = [
     ),
     ("--revision", "revision", str, None, "hub revision"),
     (
+        "--structured-outputs-backend",
+        "structured_outputs_backend",
+        str,
+        "auto",
+        "grammar engine of structured outputs: auto (= xgrammar) | xgrammar | guidance "
+        "(llguidance; `grammar` in Lark syntax, or EBNF translated to Lark)",
+    ),
+    (
         "--limit-mm-per-prompt",
         "limit_mm_per_prompt",
         lambda text: _json_object("--limit-mm-per-prompt", text),

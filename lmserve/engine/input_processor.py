@@ -103,7 +103,9 @@ class InputProcessor:
             raise ValueError(
                 "SamplingParams.structured_outputs needs a tokenizer, but skip_tokenizer_init=True"
             )
-        validate_structured_outputs(params.structured_outputs)
+        validate_structured_outputs(
+            params.structured_outputs, self.model_config.structured_outputs_backend
+        )
 
     def _validate_params_token_ids(self, params: SamplingParams) -> None:
         vocab_size = self.model_config.vocab_size

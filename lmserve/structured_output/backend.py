@@ -1,5 +1,5 @@
-"""The interface a structured-output backend implements (xgrammar today; llguidance would be a
-second implementation of the same two classes).
+"""The interface a structured-output backend implements: xgrammar_backend.py (the default) and
+llguidance_backend.py (`--structured-outputs-backend guidance`) are its two implementations.
 
 A bitmask row has `ceil(backend.vocab_size / 32)` int32 words; bit `t % 32` of word `t // 32` is
 1 when token t is allowed, and tokens past the row (logits padded beyond the tokenizer's
@@ -19,6 +19,12 @@ from lmserve.sampling_params import StructuredOutputsParams
 
 def num_bitmask_words(vocab_size: int) -> int:
     return -(-vocab_size // 32)
+
+
+def tokenizer_vocab_size(tokenizer: Any) -> int:
+    """1 + the largest id of the tokenizer's vocabulary, added tokens included."""
+    vocab = tokenizer.get_vocab()
+    return max(len(vocab), max(vocab.values()) + 1)
 
 
 class StructuredOutputGrammar(ABC):

@@ -16,7 +16,11 @@ import numpy as np
 import xgrammar as xgr
 
 from lmserve.sampling_params import StructuredOutputsParams
-from lmserve.structured_output.backend import StructuredOutputBackend, StructuredOutputGrammar
+from lmserve.structured_output.backend import (
+    StructuredOutputBackend,
+    StructuredOutputGrammar,
+    tokenizer_vocab_size,
+)
 
 MAX_WHITESPACE = 16  # characters of free whitespace in a row inside JSON
 # Fewer rows than this are filled on the calling thread: waking xgrammar's fill threads costs
@@ -115,12 +119,6 @@ class XgrammarBackend(StructuredOutputBackend):
                         still.append(i)
             active = still
         return counts
-
-
-def tokenizer_vocab_size(tokenizer: Any) -> int:
-    """1 + the largest id of the tokenizer's vocabulary, added tokens included."""
-    vocab = tokenizer.get_vocab()
-    return max(len(vocab), max(vocab.values()) + 1)
 
 
 def choice_ebnf(choices: list[str]) -> str:

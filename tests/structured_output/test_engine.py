@@ -4,6 +4,8 @@ choices and grammars exactly), greedy and sampled; with speculative decoding (n-
 draft model) outputs stay valid and greedy ones equal those without speculation; async
 scheduling and preemption keep them valid; unconstrained requests in the same batch are
 unchanged; bad constraints are ValueErrors naming the field; a slow grammar times out alone.
+The tests marked by a `backend` parameter run on both backends (xgrammar, the default, and
+guidance); the others on xgrammar (the manager's paths they test do not depend on it).
 
 A random model has no reason to write JSON: everything it emits here comes from the masks,
 so these tests prove the mask path (compile, bitmask per step, sampler, matcher advance),
@@ -31,6 +33,8 @@ PROMPTS = ["The small engine", "A farmer walks to the market", "Numbers like 12"
 REGEXES = [r"[a-z]{3,8}@[a-z]{2,5}\.(com|org)", r"\d{3}-\d{4}", r"(yes|no)( indeed)?"]
 CHOICES = ["red", "green", "a much longer choice"]
 GRAMMAR = 'root ::= "(" num ("+" num)* ")"\nnum ::= [1-9] [0-9]?'
+LARK_GRAMMAR = 'start: "(" NUM ("+" NUM)* ")"\nNUM: /[1-9][0-9]?/'  # the same, in Lark (guidance)
+BACKENDS = ["xgrammar", "guidance"]
 NGRAM = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1, "prompt_lookup_max": 3}  # fmt: skip
 
 
@@ -40,8 +44,21 @@ def make_llm(model_dir: str, **kwargs) -> LLM:
 
 
 @pytest.fixture(scope="module")
-def llm(tiny_model_dir):
-    return make_llm(tiny_model_dir("llama"))
+def llms(tiny_model_dir):
+    """llms(backend) -> the tiny model's LLM with that structured-outputs backend (built once)."""
+    built: dict[str, LLM] = {}
+
+    def get(backend: str) -> LLM:
+        if backend not in built:
+            built[backend] = make_llm(tiny_model_dir("llama"), structured_outputs_backend=backend)
+        return built[backend]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def llm(llms):
+    return llms("xgrammar")
 
 
 @functools.cache
@@ -86,8 +103,11 @@ def test_at_least_twenty_schemas():
         jsonschema.Draft202012Validator.check_schema(schema)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
-def test_json_schema_outputs_validate(llm, temperature):
+def test_json_schema_outputs_validate(llms, backend, temperature):
+    llm = llms(backend)
+    assert llm.llm_engine.config.model_config.structured_outputs_backend == backend
     assert_valid_json(run_schemas(llm, temperature))
 
 
@@ -98,13 +118,19 @@ def test_compact_json_without_whitespace(llm):
         assert not re.search(r"[\r\n\t]", out.outputs[0].text), out.outputs[0].text
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("temperature", [0.0, 0.9])
-def test_regex_choice_grammar_and_json_object(llm, temperature):
+def test_regex_choice_grammar_and_json_object(llms, backend, temperature):
+    """The EBNF grammar on both backends (guidance translates it to Lark); a Lark grammar
+    too on guidance."""
+    llm = llms(backend)
     constraints = [StructuredOutputsParams(regex=r) for r in REGEXES] + [
         StructuredOutputsParams(choice=CHOICES),
         StructuredOutputsParams(grammar=GRAMMAR),
         StructuredOutputsParams(json_object=True),
     ]
+    if backend == "guidance":
+        constraints.append(StructuredOutputsParams(grammar=LARK_GRAMMAR))
     params = [
         SamplingParams(temperature=temperature, seed=i, max_tokens=64, structured_outputs=c)
         for i, c in enumerate(constraints)
@@ -114,14 +140,16 @@ def test_regex_choice_grammar_and_json_object(llm, temperature):
     for regex, text in zip(REGEXES, texts):
         assert re.fullmatch(regex, text), (regex, text)
     assert texts[3] in CHOICES
-    assert re.fullmatch(r"\((\d{1,2})(\+\d{1,2})*\)", texts[4]) and "0" != texts[4][1]
+    for text in [texts[4], *texts[6:]]:
+        assert re.fullmatch(r"\(([1-9]\d?)(\+[1-9]\d?)*\)", text), text
     # any object: a random model may keep adding keys until max_tokens; a finished one parses
     assert texts[5].startswith("{")
     if outs[5].outputs[0].finish_reason == "stop":
         assert isinstance(json.loads(texts[5]), dict)
 
 
-def test_logits_padded_past_the_tokenizer(tmp_path):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_logits_padded_past_the_tokenizer(tmp_path, backend):
     """A model whose logits are wider than its tokenizer's vocabulary (600 vs 512 ids, as a
     padded lm_head): masks cover the tokenizer's ids only, the padding is never emitted, and
     outputs stay valid."""
@@ -129,14 +157,16 @@ def test_logits_padded_past_the_tokenizer(tmp_path):
 
     path = make_tiny_model(tmp_path, "llama", vocab_size=600)
     make_tiny_tokenizer(512).save_pretrained(path)
-    llm = make_llm(path)
+    llm = make_llm(path, structured_outputs_backend=backend)
     outputs = run_schemas(llm, 1.0)
     assert_valid_json(outputs)
     assert max(t for out in outputs for t in out.outputs[0].token_ids) < 512
     llm.shutdown()
 
 
-def test_every_choice_is_reachable_by_sampling(llm):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_every_choice_is_reachable_by_sampling(llms, backend):
+    llm = llms(backend)
     params = [
         SamplingParams(
             temperature=1.5,
@@ -201,7 +231,9 @@ def test_grammar_cache_compiles_each_text_once(llm):
         ({"regex": "a", "choice": ["b"]}, r"exactly one of"),
     ],
 )
-def test_bad_constraints_are_value_errors_naming_the_field(llm, constraint, match):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_constraints_are_value_errors_naming_the_field(llms, backend, constraint, match):
+    llm = llms(backend)
     with pytest.raises(ValueError, match=match):
         params = SamplingParams(
             max_tokens=8, structured_outputs=StructuredOutputsParams(**constraint)
@@ -240,8 +272,12 @@ def test_compile_timeout_fails_only_that_request(tiny_model_dir, monkeypatch):
 
 
 # ---- async scheduling, preemption, speculative decoding ------------------------------------
-def test_async_scheduling_keeps_outputs_valid_and_greedy_identical(tiny_model_dir, llm):
-    async_llm = make_llm(tiny_model_dir("llama"), async_scheduling=True)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_async_scheduling_keeps_outputs_valid_and_greedy_identical(tiny_model_dir, llms, backend):
+    llm = llms(backend)
+    async_llm = make_llm(
+        tiny_model_dir("llama"), async_scheduling=True, structured_outputs_backend=backend
+    )
     assert async_llm.llm_engine.config.scheduler_config.async_scheduling
     plain = SamplingParams(temperature=0.0, max_tokens=24)
     params = [json_params(s, 0.0) for s in SCHEMAS.values()] + [plain] * 3
@@ -303,13 +339,18 @@ def test_preemption_keeps_outputs_valid_and_greedy_identical(tiny_model_dir, llm
     assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
 
 
-@pytest.mark.parametrize("method", ["ngram", "draft_model"])
-def test_speculative_decoding_keeps_outputs_valid_and_greedy_identical(tiny_model_dir, llm, method):
+@pytest.mark.parametrize(
+    "method, backend", [("ngram", "xgrammar"), ("draft_model", "xgrammar"), ("ngram", "guidance")]
+)
+def test_speculative_decoding_keeps_outputs_valid_and_greedy_identical(
+    tiny_model_dir, llms, method, backend
+):
+    llm = llms(backend)
     model_dir = tiny_model_dir("llama")
     spec = NGRAM if method == "ngram" else {
         "method": "draft_model", "model": tiny_model_dir("llama", seed=1), "num_speculative_tokens": 3,
     }  # fmt: skip
-    spec_llm = make_llm(model_dir, speculative_config=spec)
+    spec_llm = make_llm(model_dir, speculative_config=spec, structured_outputs_backend=backend)
     got = run_schemas(spec_llm, 0.0)
     want = run_schemas(llm, 0.0)
     assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]

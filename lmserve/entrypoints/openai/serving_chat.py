@@ -94,9 +94,10 @@ class OpenAIServingChat(OpenAIServing):
         fields = tool_fields(
             request.tools, request.tool_choice, request.functions, request.function_call
         )
-        plan = plan_tools(fields, parser=self.tool_parser)
+        backend = self.structured_outputs_backend
+        plan = plan_tools(fields, parser=self.tool_parser, backend=backend)
         constraint = structured_outputs_for(
-            request.response_format, request.structured_outputs, plan
+            request.response_format, request.structured_outputs, plan, backend
         )
         tools = plan.tools if plan is not None else None
         if has_image_parts(request.messages):

@@ -54,7 +54,10 @@ class OpenAIServingCompletion(OpenAIServing):
         stream = bool(request.stream)
         prompts = self._prompts(request)
         echo_logprobs = request.logprobs if request.echo else None
-        constraint = structured_outputs_for(request.response_format, request.structured_outputs)
+        constraint = structured_outputs_for(
+            request.response_format, request.structured_outputs,
+            backend=self.structured_outputs_backend,
+        )  # fmt: skip
         inputs: list[tuple[EnginePrompt, SamplingParams]] = []
         for prompt in prompts:
             max_tokens = self.check_context(

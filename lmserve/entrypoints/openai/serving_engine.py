@@ -59,6 +59,10 @@ class OpenAIServing:
         self.engine = engine
         self.tokenizer = engine.tokenizer
         self.max_model_len: int = engine.model_config.max_model_len
+        # whose parser checks structured-output constraints (ModelConfig's, resolved)
+        self.structured_outputs_backend: str = getattr(
+            engine.model_config, "structured_outputs_backend", "xgrammar"
+        )
         self.served_model_names = served_model_names
         self.producers: set[asyncio.Task] = set()  # strong references while they run
 

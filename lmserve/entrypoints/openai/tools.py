@@ -93,8 +93,10 @@ def structured_outputs_for(
     response_format: dict[str, Any] | None,
     extra: dict[str, Any] | None,
     plan: ToolPlan | None = None,
+    backend: str = "xgrammar",
 ) -> StructuredOutputsParams | None:
-    """The request's constraint (at most one source may set one), checked."""
+    """The request's constraint (at most one source may set one), checked for `backend`
+    (the engine's structured-outputs backend)."""
     sources = []
     if plan is not None and plan.mode in ("required", "named"):
         sources.append(("tool_choice", _tool_choice_constraint(plan)))
@@ -110,13 +112,13 @@ def structured_outputs_for(
     if not sources:
         return None
     field, params = sources[0]
-    check(params, field)
+    check(params, field, backend)
     return params
 
 
-def check(params: StructuredOutputsParams, field: str) -> None:
+def check(params: StructuredOutputsParams, field: str, backend: str = "xgrammar") -> None:
     try:
-        validate_structured_outputs(params)
+        validate_structured_outputs(params, backend)
     except ValueError as e:
         raise invalid_request(f"{field}: {e}", field) from None
 
@@ -159,6 +161,7 @@ def plan_tools(
     tools: list[dict[str, Any]] | ToolFields | None,
     tool_choice: Any = None,
     parser: ToolParser | None = None,
+    backend: str = "xgrammar",
 ) -> ToolPlan | None:
     """Validate `tools` and `tool_choice` (or a request's ToolFields); None when the request
     has no tools. Errors name the fields the request used."""
@@ -169,7 +172,7 @@ def plan_tools(
         if tool_choice not in (None, "none"):
             raise invalid_request(f"{choice_field} needs {tools_field}", choice_field)
         return None
-    names = [_check_tool(i, tool, tools_field) for i, tool in enumerate(tools)]
+    names = [_check_tool(i, tool, tools_field, backend) for i, tool in enumerate(tools)]
     choice = "auto" if tool_choice is None else tool_choice
     if choice == "none":
         return ToolPlan(None, "none", legacy=legacy)
@@ -198,7 +201,7 @@ def plan_tools(
     )
 
 
-def _check_tool(i: int, tool: Any, field: str = "tools") -> str:
+def _check_tool(i: int, tool: Any, field: str = "tools", backend: str = "xgrammar") -> str:
     """`field`: "functions" when the request used the deprecated form (errors then name
     `functions[i]`, whose entries are the function objects themselves)."""
     where = f"{field}[{i}]" if field == "functions" else f"{field}[{i}].function"
@@ -213,7 +216,9 @@ def _check_tool(i: int, tool: Any, field: str = "tools") -> str:
     if not isinstance(parameters, dict):
         raise invalid_request(f"{where}.parameters must be a JSON Schema", field)
     try:
-        validate_structured_outputs(StructuredOutputsParams(json=parameters or {"type": "object"}))
+        validate_structured_outputs(
+            StructuredOutputsParams(json=parameters or {"type": "object"}), backend
+        )
     except ValueError as e:
         raise invalid_request(f"{where}.parameters: {e}", field) from None
     return function["name"]
