@@ -11,9 +11,10 @@ matcher per constrained request, one token bitmask per step.
     update_from_output ──▶ the matchers accept the step's sampled tokens, one batched call
                     for all requests (tokens past a stop are rolled back)
 
-The rows of one step are filled together: one xgrammar call (BatchGrammarMatcher, over
-LMSERVE_GRAMMAR_BITMASK_THREADS threads, without the GIL) for every request's first row, then
-one per draft depth; the worker applies them on the device (lmserve/sample/grammar.py).
+The rows of one step are filled together: one backend call (xgrammar's BatchGrammarMatcher or
+llguidance's executor, over LMSERVE_GRAMMAR_BITMASK_THREADS threads, without the GIL) for every
+request's first row, then one per draft depth; the worker applies them on the device
+(lmserve/sample/grammar.py).
 
 Why the worker can trust the mask (the matcher must be at the request's last token when the
 mask is made):
