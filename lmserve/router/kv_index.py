@@ -48,6 +48,7 @@ class KVIndex:
     blocks: dict[BlockHash, dict[str, set[str]]] = field(default_factory=dict)
     held: dict[str, set[BlockHash]] = field(default_factory=dict)  # engine -> its hashes
     layouts: dict[str, EngineLayout] = field(default_factory=dict)
+    layout_version: int = 0  # bumped whenever an engine's usable layout is learned or forgotten
     # called with (engine url, hashes) for every BlockStored applied (kv-aware's pending blocks)
     on_stored: list[Callable[[str, Sequence[BlockHash]], None]] = field(default_factory=list)
 
@@ -95,8 +96,8 @@ class KVIndex:
                 holders.pop(url, None)
                 if not holders:
                     del self.blocks[h]
-        if forget_layout:
-            self.layouts.pop(url, None)
+        if forget_layout and self.layouts.pop(url, None) is not None:
+            self.layout_version += 1
 
     def _store(self, url: str, hashes: Iterable[BlockHash], medium: str) -> None:
         held = self.held.setdefault(url, set())
@@ -137,6 +138,7 @@ class KVIndex:
         for algo, fn in HASH_FUNCTIONS.items():
             if hash_block_tokens(fn, parent or ROOT_PARENT_HASH, first) == hashes[0]:
                 layout.block_size, layout.hash_algo = block_size, algo
+                self.layout_version += 1
                 return
         # A salted or LoRA block: its hash needs keys the router does not see; learn later.
 
