@@ -107,7 +107,7 @@ class CandidateState:
         self.candidates = candidates
         self.order = LoadOrder(candidates, key, watch)
         self.by_url = by_url(candidates)
-        self.ring = AnchorRing(candidates)
+        self.ring = AnchorRing(candidates, build=watch)  # a kept set's ring: built now
         self.not_live: list[str] = [b.url for b in candidates]  # shrinks as engines go live
         self.layout_version = -1  # of the index when layout_of was taken
         self.layout_of: dict[str, Layout] = {}  # engines with a known layout only
@@ -219,31 +219,29 @@ class KvAware(RoutingLogic):
         self, by_layout: dict[Layout, list[BlockHash]], state: CandidateState, now: float
     ) -> dict[str, int]:
         """Prompt tokens each candidate holds (its index entries or blocks pending there), for
-        the engines that hold at least the first block: block by block, the engines still
-        holding every block so far (a set intersection), so a decision costs what the
-        prompt's holders cost, not one lookup per engine of the pool."""
+        the engines that hold at least the first block: only those are walked, so a decision
+        costs what the prompt's holders cost, not one lookup per engine of the pool."""
         found: dict[str, int] = {}
-        blocks, sent, pending = self.index.blocks, self.pending.entries, self.pending
+        blocks, sent = self.index.blocks, self.pending.entries
         for layout, hashes in by_layout.items():
             if not hashes:
                 continue
-            first = [*blocks.get(hashes[0], ()), *sent.get(hashes[0], ())]
-            holding = {u for u in first if state.layout_of.get(u) == layout}
-            depth = 0
-            while holding and depth < len(hashes):
-                h = hashes[depth]
-                here = blocks.get(h)
-                still = holding & here.keys() if here else set()
-                on_way = sent.get(h)
-                if on_way and len(still) < len(holding):
-                    still.update(
-                        u for u in holding - still if u in on_way and pending.holds(u, h, now)
-                    )
-                if depth and len(still) < len(holding):
-                    found.update(dict.fromkeys(holding - still, depth * layout[0]))
-                holding, depth = still, depth + 1
-            found.update(dict.fromkeys(holding, depth * layout[0]))
+            for url in (*blocks.get(hashes[0], ()), *sent.get(hashes[0], ())):
+                if url in found or state.layout_of.get(url) != layout:
+                    continue
+                n = self._held_blocks(url, hashes, now)
+                if n:
+                    found[url] = n * layout[0]
         return found
+
+    def _held_blocks(self, url: str, hashes: list[BlockHash], now: float) -> int:
+        """How many leading blocks of `hashes` engine `url` holds, by its events or pending."""
+        held = self.index.held.get(url, ())
+        indexed = [*map(held.__contains__, hashes), False]  # one C-level pass over the chain
+        n = indexed.index(False)
+        while n < len(hashes) and self.pending.holds(url, hashes[n], now):
+            n = indexed.index(False, n + 1)
+        return n
 
     def _home(
         self,

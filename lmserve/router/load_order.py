@@ -126,12 +126,14 @@ class AnchorRing:
 
     MOD = 1 << 64
 
-    def __init__(self, candidates: Sequence[Backend], vnodes: int = 64) -> None:
+    def __init__(self, candidates: Sequence[Backend], vnodes: int = 64, build: bool = True) -> None:
         self.candidates = candidates
         self.vnodes = vnodes
-        self._hashes: list[int] = []  # every point, ascending (built on the first walk)
+        self._hashes: list[int] = []  # every point, ascending (else built on the first walk)
         self._owners: list[int] = []  # the candidate position owning each point
         self._own_points: dict[int, list[int]] = {}  # position -> its sorted points (lazily)
+        if build:
+            self._build()
 
     def points_of(self, url: str) -> list[int]:
         return sorted(_hash64(f"{url}#{i}".encode()) for i in range(self.vnodes))

@@ -88,13 +88,16 @@ class PrefixTrie:
     def insert(self, hashes: Sequence[int], backend: str) -> None:
         """Record that `backend` now holds every prefix in `hashes`, then evict to the cap."""
         nodes = self._nodes
+        get, touch = nodes.get, nodes.move_to_end
         for h in reversed(hashes):
-            holders = nodes.get(h, ())
-            if not holders or holders[-1] != backend:
-                holders = tuple(b for b in holders if b != backend)[-MAX_BACKENDS_PER_NODE + 1 :]
-                holders += (backend,)
-            nodes[h] = holders
-            nodes.move_to_end(h)
+            holders = get(h)
+            if holders is None:
+                nodes[h] = (backend,)  # a new key goes last: as recent as a touched one
+                continue
+            if holders[-1] != backend:
+                kept = tuple(b for b in holders if b != backend)[-MAX_BACKENDS_PER_NODE + 1 :]
+                nodes[h] = (*kept, backend)
+            touch(h)
         while len(nodes) > self.max_nodes:
             nodes.popitem(last=False)
             self.num_evictions += 1
