@@ -79,8 +79,11 @@ class PendingBlocks:
     def confirm(self, url: str, hashes: Sequence[BlockHash]) -> None:
         """The engine's events now report these blocks: from here on its events, not the
         dispatch, say whether it holds them (a later BlockRemoved must count)."""
-        for h in hashes:
-            self._drop(h, url)
+        entries = self.entries
+        for h in hashes:  # _drop, inlined: one call per block of every engine's events
+            holders = entries.get(h)
+            if holders is not None and holders.pop(url, None) is not None and not holders:
+                del entries[h]
 
     def prune(self, now: float) -> None:
         for h in list(self.entries):
@@ -95,6 +98,7 @@ class PendingBlocks:
 
 
 Layout = tuple[int, str]  # (block size, hash algorithm)
+PLACEMENT_STRIDE = 4  # blocks between two recorded placements of a conversation
 
 
 class CandidateState:
@@ -141,6 +145,8 @@ class KvAware(RoutingLogic):
         self.pending = PendingBlocks(pending_ttl_s)
         # Where each conversation was sent (a trie over its block hashes): a prompt cached
         # nowhere returns there, as prefix-aware sends it, instead of wherever is cheapest.
+        # Every PLACEMENT_STRIDE-th hash only (each names its whole prefix): a turn still finds
+        # the earlier turns' home, at a fraction of the trie's work per request and memory.
         self.placements = PrefixTrie(1, placement_max_bytes)
         index.on_stored.append(self.pending.confirm)
         self.clock = clock
@@ -173,7 +179,10 @@ class KvAware(RoutingLogic):
             return key_of[b] + (n - cached.get(b.url, 0))
 
         lowest = min([state.order.lowest() + n, *(cost(urls[u]) for u in cached)])
-        placed = by_layout[min(by_layout)] if by_layout else []  # the smallest layout's hashes
+        # the smallest layout's hashes, every PLACEMENT_STRIDE-th (see __init__)
+        placed = (
+            by_layout[min(by_layout)][PLACEMENT_STRIDE - 1 :: PLACEMENT_STRIDE] if by_layout else []
+        )
         most = max(cached.values(), default=0)
         best = self._home(placed, state, cost, lowest) if most == 0 else None
         if best is None:
@@ -237,10 +246,16 @@ class KvAware(RoutingLogic):
     def _held_blocks(self, url: str, hashes: list[BlockHash], now: float) -> int:
         """How many leading blocks of `hashes` engine `url` holds, by its events or pending."""
         held = self.index.held.get(url, ())
-        indexed = [*map(held.__contains__, hashes), False]  # one C-level pass over the chain
-        n = indexed.index(False)
-        while n < len(hashes) and self.pending.holds(url, hashes[n], now):
-            n = indexed.index(False, n + 1)
+        n, total, step = 0, len(hashes), 32
+        while n < total:  # C-level membership passes over chunks of doubling length
+            chunk = list(map(held.__contains__, hashes[n : n + step]))
+            if False not in chunk:
+                n, step = n + len(chunk), 2 * step
+                continue
+            n += chunk.index(False)
+            if not self.pending.holds(url, hashes[n], now):
+                break
+            n += 1
         return n
 
     def _home(

@@ -77,7 +77,9 @@ class KVIndex:
             if kind == "BlockStored":
                 _, hashes, parent, token_ids, block_size = event[:5]
                 medium = _medium(event, 6)
-                self._learn_layout(url, hashes, parent, token_ids, block_size)
+                layout = self.layouts.get(url)
+                if layout is None or layout.hash_algo is None or layout.block_size != block_size:
+                    self._learn_layout(url, hashes, parent, token_ids, block_size)
                 self._store(url, hashes, medium)
                 stats.stored += len(hashes)
             elif kind == "BlockRemoved":
@@ -100,10 +102,21 @@ class KVIndex:
             self.layout_version += 1
 
     def _store(self, url: str, hashes: Iterable[BlockHash], medium: str) -> None:
-        held = self.held.setdefault(url, set())
-        for h in hashes:
-            self.blocks.setdefault(h, {}).setdefault(url, set()).add(medium)
-            held.add(h)
+        held = self.held.get(url)
+        if held is None:
+            held = self.held[url] = set()
+        blocks = self.blocks
+        for h in hashes:  # (one event per block from our engines: no setdefault temporaries)
+            holders = blocks.get(h)
+            if holders is None:
+                blocks[h] = {url: {medium}}
+                continue
+            media = holders.get(url)
+            if media is None:
+                holders[url] = {medium}
+            else:
+                media.add(medium)
+        held.update(hashes)
         for listener in self.on_stored:
             listener(url, hashes)
 
