@@ -270,7 +270,9 @@ class KvAware(RoutingLogic):
         next turns will be sent there too: recomputed there, they are shared again, where a
         fresh pick would spread the conversation's turns over several engines' caches."""
         urls = state.by_url
-        match = self.placements.match(placed, usable=urls.__contains__)
+        match = self.placements.match(
+            placed, usable=urls.__contains__, touch=False
+        )  # choose inserts
         if match.num_chunks == 0:
             return None
         home = min((urls[u] for u in match.backends if u in urls), key=cost)

@@ -178,7 +178,7 @@ class PrefixAware(RoutingLogic):
     def choose(self, request: RouteRequest, candidates: Sequence[Backend]) -> Decision:
         hashes = self.trie.chain_hashes(request.prompt_text_or_ids())
         urls = by_url(candidates)
-        match = self.trie.match(hashes, usable=urls.__contains__)
+        match = self.trie.match(hashes, usable=urls.__contains__, touch=False)  # inserted below
         least = self._least_loaded.pick(candidates)
         if match.num_chunks == 0:
             decision = Decision(least, "prefix_miss")
