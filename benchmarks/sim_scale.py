@@ -1,5 +1,6 @@
 """The simulator at scale: 1,000 (or 10,000) simulated H100 replicas, one simulated hour of
-multi-round-qa, every routing logic side by side; wall time and peak memory of each run.
+multi-round-qa, every routing logic side by side; wall time, CPU time and peak memory of each
+run.
 
     python benchmarks/sim_scale.py [--replicas 1000] [--duration 3600] [--busy 0.7]
                                    [--logics roundrobin,least-loaded,session,prefix-aware,kv-aware]
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -86,16 +88,21 @@ def run_logic(logic: str, replicas: int, rate: float, duration: float, tmp: Path
             "--answer-len", str(w["answer_len"]),
             "--user-request-interval", str(w["user_request_interval"]), "--seed", "1",
             "--output", str(out)]  # fmt: skip
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
     done = subprocess.run(args, capture_output=True, text=True)
     wall = time.perf_counter() - start
+    cpu_end = resource.getrusage(resource.RUSAGE_CHILDREN)
+    # CPU time is the figure other work on a shared machine disturbs least; the load average
+    # says how shared it was
+    cpu = (cpu_end.ru_utime - cpu_start.ru_utime) + (cpu_end.ru_stime - cpu_start.ru_stime)
     if done.returncode != 0:
         raise RuntimeError(done.stderr[-3000:])
     print(done.stdout, flush=True)
     result = json.loads(out.read_text())
     run = result["runs"][0]
     run.pop("per_replica")
-    return {"wall_s": wall, "peak_rss_mib": result["peak_rss_mib"], **run}
+    return {"wall_s": wall, "cpu_s": cpu, "load_average_1min_at_end": os.getloadavg()[0],
+            "peak_rss_mib": result["peak_rss_mib"], **run}  # fmt: skip
 
 
 def main() -> None:
@@ -123,14 +130,14 @@ def main() -> None:
                                     Path(tmp))  # fmt: skip
             r = runs[logic]
             print(
-                f"== {logic}: wall {r['wall_s']:.0f} s, peak RSS {r['peak_rss_mib']:.0f} MiB, "
+                f"== {logic}: wall {r['wall_s']:.0f} s, CPU {r['cpu_s']:.0f} s, peak RSS {r['peak_rss_mib']:.0f} MiB, "
                 f"{r['completed']} requests, busy {r['replica_busy']['mean']:.2f}",
                 flush=True,
             )
-    print(f"\n{'logic':<13} {'wall s':>7} {'RSS MiB':>8} {'requests':>9} {'busy':>5} "
+    print(f"\n{'logic':<13} {'wall s':>7} {'CPU s':>7} {'RSS MiB':>8} {'requests':>9} {'busy':>5} "
           f"{'TTFT p50':>9} {'TTFT p90':>9} {'ITL p50':>8} {'hit rate':>8}")  # fmt: skip
     for logic, r in runs.items():
-        print(f"{logic:<13} {r['wall_s']:>7.0f} {r['peak_rss_mib']:>8.0f} {r['completed']:>9} "
+        print(f"{logic:<13} {r['wall_s']:>7.0f} {r['cpu_s']:>7.0f} {r['peak_rss_mib']:>8.0f} {r['completed']:>9} "
               f"{r['replica_busy']['mean']:>5.2f} {r['p50_ttft_ms']:>9.0f} "
               f"{r['p90_ttft_ms']:>9.0f} {r['p50_itl_ms']:>8.1f} "
               f"{r['prefix_cache_hit_rate']:>8.3f}")  # fmt: skip

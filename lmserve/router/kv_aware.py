@@ -21,14 +21,24 @@ Among the engines within `slack` tokens of the cheapest, the longest cached pref
 engine holding the prefix keeps its requests until its queue outweighs the prefill it would
 save by more than the slack (then `kv_overloaded`: the stickiness breaker; the slack is a
 hysteresis, since a recomputed prefix also costs the cache space of its copy). Then a
-rendezvous hash of the prompt's first tokens decides: deterministic, the same for every
-request that starts alike (a group's users who all miss land together and build one copy of
-their prefix, not four), spread evenly over the engines for unrelated prompts, and never onto
-an engine busier than the slack allows.
+consistent-hash ring decides: from the hash of the prompt's first tokens, the first engine
+clockwise among those left (load_order.AnchorRing): deterministic, the same for every request
+that starts alike while that engine stays within the slack (a group's users who all miss land
+together and build one copy of their prefix, not four), spread over all engines for unrelated
+prompts, and never onto an engine busier than the slack allows.
+
+A decision costs what the prompt's holders cost, not what the pool does: the engines' queue
+costs are kept in a LoadOrder (updated as the proxy's counts and the scrapes change them), so
+the cheapest engine, and how many lie within the slack, are read without visiting the others;
+only the engines holding the prompt's first block are walked; the ring is walked from the
+prompt's anchor to the first engine within the slack (about N / (engines within it) points),
+or, when few are, each of those is asked for its point nearest the anchor.
 Blocks just sent to an engine count as held there for `pending_ttl_s`, until its events
 confirm them (from then on its events alone decide, so a block evicted soon after counts as
 gone): requests sharing a new prefix that arrive together follow the first.
-When a candidate publishes no events the whole decision falls back to prefix-aware.
+When a candidate publishes no events the whole decision falls back to prefix-aware. (An
+engine, once live, stays live while it is a candidate: its subscriber is replaced only when it
+leaves the pool. So per candidate set only the engines not yet live are asked again.)
 """
 
 from __future__ import annotations
@@ -37,11 +47,10 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-import xxhash
-
 from lmserve.prefix_hash import HASH_FUNCTIONS, BlockHash, extend_block_hashes
-from lmserve.router.backends import Backend
+from lmserve.router.backends import Backend, by_url
 from lmserve.router.kv_index import KVIndex
+from lmserve.router.load_order import AnchorRing, LoadOrder, PerCandidates, anchor_hash
 from lmserve.router.prefix_trie import PrefixTrie
 from lmserve.router.routing import Decision, PrefixAware, RouteRequest, RoutingLogic
 
@@ -70,8 +79,11 @@ class PendingBlocks:
     def confirm(self, url: str, hashes: Sequence[BlockHash]) -> None:
         """The engine's events now report these blocks: from here on its events, not the
         dispatch, say whether it holds them (a later BlockRemoved must count)."""
-        for h in hashes:
-            self._drop(h, url)
+        entries = self.entries
+        for h in hashes:  # _drop, inlined: one call per block of every engine's events
+            holders = entries.get(h)
+            if holders is not None and holders.pop(url, None) is not None and not holders:
+                del entries[h]
 
     def prune(self, now: float) -> None:
         for h in list(self.entries):
@@ -83,6 +95,30 @@ class PendingBlocks:
         holders = self.entries.get(h)
         if holders is not None and holders.pop(url, None) is not None and not holders:
             del self.entries[h]
+
+
+Layout = tuple[int, str]  # (block size, hash algorithm)
+PLACEMENT_STRIDE = 4  # blocks between two recorded placements of a conversation
+
+
+class CandidateState:
+    """What kv-aware keeps per candidate set: the engines ordered by queue cost, the URL map,
+    the anchor ring, which engines are not live yet and each engine's block layout."""
+
+    def __init__(
+        self, candidates: Sequence[Backend], key: Callable[[Backend], float], watch: bool
+    ) -> None:
+        self.candidates = candidates
+        self.order = LoadOrder(candidates, key, watch)
+        self.by_url = by_url(candidates)
+        self.ring = AnchorRing(candidates, build=watch)  # a kept set's ring: built now
+        self.not_live: list[str] = [b.url for b in candidates]  # shrinks as engines go live
+        self.layout_version = -1  # of the index when layout_of was taken
+        self.layout_of: dict[str, Layout] = {}  # engines with a known layout only
+        self.layouts: set[Layout] = set()
+
+    def close(self) -> None:
+        self.order.close()
 
 
 class KvAware(RoutingLogic):
@@ -109,133 +145,166 @@ class KvAware(RoutingLogic):
         self.pending = PendingBlocks(pending_ttl_s)
         # Where each conversation was sent (a trie over its block hashes): a prompt cached
         # nowhere returns there, as prefix-aware sends it, instead of wherever is cheapest.
+        # Every PLACEMENT_STRIDE-th hash only (each names its whole prefix): a turn still finds
+        # the earlier turns' home, at a fraction of the trie's work per request and memory.
         self.placements = PrefixTrie(1, placement_max_bytes)
         index.on_stored.append(self.pending.confirm)
         self.clock = clock
         self._decisions = 0
+        self._states = PerCandidates(
+            lambda c, watch: CandidateState(c, self.queue_cost, watch), CandidateState.close
+        )
+
+    def queue_cost(self, backend: Backend) -> float:
+        """The work queued on `backend`, in prompt tokens: what delays a request sent there
+        before its own prefill (which `choose` adds)."""
+        return backend.pending_prefill_tokens + self.request_cost * backend.load
 
     def choose(self, request: RouteRequest, candidates: Sequence[Backend]) -> Decision:
         ids = request.token_ids
-        is_live = self.is_live
-        if ids is None or not all(is_live(b.url) for b in candidates):
+        state = self._states.get(candidates)
+        if ids is None or not self._all_live(state):
             decision = self.fallback.choose(request, candidates)
             return Decision(decision.backend, "kv_fallback_" + decision.reason)
         now = self.clock()
         self._decisions += 1
         if self._decisions % 1024 == 0:
             self.pending.prune(now)
-        chains, by_layout = self._hash_chains(ids, candidates)
-        cached = self._cached_tokens(chains, by_layout, now)  # engines holding none: absent
-        n, rc = len(ids), self.request_cost
-        # work queued there (tokens) + the prompt tokens it would compute: what delays this one
-        costs = {
-            b.url: (b.pending_prefill_tokens + rc * b.load) + (n - cached.get(b.url, 0))
-            for b in candidates
-        }
-        lowest = min(costs.values())
-        placed = by_layout[min(by_layout)] if by_layout else []  # the smallest layout's hashes
+        by_layout = self._hash_chains(ids, state)
+        cached = self._cached_tokens(by_layout, state, now)  # engines holding none: absent
+        n, key_of, urls = len(ids), state.order.key_of, state.by_url
+
+        def cost(b: Backend) -> float:
+            """Work queued there + the prompt tokens it would compute: what delays this one."""
+            return key_of[b] + (n - cached.get(b.url, 0))
+
+        lowest = min([state.order.lowest() + n, *(cost(urls[u]) for u in cached)])
+        # the smallest layout's hashes, every PLACEMENT_STRIDE-th (see __init__)
+        placed = (
+            by_layout[min(by_layout)][PLACEMENT_STRIDE - 1 :: PLACEMENT_STRIDE] if by_layout else []
+        )
         most = max(cached.values(), default=0)
-        best = self._home(placed, candidates, costs, lowest) if most == 0 else None
+        best = self._home(placed, state, cost, lowest) if most == 0 else None
         if best is None:
-            best = self._cheapest(candidates, costs, lowest, cached, _anchor(ids))
+            best = self._cheapest(state, cost, lowest + self.slack, cached, n, _anchor(ids))
         self.placements.insert(placed, best.url)
         predicted = cached.get(best.url, 0)
         reason = "kv_miss" if most == 0 else "kv_hit" if predicted == most else "kv_overloaded"
-        hashes = chains.get(best.url)
+        layout = state.layout_of.get(best.url)
+        hashes = by_layout.get(layout) if layout else None
         if hashes:  # the blocks it will compute: held there once the engine confirms them
-            block_size = self.index.layouts[best.url].block_size
-            self.pending.add(best.url, hashes[predicted // block_size :], now)
+            self.pending.add(best.url, hashes[predicted // layout[0] :], now)
         return Decision(best, reason, predicted, n - predicted)
 
+    def _all_live(self, state: CandidateState) -> bool:
+        """Whether every candidate publishes events (asks only those not live before)."""
+        if state.not_live:
+            state.not_live = [url for url in state.not_live if not self.is_live(url)]
+        return not state.not_live
+
     def _hash_chains(
-        self, ids: Sequence[int], candidates: Sequence[Backend]
-    ) -> tuple[dict[str, list[BlockHash]], dict[tuple[int, str], list[BlockHash]]]:
-        """Each engine's hashes for the blocks its prefix cache could reuse (all but the last
-        token), computed once per distinct (block size, hash algorithm): (by engine, by
-        layout)."""
-        by_layout: dict[tuple[int, str], list[BlockHash]] = {}
-        chains = {}
-        layouts = self.index.layouts
-        for backend in candidates:
-            layout = layouts.get(backend.url)
-            if layout is None or layout.block_size is None or layout.hash_algo is None:
-                continue
-            key = (layout.block_size, layout.hash_algo)
-            if key not in by_layout:
-                usable = (len(ids) - 1) // layout.block_size * layout.block_size
-                hashes: list[BlockHash] = []
-                extend_block_hashes(hashes, ids[:usable], key[0], HASH_FUNCTIONS[key[1]])
-                by_layout[key] = hashes
-            chains[backend.url] = by_layout[key]
-        return chains, by_layout
+        self, ids: Sequence[int], state: CandidateState
+    ) -> dict[Layout, list[BlockHash]]:
+        """The prompt's hashes for the blocks a prefix cache could reuse (all but the last
+        token), once per distinct layout (block size, hash algorithm) among the candidates."""
+        index = self.index
+        if state.layout_version != index.layout_version:
+            state.layout_of = {}
+            for backend in state.candidates:
+                layout = index.layouts.get(backend.url)
+                if layout is not None and layout.block_size and layout.hash_algo is not None:
+                    state.layout_of[backend.url] = (layout.block_size, layout.hash_algo)
+            state.layouts = set(state.layout_of.values())
+            state.layout_version = index.layout_version
+        by_layout: dict[Layout, list[BlockHash]] = {}
+        for block_size, algo in state.layouts:
+            usable = (len(ids) - 1) // block_size * block_size
+            hashes: list[BlockHash] = []
+            extend_block_hashes(hashes, ids[:usable], block_size, HASH_FUNCTIONS[algo])
+            by_layout[(block_size, algo)] = hashes
+        return by_layout
 
     def _cached_tokens(
-        self,
-        chains: dict[str, list[BlockHash]],
-        by_layout: dict[tuple[int, str], list[BlockHash]],
-        now: float,
+        self, by_layout: dict[Layout, list[BlockHash]], state: CandidateState, now: float
     ) -> dict[str, int]:
-        """Prompt tokens each engine holds (its index entries or blocks pending there), for the
-        engines that hold at least the first block: only those are walked, so a decision costs
-        what the prompt's holders cost, not one lookup per engine of the pool."""
+        """Prompt tokens each candidate holds (its index entries or blocks pending there), for
+        the engines that hold at least the first block: only those are walked, so a decision
+        costs what the prompt's holders cost, not one lookup per engine of the pool."""
         found: dict[str, int] = {}
-        index, pending = self.index, self.pending
-        for (block_size, _), hashes in by_layout.items():
+        blocks, sent = self.index.blocks, self.pending.entries
+        for layout, hashes in by_layout.items():
             if not hashes:
                 continue
-            first = hashes[0]
-            holders = [*index.blocks.get(first, ()), *pending.entries.get(first, ())]
-            for url in holders:
-                if url in found or chains.get(url) is not hashes:
+            for url in (*blocks.get(hashes[0], ()), *sent.get(hashes[0], ())):
+                if url in found or state.layout_of.get(url) != layout:
                     continue
-                n = 0
-                for h in hashes:
-                    if not index.holds(url, h) and not pending.holds(url, h, now):
-                        break
-                    n += 1
+                n = self._held_blocks(url, hashes, now)
                 if n:
-                    found[url] = n * block_size
+                    found[url] = n * layout[0]
         return found
+
+    def _held_blocks(self, url: str, hashes: list[BlockHash], now: float) -> int:
+        """How many leading blocks of `hashes` engine `url` holds, by its events or pending."""
+        held = self.index.held.get(url, ())
+        n, total, step = 0, len(hashes), 32
+        while n < total:  # C-level membership passes over chunks of doubling length
+            chunk = list(map(held.__contains__, hashes[n : n + step]))
+            if False not in chunk:
+                n, step = n + len(chunk), 2 * step
+                continue
+            n += chunk.index(False)
+            if not self.pending.holds(url, hashes[n], now):
+                break
+            n += 1
+        return n
 
     def _home(
         self,
         placed: list[BlockHash],
-        candidates: Sequence[Backend],
-        costs: dict[str, float],
+        state: CandidateState,
+        cost: Callable[[Backend], float],
         lowest: float,
     ) -> Backend | None:
         """The engine this conversation was last sent to, unless it costs more than the
         cheapest by the slack. Its blocks are gone everywhere (evicted under pressure), but its
         next turns will be sent there too: recomputed there, they are shared again, where a
         fresh pick would spread the conversation's turns over several engines' caches."""
-        by_url = {b.url: b for b in candidates}
-        match = self.placements.match(placed, usable=by_url.__contains__)
+        urls = state.by_url
+        match = self.placements.match(
+            placed, usable=urls.__contains__, touch=False
+        )  # choose inserts
         if match.num_chunks == 0:
             return None
-        home = min((by_url[u] for u in match.backends), key=lambda b: costs[b.url])
-        return home if costs[home.url] <= lowest + self.slack else None
+        home = min((urls[u] for u in match.backends if u in urls), key=cost)
+        return home if cost(home) <= lowest + self.slack else None
 
     def _cheapest(
         self,
-        candidates: Sequence[Backend],
-        costs: dict[str, float],
-        lowest: float,
+        state: CandidateState,
+        cost: Callable[[Backend], float],
+        bound: float,
         cached: dict[str, int],
+        n: int,
         anchor: bytes,
     ) -> Backend:
-        """Of the engines within the slack of the cheapest, the one holding the most of the
-        prompt; ties by rendezvous hash of the prompt's start (stable across routers)."""
-        bound = lowest + self.slack
-        near = [b for b in candidates if costs[b.url] <= bound]
-        most = max(cached.get(b.url, 0) for b in near)
-        tied = [b for b in near if cached.get(b.url, 0) == most] if most else near
-        return max(tied, key=lambda b: _rendezvous(anchor, b.url))
+        """Of the engines costing at most `bound`, the one holding the most of the prompt;
+        ties go to the first of them clockwise from the prompt's anchor on the ring."""
+        urls, order, ring = state.by_url, state.order, state.ring
+        near = {u: c for u, c in cached.items() if cost(urls[u]) <= bound}
+        most = max(near.values(), default=0)
+        point = anchor_hash(anchor)
+        if most:
+            tied = sorted(order.position[urls[u]] for u, c in near.items() if c == most)
+            return ring.first(point, tied)
+        # nothing cached on any engine within the bound: every engine costing at most the
+        # bound without a cache hit (key + n <= bound) is a candidate
+        limit = bound - n
+        if order.count_at_most(limit) ** 2 <= len(state.candidates):
+            return ring.first_of(point, [order.position[b] for b in order.at_most(limit)])
+        key_of = order.key_of
+        return ring.walk(point, lambda b: key_of[b] <= limit)  # type: ignore[return-value]
 
 
 def _anchor(ids: Sequence[int]) -> bytes:
     """What requests that start alike share: their first 16 token ids."""
     return b",".join(str(t).encode() for t in ids[:16])
-
-
-def _rendezvous(anchor: bytes, url: str) -> int:
-    return xxhash.xxh64_intdigest(anchor + url.encode())

@@ -48,6 +48,7 @@ class KVIndex:
     blocks: dict[BlockHash, dict[str, set[str]]] = field(default_factory=dict)
     held: dict[str, set[BlockHash]] = field(default_factory=dict)  # engine -> its hashes
     layouts: dict[str, EngineLayout] = field(default_factory=dict)
+    layout_version: int = 0  # bumped whenever an engine's usable layout is learned or forgotten
     # called with (engine url, hashes) for every BlockStored applied (kv-aware's pending blocks)
     on_stored: list[Callable[[str, Sequence[BlockHash]], None]] = field(default_factory=list)
 
@@ -76,7 +77,9 @@ class KVIndex:
             if kind == "BlockStored":
                 _, hashes, parent, token_ids, block_size = event[:5]
                 medium = _medium(event, 6)
-                self._learn_layout(url, hashes, parent, token_ids, block_size)
+                layout = self.layouts.get(url)
+                if layout is None or layout.hash_algo is None or layout.block_size != block_size:
+                    self._learn_layout(url, hashes, parent, token_ids, block_size)
                 self._store(url, hashes, medium)
                 stats.stored += len(hashes)
             elif kind == "BlockRemoved":
@@ -95,14 +98,25 @@ class KVIndex:
                 holders.pop(url, None)
                 if not holders:
                     del self.blocks[h]
-        if forget_layout:
-            self.layouts.pop(url, None)
+        if forget_layout and self.layouts.pop(url, None) is not None:
+            self.layout_version += 1
 
     def _store(self, url: str, hashes: Iterable[BlockHash], medium: str) -> None:
-        held = self.held.setdefault(url, set())
-        for h in hashes:
-            self.blocks.setdefault(h, {}).setdefault(url, set()).add(medium)
-            held.add(h)
+        held = self.held.get(url)
+        if held is None:
+            held = self.held[url] = set()
+        blocks = self.blocks
+        for h in hashes:  # (one event per block from our engines: no setdefault temporaries)
+            holders = blocks.get(h)
+            if holders is None:
+                blocks[h] = {url: {medium}}
+                continue
+            media = holders.get(url)
+            if media is None:
+                holders[url] = {medium}
+            else:
+                media.add(medium)
+        held.update(hashes)
         for listener in self.on_stored:
             listener(url, hashes)
 
@@ -137,6 +151,7 @@ class KVIndex:
         for algo, fn in HASH_FUNCTIONS.items():
             if hash_block_tokens(fn, parent or ROOT_PARENT_HASH, first) == hashes[0]:
                 layout.block_size, layout.hash_algo = block_size, algo
+                self.layout_version += 1
                 return
         # A salted or LoRA block: its hash needs keys the router does not see; learn later.
 

@@ -61,24 +61,32 @@ class PrefixTrie:
         conversation grows, so it would only fill the trie with nodes nobody matches)."""
         size = self.chunk_size
         hashes, parent = [], _ROOT
-        for start in range(0, len(prompt) - size + 1, size):
-            chunk = prompt[start : start + size]
-            parent = hash((parent, chunk if isinstance(chunk, str) else tuple(chunk)))
+        if isinstance(prompt, str):
+            chunks = (prompt[i : i + size] for i in range(0, len(prompt) - size + 1, size))
+        else:  # token ids: the full chunks as tuples, cut in C (a partial one is dropped)
+            chunks = zip(*[iter(prompt)] * size)
+        for chunk in chunks:
+            parent = hash((parent, chunk))
             hashes.append(parent)
         return hashes
 
     def match(
-        self, hashes: Sequence[int], usable: Callable[[str], bool] = lambda _: True
+        self,
+        hashes: Sequence[int],
+        usable: Callable[[str], bool] = lambda _: True,
+        touch: bool = True,
     ) -> PrefixMatch:
         """The longest prefix among `hashes` held by a `usable` backend (one that is healthy
         and serves the model: a deeper node held only by a dead backend does not count).
-        Touches the known path as recently used."""
+        Touches the known path as recently used, unless `touch` is False (a caller that
+        inserts `hashes` next: insert touches every one of them in the same order)."""
         nodes = self._nodes
         known = 0
         while known < len(hashes) and hashes[known] in nodes:
             known += 1
-        for h in reversed(hashes[:known]):  # leaf first: ancestors end up more recent
-            nodes.move_to_end(h)
+        if touch:
+            for h in reversed(hashes[:known]):  # leaf first: ancestors end up more recent
+                nodes.move_to_end(h)
         for depth in range(known, 0, -1):
             holders = nodes[hashes[depth - 1]]
             if any(usable(b) for b in holders):
@@ -88,13 +96,16 @@ class PrefixTrie:
     def insert(self, hashes: Sequence[int], backend: str) -> None:
         """Record that `backend` now holds every prefix in `hashes`, then evict to the cap."""
         nodes = self._nodes
+        get, touch = nodes.get, nodes.move_to_end
         for h in reversed(hashes):
-            holders = nodes.get(h, ())
-            if not holders or holders[-1] != backend:
-                holders = tuple(b for b in holders if b != backend)[-MAX_BACKENDS_PER_NODE + 1 :]
-                holders += (backend,)
-            nodes[h] = holders
-            nodes.move_to_end(h)
+            holders = get(h)
+            if holders is None:
+                nodes[h] = (backend,)  # a new key goes last: as recent as a touched one
+                continue
+            if holders[-1] != backend:
+                kept = tuple(b for b in holders if b != backend)[-MAX_BACKENDS_PER_NODE + 1 :]
+                nodes[h] = (*kept, backend)
+            touch(h)
         while len(nodes) > self.max_nodes:
             nodes.popitem(last=False)
             self.num_evictions += 1

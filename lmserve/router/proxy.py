@@ -41,7 +41,7 @@ from lmserve.entrypoints.openai.errors import (
     error_body,
     invalid_request,
 )
-from lmserve.router.backends import Backend, BackendPool
+from lmserve.router.backends import Backend, BackendPool, Candidates
 from lmserve.router.health import HealthChecker
 from lmserve.router.metrics import RouterMetrics
 from lmserve.router.routing import Decision, RouteRequest, RoutingLogic
@@ -120,7 +120,9 @@ class Proxy:
         tried: set[str] = set()
         failure: BackendFailed | None = None
         for attempt in range(self.max_retries + 1):
-            candidates = [b for b in self.candidates(parsed.model) if b.url not in tried]
+            candidates: Sequence[Backend] = self.candidates(parsed.model)
+            if tried:  # a retry: a list of its own (the logic derives its state for it anew)
+                candidates = [b for b in candidates if b.url not in tried]
             if not candidates:
                 break
             if failure is not None:
@@ -144,8 +146,8 @@ class Proxy:
         if model is not None and (model in self.expected_models or self.pool.serves(model)):
             self.metrics.model_requests.labels(model).inc()
 
-    def candidates(self, model: str | None) -> list[Backend]:
-        """Healthy backends serving `model`; 404 if no backend serves it at all and --models
+    def candidates(self, model: str | None) -> Candidates:
+        """Healthy backends serving `model` (the pool's candidate set, not a copy); 404 if no backend serves it at all and --models
         does not name it (then 503: its backends may be starting)."""
         found = self.pool.candidates(model)
         if (

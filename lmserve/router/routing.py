@@ -4,7 +4,8 @@
     session        consistent hashing of a session id: the same session lands on the same
                    backend, and adding or removing one backend moves only that backend's share;
                    requests without a session id go to the least-loaded backend
-    least-loaded   fewest requests in flight (our count, refined by the engines' own metrics)
+    least-loaded   fewest requests in flight (our count, refined by the engines' own metrics);
+                   ties in candidate order, in turn
     prefix-aware   the backend that most recently served the longest prefix of this prompt
                    (its KV cache likely still holds it), unless that backend is busier than the
                    least-loaded one by more than a margin; see prefix_trie.py
@@ -15,6 +16,12 @@
 Contract: `choose` is called with a non-empty candidate list (healthy, serving the model, not
 yet tried for this request) and returns one of them; it may update the logic's own state (the
 round-robin counter, the trie) but never a backend's.
+
+Cost: a decision does not visit every candidate. The pool hands out one immutable `Candidates`
+per model until its membership or health changes; per such set a logic keeps its load order
+(load_order.py: backends bucketed by load, moved when their load fields change), URL map and
+hash ring. Any other sequence (a retry's list without the tried backends, a test's list) gets
+the same structures built for that one decision: the same choice, at O(candidates).
 """
 
 from __future__ import annotations
@@ -26,7 +33,8 @@ from dataclasses import dataclass
 
 import xxhash
 
-from lmserve.router.backends import Backend
+from lmserve.router.backends import Backend, by_url
+from lmserve.router.load_order import LoadOrder, PerCandidates
 from lmserve.router.prefix_trie import PrefixTrie
 
 ROUTING_LOGICS = ("roundrobin", "session", "least-loaded", "prefix-aware", "kv-aware")
@@ -81,22 +89,29 @@ class RoundRobin(RoutingLogic):
 
 class LeastLoaded(RoutingLogic):
     """Lowest `Backend.load`; ties go round the tied backends in turn, so an idle cluster is
-    still spread evenly."""
+    still spread evenly. The lowest-load bucket comes from a LoadOrder: O(1) per decision."""
 
     name = "least-loaded"
 
     def __init__(self) -> None:
         self._tie_break = 0
+        self._orders = PerCandidates(_load_order, LoadOrder.close)
 
     def pick(self, candidates: Sequence[Backend]) -> Backend:
-        loads = [b.load for b in candidates]  # a property: read once per backend
-        lowest = min(loads)
-        tied = [b for b, load in zip(candidates, loads) if load == lowest]
+        tied = self._orders.get(candidates).tied_lowest()  # positions in `candidates`
         self._tie_break += 1
-        return tied[self._tie_break % len(tied)]
+        return candidates[tied[self._tie_break % len(tied)]]
 
     def choose(self, request: RouteRequest, candidates: Sequence[Backend]) -> Decision:
         return Decision(self.pick(candidates), "least_loaded")
+
+
+def _load(backend: Backend) -> float:
+    return backend.load
+
+
+def _load_order(candidates: Sequence[Backend], watch: bool) -> LoadOrder:
+    return LoadOrder(candidates, _load, watch)
 
 
 class ConsistentHashRing:
@@ -125,6 +140,8 @@ class SessionAffinity(RoutingLogic):
     def __init__(self) -> None:
         self._rings: dict[tuple[str, ...], ConsistentHashRing] = {}
         self._fallback = LeastLoaded()
+        # a pool's candidate set -> its ring, without hashing its URL tuple per request
+        self._ring_of = PerCandidates(lambda c, _: self.ring(tuple(b.url for b in c)))
 
     def ring(self, urls: tuple[str, ...]) -> ConsistentHashRing:
         ring = self._rings.get(urls)
@@ -137,8 +154,8 @@ class SessionAffinity(RoutingLogic):
     def choose(self, request: RouteRequest, candidates: Sequence[Backend]) -> Decision:
         if request.session_id is None:
             return Decision(self._fallback.pick(candidates), "session_fallback")
-        url = self.ring(tuple(b.url for b in candidates)).lookup(request.session_id)
-        return Decision(next(b for b in candidates if b.url == url), "session")
+        url = self._ring_of.get(candidates).lookup(request.session_id)
+        return Decision(by_url(candidates)[url], "session")
 
 
 class PrefixAware(RoutingLogic):
@@ -160,13 +177,13 @@ class PrefixAware(RoutingLogic):
 
     def choose(self, request: RouteRequest, candidates: Sequence[Backend]) -> Decision:
         hashes = self.trie.chain_hashes(request.prompt_text_or_ids())
-        by_url = {b.url: b for b in candidates}
-        match = self.trie.match(hashes, usable=by_url.__contains__)
+        urls = by_url(candidates)
+        match = self.trie.match(hashes, usable=urls.__contains__, touch=False)  # inserted below
         least = self._least_loaded.pick(candidates)
         if match.num_chunks == 0:
             decision = Decision(least, "prefix_miss")
         else:
-            holders = [by_url[u] for u in reversed(match.backends) if u in by_url]
+            holders = [urls[u] for u in reversed(match.backends) if u in urls]
             best = min(holders, key=lambda b: b.load)
             if best.load > least.load + self.balance_margin:
                 decision = Decision(least, "prefix_overloaded")

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from lmserve.router.backends import Backend, BackendPool
+from lmserve.router.backends import Backend, BackendPool, Candidates
 from lmserve.router.config import RouterConfig
 from lmserve.router.kv_aware import KvAware
 from lmserve.router.kv_events import EventSubscriber
@@ -129,7 +129,6 @@ class Cluster:
         )  # fmt: skip
         self.pods: list[Pod] = []
         self.by_url: dict[str, Pod] = {}
-        self._candidates: list[Backend] | None = None
         self.autoscaler = Autoscaler(config.autoscale) if config.autoscale else None
         self.reasons: dict[str, int] = {}
         self.records = Records()  # per finished request, see report.py
@@ -246,14 +245,13 @@ class Cluster:
         self.proxy._began(decision)
         return decision
 
-    def candidates(self) -> list[Backend]:
-        """pool.candidates(model), recomputed only when the pool or a backend's health
-        changes (the same list; the real router sorts it per request)."""
-        if self._candidates is None:
-            self._candidates = self.pool.candidates(MODEL)
-            if not self._candidates:
-                raise RuntimeError(f"no healthy engine at t={self.now:.1f}s")
-        return self._candidates
+    def candidates(self) -> Candidates:
+        """pool.candidates(model), as the proxy's first attempt passes it (the pool rebuilds it
+        only when an engine joins, leaves or changes health)."""
+        candidates = self.pool.candidates(MODEL)
+        if not candidates:
+            raise RuntimeError(f"no healthy engine at t={self.now:.1f}s")
+        return candidates
 
     def _on_deliver(self, pod: Pod, request: SimRequest) -> None:
         request.arrival_s = self.now
@@ -336,7 +334,6 @@ class Cluster:
             subscriber = EventSubscriber(backend.url, None, self.index, self.metrics, None)  # type: ignore[arg-type]
             subscriber.live = True  # its replay answered (empty), as for a new engine
             self.subscribers[backend.url] = subscriber
-        self._candidates = None
 
     def _remove_pod(self, pod: Pod) -> None:
         """Scale-down: the router forgets it (as app._forget and KVEventSubscriptions.removed
@@ -348,7 +345,6 @@ class Cluster:
             self.trie.forget_backend(url)
             self.subscribers.pop(url, None)
             self.index.clear(url)
-        self._candidates = None
         if not pod.engine.running and not pod.engine.waiting:
             pod.drained_s = self.now
 

@@ -140,8 +140,8 @@ def test_pool_candidates_are_the_healthy_backends_serving_the_model():
     a, b, c = (pool.get(u) for u in URLS)
     a.healthy = b.healthy = True
     a.model_cards, b.model_cards, c.model_cards = [{"id": "x"}], [{"id": "y"}], [{"id": "x"}]
-    assert pool.candidates("x") == [a]  # c serves x but is unhealthy
-    assert pool.candidates(None) == [a, b]
+    assert list(pool.candidates("x")) == [a]  # c serves x but is unhealthy
+    assert list(pool.candidates(None)) == [a, b]
     assert pool.serves("x") and not pool.serves("z")
     assert [card["id"] for card in pool.model_cards()] == ["x", "y"]
 

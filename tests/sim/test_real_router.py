@@ -88,3 +88,28 @@ def test_session_affinity_keeps_every_round_of_a_user_on_one_replica(profile):
     cluster.run()
     assert cluster.reasons == {"session": len(cluster.records)}
     assert all(len(urls) == 1 for urls in placed.values()) and len(placed) == 24
+
+
+def test_least_loaded_in_the_simulator_decides_as_a_scan_of_every_engine(profile):
+    """The router keeps loads in an incremental order, fed by the proxy's bookkeeping and the
+    simulated scrapes; a logic that scans every engine's load per request sees the same."""
+    from lmserve.sim.cluster import Cluster, SimConfig
+
+    class ScanLeastLoaded(RoutingLogic):
+        name = "scan"
+
+        def __init__(self) -> None:
+            self.turn = 0
+
+        def choose(self, request, candidates):
+            loads = [b.load for b in candidates]
+            tied = [b for b, load in zip(candidates, loads) if load == min(loads)]
+            self.turn += 1
+            return Decision(tied[self.turn % len(tied)], "least_loaded")
+
+    spec = multi_round(num_users=40, request_rate=8.0)
+    kept = run_cluster(profile, spec, "least-loaded", replicas=6)
+    scan = Cluster(SimConfig("least-loaded", replicas=6), profile, spec,
+                   logic_factory=lambda c: ScanLeastLoaded()).run()  # fmt: skip
+    assert len(kept.records) == 120
+    assert list(kept.records) == list(scan.records)
