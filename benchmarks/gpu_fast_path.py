@@ -22,8 +22,6 @@ import gc
 import json
 import os
 import random
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,6 +31,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 os.environ.setdefault("LMSERVE_ENABLE_MULTIPROCESSING", "0")
 
+from benchmarks.cold_start import cold_start  # noqa: E402
 from benchmarks.gpu_shapes import (  # noqa: E402
     SHAPES,
     batch1_decode_tok_s,
@@ -165,45 +164,6 @@ def hf_throughput(batch: int) -> dict:
         "tokens_per_second": (ids.numel() + generated) / elapsed,
         "output_tokens_per_second": generated / elapsed,
     }
-
-
-def cold_start(path: str) -> dict:
-    """Launch `lmserve serve` and time the first token of a one-token completion."""
-    import httpx
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [
-        sys.executable, "-m", "lmserve.entrypoints.cli", "serve", path, "--load-format", "dummy",
-        "--dtype", "bfloat16", "--skip-tokenizer-init", "--max-model-len", "2048",
-        "--port", str(port), "--host", "127.0.0.1",
-    ]  # fmt: skip
-    env = dict(os.environ, LMSERVE_ENABLE_MULTIPROCESSING="1")
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    body = {"model": path, "prompt": list(range(1000, 1016)), "max_tokens": 1}
-    result: dict = {}
-    try:
-        while time.perf_counter() - start < 300:
-            if proc.poll() is not None:
-                result["error"] = f"server exited with {proc.returncode}"
-                break
-            try:
-                r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=60)
-            except httpx.TransportError:
-                time.sleep(0.2)
-                continue
-            result = {
-                "status": r.status_code,
-                "first_token_s": round(time.perf_counter() - start, 1),
-            }
-            break
-    finally:
-        proc.terminate()
-        log = proc.communicate(timeout=60)[0].decode(errors="replace")
-    result["log"] = [line for line in log.splitlines() if "INFO" in line and "HTTP" not in line]
-    return result
 
 
 def main() -> None:

@@ -3,10 +3,9 @@ batch-1 decode measurement they share."""
 
 from __future__ import annotations
 
+import json
 import os
 import time
-
-import torch
 
 LLAMA3_8B = dict(
     hidden_size=4096,
@@ -58,8 +57,24 @@ def write_shape(tmp: str, shape: str) -> str:
     return path
 
 
+def write_shape_json(tmp: str, shape: str) -> str:
+    """`write_shape` without transformers (nor torch): config.json with the sizes only, the rest
+    left to the config class's defaults. For measurements that must not import either first."""
+    cls_name, config, _ = SHAPES[shape]
+    path = os.path.join(tmp, f"{shape}-shape-json")
+    os.makedirs(path, exist_ok=True)
+    model_type = cls_name.removesuffix("Config").lower()
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(
+            {"model_type": model_type, "hidden_act": "silu", "rope_theta": 500000.0, **config}, f
+        )
+    return path
+
+
 def copy_bandwidth_gbs() -> float:
     """Device memory bandwidth from a 1 GiB device-to-device copy (bytes read + written)."""
+    import torch
+
     x = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
     y = torch.empty_like(x)
     for _ in range(3):

@@ -60,6 +60,12 @@ ENVIRONMENT_VARIABLES: dict[str, tuple[Callable[[], Any], str]] = {
         "CUDA with triton: random sampling draws each row's noise from (seed, position) in one "
         "launch for the batch (default); 0: torch's generators (one launch per seeded row)",
     ),
+    "LMSERVE_SHIPPED_KERNELS": (
+        _bool("LMSERVE_SHIPPED_KERNELS", True),
+        "CUDA: before the first kernel compiles, copy the Triton kernels shipped with lmserve "
+        "for this Triton version and GPU (lmserve/kernel_cache/bundles) into Triton's cache, "
+        "so a fresh machine does not compile them at start-up; 0: compile them here",
+    ),
     "LMSERVE_CPU_THREADS": (
         lambda: os.environ.get("LMSERVE_CPU_THREADS", "auto").strip().lower() or "auto",
         "threads of a CPU engine's steps: 'auto' (default) measures small steps with all cores "

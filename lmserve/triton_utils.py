@@ -28,7 +28,6 @@ from lmserve import envs
 
 
 @functools.cache
-@functools.cache
 def triton_installed() -> bool:
     return importlib.util.find_spec("triton") is not None
 

@@ -177,12 +177,15 @@ def random_requests(
     range_ratio: float = 0.0,
     seed: int = 0,
     progress: bool = False,
+    output_range_ratio: float | None = None,
 ) -> list[SampleRequest]:
-    """Prompts of random tokens; input and output lengths uniform around the given ones."""
+    """Prompts of random tokens; input and output lengths uniform around the given ones (output
+    lengths with `output_range_ratio` when given, else `range_ratio`)."""
     _require_positive(num_requests=num_requests, input_len=input_len, output_len=output_len)
     rng = np.random.default_rng(seed)
     input_lens = _lengths(rng, input_len, range_ratio, num_requests)
-    output_lens = _lengths(rng, output_len, range_ratio, num_requests)
+    output_ratio = range_ratio if output_range_ratio is None else output_range_ratio
+    output_lens = _lengths(rng, output_len, output_ratio, num_requests)
     pool = candidate_token_ids(tokenizer)
     requests = []
     lengths = zip(input_lens, output_lens)
@@ -385,6 +388,13 @@ def add_dataset_args(parser: Any, multi_round: bool = False) -> None:
         help="random: lengths uniform in [len * (1 - r), len * (1 + r)]",
     )
     group.add_argument(
+        "--output-range-ratio",
+        dest="output_range_ratio",
+        type=float,
+        default=None,
+        help="random: the output lengths' own range ratio (default: --range-ratio)",
+    )
+    group.add_argument(
         "--prefix-len", "--prefix-repetition-prefix-len", dest="prefix_len", type=int, default=256
     )
     group.add_argument(
@@ -441,6 +451,7 @@ def build_requests(
             args.range_ratio,
             seed,
             progress,
+            getattr(args, "output_range_ratio", None),
         )
     if name == "prefix-repetition":
         return prefix_repetition_requests(

@@ -12,6 +12,7 @@ import torch
 from lmserve import envs
 from lmserve.config import EngineConfig
 from lmserve.core.sched_output import ModelRunnerOutput, SchedulerOutput, StructuredOutputBatch
+from lmserve.kernel_cache import install_shipped_kernels
 from lmserve.worker.cpu_threads import SMALL_STEP_TOKENS, CpuThreadTuner
 from lmserve.worker.model_runner import ModelRunner, StepOutput
 
@@ -34,6 +35,8 @@ class Worker:
             elif self.device.index is None:
                 self.device = torch.device("cuda", torch.cuda.current_device())
             torch.cuda.set_device(self.device)
+            # Before anything compiles: the kernels shipped for this Triton and GPU.
+            install_shipped_kernels(torch.cuda.get_device_capability(self.device))
         self.model_runner = ModelRunner(
             config, self.device, _make_kv_connector(config, local_rank or 0, kv_store)
         )

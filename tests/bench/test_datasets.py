@@ -57,6 +57,17 @@ def test_random_range_ratio_spreads_lengths_and_keeps_them_exact(tokenizer):
     assert all(len(encode(tokenizer, r.prompt)) == r.prompt_len for r in requests)
 
 
+def test_random_output_lengths_take_their_own_range_ratio(tokenizer):
+    # The issue-23 serving mix: prompts 128-2,047 tokens, outputs 64-511.
+    requests = random_requests(
+        tokenizer, 300, 1088, 288, range_ratio=0.88235, seed=2, output_range_ratio=0.7777
+    )
+    input_lens = [r.prompt_len for r in requests]
+    output_lens = [r.expected_output_len for r in requests]
+    assert 128 <= min(input_lens) and max(input_lens) <= 2047
+    assert 64 <= min(output_lens) < 100 and 480 < max(output_lens) <= 511
+
+
 def test_random_requests_are_deterministic_for_a_seed(tokenizer):
     a = random_requests(tokenizer, 5, 16, 4, seed=7)
     b = random_requests(tokenizer, 5, 16, 4, seed=7)

@@ -1,0 +1,162 @@
+"""Online serving, lmserve against vLLM on the same card: each server is started with its
+defaults (8B shape, dummy weights, bf16), then `lmserve bench serve` sends it the same random
+prompts (same seed: 128-2,047 tokens in, 64-511 out, ignore_eos) at each request rate, one rate
+after another: TTFT p50/p99, ITL p50/p99 and output tok/s per rate. One server runs at a time.
+
+    python benchmarks/serve_vs_vllm.py --server lmserve --model-dir DIR --out lmserve.json
+    PYTHONPATH=/tmp/vsite python benchmarks/serve_vs_vllm.py --server vllm ... --out vllm.json
+    python benchmarks/serve_vs_vllm.py --compare lmserve.json vllm.json --out both.json
+
+DIR holds config.json and a tokenizer (both servers read the tokenizer from it). Prints a table
+and writes JSON; asserts nothing about time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import httpx
+
+RATES = {"4": 160, "16": 400, "64": 800, "inf": 500}  # request rate: prompts sent at it
+METRICS = ("p50_ttft_ms", "p99_ttft_ms", "p50_itl_ms", "p99_itl_ms", "output_throughput")
+DATASET = [
+    "--dataset-name", "random", "--input-len", "1088", "--range-ratio", "0.88235",
+    "--output-len", "288", "--output-range-ratio", "0.7777", "--ignore-eos", "--seed", "0",
+]  # fmt: skip
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _server_command(server: str, model_dir: str, port: int) -> list[str]:
+    common = ["--load-format", "dummy", "--dtype", "bfloat16", "--port", str(port)]
+    common += ["--host", "127.0.0.1", "--max-model-len", "4096"]
+    if server == "lmserve":
+        return [sys.executable, "-m", "lmserve.entrypoints.cli", "serve", model_dir, *common]
+    return [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", model_dir, *common]
+
+
+def _wait_healthy(proc: subprocess.Popen, port: int, timeout_s: float) -> float:
+    start = time.perf_counter()
+    while time.perf_counter() - start < timeout_s:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200:
+                return time.perf_counter() - start
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"server not healthy after {timeout_s} s")
+
+
+def _bench(port: int, rate: str, num_prompts: int, result_path: str) -> dict:
+    cmd = [
+        sys.executable, "-m", "lmserve.entrypoints.cli", "bench", "serve",
+        "--base-url", f"http://127.0.0.1:{port}", "--endpoint", "/v1/completions",
+        "--request-rate", rate, "--num-prompts", str(num_prompts), *DATASET,
+        "--metric-percentiles", "50,99", "--disable-tqdm", "--save-result", result_path,
+    ]  # fmt: skip
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    with open(result_path) as f:
+        return json.load(f)
+
+
+def run_server(
+    server: str, model_dir: str, rates: list[str], log_path: str, scale: float = 1.0
+) -> dict:
+    port = _free_port()
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            _server_command(server, model_dir, port), stdout=log, stderr=subprocess.STDOUT
+        )
+    result: dict = {"server": server, "rates": {}}
+    try:
+        result["start_to_healthy_s"] = round(_wait_healthy(proc, port, 900), 1)
+        with tempfile.TemporaryDirectory() as tmp:
+            _bench(port, "inf", 16, os.path.join(tmp, "warmup.json"))  # first-request costs
+            for rate in rates:
+                num_prompts = max(2, round(RATES[rate] * scale))
+                full = _bench(port, rate, num_prompts, os.path.join(tmp, f"{rate}.json"))
+                row = {m: full.get(m) for m in METRICS}
+                row.update(completed=full.get("completed"), num_prompts=num_prompts)
+                result["rates"][rate] = row
+                print(server, rate, json.dumps(row), flush=True)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    return result
+
+
+def _versions(server: str) -> dict:
+    import torch
+
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    info = {"device": device, "torch": torch.__version__}
+    if server == "vllm":
+        import vllm
+
+        info["vllm"] = vllm.__version__
+    return info
+
+
+def compare(ours: dict, theirs: dict) -> dict:
+    """Per rate and metric: both figures and lmserve's speed relative to vLLM (>1: lmserve
+    better; latencies as vLLM's / ours, throughput as ours / vLLM's)."""
+    table = {}
+    for rate, row in ours["rates"].items():
+        peer = theirs["rates"].get(rate)
+        if not peer:
+            continue
+        table[rate] = {}
+        for metric in METRICS:
+            a, b = row[metric], peer[metric]
+            ratio = a / b if metric == "output_throughput" else b / a
+            table[rate][metric] = {"lmserve": a, "vllm": b, "lmserve_advantage": round(ratio, 3)}
+    return table
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--server", choices=("lmserve", "vllm"))
+    parser.add_argument("--model-dir")
+    parser.add_argument("--rates", default="4,16,64,inf")
+    parser.add_argument("--scale", type=float, default=1.0, help="of each rate's prompts")
+    parser.add_argument("--compare", nargs=2, metavar=("LMSERVE_JSON", "VLLM_JSON"))
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    if args.compare:
+        ours, theirs = (json.load(open(p)) for p in args.compare)
+        result = {"lmserve": ours, "vllm": theirs, "comparison": compare(ours, theirs)}
+        print(f"{'rate':>5} {'metric':<18}{'lmserve':>10}{'vllm':>10}{'advantage':>11}")
+        for rate, rows in result["comparison"].items():
+            for metric, r in rows.items():
+                print(
+                    f"{rate:>5} {metric:<18}{r['lmserve']:>10.1f}{r['vllm']:>10.1f}"
+                    f"{r['lmserve_advantage']:>10.3f}x"
+                )
+    else:
+        rates = args.rates.split(",")
+        result = run_server(
+            args.server, args.model_dir, rates, args.out + ".server.log", args.scale
+        )
+        result.update(_versions(args.server))
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,3 @@
+from lmserve.kernel_cache import main
+
+main()
