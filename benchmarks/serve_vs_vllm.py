@@ -73,12 +73,20 @@ def _bench(port: int, rate: str, num_prompts: int, result_path: str) -> dict:
 
 
 def run_server(
-    server: str, model_dir: str, rates: list[str], log_path: str, scale: float = 1.0
+    server: str,
+    model_dir: str,
+    rates: list[str],
+    log_path: str,
+    scale: float = 1.0,
+    server_pythonpath: str | None = None,
 ) -> dict:
     port = _free_port()
     with open(log_path, "w") as log:
+        env = dict(os.environ)
+        if server_pythonpath is not None:
+            env["PYTHONPATH"] = server_pythonpath
         proc = subprocess.Popen(
-            _server_command(server, model_dir, port), stdout=log, stderr=subprocess.STDOUT
+            _server_command(server, model_dir, port), stdout=log, stderr=subprocess.STDOUT, env=env
         )
     result: dict = {"server": server, "rates": {}}
     try:
@@ -101,15 +109,18 @@ def run_server(
     return result
 
 
-def _versions(server: str) -> dict:
+def _versions(server: str, server_pythonpath: str | None) -> dict:
     import torch
 
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     info = {"device": device, "torch": torch.__version__}
     if server == "vllm":
-        import vllm
-
-        info["vllm"] = vllm.__version__
+        env = dict(os.environ)
+        if server_pythonpath is not None:
+            env["PYTHONPATH"] = server_pythonpath
+        code = "import vllm; print(vllm.__version__)"
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+        info["vllm"] = out.stdout.strip()
     return info
 
 
@@ -135,6 +146,9 @@ def main() -> None:
     parser.add_argument("--model-dir")
     parser.add_argument("--rates", default="4,16,64,inf")
     parser.add_argument("--scale", type=float, default=1.0, help="of each rate's prompts")
+    parser.add_argument(
+        "--server-pythonpath", default=None, help="PYTHONPATH of the server process only"
+    )
     parser.add_argument("--compare", nargs=2, metavar=("LMSERVE_JSON", "VLLM_JSON"))
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
@@ -153,7 +167,7 @@ def main() -> None:
         result = run_server(
             args.server, args.model_dir, rates, args.out + ".server.log", args.scale
         )
-        result.update(_versions(args.server))
+        result.update(_versions(args.server, args.server_pythonpath))
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
 

@@ -42,7 +42,12 @@ def build_sampling_metadata(
         ),
         all_greedy=not random_rows.any(),
         all_random=bool(random_rows.all()),
-        generators={row_pos[r]: g for r, g in batch.generators.items() if r in row_pos},
+        # The keyed race draws from (seed, position) and reads no generator.
+        generators=(
+            {}
+            if keyed_race
+            else {row_pos[r]: g for r, g in batch.generators.items() if r in row_pos}
+        ),
     )
     if random_rows.any():
         top_k, top_p, min_p = batch.top_k[rows], batch.top_p[rows], batch.min_p[rows]

@@ -98,6 +98,8 @@ def test_keyed_race_keys_are_each_seeded_rows_seed_and_the_drawn_tokens_position
     again = build_sampling_metadata(batch, rows, VOCAB, CPU, keyed_race=True)
     assert again.race_keys[0, :2].tolist() == seeds[:2]
     assert again.race_keys[0, 2] != seeds[2]  # the unseeded row: a fresh key each step
+    assert md.generators == {}  # the race reads keys, not generators
+    assert build_sampling_metadata(batch, rows, VOCAB, CPU).generators.keys() == {0, 1}
     greedy = make_batch(([1], [], SamplingParams(temperature=0)))
     assert (
         build_sampling_metadata(greedy, np.array([0]), VOCAB, CPU, keyed_race=True).race_keys
