@@ -28,8 +28,17 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 
-def cold_start(path: str) -> dict:
-    """Launch `lmserve serve` and time the first token of a one-token completion."""
+# Sent after the first token when filling a cache to build a bundle from: a greedy request (the
+# argmax kernel) and a 1,500-token prompt (the long-prompt attention tiles).
+FOLLOW_UPS = (
+    {"prompt": list(range(1000, 1016)), "max_tokens": 4, "temperature": 0},
+    {"prompt": [1000 + i % 3000 for i in range(1500)], "max_tokens": 2},
+)
+
+
+def cold_start(path: str, then: tuple[dict, ...] = ()) -> dict:
+    """Launch `lmserve serve` and time the first token of a one-token completion; then send
+    the `then` request bodies one by one."""
     import httpx
 
     with socket.socket() as s:
@@ -59,6 +68,10 @@ def cold_start(path: str) -> dict:
                 "status": r.status_code,
                 "first_token_s": round(time.perf_counter() - start, 1),
             }
+            url = f"http://127.0.0.1:{port}/v1/completions"
+            result["then_status"] = [
+                httpx.post(url, json={"model": path, **b}, timeout=120).status_code for b in then
+            ]
             break
     finally:
         proc.terminate()
@@ -96,10 +109,27 @@ def _environment() -> dict:
     }
 
 
+def fill_cache(shapes: list[str], save_to: str) -> None:
+    from benchmarks.gpu_shapes import write_shape_json
+
+    os.environ.update(TRITON_CACHE_DIR=save_to, LMSERVE_SHIPPED_KERNELS="0")
+    with tempfile.TemporaryDirectory() as tmp:
+        for shape in shapes:
+            run = cold_start(write_shape_json(tmp, shape), then=FOLLOW_UPS)
+            print(shape, run.get("status"), run.get("then_status"), run.get("first_token_s"))
+    print("cache", json.dumps(_cache_inventory(save_to)))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", default="empty,warm")
     parser.add_argument("--save-cache", default=None)
+    parser.add_argument(
+        "--build-shapes",
+        default=None,
+        help="instead of timing: fill one empty Triton cache by starting each of these shapes "
+        "(e.g. 8b,0.5b) and sending FOLLOW_UPS, then copy it to --save-cache",
+    )
     parser.add_argument("--out", default="cold_start.json")
     args = parser.parse_args()
     from benchmarks.gpu_shapes import write_shape_json
@@ -107,6 +137,8 @@ def main() -> None:
     # Nothing here imports torch or transformers before the first run: on a fresh machine
     # that run is the first to read them from disk.
     result: dict = {"benchmark": "cold_start", "runs": []}
+    if args.build_shapes:
+        return fill_cache(args.build_shapes.split(","), args.save_cache)
     with tempfile.TemporaryDirectory() as tmp:
         model = write_shape_json(tmp, "8b")
         cache_dir = None
