@@ -127,6 +127,15 @@ def test_a_bundle_with_a_path_outside_its_entry_is_refused(tmp_path, monkeypatch
     assert not (tmp_path / "escape").exists()
 
 
+def test_a_corrupt_bundle_costs_only_the_compile_time(tmp_path, monkeypatch, caplog):
+    bad = tmp_path / kernel_cache.bundle_name(__import__("triton").__version__, (9, 0))
+    bad.write_bytes(b"\x1f\x8b not really gzip")
+    monkeypatch.setattr(kernel_cache, "BUNDLE_DIR", tmp_path)
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "tc"))
+    assert kernel_cache.install_shipped_kernels((9, 0)) == 0
+    assert "not installed" in caplog.text
+
+
 def test_shipped_bundles_were_built_from_these_kernel_sources():
     """A kernel edited since its bundle was built would compile again at start-up (Triton's key
     covers the source, so the stale entry is never used): rebuild the bundle on the GPU."""

@@ -106,7 +106,7 @@ def install_shipped_kernels(capability: tuple[int, int]) -> int:
         return 0
     try:
         return _install(bundle, triton_cache_dir())
-    except OSError as e:
+    except (OSError, tarfile.TarError, EOFError, ValueError) as e:  # unreadable or corrupt
         logger.warning("shipped Triton kernels not installed (%s); they compile instead", e)
         return 0
 
