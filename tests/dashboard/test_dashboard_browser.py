@@ -115,7 +115,11 @@ class Chromium:
         wait_until(lambda: len(port_file.read_text().splitlines()) >= 2, timeout=5)
         port = port_file.read_text().split()[0]
         pages = [t for t in self._targets(port) if t["type"] == "page"]
-        self.ws = websocket.create_connection(pages[0]["webSocketDebuggerUrl"], timeout=30)
+        # No Origin header: Chromium (since 111) refuses DevTools connections from an origin
+        # it was not started with --remote-allow-origins for; a client without one is let in.
+        self.ws = websocket.create_connection(
+            pages[0]["webSocketDebuggerUrl"], timeout=30, suppress_origin=True
+        )
         self.ids = itertools.count(1)
         self.errors: list[str] = []
         for domain in ("Runtime", "Log", "Page"):
