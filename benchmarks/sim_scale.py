@@ -88,6 +88,7 @@ def run_logic(logic: str, replicas: int, rate: float, duration: float, tmp: Path
             "--answer-len", str(w["answer_len"]),
             "--user-request-interval", str(w["user_request_interval"]), "--seed", "1",
             "--output", str(out)]  # fmt: skip
+    load_start = os.getloadavg()[0]
     start, cpu_start = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
     done = subprocess.run(args, capture_output=True, text=True)
     wall = time.perf_counter() - start
@@ -101,7 +102,8 @@ def run_logic(logic: str, replicas: int, rate: float, duration: float, tmp: Path
     result = json.loads(out.read_text())
     run = result["runs"][0]
     run.pop("per_replica")
-    return {"wall_s": wall, "cpu_s": cpu, "load_average_1min_at_end": os.getloadavg()[0],
+    return {"wall_s": wall, "cpu_s": cpu, "load_average_1min_at_start": load_start,
+            "load_average_1min_at_end": os.getloadavg()[0],
             "peak_rss_mib": result["peak_rss_mib"], **run}  # fmt: skip
 
 

@@ -82,6 +82,20 @@ def extend_block_hashes(
     data = array("q", token_ids[first * block_size : end * block_size]).tobytes()
     step = block_size * 8  # bytes per block (int64 ids)
     parent = hashes[-1] if first else ROOT_PARENT_HASH
+    if not cache_salt and not mm_ranges:
+        # the usual case, one C call per block: no extra keys to compute, and SHA-256 without
+        # the wrapper function (a third of the time per block when a prompt has ~100)
+        append = hashes.append
+        if hash_fn is _sha256:
+            sha256 = hashlib.sha256
+            for offset in range(0, len(data), step):
+                parent = sha256(parent + data[offset : offset + step]).digest()
+                append(parent)
+        else:
+            for offset in range(0, len(data), step):
+                parent = hash_fn(parent + data[offset : offset + step])
+                append(parent)
+        return
     for i in range(end - first):
         extra = cache_salt.encode() if first + i == 0 and cache_salt else b""
         if mm_ranges:

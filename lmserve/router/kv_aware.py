@@ -43,6 +43,7 @@ leaves the pool. So per candidate set only the engines not yet live are asked ag
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -99,6 +100,9 @@ class PendingBlocks:
 
 Layout = tuple[int, str]  # (block size, hash algorithm)
 PLACEMENT_STRIDE = 4  # blocks between two recorded placements of a conversation
+KNOWN_HASHES_CHECK_EVERY = 1024  # decisions between two checks of a request's known hashes
+
+logger = logging.getLogger(__name__)
 
 
 class CandidateState:
@@ -151,6 +155,8 @@ class KvAware(RoutingLogic):
         index.on_stored.append(self.pending.confirm)
         self.clock = clock
         self._decisions = 0
+        self.trust_known_hashes = True  # RouteRequest.block_hashes (see _hash_chains)
+        self._known_used = 0
         self._states = PerCandidates(
             lambda c, watch: CandidateState(c, self.queue_cost, watch), CandidateState.close
         )
@@ -170,7 +176,7 @@ class KvAware(RoutingLogic):
         self._decisions += 1
         if self._decisions % 1024 == 0:
             self.pending.prune(now)
-        by_layout = self._hash_chains(ids, state)
+        by_layout = self._hash_chains(ids, state, request.block_hashes)
         cached = self._cached_tokens(by_layout, state, now)  # engines holding none: absent
         n, key_of, urls = len(ids), state.order.key_of, state.by_url
 
@@ -203,10 +209,16 @@ class KvAware(RoutingLogic):
         return not state.not_live
 
     def _hash_chains(
-        self, ids: Sequence[int], state: CandidateState
+        self,
+        ids: Sequence[int],
+        state: CandidateState,
+        known: tuple[int, str, Sequence[BlockHash]] | None = None,
     ) -> dict[Layout, list[BlockHash]]:
         """The prompt's hashes for the blocks a prefix cache could reuse (all but the last
-        token), once per distinct layout (block size, hash algorithm) among the candidates."""
+        token), once per distinct layout (block size, hash algorithm) among the candidates.
+        The request's `known` hashes stand in for computing a layout's when they cover it;
+        they are checked against the computed chain on the first decisions and one in
+        KNOWN_HASHES_CHECK_EVERY after: a mismatch stops their use (and is logged)."""
         index = self.index
         if state.layout_version != index.layout_version:
             state.layout_of = {}
@@ -218,9 +230,30 @@ class KvAware(RoutingLogic):
             state.layout_version = index.layout_version
         by_layout: dict[Layout, list[BlockHash]] = {}
         for block_size, algo in state.layouts:
-            usable = (len(ids) - 1) // block_size * block_size
-            hashes: list[BlockHash] = []
-            extend_block_hashes(hashes, ids[:usable], block_size, HASH_FUNCTIONS[algo])
+            blocks = (len(ids) - 1) // block_size
+            if (
+                known is not None
+                and self.trust_known_hashes
+                and (known[0], known[1]) == (block_size, algo)
+                and len(known[2]) >= blocks
+            ):
+                hashes = list(known[2][:blocks])
+                self._known_used += 1
+                if self._known_used <= 8 or self._known_used % KNOWN_HASHES_CHECK_EVERY == 0:
+                    computed: list[BlockHash] = []
+                    extend_block_hashes(
+                        computed, ids[: blocks * block_size], block_size, HASH_FUNCTIONS[algo]
+                    )
+                    if computed != hashes:
+                        logger.warning("kv-aware: the request's block hashes are not the "
+                                       "prompt's; computing them from now on")  # fmt: skip
+                        self.trust_known_hashes = False
+                        hashes = computed
+            else:
+                hashes = []
+                extend_block_hashes(
+                    hashes, ids[: blocks * block_size], block_size, HASH_FUNCTIONS[algo]
+                )
             by_layout[(block_size, algo)] = hashes
         return by_layout
 

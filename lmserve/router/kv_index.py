@@ -72,23 +72,50 @@ class KVIndex:
         except (msgspec.DecodeError, TypeError, IndexError, KeyError) as e:
             raise ValueError(f"not a KV event batch: {e}") from None
         stats = BatchStats(timestamp=batch[0] if isinstance(batch[0], (int, float)) else 0.0)
+        # Consecutive events of one kind and medium are applied as one run (an engine sends an
+        # event per block): the same index, in the same order, with one _store / _remove call
+        # per run instead of one per block.
+        run: list[BlockHash] = []
+        run_kind, run_medium = None, None
+        layouts = self.layouts
         for event in events:
             kind = event[0]
             if kind == "BlockStored":
-                _, hashes, parent, token_ids, block_size = event[:5]
+                hashes, block_size = event[1], event[4]
                 medium = _medium(event, 6)
-                layout = self.layouts.get(url)
+                if run and (run_kind is not kind_stored or run_medium != medium):
+                    self._apply_run(url, run_kind, run, run_medium)
+                    run = []
+                run_kind, run_medium = kind_stored, medium
+                layout = layouts.get(url)
                 if layout is None or layout.hash_algo is None or layout.block_size != block_size:
-                    self._learn_layout(url, hashes, parent, token_ids, block_size)
-                self._store(url, hashes, medium)
+                    self._learn_layout(url, hashes, event[2], event[3], block_size)
+                run += hashes
                 stats.stored += len(hashes)
             elif kind == "BlockRemoved":
-                self._remove(url, event[1], _medium(event, 2))
-                stats.removed += len(event[1])
+                hashes = event[1]
+                medium = _medium(event, 2)
+                if run and (run_kind is not kind_removed or run_medium != medium):
+                    self._apply_run(url, run_kind, run, run_medium)
+                    run = []
+                run_kind, run_medium = kind_removed, medium
+                run += hashes
+                stats.removed += len(hashes)
             elif kind == "AllBlocksCleared":
+                if run:
+                    self._apply_run(url, run_kind, run, run_medium)
+                    run = []
                 self.clear(url, forget_layout=False)
                 stats.cleared = True
+        if run:
+            self._apply_run(url, run_kind, run, run_medium)
         return stats
+
+    def _apply_run(self, url: str, kind: str, hashes: list[BlockHash], medium: str) -> None:
+        if kind is kind_stored:
+            self._store(url, hashes, medium)
+        else:
+            self._remove(url, hashes, medium)
 
     def clear(self, url: str, forget_layout: bool = True) -> None:
         """Engine `url` holds nothing (restarted, cleared, or gone)."""
@@ -172,6 +199,9 @@ class KVIndex:
                 n += 1
             found[url] = n
         return found
+
+
+kind_stored, kind_removed = "BlockStored", "BlockRemoved"  # run kinds of KVIndex.apply
 
 
 def _medium(event: list, i: int) -> str:

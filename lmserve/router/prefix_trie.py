@@ -18,9 +18,10 @@ and eviction always takes a leaf: no node is left unreachable behind an evicted 
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from itertools import repeat
 
 # An upper bound of one node's memory: the OrderedDict slot and link (~110 B), the int key
 # (32 B) and a tuple of one or two backend names (~56 B; the names themselves are shared).
@@ -60,14 +61,15 @@ class PrefixTrie:
         """One hash per full chunk; a trailing partial chunk is left out (it changes as the
         conversation grows, so it would only fill the trie with nodes nobody matches)."""
         size = self.chunk_size
-        hashes, parent = [], _ROOT
+        hashes: list[int] = []
+        append, parent = hashes.append, _ROOT
         if isinstance(prompt, str):
             chunks = (prompt[i : i + size] for i in range(0, len(prompt) - size + 1, size))
         else:  # token ids: the full chunks as tuples, cut in C (a partial one is dropped)
             chunks = zip(*[iter(prompt)] * size)
         for chunk in chunks:
             parent = hash((parent, chunk))
-            hashes.append(parent)
+            append(parent)
         return hashes
 
     def match(
@@ -81,9 +83,9 @@ class PrefixTrie:
         Touches the known path as recently used, unless `touch` is False (a caller that
         inserts `hashes` next: insert touches every one of them in the same order)."""
         nodes = self._nodes
-        known = 0
-        while known < len(hashes) and hashes[known] in nodes:
-            known += 1
+        # membership of every hash in one C pass (past the first miss is wasted, but cheap)
+        present = list(map(nodes.__contains__, hashes))
+        known = present.index(False) if False in present else len(present)
         if touch:
             for h in reversed(hashes[:known]):  # leaf first: ancestors end up more recent
                 nodes.move_to_end(h)
@@ -94,21 +96,47 @@ class PrefixTrie:
         return PrefixMatch(0, ())
 
     def insert(self, hashes: Sequence[int], backend: str) -> None:
-        """Record that `backend` now holds every prefix in `hashes`, then evict to the cap."""
+        """Record that `backend` now holds every prefix in `hashes`, then evict to the cap.
+
+        Every node of `hashes` ends up most recent, the deepest first (the order of a walk
+        from the leaf back to the root, touching each node). Usually the known nodes are a
+        prefix and the rest are new: then the new ones go in with one C call, the known ones
+        get their holders updated and are touched, and the evictions are one C loop."""
+        nodes = self._nodes
+        present = list(map(nodes.__contains__, hashes))
+        known = present.index(False) if False in present else len(present)
+        if True in present[known:]:  # a known node below an unknown one: node by node
+            self._insert_walk(hashes, backend)
+        else:
+            if known < len(hashes):  # a new key goes last: as recent as a touched one
+                nodes.update(zip(reversed(hashes[known:]), repeat((backend,))))
+            if known:
+                prefix = hashes[:known]
+                get = nodes.get
+                for h, holders in zip(prefix, map(get, prefix)):
+                    if holders[-1] != backend:
+                        if backend in holders:
+                            holders = tuple(b for b in holders if b != backend)
+                        nodes[h] = (*holders[-MAX_BACKENDS_PER_NODE + 1 :], backend)
+                deque(map(nodes.move_to_end, reversed(prefix)), maxlen=0)
+        excess = len(nodes) - self.max_nodes
+        if excess > 0:
+            deque(map(nodes.popitem, repeat(False, excess)), maxlen=0)
+            self.num_evictions += excess
+
+    def _insert_walk(self, hashes: Sequence[int], backend: str) -> None:
         nodes = self._nodes
         get, touch = nodes.get, nodes.move_to_end
         for h in reversed(hashes):
             holders = get(h)
             if holders is None:
-                nodes[h] = (backend,)  # a new key goes last: as recent as a touched one
+                nodes[h] = (backend,)
                 continue
             if holders[-1] != backend:
-                kept = tuple(b for b in holders if b != backend)[-MAX_BACKENDS_PER_NODE + 1 :]
-                nodes[h] = (*kept, backend)
+                if backend in holders:
+                    holders = tuple(b for b in holders if b != backend)
+                nodes[h] = (*holders[-MAX_BACKENDS_PER_NODE + 1 :], backend)
             touch(h)
-        while len(nodes) > self.max_nodes:
-            nodes.popitem(last=False)
-            self.num_evictions += 1
 
     def forget_backend(self, backend: str) -> None:
         """Drop `backend` from every node (it left the cluster; its KV cache is gone).

@@ -50,6 +50,10 @@ class RouteRequest:
     token_ids: Sequence[int] | None = None  # the engine's prompt ids (kv-aware only)
     # kv-aware: the prompt, computed only if the decision falls back to prefix-aware
     lazy_prompt: Callable[[], str | Sequence[int] | None] | None = None
+    # kv-aware: the engines' block hashes of `token_ids` when the caller has them already, as
+    # (block size, hash algorithm, hashes of at least every full block of token_ids[:-1]);
+    # the simulator's clients do (the proxy does not). See KvAware.choose.
+    block_hashes: tuple[int, str, Sequence[bytes]] | None = None
 
     def prompt_text_or_ids(self) -> str | Sequence[int]:
         if self.prompt is None and self.lazy_prompt is not None:

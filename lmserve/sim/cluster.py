@@ -239,6 +239,12 @@ class Cluster:
             str(session.user_id) if session is not None and session.multi_round else None,
             ids if logic.needs_prompt else None,
             ids if logic.needs_tokens else None,
+            # the engines' hash chain of the prompt, which the workload computed already (the
+            # same function and layout): kv-aware reads it instead of hashing ~120 blocks
+            # again, and checks it against its own on its first decisions and now and then
+            block_hashes=(self.profile.block_size, self.profile.hash_algo, request.hashes)
+            if logic.needs_tokens
+            else None,
         )
         decision = logic.choose(route_request, self.candidates())
         self.reasons[decision.reason] = self.reasons.get(decision.reason, 0) + 1

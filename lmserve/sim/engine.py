@@ -434,31 +434,32 @@ class SimEngine:
         """Full blocks the step wrote enter the prefix cache (a copy of a block the cache
         already holds stays private, as in kv_cache_manager.cache_blocks)."""
         full = min(request.num_computed // self.bs, len(request.hashes))
-        refs = self.refs
-        bs = self.bs
-        if self.on_kv_events is None and full > request.num_hashed:
-            new = [h for h in request.hashes[request.num_hashed : full] if h not in refs]
-            refs.update(zip(new, repeat(1)))
-            request.shared += new
-            request.num_hashed = full
+        start = request.num_hashed
+        if full <= start:
             return
-        for i in range(request.num_hashed, full):
-            h = request.hashes[i]
-            if h in refs:
-                continue
-            refs[h] = 1
-            request.shared.append(h)
-            if self.on_kv_events is not None:
-                self.events.append(
-                    BlockStored(
-                        [h],
-                        request.hashes[i - 1] if i else None,
-                        request.token_ids[i * bs : (i + 1) * bs],
-                        bs,
-                    )
+        refs = self.refs
+        hashes = request.hashes
+        part = hashes[start:full]
+        if self.on_kv_events is None:
+            new = [h for h in part if h not in refs]
+        else:
+            held = list(map(refs.__contains__, part))
+            if True in held:
+                new = list(compress(part, map(not_, held)))
+                stored = list(compress(range(start, full), map(not_, held)))
+            else:
+                new, stored = part, range(start, full)
+            # one event per block, as the engine's kv_cache_manager publishes them
+            bs, ids = self.bs, request.token_ids
+            self.events += [
+                BlockStored(
+                    [hashes[i]], hashes[i - 1] if i else None, ids[i * bs : (i + 1) * bs], bs
                 )
-        if full > request.num_hashed:
-            request.num_hashed = full
+                for i in stored
+            ]
+        refs.update(zip(new, repeat(1)))
+        request.shared += new
+        request.num_hashed = full
 
     def _free(self, request: SimRequest) -> None:
         """Drop the request's blocks: hashed ones join the LRU's tail (its last blocks first,

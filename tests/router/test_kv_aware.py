@@ -316,3 +316,39 @@ def test_a_conversation_cached_nowhere_returns_to_the_engine_it_was_sent_to():
     c.in_flight = 0
     again = logic.choose(RouteRequest(None, token_ids=firsts[0] + [7] * 90), cands).backend
     assert again is moved
+
+
+# ---- the same answers, computed faster ---------------------------------------------------------
+def test_known_block_hashes_stand_in_for_computing_them_and_a_wrong_one_is_caught():
+    prompt = PROMPT * 3
+    hashes = block_hashes(prompt, BS)
+    index = warm_index(prompt, {"a": 2})
+    logic = make_logic(index)
+    computed = logic._hash_chains(prompt, logic._states.get(engines("a", "b", "c")))
+    known = (BS, "sha256", hashes)
+    cands = engines("a", "b", "c")
+    decision = logic.choose(RouteRequest(None, token_ids=prompt, block_hashes=known), cands)
+    assert decision.backend.url == "http://a" and logic.trust_known_hashes
+    assert computed == {(BS, "sha256"): hashes[: (len(prompt) - 1) // BS]}
+    wrong = (BS, "sha256", [b"x" * 32] * len(hashes))
+    decision = logic.choose(RouteRequest(None, token_ids=prompt, block_hashes=wrong), cands)
+    assert decision.backend.url == "http://a" and not logic.trust_known_hashes
+
+
+def test_a_batch_is_indexed_as_its_events_one_by_one():
+    """KVIndex.apply takes runs of same-kind events at once: the index (and the pending
+    blocks it confirms) end up as applying each event in its own batch leaves them."""
+    hashes = block_hashes(PROMPT, BS)
+    events = [stored(PROMPT[:8]), stored(PROMPT, start=2), BlockRemoved([hashes[1]]),
+              BlockRemoved([hashes[3]]), BlockStored([hashes[3]], hashes[2], PROMPT[12:16], BS),
+              BlockStored([hashes[0]], None, PROMPT[:4], BS, None, "CPU"),
+              BlockRemoved([hashes[0]]), AllBlocksCleared(), stored(PROMPT[:8]),
+              BlockRemoved([hashes[0]], "CPU")]  # fmt: skip
+    together, apart = KVIndex(), KVIndex()
+    confirmed: list = []
+    together.on_stored.append(lambda url, hs: confirmed.extend(hs))
+    together.apply("http://a", payload(*events))
+    for event in events:
+        apart.apply("http://a", payload(event))
+    assert together.blocks == apart.blocks and together.held == apart.held
+    assert confirmed == [h for e in events if isinstance(e, BlockStored) for h in e.block_hashes]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import tracemalloc
+from collections import OrderedDict
 
 import pytest
 
@@ -80,3 +81,38 @@ def test_forgetting_a_backend_removes_it_from_every_node():
     trie.forget_backend("A")
     assert "A" not in trie.match(trie.chain_hashes(SYSTEM)).backends
     assert trie.match(trie.chain_hashes(SYSTEM + "b" * 32)).backends == ("B",)
+
+
+def test_insert_keeps_the_order_and_holders_of_a_node_by_node_walk():
+    """insert's bulk path (known nodes a prefix, the rest new) leaves the trie as the walk from
+    the deepest node back to the root does: same holders, same LRU order, same evictions."""
+    import random
+
+    from lmserve.router.prefix_trie import MAX_BACKENDS_PER_NODE
+
+    def walk(nodes, hashes, backend, max_nodes):  # the walk insert was before the bulk path
+        for h in reversed(hashes):
+            holders = nodes.get(h)
+            if holders is None:
+                nodes[h] = (backend,)
+                continue
+            if holders[-1] != backend:
+                kept = tuple(b for b in holders if b != backend)[-MAX_BACKENDS_PER_NODE + 1 :]
+                nodes[h] = (*kept, backend)
+            nodes.move_to_end(h)
+        while len(nodes) > max_nodes:
+            nodes.popitem(last=False)
+
+    rng = random.Random(3)
+    trie = PrefixTrie(4, 300 * BYTES_PER_NODE)
+    reference: OrderedDict = OrderedDict()
+    for _ in range(2000):
+        base = rng.randrange(20)
+        prompt = [base] * 8 + [rng.randrange(50) for _ in range(rng.randrange(0, 40))]
+        hashes = trie.chain_hashes(prompt)
+        if rng.random() < 0.1:  # a known node below an unknown one
+            hashes = hashes[:1] + [rng.randrange(1 << 60)] + hashes[1:]
+        backend = f"b{rng.randrange(6)}"
+        trie.insert(hashes, backend)
+        walk(reference, hashes, backend, trie.max_nodes)
+        assert list(trie._nodes.items()) == list(reference.items())
