@@ -46,6 +46,14 @@ def _server_command(server: str, model_dir: str, port: int) -> list[str]:
     return [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", model_dir, *common]
 
 
+def _server_env(pythonpath: str | None) -> dict[str, str]:
+    """The server process's environment: ours, with its own PYTHONPATH when given."""
+    env = dict(os.environ)
+    if pythonpath is not None:
+        env["PYTHONPATH"] = pythonpath
+    return env
+
+
 def _wait_healthy(proc: subprocess.Popen, port: int, timeout_s: float) -> float:
     start = time.perf_counter()
     while time.perf_counter() - start < timeout_s:
@@ -82,11 +90,11 @@ def run_server(
 ) -> dict:
     port = _free_port()
     with open(log_path, "w") as log:
-        env = dict(os.environ)
-        if server_pythonpath is not None:
-            env["PYTHONPATH"] = server_pythonpath
         proc = subprocess.Popen(
-            _server_command(server, model_dir, port), stdout=log, stderr=subprocess.STDOUT, env=env
+            _server_command(server, model_dir, port),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=_server_env(server_pythonpath),
         )
     result: dict = {"server": server, "rates": {}}
     try:
@@ -115,10 +123,8 @@ def _versions(server: str, server_pythonpath: str | None) -> dict:
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     info = {"device": device, "torch": torch.__version__}
     if server == "vllm":
-        env = dict(os.environ)
-        if server_pythonpath is not None:
-            env["PYTHONPATH"] = server_pythonpath
         code = "import vllm; print(vllm.__version__)"
+        env = _server_env(server_pythonpath)
         out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
         info["vllm"] = out.stdout.strip()
     return info

@@ -242,8 +242,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     if args.capability:
-        major, minor = (int(x) for x in args.capability.split("."))
-        capability = (major, minor)
+        parts = args.capability.split(".")
+        if len(parts) != 2 or not all(p.isdigit() for p in parts):
+            parser.error(f"--capability {args.capability!r}: expected MAJOR.MINOR, e.g. 9.0")
+        capability = (int(parts[0]), int(parts[1]))
     else:
         import torch
 
