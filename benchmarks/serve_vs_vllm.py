@@ -130,6 +130,21 @@ def _versions(server: str, server_pythonpath: str | None) -> dict:
     return info
 
 
+def _model_summary(model_dir: str) -> dict:
+    """The shape both servers ran, and the tokenizer's vocabulary: ids past it decode to no text,
+    which would make streamed chunks (and so TTFT/ITL) look sparser than the tokens generated."""
+    from tokenizers import Tokenizer
+
+    with open(os.path.join(model_dir, "config.json")) as f:
+        config = json.load(f)
+    keys = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads")
+    summary = {k: config.get(k) for k in (*keys, "intermediate_size", "vocab_size")}
+    tok_path = os.path.join(model_dir, "tokenizer.json")
+    if os.path.exists(tok_path):
+        summary["tokenizer_vocab_size"] = Tokenizer.from_file(tok_path).get_vocab_size()
+    return summary
+
+
 def compare(ours: dict, theirs: dict) -> dict:
     """Per rate and metric: both figures and lmserve's speed relative to vLLM (>1: lmserve
     better; latencies as vLLM's / ours, throughput as ours / vLLM's)."""
@@ -171,9 +186,15 @@ def main() -> None:
     else:
         rates = args.rates.split(",")
         result = run_server(
-            args.server, args.model_dir, rates, args.out + ".server.log", args.scale
+            args.server,
+            args.model_dir,
+            rates,
+            args.out + ".server.log",
+            args.scale,
+            args.server_pythonpath,
         )
         result.update(_versions(args.server, args.server_pythonpath))
+        result["model_config"] = _model_summary(args.model_dir)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
 
