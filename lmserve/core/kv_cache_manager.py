@@ -19,7 +19,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from lmserve.core.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVCacheEvent
+from lmserve.core.kv_events import (
+    AllBlocksCleared,
+    BlockRemoved,
+    KVCacheEvent,
+    stored_runs,
+)
 from lmserve.prefix_hash import HASH_FUNCTIONS, BlockHash, extend_block_hashes
 from lmserve.request import Request
 
@@ -151,6 +156,7 @@ class KVCacheManager:
         # KV cache events since the last take_events() (None: not recorded). A hash is
         # reported stored when it enters cached_blocks and removed when it leaves.
         self.events: list[KVCacheEvent] | None = [] if enable_kv_cache_events else None
+        self._last_removed: BlockRemoved | None = None  # the one evicted blocks join
 
     # ---- queries --------------------------------------------------------------------------
     @property
@@ -264,7 +270,7 @@ class KVCacheManager:
             if self.cached_blocks.get(block.block_hash) is block:
                 del self.cached_blocks[block.block_hash]
                 if self.events is not None:
-                    self.events.append(BlockRemoved([block.block_hash]))
+                    self._record_removed(block.block_hash)
             block.block_hash = None
 
     def add_events(self, events: list[KVCacheEvent]) -> None:
@@ -293,14 +299,19 @@ class KVCacheManager:
             return
         self._update_block_hashes(request)
         num_full = min(num_full, len(request.block_hashes))  # only blocks of known tokens
+        stored: list[int] = []
         for i in range(start, num_full):
             block, block_hash = req_blocks[i], request.block_hashes[i]
             if block.block_hash is None:
                 block.block_hash = block_hash
                 # Another block may already hold this content; keep the first one.
                 if self.cached_blocks.setdefault(block_hash, block) is block:
-                    self._record_stored(request, i)
+                    stored.append(i)
         self.num_cached_blocks[request.request_id] = num_full
+        if stored and self.events is not None:
+            self.events += stored_runs(
+                request.block_hashes, request.all_token_ids, self.block_size, stored
+            )
 
     def free(self, request: Request, num_computed_tokens: int | None = None) -> None:
         """Drop the request's references. Blocks reaching ref 0 join the free queue's tail in
@@ -330,19 +341,16 @@ class KVCacheManager:
             self.events.append(AllBlocksCleared())
         return True
 
-    def _record_stored(self, request: Request, i: int) -> None:
-        """Block i of `request` entered the prefix cache."""
-        if self.events is None:
-            return
-        bs = self.block_size
-        self.events.append(
-            BlockStored(
-                block_hashes=[request.block_hashes[i]],
-                parent_block_hash=request.block_hashes[i - 1] if i else None,
-                token_ids=request.all_token_ids[i * bs : (i + 1) * bs],
-                block_size=bs,
-            )
-        )
+    def _record_removed(self, block_hash: BlockHash) -> None:
+        """An evicted block: joins the BlockRemoved just before it (the blocks one allocation
+        evicts travel as one event), else starts one."""
+        assert self.events is not None
+        last = self._last_removed
+        if last is not None and self.events and self.events[-1] is last:
+            last.block_hashes.append(block_hash)
+        else:
+            self._last_removed = BlockRemoved([block_hash])
+            self.events.append(self._last_removed)
 
     # ---- hashing --------------------------------------------------------------------------
     def _update_block_hashes(self, request: Request) -> None:

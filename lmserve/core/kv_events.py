@@ -8,10 +8,12 @@ what each engine's prefix cache really holds.
 PUB socket, one message per engine step that changed the cache:
     frames (topic, 8-byte big-endian sequence number, msgpack payload)
     payload = [timestamp, [event, ...], data_parallel_rank]
-    event   = ["BlockStored", [block_hash], parent_block_hash, [token_ids], block_size,
+    event   = ["BlockStored", [block_hash, ...], parent_block_hash, [token_ids], block_size,
                lora_id, medium]
-            | ["BlockRemoved", [block_hash], medium]
+            | ["BlockRemoved", [block_hash, ...], medium]
             | ["AllBlocksCleared"]
+A BlockStored covers a run of consecutive blocks of one request (its tokens, the parent of its
+first block), as vLLM's block pool sends them; a BlockRemoved the blocks evicted together.
 Block hashes are the prefix cache's (sha256 chains from a fixed root: the same on every
 process and machine). ROUTER replay socket: a client sends the 8-byte big-endian sequence
 number to start from; every buffered batch from there comes back as (empty, seq, payload),
@@ -58,6 +60,30 @@ class AllBlocksCleared(msgspec.Struct, tag=True, array_like=True):
 
 
 KVCacheEvent = BlockStored | BlockRemoved | AllBlocksCleared
+
+
+def stored_runs(
+    hashes: list[bytes], token_ids: list[int], block_size: int, stored: list[int]
+) -> list[BlockStored]:
+    """One BlockStored per run of consecutive block indices in `stored` (ascending) of a
+    request with block `hashes` and `token_ids`: vLLM's wire shape, one event per newly
+    cached run rather than per block."""
+    events: list[BlockStored] = []
+    start = 0
+    for k in range(1, len(stored) + 1):
+        if k < len(stored) and stored[k] == stored[k - 1] + 1:
+            continue
+        a, b = stored[start], stored[k - 1] + 1
+        events.append(
+            BlockStored(
+                hashes[a:b],
+                hashes[a - 1] if a else None,
+                token_ids[a * block_size : b * block_size],
+                block_size,
+            )
+        )
+        start = k
+    return events
 
 
 class KVEventBatch(msgspec.Struct, array_like=True):

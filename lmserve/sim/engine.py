@@ -33,7 +33,7 @@ from typing import Any
 
 import msgspec
 
-from lmserve.core.kv_events import BlockRemoved, BlockStored, KVEventBatch
+from lmserve.core.kv_events import BlockRemoved, KVEventBatch, stored_runs
 from lmserve.prefix_hash import BlockHash
 from lmserve.sim.profile import StepProfile, prefill_pairs
 
@@ -449,14 +449,8 @@ class SimEngine:
                 stored = list(compress(range(start, full), map(not_, held)))
             else:
                 new, stored = part, range(start, full)
-            # one event per block, as the engine's kv_cache_manager publishes them
-            bs, ids = self.bs, request.token_ids
-            self.events += [
-                BlockStored(
-                    [hashes[i]], hashes[i - 1] if i else None, ids[i * bs : (i + 1) * bs], bs
-                )
-                for i in stored
-            ]
+            # one event per run of newly cached blocks, as the engine's kv_cache_manager
+            self.events += stored_runs(hashes, request.token_ids, self.bs, list(stored))
         refs.update(zip(new, repeat(1)))
         request.shared += new
         request.num_hashed = full
@@ -508,7 +502,7 @@ class SimEngine:
         for h in victims:
             del refs[h]
         if self.on_kv_events is not None:
-            self.events += [BlockRemoved([h]) for h in victims]
+            self.events.append(BlockRemoved(victims))  # evicted together: one event
         self.num_cached_free -= evict
         self.stats.evicted_blocks += evict
 

@@ -12,6 +12,7 @@ import zmq
 from lmserve import LLM, SamplingParams
 from lmserve.config import ConfigError, KVEventsConfig
 from lmserve.core.kv_cache_manager import KVCacheManager
+from lmserve.core.kv_events import stored_runs
 from lmserve.request import Request
 from tests.ports import free_port
 
@@ -27,17 +28,18 @@ def test_manager_reports_blocks_stored_removed_and_cleared():
     )
     a = make_request("a", list(range(10, 19)))  # 2 full blocks + 1 token
     kv.allocate_slots(a, 9)
-    stored = kv.take_events()
-    assert [type(e).__name__ for e in stored] == ["BlockStored", "BlockStored"]
-    assert stored[0].token_ids == [10, 11, 12, 13] and stored[0].parent_block_hash is None
-    assert stored[1].parent_block_hash == stored[0].block_hashes[0] == a.block_hashes[0]
+    (stored,) = kv.take_events()  # one event for the run of blocks cached together
+    assert type(stored).__name__ == "BlockStored" and stored.parent_block_hash is None
+    assert stored.block_hashes == a.block_hashes[:2] and stored.block_size == 4
+    assert stored.token_ids == list(range(10, 18))
     assert kv.take_events() == []
     kv.free(a)
     b = make_request("b", list(range(50, 66)))  # needs all 4 blocks: evicts a's
     kv.allocate_slots(b, 16)
     events = kv.take_events()
-    removed = [h for e in events if type(e).__name__ == "BlockRemoved" for h in e.block_hashes]
-    assert sorted(removed) == sorted(a.block_hashes[:2])
+    removed = [e for e in events if type(e).__name__ == "BlockRemoved"]
+    assert len(removed) == 1  # evicted by one allocation: one event
+    assert sorted(removed[0].block_hashes) == sorted(a.block_hashes[:2])
     kv.free(b)
     assert kv.reset_prefix_cache()
     assert [type(e).__name__ for e in kv.take_events()] == ["AllBlocksCleared"]
@@ -49,7 +51,28 @@ def test_a_hash_already_cached_elsewhere_is_not_reported_twice():
     )
     kv.allocate_slots(make_request("a", list(range(8))), 8)
     kv.allocate_slots(make_request("b", list(range(8))), 8)  # same tokens, fresh blocks
-    assert len(kv.take_events()) == 2  # a's two blocks only
+    (stored,) = kv.take_events()
+    assert len(stored.block_hashes) == 2  # a's two blocks only
+
+
+def test_a_run_after_cached_blocks_names_its_parent_and_gaps_split_runs():
+    kv = KVCacheManager(
+        num_gpu_blocks=8, block_size=4, max_model_len=64, enable_kv_cache_events=True
+    )
+    kv.allocate_slots(make_request("a", list(range(8))), 8)
+    b = make_request("b", list(range(16)))  # a's two blocks (cached already) + two new ones
+    kv.take_events()
+    kv.allocate_slots(b, 16)
+    (stored,) = kv.take_events()
+    assert stored.block_hashes == b.block_hashes[2:4]
+    assert stored.parent_block_hash == b.block_hashes[1]
+    assert stored.token_ids == list(range(8, 16))
+    hashes = [bytes([i]) for i in range(5)]
+    runs = stored_runs(hashes, list(range(20)), 4, [0, 1, 3])
+    assert [(r.block_hashes, r.parent_block_hash, r.token_ids) for r in runs] == [
+        (hashes[0:2], None, list(range(8))),
+        (hashes[3:4], hashes[2], list(range(12, 16))),
+    ]
 
 
 def test_events_off_records_nothing():
@@ -103,7 +126,8 @@ def test_engine_events_decode_with_plain_msgpack_and_match_the_cache_then_replay
         for event in events:
             if event[0] == "BlockStored":
                 hashes, _parent, tokens, block_size, _lora, medium = event[1:]
-                assert len(tokens) == block_size == 16 and medium == "GPU"
+                assert block_size == 16 and medium == "GPU"
+                assert len(tokens) == block_size * len(hashes)  # a run: all its blocks' tokens
                 held.update(hashes)
             elif event[0] == "BlockRemoved":
                 held.difference_update(event[1])
