@@ -43,6 +43,7 @@ from lmserve.sim.workload import Session, WorkloadSpec, sessions
 MODEL = "sim-model"
 _ARRIVAL, _SEND, _STEP, _SCRAPE, _POLL, _READY, _DELIVER = range(7)
 _PERIODIC = frozenset({_SCRAPE, _POLL})
+FREEZE_EVERY_S = 60.0  # simulated seconds between collect-and-freeze rounds (Cluster.run)
 
 
 @dataclass
@@ -152,20 +153,27 @@ class Cluster:
     def run(self) -> Cluster:
         for _ in range(self.config.replicas):
             self._create_pod(ready_now=True)
-        # The engines' block maps grow to millions of entries: frozen (they exist now), the
-        # GC's full collections no longer walk them (it did, every few thousand requests).
+        # The engines' block maps and the router's KV index grow to millions of entries. The
+        # GC's own collections walked them (a third of the run's time by its 10th minute) and
+        # its young generations churn with every request. Instead: what exists now is frozen,
+        # automatic collection is off, and once a simulated minute one collection walks what
+        # that minute left (cyclic garbage lives at most a minute), which is frozen in turn.
         # Not when the caller froze objects itself: unfreezing would thaw those too.
         freeze = gc.get_freeze_count() == 0
+        enabled = gc.isenabled()
         if freeze:
             gc.freeze()
+            gc.disable()  # _loop collects once a simulated minute instead
         try:
-            self._loop()
+            self._loop(freeze)
         finally:
             if freeze:
                 gc.unfreeze()
+                if enabled:
+                    gc.enable()
         return self
 
-    def _loop(self) -> None:
+    def _loop(self, freeze: bool = False) -> None:
         self._next_arrival()
         self.push(0.0, _SCRAPE)
         self.push(0.0, _POLL)
@@ -180,10 +188,15 @@ class Cluster:
         }
         limit = self.config.max_sim_s or math.inf
         heap = self._heap
+        next_freeze = FREEZE_EVERY_S if freeze else math.inf
         while heap:
             t, _, kind, a, b = heapq.heappop(heap)
             if t > limit:
                 break
+            if t >= next_freeze:  # what survived the last minute is frozen too (see run)
+                gc.collect()
+                gc.freeze()
+                next_freeze = t + FREEZE_EVERY_S
             self.now = t
             if kind not in _PERIODIC:
                 self._pending -= 1

@@ -403,12 +403,23 @@ class SimEngine:
         self.stats.busy_s += duration
         self.stats.steps += k
         self._record_itl(duration / k, rows * k)
+        bs = self.bs
         for request, _ in self._plan:
-            extra = -(-(request.num_computed + k) // self.bs) - request.blocks_held
+            computed = request.num_computed + k
+            extra = -(-computed // bs) - request.blocks_held
             if extra > 0:
                 self._take_blocks(extra)
                 request.blocks_held += extra
-            self._advance(request, 1, k, now)
+            output = request.num_output + k
+            if (
+                computed // bs <= request.num_hashed  # no block filled: nothing to register
+                and output < request.max_tokens
+                and request.first_token_s is not None
+                and computed >= request.num_prompt_tokens + request.num_output
+            ):  # what _advance would do for most rows of a run, inlined
+                request.num_computed, request.num_output = computed, output
+            else:
+                self._advance(request, 1, k, now)
         self._plan = []
         self._run = None
 
