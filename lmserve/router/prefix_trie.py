@@ -22,6 +22,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import repeat
+from operator import itemgetter
 
 # An upper bound of one node's memory: the OrderedDict slot and link (~110 B), the int key
 # (32 B) and a tuple of one or two backend names (~56 B; the names themselves are shared).
@@ -29,6 +30,7 @@ from itertools import repeat
 BYTES_PER_NODE = 240
 MAX_BACKENDS_PER_NODE = 4  # the most recent holders of a prefix; older ones are forgotten
 _ROOT = 0x5EED
+_NO_PRESENT: tuple[object, list[bool]] = (None, [])
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +39,16 @@ class PrefixMatch:
 
     num_chunks: int  # matched chunks (0 = no match)
     backends: tuple[str, ...]  # who served it, most recent last
+
+
+def _with_last(holders: tuple[str, ...], backend: str) -> tuple[str, ...]:
+    """`holders` with `backend` as the most recent (last), keeping at most
+    MAX_BACKENDS_PER_NODE."""
+    if holders[-1] == backend:
+        return holders
+    if backend in holders:
+        holders = tuple(b for b in holders if b != backend)
+    return (*holders[-MAX_BACKENDS_PER_NODE + 1 :], backend)
 
 
 class PrefixTrie:
@@ -49,6 +61,9 @@ class PrefixTrie:
         self.max_nodes = max(1, max_bytes // BYTES_PER_NODE)
         self.num_evictions = 0
         self._nodes: OrderedDict[int, tuple[str, ...]] = OrderedDict()
+        # the last match's list and its membership, for an insert of that list next (a
+        # routing decision); whatever changes the trie clears it
+        self._present: tuple[object, list[bool]] = _NO_PRESENT
 
     def __len__(self) -> int:
         return len(self._nodes)
@@ -83,8 +98,10 @@ class PrefixTrie:
         Touches the known path as recently used, unless `touch` is False (a caller that
         inserts `hashes` next: insert touches every one of them in the same order)."""
         nodes = self._nodes
-        # membership of every hash in one C pass (past the first miss is wasted, but cheap)
+        # membership of every hash in one C pass (past the first miss is wasted, but cheap);
+        # kept for an insert of the same list before the trie changes (a routing decision)
         present = list(map(nodes.__contains__, hashes))
+        self._present = (hashes, present)
         known = present.index(False) if False in present else len(present)
         if touch:
             for h in reversed(hashes[:known]):  # leaf first: ancestors end up more recent
@@ -103,7 +120,10 @@ class PrefixTrie:
         prefix and the rest are new: then the new ones go in with one C call, the known ones
         get their holders updated and are touched, and the evictions are one C loop."""
         nodes = self._nodes
-        present = list(map(nodes.__contains__, hashes))
+        last_hashes, present = self._present
+        self._present = _NO_PRESENT  # the trie changes now
+        if last_hashes is not hashes:
+            present = list(map(nodes.__contains__, hashes))
         known = present.index(False) if False in present else len(present)
         if True in present[known:]:  # a known node below an unknown one: node by node
             self._insert_walk(hashes, backend)
@@ -112,12 +132,13 @@ class PrefixTrie:
                 nodes.update(zip(reversed(hashes[known:]), repeat((backend,))))
             if known:
                 prefix = hashes[:known]
-                get = nodes.get
-                for h, holders in zip(prefix, map(get, prefix)):
-                    if holders[-1] != backend:
-                        if backend in holders:
-                            holders = tuple(b for b in holders if b != backend)
-                        nodes[h] = (*holders[-MAX_BACKENDS_PER_NODE + 1 :], backend)
+                held = list(map(nodes.__getitem__, prefix))
+                if list(map(itemgetter(-1), held)).count(backend) != known:
+                    # a prompt's nodes share a few distinct holder tuples (a system prompt's
+                    # nodes saw the same backends in the same order): each distinct one is
+                    # updated once, and every node gets its update in one C pass
+                    new = {h: _with_last(h, backend) for h in set(held)}
+                    nodes.update(zip(prefix, map(new.__getitem__, held)))
                 deque(map(nodes.move_to_end, reversed(prefix)), maxlen=0)
         excess = len(nodes) - self.max_nodes
         if excess > 0:
@@ -133,14 +154,13 @@ class PrefixTrie:
                 nodes[h] = (backend,)
                 continue
             if holders[-1] != backend:
-                if backend in holders:
-                    holders = tuple(b for b in holders if b != backend)
-                nodes[h] = (*holders[-MAX_BACKENDS_PER_NODE + 1 :], backend)
+                nodes[h] = _with_last(holders, backend)
             touch(h)
 
     def forget_backend(self, backend: str) -> None:
         """Drop `backend` from every node (it left the cluster; its KV cache is gone).
         O(nodes); runs only when a backend is removed, never on the request path."""
+        self._present = _NO_PRESENT
         for h, holders in list(self._nodes.items()):
             if backend in holders:
                 kept = tuple(b for b in holders if b != backend)

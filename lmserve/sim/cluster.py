@@ -38,7 +38,7 @@ from lmserve.router.routing import PrefixAware, RouteRequest, RoutingLogic, make
 from lmserve.sim.autoscale import AutoscalePolicy, Autoscaler
 from lmserve.sim.engine import SimEngine, SimRequest
 from lmserve.sim.profile import StepProfile
-from lmserve.sim.workload import Session, WorkloadSpec, sessions
+from lmserve.sim.workload import KEYS_ONLY, Session, WorkloadSpec, sessions
 
 MODEL = "sim-model"
 _ARRIVAL, _SEND, _STEP, _SCRAPE, _POLL, _READY, _DELIVER = range(7)
@@ -135,7 +135,7 @@ class Cluster:
         self.records = Records()  # per finished request, see report.py
         self.replica_samples: list[tuple[float, int, int]] = []  # (t, ready, total)
         self._arrivals: Iterator[tuple[float, Session]] = sessions(
-            workload, profile.block_size, profile.hash_algo
+            workload, profile.block_size, profile.hash_algo if self.kv_events else KEYS_ONLY
         )
         self._client_in_flight = 0
         self._client_queue: deque[SimRequest] = deque()

@@ -65,6 +65,13 @@ class WorkloadSpec:
     seed: int = 0
 
 
+# The engines' prefix caches only compare block keys. Unless the router reads them (kv-aware's
+# KV events carry the engines' real SHA-256 chain, which it checks), the simulator keys blocks
+# by this cheaper chain: the same blocks match, so the same run, at ~8% less time.
+KEYS_ONLY = "keys-only"
+_KEYS_ROOT = 0x5EED
+
+
 class TokenSource:
     """Random ids and the engines' hash chain (block size and algorithm of the profile)."""
 
@@ -72,7 +79,7 @@ class TokenSource:
         self.rng = np.random.default_rng([spec.seed, 1])
         self.vocab = spec.vocab_size
         self.block_size = block_size
-        self.hash_fn = HASH_FUNCTIONS[hash_algo]
+        self.hash_fn = HASH_FUNCTIONS[hash_algo] if hash_algo != KEYS_ONLY else None
         self.next_id = 0
         self._ids: list[int] = []  # drawn, not handed out from _pos on
         self._pos = 0
@@ -85,7 +92,17 @@ class TokenSource:
         return self._ids[self._pos - n : self._pos]
 
     def extend(self, hashes: list[BlockHash], ids: list[int]) -> None:
-        extend_block_hashes(hashes, ids, self.block_size, self.hash_fn)
+        if self.hash_fn is not None:
+            extend_block_hashes(hashes, ids, self.block_size, self.hash_fn)
+            return
+        # KEYS_ONLY: a chain of Python's (deterministic) int and tuple hashes, one C call
+        # per block instead of SHA-256 over its packed ids
+        size, first = self.block_size, len(hashes)
+        parent = hashes[-1] if first else _KEYS_ROOT
+        append = hashes.append
+        for block in zip(*[iter(ids[first * size : len(ids) // size * size])] * size):
+            parent = hash((parent, block))
+            append(parent)  # type: ignore[arg-type]
 
     def request(
         self, ids: list[int], hashes: list[BlockHash], prompt_len: int, max_tokens: int, session

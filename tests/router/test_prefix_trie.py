@@ -84,8 +84,9 @@ def test_forgetting_a_backend_removes_it_from_every_node():
 
 
 def test_insert_keeps_the_order_and_holders_of_a_node_by_node_walk():
-    """insert's bulk path (known nodes a prefix, the rest new) leaves the trie as the walk from
-    the deepest node back to the root does: same holders, same LRU order, same evictions."""
+    """insert's bulk path (known nodes a prefix, the rest new), also after a match of the same
+    list whose membership it reuses, leaves the trie as the walk from the deepest node back to
+    the root does: same holders, same LRU order, same evictions."""
     import random
 
     from lmserve.router.prefix_trie import MAX_BACKENDS_PER_NODE
@@ -113,6 +114,12 @@ def test_insert_keeps_the_order_and_holders_of_a_node_by_node_walk():
         if rng.random() < 0.1:  # a known node below an unknown one
             hashes = hashes[:1] + [rng.randrange(1 << 60)] + hashes[1:]
         backend = f"b{rng.randrange(6)}"
+        if rng.random() < 0.5:  # a routing decision: match, then insert the same list
+            trie.match(hashes, touch=False)
+            if rng.random() < 0.3:  # another insert in between: match's membership is stale
+                other = hashes[: rng.randrange(len(hashes) + 1)]  # its unknown nodes now known
+                trie.insert(other, "b9")
+                walk(reference, other, "b9", trie.max_nodes)
         trie.insert(hashes, backend)
         walk(reference, hashes, backend, trie.max_nodes)
         assert list(trie._nodes.items()) == list(reference.items())
