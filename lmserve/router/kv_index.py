@@ -72,9 +72,9 @@ class KVIndex:
         except (msgspec.DecodeError, TypeError, IndexError, KeyError) as e:
             raise ValueError(f"not a KV event batch: {e}") from None
         stats = BatchStats(timestamp=batch[0] if isinstance(batch[0], (int, float)) else 0.0)
-        # Consecutive events of one kind and medium are applied as one run (an engine sends an
-        # event per block): the same index, in the same order, with one _store / _remove call
-        # per run instead of one per block.
+        # Consecutive events of one kind and medium are applied as one run (vLLM's engines send
+        # a BlockRemoved per evicted block): the same index, in the same order, with one
+        # _store / _remove call per run instead of one per event.
         run: list[BlockHash] = []
         run_kind, run_medium = None, None
         layouts = self.layouts
@@ -133,7 +133,7 @@ class KVIndex:
         if held is None:
             held = self.held[url] = set()
         blocks = self.blocks
-        for h in hashes:  # (one event per block from our engines: no setdefault temporaries)
+        for h in hashes:  # (no setdefault temporaries: most blocks are new to the index)
             holders = blocks.get(h)
             if holders is None:
                 blocks[h] = {url: {medium}}
