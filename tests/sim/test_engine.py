@@ -165,3 +165,39 @@ def test_a_run_leaves_objects_the_caller_froze_frozen(profile):
         gc.unfreeze()
     run_cluster(profile, multi_round(num_users=4, num_rounds=1))
     assert gc.get_freeze_count() == 0  # its own freeze is undone
+
+
+def test_a_run_turns_automatic_gc_back_on_and_freezes_each_simulated_minute(profile, monkeypatch):
+    """The loop collects and freezes once a simulated minute with automatic collection off;
+    afterwards the collector is as the caller had it and nothing stays frozen."""
+    import gc
+
+    import lmserve.sim.cluster as cluster_module
+    from tests.sim.conftest import multi_round
+
+    rounds: list[int] = []
+    real_freeze = gc.freeze
+    monkeypatch.setattr(cluster_module.gc, "freeze", lambda: (rounds.append(1), real_freeze()))
+    monkeypatch.setattr(cluster_module, "FREEZE_EVERY_S", 1.0)
+    assert gc.isenabled()
+    cluster = run_cluster(profile, multi_round())
+    assert len(rounds) >= int(cluster.end_s)  # the start's, then one a simulated second
+    assert gc.isenabled() and gc.get_freeze_count() == 0
+
+
+def test_keyed_blocks_give_the_same_run_as_the_engines_sha256_chain(profile, monkeypatch):
+    """Logics that do not read block keys run on the cheaper Python-hash chain: the caches
+    match the same blocks, so every request's record is the one SHA-256 keys give."""
+    import lmserve.sim.cluster as cluster_module
+    from lmserve.sim.workload import KEYS_ONLY
+    from tests.sim.conftest import multi_round
+
+    spec = multi_round(num_users=40, num_rounds=4)
+    fast = run_cluster(profile, spec, "prefix-aware")
+    assert fast.logic.needs_tokens is False  # so it ran on KEYS_ONLY
+    monkeypatch.setattr(cluster_module, "KEYS_ONLY", "sha256")
+    exact = run_cluster(profile, spec, "prefix-aware")
+    assert KEYS_ONLY != "sha256"
+    assert fast.records.as_array().tolist() == exact.records.as_array().tolist()
+    hits = [sum(p.engine.stats.prefix_hits for p in c.pods) for c in (fast, exact)]
+    assert hits[0] == hits[1] > 0
