@@ -19,7 +19,7 @@ and eviction always takes a leaf: no node is left unreachable behind an evicted 
 from __future__ import annotations
 
 from collections import OrderedDict, deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass
 from itertools import repeat
 from operator import itemgetter
@@ -39,6 +39,16 @@ class PrefixMatch:
 
     num_chunks: int  # matched chunks (0 = no match)
     backends: tuple[str, ...]  # who served it, most recent last
+
+
+def extend_chain(hashes: list[int], chunks: Iterable[Hashable]) -> list[int]:
+    """Append one chain hash per chunk to `hashes`, continuing from its last (or the root):
+    Python's hash of (parent, chunk), deterministic for str and int tuples."""
+    append, parent = hashes.append, hashes[-1] if hashes else _ROOT
+    for chunk in chunks:
+        parent = hash((parent, chunk))
+        append(parent)
+    return hashes
 
 
 def _with_last(holders: tuple[str, ...], backend: str) -> tuple[str, ...]:
@@ -76,16 +86,11 @@ class PrefixTrie:
         """One hash per full chunk; a trailing partial chunk is left out (it changes as the
         conversation grows, so it would only fill the trie with nodes nobody matches)."""
         size = self.chunk_size
-        hashes: list[int] = []
-        append, parent = hashes.append, _ROOT
         if isinstance(prompt, str):
             chunks = (prompt[i : i + size] for i in range(0, len(prompt) - size + 1, size))
         else:  # token ids: the full chunks as tuples, cut in C (a partial one is dropped)
             chunks = zip(*[iter(prompt)] * size)
-        for chunk in chunks:
-            parent = hash((parent, chunk))
-            append(parent)
-        return hashes
+        return extend_chain([], chunks)
 
     def match(
         self,

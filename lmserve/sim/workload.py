@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from lmserve.prefix_hash import HASH_FUNCTIONS, BlockHash, extend_block_hashes
+from lmserve.router.prefix_trie import extend_chain
 from lmserve.sim.engine import SimRequest
 
 WORKLOADS = ("random", "prefix-repetition", "multi-round-qa", "trace")
@@ -69,7 +70,6 @@ class WorkloadSpec:
 # KV events carry the engines' real SHA-256 chain, which it checks), the simulator keys blocks
 # by this cheaper chain: the same blocks match, so the same run, at ~8% less time.
 KEYS_ONLY = "keys-only"
-_KEYS_ROOT = 0x5EED
 
 
 class TokenSource:
@@ -95,14 +95,11 @@ class TokenSource:
         if self.hash_fn is not None:
             extend_block_hashes(hashes, ids, self.block_size, self.hash_fn)
             return
-        # KEYS_ONLY: a chain of Python's (deterministic) int and tuple hashes, one C call
-        # per block instead of SHA-256 over its packed ids
+        # KEYS_ONLY: the prefix trie's chain of Python's (deterministic) tuple hashes, one C
+        # call per block instead of SHA-256 over its packed ids
         size, first = self.block_size, len(hashes)
-        parent = hashes[-1] if first else _KEYS_ROOT
-        append = hashes.append
-        for block in zip(*[iter(ids[first * size : len(ids) // size * size])] * size):
-            parent = hash((parent, block))
-            append(parent)  # type: ignore[arg-type]
+        blocks = zip(*[iter(ids[first * size : len(ids) // size * size])] * size)
+        extend_chain(hashes, blocks)  # type: ignore[arg-type]
 
     def request(
         self, ids: list[int], hashes: list[BlockHash], prompt_len: int, max_tokens: int, session
