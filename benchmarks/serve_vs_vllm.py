@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import os
 import socket
 import subprocess
@@ -87,11 +88,12 @@ def run_server(
     log_path: str,
     scale: float = 1.0,
     server_pythonpath: str | None = None,
+    server_args: tuple[str, ...] = (),
 ) -> dict:
     port = _free_port()
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
-            _server_command(server, model_dir, port),
+            [*_server_command(server, model_dir, port), *server_args],
             stdout=log,
             stderr=subprocess.STDOUT,
             env=_server_env(server_pythonpath),
@@ -170,6 +172,9 @@ def main() -> None:
     parser.add_argument(
         "--server-pythonpath", default=None, help="PYTHONPATH of the server process only"
     )
+    parser.add_argument(
+        "--server-args", default="", help="more flags for the server, one shell-quoted string"
+    )
     parser.add_argument("--compare", nargs=2, metavar=("LMSERVE_JSON", "VLLM_JSON"))
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
@@ -192,7 +197,9 @@ def main() -> None:
             args.out + ".server.log",
             args.scale,
             args.server_pythonpath,
+            tuple(shlex.split(args.server_args)),
         )
+        result["server_args"] = args.server_args
         result.update(_versions(args.server, args.server_pythonpath))
         result["model_config"] = _model_summary(args.model_dir)
     with open(args.out, "w") as f:
