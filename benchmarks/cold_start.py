@@ -28,17 +28,48 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 
-# Sent after the first token when filling a cache to build a bundle from: a greedy request (the
-# argmax kernel) and a 1,500-token prompt (the long-prompt attention tiles).
-FOLLOW_UPS = (
-    {"prompt": list(range(1000, 1016)), "max_tokens": 4, "temperature": 0},
-    {"prompt": [1000 + i % 3000 for i in range(1500)], "max_tokens": 2},
-)
+# Sent after the first token when filling a cache to build a bundle from: waves of concurrent
+# requests, so the kernels a server meets are compiled here and not at a user's first request of
+# that kind. Triton compiles one variant per tile and per integer argument that is 1, a multiple
+# of 16 or neither (batch sizes, query-length bounds): the waves give prefill batches of 1, 3, 16
+# and 48 requests, prompts short and long (>= 1,024 tokens take the long tile), decode batches of
+# every size as they finish, greedy and sampled rows.
+TRAFFIC_WAVES = (1, 3, 16, 48, 1)
 
 
-def cold_start(path: str, then: tuple[dict, ...] = ()) -> dict:
-    """Launch `lmserve serve` and time the first token of a one-token completion; then send
-    the `then` request bodies one by one."""
+def _wave_bodies(size: int, seed: int) -> list[dict]:
+    import random
+
+    rng = random.Random(seed)
+    bodies = []
+    for i in range(size):
+        prompt_len = rng.choice((16, rng.randint(17, 1000), rng.randint(1024, 1900)))
+        bodies.append({
+            "prompt": [1000 + (seed * 7919 + i * 131 + j) % 30000 for j in range(prompt_len)],
+            "max_tokens": rng.randint(2, 48),
+            "temperature": rng.choice((0.0, 1.0)),
+            "ignore_eos": True,
+        })  # fmt: skip
+    return bodies
+
+
+def serving_traffic(url: str, model: str) -> list[int]:
+    """Send TRAFFIC_WAVES one after another, each wave's requests at once; their statuses."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+
+    statuses: list[int] = []
+    with httpx.Client(timeout=300) as client, ThreadPoolExecutor(max(TRAFFIC_WAVES)) as pool:
+        for seed, size in enumerate(TRAFFIC_WAVES):
+            send = lambda body: client.post(url, json={"model": model, **body}).status_code  # noqa: E731
+            statuses += pool.map(send, _wave_bodies(size, seed))
+    return statuses
+
+
+def cold_start(path: str, traffic: bool = False) -> dict:
+    """Launch `lmserve serve` and time the first token of a one-token completion; then, with
+    `traffic`, send the waves of `serving_traffic`."""
     import httpx
 
     with socket.socket() as s:
@@ -68,10 +99,9 @@ def cold_start(path: str, then: tuple[dict, ...] = ()) -> dict:
                 "status": r.status_code,
                 "first_token_s": round(time.perf_counter() - start, 1),
             }
-            url = f"http://127.0.0.1:{port}/v1/completions"
-            result["then_status"] = [
-                httpx.post(url, json={"model": path, **b}, timeout=120).status_code for b in then
-            ]
+            if traffic:
+                url = f"http://127.0.0.1:{port}/v1/completions"
+                result["traffic_status"] = serving_traffic(url, path)
             break
     finally:
         proc.terminate()
@@ -115,8 +145,9 @@ def fill_cache(shapes: list[str], save_to: str) -> None:
     os.environ.update(TRITON_CACHE_DIR=save_to, LMSERVE_SHIPPED_KERNELS="0")
     with tempfile.TemporaryDirectory() as tmp:
         for shape in shapes:
-            run = cold_start(write_shape_json(tmp, shape), then=FOLLOW_UPS)
-            print(shape, run.get("status"), run.get("then_status"), run.get("first_token_s"))
+            run = cold_start(write_shape_json(tmp, shape), traffic=True)
+            statuses = sorted(set(run.get("traffic_status", [])))
+            print(shape, run.get("status"), statuses, run.get("first_token_s"), run.get("error"))
     print("cache", json.dumps(_cache_inventory(save_to)))
 
 
@@ -128,7 +159,7 @@ def main() -> None:
         "--build-shapes",
         default=None,
         help="instead of timing: fill one empty Triton cache by starting each of these shapes "
-        "(e.g. 8b,0.5b) and sending FOLLOW_UPS, then copy it to --save-cache",
+        "(e.g. 8b,0.5b) and sending TRAFFIC_WAVES, then copy it to --save-cache",
     )
     parser.add_argument("--out", default="cold_start.json")
     args = parser.parse_args()

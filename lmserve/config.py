@@ -286,7 +286,9 @@ class CacheConfig:
 
 @dataclass
 class SchedulerConfig:
-    max_num_seqs: int = 256  # requests running in one step
+    # Requests running in one step. None = auto (EngineConfig.resolve_device_defaults, in the
+    # EngineCore process): 1024 on a GPU of >= 70 GiB, else 256, as vLLM's server defaults.
+    max_num_seqs: int | None = None
     max_num_batched_tokens: int | None = None  # the token budget of one step
     max_model_len: int = 2048  # copied from ModelConfig by EngineConfig
     enable_chunked_prefill: bool = True
@@ -303,7 +305,8 @@ class SchedulerConfig:
     encoder_cache_size: int | None = None
 
     def __post_init__(self) -> None:
-        _require_int("SchedulerConfig", "max_num_seqs", self.max_num_seqs)
+        if self.max_num_seqs is not None:
+            _require_int("SchedulerConfig", "max_num_seqs", self.max_num_seqs)
         _require_int("SchedulerConfig", "max_model_len", self.max_model_len)
         if self.max_num_batched_tokens is None:
             default = 8192 if self.enable_chunked_prefill else max(8192, self.max_model_len)
@@ -625,6 +628,19 @@ class KVEventsConfig:
         return cls(**_user_dict("kv_events_config", value, accepted, ()))
 
 
+_LARGE_GPU_BYTES = 70 * 2**30  # H100/H200-class memory: room for many running requests
+
+
+def default_max_num_seqs(device: str) -> int:
+    """1024 on a GPU of >= 70 GiB (H100, H200; not A100, whose throughput drops with a
+    larger batch), else 256: vLLM's server defaults, so overload queues no earlier than its."""
+    if device != "cuda":
+        return 256
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    large = props.total_memory >= _LARGE_GPU_BYTES and "a100" not in props.name.lower()
+    return 1024 if large else 256
+
+
 @dataclass
 class EngineConfig:
     model_config: ModelConfig
@@ -646,6 +662,8 @@ class EngineConfig:
                 "kv_transfer_config.kv_connector_extra_config", "chunk_size",
                 kv.options.chunk_size, f"must be a multiple of block_size={self.cache_config.block_size}",
             )  # fmt: skip
+        if self.device_config.device != "cuda":
+            self.resolve_device_defaults()  # no device to ask: resolved now
         blockers = []
         if self.speculative_config is not None:
             blockers.append("speculative decoding")
@@ -660,6 +678,13 @@ class EngineConfig:
                 True,
                 f"is not supported with {' and '.join(blockers)}",
             )
+
+    def resolve_device_defaults(self) -> None:
+        """Defaults that depend on the device's size, resolved where the device is in use (the
+        EngineCore process), so a front-end never opens a CUDA context to read them."""
+        sched = self.scheduler_config
+        if sched.max_num_seqs is None:
+            sched.max_num_seqs = default_max_num_seqs(self.device_config.device)
 
     def _resolve_quantization(self) -> None:
         """ "auto" becomes "gguf" for a .gguf model on the CPU (when torch has the packed

@@ -83,3 +83,31 @@ def test_a_malformed_config_json_is_a_config_error(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ConfigError, match="config.json"):
         ModelConfig(model=str(tmp_path))
+
+
+def test_max_num_seqs_defaults_to_256_on_the_cpu(tiny_model_dir):
+    config = EngineConfig.from_kwargs(tiny_model_dir("llama"), device="cpu")
+    assert config.scheduler_config.max_num_seqs == 256
+
+
+@pytest.mark.parametrize(
+    ("name", "gib", "expected"),
+    [
+        ("NVIDIA H100 80GB HBM3", 79.1, 1024),
+        ("NVIDIA H200", 139.8, 1024),
+        ("NVIDIA A100-SXM4-80GB", 79.2, 256),  # vLLM measured a larger batch slower there
+        ("NVIDIA L4", 22.0, 256),
+    ],
+)
+def test_max_num_seqs_defaults_by_gpu_size_as_vllms_server(monkeypatch, name, gib, expected):
+    import types
+
+    import torch
+
+    from lmserve.config import default_max_num_seqs
+
+    props = types.SimpleNamespace(name=name, total_memory=int(gib * 2**30))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: props)
+    assert default_max_num_seqs("cuda") == expected
+    assert default_max_num_seqs("cpu") == 256

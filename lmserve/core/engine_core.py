@@ -66,6 +66,7 @@ class EngineCore:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         start = time.perf_counter()
+        config.resolve_device_defaults()
         self.kv_connector, kv_store = _make_kv_connector(config)
         self.kv_events = make_publisher(config.kv_events_config)  # None: events off
         self.executor = _make_executor(config, kv_store)

@@ -125,7 +125,9 @@ class Scheduler:
     ) -> None:
         self.config = scheduler_config
         self.max_num_batched_tokens: int = scheduler_config.max_num_batched_tokens
-        self.max_num_seqs = scheduler_config.max_num_seqs
+        if scheduler_config.max_num_seqs is None:
+            raise ValueError("max_num_seqs is unresolved: EngineConfig.resolve_device_defaults()")
+        self.max_num_seqs: int = scheduler_config.max_num_seqs
         self.max_model_len = scheduler_config.max_model_len
         self.kv_cache_manager = KVCacheManager(
             num_gpu_blocks=num_gpu_blocks,

@@ -39,7 +39,13 @@ ENGINE_FLAGS: list[tuple[str, str, Any, Any, str]] = [
     ),
     ("--max-model-len", "max_model_len", int, None, "context length (default: the model's)"),
     ("--block-size", "block_size", int, 16, "tokens per KV-cache block (a power of two)"),
-    ("--max-num-seqs", "max_num_seqs", int, 256, "requests running in one step"),
+    (
+        "--max-num-seqs",
+        "max_num_seqs",
+        int,
+        None,
+        "requests running in one step (default: 1024 on a GPU of >= 70 GiB, else 256)",
+    ),
     ("--max-num-batched-tokens", "max_num_batched_tokens", int, None, "token budget of one step"),
     (
         "--long-prefill-token-threshold",

@@ -104,6 +104,7 @@ def run_pipelined(scheduler: Scheduler, requests: list[Request], add_every: int 
 
 def make_scheduler(num_gpu_blocks: int = 1000, **kwargs) -> Scheduler:
     kwargs.setdefault("max_model_len", 512)
+    kwargs.setdefault("max_num_seqs", 256)
     return Scheduler(
         SchedulerConfig(**kwargs), CacheConfig(block_size=16), num_gpu_blocks=num_gpu_blocks
     )

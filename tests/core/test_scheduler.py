@@ -158,6 +158,7 @@ def make_harness(
     **scheduler_kwargs,
 ) -> Harness:
     scheduler_kwargs.setdefault("max_model_len", 1024)
+    scheduler_kwargs.setdefault("max_num_seqs", 256)
     scheduler = Scheduler(
         SchedulerConfig(**scheduler_kwargs),
         CacheConfig(block_size=block_size, enable_prefix_caching=enable_prefix_caching),

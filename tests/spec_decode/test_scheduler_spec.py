@@ -125,6 +125,7 @@ class Harness:
         num_gpu_blocks = kwargs.pop("num_gpu_blocks", 1000)
         caching = kwargs.pop("enable_prefix_caching", True)
         kwargs.setdefault("max_model_len", 1024)
+        kwargs.setdefault("max_num_seqs", 256)
         spec = SimpleNamespace(method=method, num_speculative_tokens=k)
         self.scheduler = Scheduler(
             SchedulerConfig(**kwargs),
