@@ -193,8 +193,10 @@ def test_every_dashboard_query_recording_rule_and_alert_expression_has_data(clus
     engines, router, prometheus, redis = cluster
     start = time.monotonic()
     wait_for(
-        lambda: all(t["health"] == "up" for t in prometheus.targets())
-        and len(prometheus.targets()) == 3,
+        lambda: (
+            all(t["health"] == "up" for t in prometheus.targets())
+            and len(prometheus.targets()) == 3
+        ),
         timeout=30,
         what="3 targets up",
     )
