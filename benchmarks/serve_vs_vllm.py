@@ -69,6 +69,46 @@ def _wait_healthy(proc: subprocess.Popen, port: int, timeout_s: float) -> float:
     raise TimeoutError(f"server not healthy after {timeout_s} s")
 
 
+# The servers' own view of each request (vLLM's metric names; lmserve's under `lmserve:`): the
+# mean per rate, to tell the engine's queueing and prefill from the front end's share of TTFT.
+SERVER_HISTOGRAMS = (
+    "time_to_first_token_seconds", "request_queue_time_seconds", "request_prefill_time_seconds",
+    "request_decode_time_seconds", "e2e_request_latency_seconds",
+)  # fmt: skip
+
+
+def _histogram_totals(port: int) -> dict[str, tuple[float, float]]:
+    """(sum, count) of each SERVER_HISTOGRAMS entry the server exports, summed over labels."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=30).text
+    totals: dict[str, tuple[float, float]] = {}
+    for family in text_string_to_metric_families(text):
+        name = family.name.split(":", 1)[-1]
+        if name not in SERVER_HISTOGRAMS:
+            continue
+        total, count = totals.get(name, (0.0, 0.0))
+        for sample in family.samples:
+            if sample.name.endswith("_sum"):
+                total += sample.value
+            elif sample.name.endswith("_count"):
+                count += sample.value
+        totals[name] = (total, count)
+    return totals
+
+
+def _server_means_ms(before: dict, after: dict) -> dict[str, float]:
+    """Mean milliseconds of each histogram over the requests between two scrapes."""
+    means = {}
+    for name, (total, count) in after.items():
+        total0, count0 = before.get(name, (0.0, 0.0))
+        if count > count0:
+            means[f"server_mean_{name.removesuffix('_seconds')}_ms"] = round(
+                1000 * (total - total0) / (count - count0), 2
+            )
+    return means
+
+
 def _bench(port: int, rate: str, num_prompts: int, result_path: str) -> dict:
     cmd = [
         sys.executable, "-m", "lmserve.entrypoints.cli", "bench", "serve",
@@ -105,9 +145,11 @@ def run_server(
             _bench(port, "inf", 16, os.path.join(tmp, "warmup.json"))  # first-request costs
             for rate in rates:
                 num_prompts = max(2, round(RATES[rate] * scale))
+                before = _histogram_totals(port)
                 full = _bench(port, rate, num_prompts, os.path.join(tmp, f"{rate}.json"))
-                row = {m: full.get(m) for m in METRICS}
+                row = {m: full.get(m) for m in (*METRICS, "mean_ttft_ms")}
                 row.update(completed=full.get("completed"), num_prompts=num_prompts)
+                row.update(_server_means_ms(before, _histogram_totals(port)))
                 result["rates"][rate] = row
                 print(server, rate, json.dumps(row), flush=True)
     finally:
