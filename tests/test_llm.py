@@ -128,6 +128,8 @@ def test_n_samples_come_back_together(llm):
         ({"prompt_token_ids": []}, "empty"),
         ({"prompt_token_ids": [1, 99999]}, r"99999 is out of range \[0, 512\)"),
         ({"prompt_token_ids": [1, -1]}, "out of range"),
+        ({"prompt_token_ids": [1, True, 2]}, r"token id True is out of range"),
+        ({"prompt_token_ids": [1, 2.0]}, r"token id 2.0 is out of range"),
         ({"prompt_token_ids": "1 2 3"}, "list of ints"),
         ({"prompt_token_ids": [1] * 600}, "600 tokens, more than max_model_len=512"),
         (42, "a prompt must be"),

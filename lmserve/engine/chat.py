@@ -98,18 +98,29 @@ def apply_chat_template(
 ) -> list[int]:
     """Render and tokenize one validated conversation; `tools` (OpenAI's function
     definitions) go to the template, which renders them its own way (or ignores them)."""
+    text = render_chat_text(tokenizer, messages, chat_template, add_generation_prompt, tools)
+    # The template already wrote any BOS it wants: don't add special tokens again.
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def render_chat_text(
+    tokenizer: Any,
+    messages: Conversation,
+    chat_template: str | None = None,
+    add_generation_prompt: bool = True,
+    tools: list[dict[str, Any]] | None = None,
+) -> str:
+    """The prompt text of one validated conversation; encode it without special tokens."""
     if tokenizer is None:
         raise ValueError("chat needs a tokenizer, but skip_tokenizer_init=True")
     if chat_template is None and not getattr(tokenizer, "chat_template", None):
         raise ValueError(
             "the tokenizer has no chat template; pass chat_template=... (a Jinja template)"
         )
-    text = tokenizer.apply_chat_template(
+    return tokenizer.apply_chat_template(
         messages,
         chat_template=chat_template,
         add_generation_prompt=add_generation_prompt,
         tokenize=False,
         tools=tools,
     )
-    # The template already wrote any BOS it wants: don't add special tokens again.
-    return tokenizer.encode(text, add_special_tokens=False)

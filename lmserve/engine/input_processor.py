@@ -118,9 +118,14 @@ class InputProcessor:
         if not token_ids:
             raise ValueError("the prompt is empty: it must have at least one token")
         vocab_size = self.model_config.vocab_size
-        for t in token_ids:
-            if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab_size:
-                raise ValueError(f"prompt token id {t!r} is out of range [0, {vocab_size})")
+        # all plain ints within the vocabulary, checked in C (a burst's prompts pass here on
+        # the event loop); only a failure walks the list for the id to name
+        if set(map(type, token_ids)) != {int} or not (
+            0 <= min(token_ids) and max(token_ids) < vocab_size
+        ):
+            for t in token_ids:
+                if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab_size:
+                    raise ValueError(f"prompt token id {t!r} is out of range [0, {vocab_size})")
         max_len = self.model_config.max_model_len
         if len(token_ids) > max_len:
             raise ValueError(

@@ -148,9 +148,9 @@ def build_app(engine: Any, args: argparse.Namespace) -> FastAPI:
         if (request.prompt is None) == (request.messages is None):
             raise invalid_request("give exactly one of 'prompt' and 'messages'", "prompt")
         if request.messages is not None:
-            token_ids = chat.render(request.messages, request.add_generation_prompt)
+            token_ids = await chat.render(request.messages, request.add_generation_prompt)
         else:
-            token_ids = completion.encode(request.prompt, request.add_special_tokens)
+            token_ids = await completion.encode(request.prompt, request.add_special_tokens)
         return json_response(
             TokenizeResponse(
                 count=len(token_ids), max_model_len=model_config.max_model_len, tokens=token_ids

@@ -22,7 +22,7 @@ from jinja2 import TemplateError
 from starlette.requests import Request
 from starlette.responses import Response
 
-from lmserve.engine.chat import apply_chat_template, validate_conversation
+from lmserve.engine.chat import render_chat_text, validate_conversation
 from lmserve.engine.media import MediaConfig, load_images
 from lmserve.engine.mm_processor import has_image_parts, render_chat
 from lmserve.entrypoints.openai.errors import invalid_request
@@ -105,7 +105,7 @@ class OpenAIServingChat(OpenAIServing):
                 request.messages, request.add_generation_prompt
             )
         else:
-            token_ids = self.render(request.messages, request.add_generation_prompt, tools)
+            token_ids = await self.render(request.messages, request.add_generation_prompt, tools)
             prompt = {"prompt_token_ids": token_ids}
         if request.max_completion_tokens is not None:
             max_tokens_param, requested = "max_completion_tokens", request.max_completion_tokens
@@ -135,7 +135,7 @@ class OpenAIServingChat(OpenAIServing):
             )
         return json_response(self._response(finals[0], request, model, request_id, plan))
 
-    def render(
+    async def render(
         self,
         messages: list[dict[str, Any]],
         add_generation_prompt: bool,
@@ -144,11 +144,13 @@ class OpenAIServingChat(OpenAIServing):
         """Conversation → prompt token ids; a bad conversation or template failure is a 400."""
         try:
             conversation = validate_conversation(messages)
-            return apply_chat_template(
+            text = render_chat_text(
                 self.tokenizer, conversation, self.chat_template, add_generation_prompt, tools
             )
         except (ValueError, TypeError, TemplateError) as e:
             raise invalid_request(f"invalid messages: {e}", "messages") from None
+        # the template already wrote any BOS it wants: no special tokens added again
+        return await self.encoder.encode(text, add_special_tokens=False)
 
     async def render_with_images(
         self, messages: list[dict[str, Any]], add_generation_prompt: bool

@@ -52,7 +52,7 @@ class OpenAIServingCompletion(OpenAIServing):
         model = self.resolve_model(request.model)
         _reject_unsupported(request)
         stream = bool(request.stream)
-        prompts = self._prompts(request)
+        prompts = await self._prompts(request)
         echo_logprobs = request.logprobs if request.echo else None
         constraint = structured_outputs_for(
             request.response_format, request.structured_outputs,
@@ -92,7 +92,7 @@ class OpenAIServingCompletion(OpenAIServing):
         return json_response(response)
 
     # ---- prompts -----------------------------------------------------------------------------
-    def _prompts(self, request: CompletionRequest) -> list[_Prompt]:
+    async def _prompts(self, request: CompletionRequest) -> list[_Prompt]:
         prompt = request.prompt
         if isinstance(prompt, str) or isinstance(prompt[0], int):
             items = [prompt]
@@ -101,7 +101,7 @@ class OpenAIServingCompletion(OpenAIServing):
         result = []
         for item in items:
             if isinstance(item, str):
-                ids = self.encode(item, request.add_special_tokens)
+                ids = await self.encode(item, request.add_special_tokens)
                 result.append(_Prompt(item, ids))
             else:
                 result.append(_Prompt(None, list(item)))

@@ -31,6 +31,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from lmserve.engine.core_client import EngineDeadError
+from lmserve.entrypoints.openai.batched_encoder import BatchedEncoder
 from lmserve.entrypoints.openai.errors import (
     SERVER_ERROR,
     OpenAIError,
@@ -58,6 +59,8 @@ class OpenAIServing:
     def __init__(self, engine: Any, served_model_names: list[str]) -> None:
         self.engine = engine
         self.tokenizer = engine.tokenizer
+        # prompts are tokenized on a worker thread, in batches (see batched_encoder)
+        self.encoder = BatchedEncoder(self.tokenizer) if self.tokenizer is not None else None
         self.max_model_len: int = engine.model_config.max_model_len
         # whose parser checks structured-output constraints (ModelConfig's, resolved)
         self.structured_outputs_backend: str = getattr(
@@ -88,11 +91,11 @@ class OpenAIServing:
             )
         return self.tokenizer
 
-    def encode(
+    async def encode(
         self, text: str, add_special_tokens: bool = True, param: str = "prompt"
     ) -> list[int]:
-        tokenizer = self.require_tokenizer("a text prompt", param)
-        return list(tokenizer.encode(text, add_special_tokens=add_special_tokens))
+        self.require_tokenizer("a text prompt", param)
+        return await self.encoder.encode(text, add_special_tokens)
 
     def decode_token(self, token_id: int, logprob: Logprob | None = None) -> str:
         if logprob is not None and logprob.decoded_token is not None:
