@@ -3,7 +3,8 @@ several routers in one process and /metrics shows only the router's series)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -47,6 +48,17 @@ class RouterMetrics:
     kv_index_blocks: Gauge
     kv_index_engines: Gauge
     kv_prediction_error: Histogram
+    # labelled children the per-request path updates, by (metric, label values): labels() costs
+    # a lock and a validation per call (forget_backend drops a backend's)
+    _children: dict[tuple[Any, tuple[str, ...]], Any] = field(default_factory=dict)
+
+    def child(self, metric: Any, *labels: str) -> Any:
+        """`metric.labels(*labels)`, remembered."""
+        key = (metric, labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*labels)
+        return found
 
     @classmethod
     def create(cls) -> RouterMetrics:
@@ -192,6 +204,8 @@ class RouterMetrics:
 
     def forget_backend(self, url: str) -> None:
         """A backend left: drop its gauges (its counters stay, they are history)."""
+        for key in [k for k in self._children if k[1][:1] == (url,)]:
+            del self._children[key]
         for gauge in (self.in_flight, self.backend_healthy, self.backend_ttft):
             try:
                 gauge.remove(url)

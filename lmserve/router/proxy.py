@@ -308,7 +308,7 @@ class Proxy:
         backend = decision.backend
         backend.in_flight += 1
         backend.pending_prefill_tokens += decision.prefill_tokens
-        self.metrics.in_flight.labels(backend.url).set(backend.in_flight)
+        self.metrics.child(self.metrics.in_flight, backend.url).set(backend.in_flight)
 
     def _answering(self, decision: Decision) -> None:
         """The backend answers (or failed): its prefill of this prompt is no longer queued."""
@@ -324,8 +324,8 @@ class Proxy:
 
     def _ended(self, backend: Backend, status: str) -> None:
         backend.in_flight -= 1
-        self.metrics.in_flight.labels(backend.url).set(backend.in_flight)
-        self.metrics.requests.labels(backend.url, status).inc()
+        self.metrics.child(self.metrics.in_flight, backend.url).set(backend.in_flight)
+        self.metrics.child(self.metrics.requests, backend.url, status).inc()
 
 
 # ---- helpers ----------------------------------------------------------------------------------

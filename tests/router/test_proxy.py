@@ -207,3 +207,21 @@ def test_metrics_count_requests_decisions_latency_and_trie(fresh_standins):
         assert metric(router, "lmserve_router:prefix_trie_nodes") > 0
         assert metric(router, "lmserve_router:in_flight_requests", backend=a.url) == 0
         assert metric(router, "lmserve_router:backend_healthy") == 2
+
+
+def test_remembered_metric_children_are_dropped_when_a_backend_leaves():
+    from prometheus_client import generate_latest
+
+    from lmserve.router.metrics import RouterMetrics
+
+    m = RouterMetrics.create()
+    m.child(m.in_flight, "http://a").set(3)
+    m.child(m.requests, "http://a", "200").inc()
+    assert m.child(m.in_flight, "http://a") is m.in_flight.labels("http://a")
+    m.forget_backend("http://a")
+    text = generate_latest(m.registry).decode()
+    assert 'in_flight_requests{backend="http://a"}' not in text  # the gauge went
+    assert 'requests_total{backend="http://a",status="200"} 1.0' in text  # history stays
+    m.child(m.in_flight, "http://a").set(1)  # it came back: a new, exported child
+    text = generate_latest(m.registry).decode()
+    assert 'in_flight_requests{backend="http://a"} 1.0' in text
