@@ -220,6 +220,14 @@ def main() -> None:
     parser.add_argument("--compare", nargs=2, metavar=("LMSERVE_JSON", "VLLM_JSON"))
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
+    if not args.compare:
+        if args.server is None or args.model_dir is None:
+            parser.error("give --server and --model-dir (or --compare A.json B.json)")
+        if not os.path.isfile(os.path.join(args.model_dir, "config.json")):
+            parser.error(f"--model-dir {args.model_dir}: no config.json there")
+        unknown = [r for r in args.rates.split(",") if r not in RATES]
+        if unknown:
+            parser.error(f"--rates: {unknown} not among {list(RATES)}")
     if args.compare:
         ours, theirs = (json.load(open(p)) for p in args.compare)
         result = {"lmserve": ours, "vllm": theirs, "comparison": compare(ours, theirs)}
