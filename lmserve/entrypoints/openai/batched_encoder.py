@@ -41,7 +41,7 @@ class BatchedEncoder:
     async def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        self._waiting.append((text, add_special_tokens, future))
+        self._waiting.append((text, bool(add_special_tokens), future))  # grouped by `is`
         if self._drainer is None:
             self._drainer = loop.create_task(self._drain())
         return await future

@@ -63,6 +63,8 @@ def test_encoding_runs_on_a_worker_thread_not_the_event_loop(tokenizer):
 
     ids, loop_thread = asyncio.run(main())
     assert ids == tokenizer.encode("hello world")
+    # a truthy flag that is not a bool still lands in its group
+    assert asyncio.run(encoder.encode("hello", add_special_tokens=1)) == tokenizer.encode("hello")
     assert threads and all(t.startswith("lmserve-tokenize") for t in threads)
     assert loop_thread not in threads
     encoder.shutdown()
