@@ -34,6 +34,9 @@ def _flat(q_lens: list[int], seq_lens: list[int], block_size: int = 4) -> FlatIn
 def test_graph_sizes_are_bucketed_like_vllm():
     assert decode_graph_sizes(40) == [1, 2, 4, 8, 16, 24, 32, 40]
     assert decode_graph_sizes(3) == [1, 2]
+    large = decode_graph_sizes(512)  # steps of 16 above 256, as vLLM captures
+    assert large[-19:] == [240, 248, 256, *range(272, 513, 16)] and len(large) == 51
+    assert decode_graph_sizes(300)[-3:] == [256, 272, 288]
     assert piecewise_graph_sizes(512) == [16, 32, 64, 128, 256, 512]
     assert piecewise_graph_sizes(15) == []
     sizes = decode_graph_sizes(256)
