@@ -41,11 +41,16 @@ class BatchStats:
     cleared: bool = False
 
 
+Media = str | frozenset  # one tier's name ("GPU", "CPU", ...), or a frozenset of several
+
+
 @dataclass
 class KVIndex:
-    """block hash -> {engine url: set of media ("GPU", "CPU", ...)}; one event loop, no locks."""
+    """block hash -> {engine url: its media}; one event loop, no locks. A block held in one
+    tier (nearly all) maps to the tier's name: {url: "GPU"} holds no container, so the index's
+    millions of entries cost no set each and Python's cycle collector never walks them."""
 
-    blocks: dict[BlockHash, dict[str, set[str]]] = field(default_factory=dict)
+    blocks: dict[BlockHash, dict[str, Media]] = field(default_factory=dict)
     held: dict[str, set[BlockHash]] = field(default_factory=dict)  # engine -> its hashes
     layouts: dict[str, EngineLayout] = field(default_factory=dict)
     layout_version: int = 0  # bumped whenever an engine's usable layout is learned or forgotten
@@ -136,13 +141,13 @@ class KVIndex:
         for h in hashes:  # (no setdefault temporaries: most blocks are new to the index)
             holders = blocks.get(h)
             if holders is None:
-                blocks[h] = {url: {medium}}
+                blocks[h] = {url: medium}
                 continue
             media = holders.get(url)
             if media is None:
-                holders[url] = {medium}
-            else:
-                media.add(medium)
+                holders[url] = medium
+            elif media != medium:
+                holders[url] = _media_set(media) | {medium}
         held.update(hashes)
         for listener in self.on_stored:
             listener(url, hashes)
@@ -154,12 +159,14 @@ class KVIndex:
             media = holders.get(url) if holders else None
             if media is None:
                 continue
-            media.discard(medium)
-            if not media:
-                del holders[url]
-                held.discard(h)
-                if not holders:
-                    del self.blocks[h]
+            if media != medium:  # several tiers, or another one
+                rest = _media_set(media) - {medium}
+                holders[url] = next(iter(rest)) if len(rest) == 1 else rest
+                continue
+            del holders[url]
+            held.discard(h)
+            if not holders:
+                del self.blocks[h]
 
     def _learn_layout(
         self,
@@ -183,6 +190,11 @@ class KVIndex:
         # A salted or LoRA block: its hash needs keys the router does not see; learn later.
 
     # ---- lookups -----------------------------------------------------------------------------
+    def media(self, url: str, block_hash: BlockHash) -> frozenset[str]:
+        """The tiers engine `url` holds the block in (empty if none)."""
+        media = self.blocks.get(block_hash, {}).get(url)
+        return frozenset() if media is None else _media_set(media)
+
     def holds(self, url: str, block_hash: BlockHash) -> bool:
         holders = self.blocks.get(block_hash)
         return holders is not None and url in holders
@@ -202,6 +214,10 @@ class KVIndex:
 
 
 kind_stored, kind_removed = "BlockStored", "BlockRemoved"  # run kinds of KVIndex.apply
+
+
+def _media_set(media: Media) -> frozenset[str]:
+    return frozenset((media,)) if isinstance(media, str) else media
 
 
 def _medium(event: list, i: int) -> str:

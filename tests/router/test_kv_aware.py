@@ -66,8 +66,13 @@ def test_a_block_held_in_two_media_stays_until_both_remove_it():
     hashes = block_hashes(PROMPT[:4], BS)
     index.apply("http://a", payload(stored(PROMPT[:4])))
     cpu = BlockStored(hashes, None, PROMPT[:4], BS, None, "CPU")
-    index.apply("http://a", payload(cpu, BlockRemoved(hashes)))  # GPU copy evicted
-    assert index.blocks[hashes[0]] == {"http://a": {"CPU"}}
+    index.apply("http://a", payload(cpu))
+    assert index.media("http://a", hashes[0]) == {"GPU", "CPU"}
+    index.apply("http://a", payload(BlockRemoved(hashes, "DISK")))  # a tier it is not in
+    assert index.media("http://a", hashes[0]) == {"GPU", "CPU"}
+    index.apply("http://a", payload(BlockRemoved(hashes)))  # GPU copy evicted
+    assert index.media("http://a", hashes[0]) == {"CPU"}
+    assert index.match({"http://a": hashes}) == {"http://a": 1}
     index.apply("http://a", payload(BlockRemoved(hashes, "CPU")))
     assert len(index) == 0
 

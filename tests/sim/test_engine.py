@@ -167,21 +167,42 @@ def test_a_run_leaves_objects_the_caller_froze_frozen(profile):
     assert gc.get_freeze_count() == 0  # its own freeze is undone
 
 
-def test_a_run_turns_automatic_gc_back_on_and_freezes_each_simulated_minute(profile, monkeypatch):
-    """The loop collects and freezes once a simulated minute with automatic collection off;
-    afterwards the collector is as the caller had it and nothing stays frozen."""
+def test_a_run_collects_each_simulated_minute_while_collections_find_garbage(profile, monkeypatch):
+    """The loop collects and freezes once a simulated minute with automatic collection off,
+    for as long as the collections find cyclic garbage; afterwards the collector is as the
+    caller had it and nothing stays frozen."""
     import gc
 
     import lmserve.sim.cluster as cluster_module
     from tests.sim.conftest import multi_round
 
     rounds: list[int] = []
-    real_freeze = gc.freeze
+    real_freeze, real_collect = gc.freeze, gc.collect
     monkeypatch.setattr(cluster_module.gc, "freeze", lambda: (rounds.append(1), real_freeze()))
+    monkeypatch.setattr(cluster_module.gc, "collect", lambda: real_collect() + 1)  # "garbage"
     monkeypatch.setattr(cluster_module, "FREEZE_EVERY_S", 1.0)
     assert gc.isenabled()
     cluster = run_cluster(profile, multi_round())
+    assert cluster.end_s > 4
     assert len(rounds) >= int(cluster.end_s)  # the start's, then one a simulated second
+    assert gc.isenabled() and gc.get_freeze_count() == 0
+
+
+def test_a_run_stops_collecting_after_collections_that_find_no_garbage(profile, monkeypatch):
+    """The simulation makes no reference cycles: after CLEAN_COLLECTIONS_TO_STOP collections
+    in a row that free nothing, no more collections (each walks every new index entry)."""
+    import gc
+
+    import lmserve.sim.cluster as cluster_module
+    from tests.sim.conftest import multi_round
+
+    found: list[int] = []
+    real_collect = gc.collect
+    monkeypatch.setattr(cluster_module.gc, "collect", lambda: found.append(real_collect()) or 0)
+    monkeypatch.setattr(cluster_module, "FREEZE_EVERY_S", 1.0)
+    cluster = run_cluster(profile, multi_round())
+    assert cluster.end_s > 4  # room for more collections than were made
+    assert len(found) == cluster_module.CLEAN_COLLECTIONS_TO_STOP
     assert gc.isenabled() and gc.get_freeze_count() == 0
 
 
