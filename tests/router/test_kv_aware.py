@@ -275,6 +275,23 @@ def test_router_completion_ids_equal_the_engine_front_ends(tiny_model_dir):
     assert tokens.for_body({"messages": "not a list"}) is None  # the engine answers 400
 
 
+def test_a_chat_with_an_image_has_no_router_ids_so_kv_aware_falls_back(tiny_model_dir):
+    """The engine's block hashes of an image's placeholders include the image's content hash,
+    which the router cannot compute: it gives such a chat no ids (kv-aware then routes it by
+    prefix-aware's rule), never ids that would predict a hit on another image's blocks."""
+    from lmserve.router.prompt_tokens import PromptTokenizer
+
+    tokens = PromptTokenizer.load(tiny_model_dir("llama"))
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+    text = {"type": "text", "text": "What is in this picture?"}
+    assert tokens.for_body({"messages": [{"role": "user", "content": [text]}]})
+    assert tokens.for_body({"messages": [{"role": "user", "content": [text, image]}]}) is None
+    logic = make_logic(warm_index([1] * 9, {"a": 1}))
+    decision = logic.choose(RouteRequest(None, prompt="hi", token_ids=None), engines("a", "c"))
+    assert decision.reason.startswith("kv_fallback_prefix")
+    assert decision.predicted_cached is None
+
+
 def test_a_chat_template_flag_overrides_the_tokenizers(tiny_model_dir, tmp_path):
     from lmserve.router.prompt_tokens import PromptTokenizer
 
