@@ -124,8 +124,9 @@ def gguf_cache_key(gguf_path: str, cache_dir: str | None = None) -> str:
 
     Content, not path: the same GGUF installed into a second virtual environment (a new path, a
     new mtime) reuses the first conversion instead of writing another full-precision copy. The
-    digest is remembered per (real path, size, mtime) under `<cache_dir>/.digests`, so a start
-    after the first costs one stat; a file replaced or edited in place is hashed again.
+    digest is remembered per real path (with its size and mtime) under `<cache_dir>/.digests`,
+    so a start after the first costs one stat; a file replaced or edited in place is hashed
+    again.
     """
     path = os.path.realpath(gguf_path)
     stem = os.path.basename(path)[: -len(".gguf")] if is_gguf_file(path) else os.path.basename(path)
@@ -134,28 +135,46 @@ def gguf_cache_key(gguf_path: str, cache_dir: str | None = None) -> str:
 
 
 def _content_digest(path: str, cache_dir: str | None) -> str:
-    """sha256 of the file, memoised in `<cache_dir>/.digests/<hash of path, size, mtime>`."""
+    """sha256 of the file, memoised in `<cache_dir>/.digests/<hash of path>` as one line:
+    "<size> <mtime_ns> <sha256> <path>". One memo per path: a file replaced or edited in place
+    overwrites its memo, and memos of paths that no longer exist (an uninstalled environment)
+    are removed whenever a file is hashed."""
     cache_dir = cache_dir or _default_cache_dir()
     st = os.stat(path)
-    stat_id = hashlib.sha256(f"{path}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()
-    memo = os.path.join(cache_dir, ".digests", stat_id[:32])
+    folder = os.path.join(cache_dir, ".digests")
+    memo = os.path.join(folder, hashlib.sha256(path.encode()).hexdigest()[:32])
+    stamp = f"{st.st_size} {st.st_mtime_ns} "
     with contextlib.suppress(OSError):
         with open(memo) as f:
-            digest = f.read().strip()
-        if len(digest) == 64:
-            return digest
+            line = f.read()
+        if line.startswith(stamp) and len(line.split(" ", 3)[2]) == 64:
+            return line.split(" ", 3)[2]
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 23):
             h.update(chunk)
     digest = h.hexdigest()
     with contextlib.suppress(OSError):  # a read-only cache just hashes again next time
-        os.makedirs(os.path.dirname(memo), exist_ok=True)
+        os.makedirs(folder, exist_ok=True)
         tmp = f"{memo}.{os.getpid()}.tmp"
         with open(tmp, "w") as f:
-            f.write(digest)
+            f.write(f"{stamp}{digest} {path}")
         os.replace(tmp, memo)
+        _prune_digests(folder)
     return digest
+
+
+def _prune_digests(folder: str) -> None:
+    """Remove the memos of files that no longer exist, and unreadable or old-format ones."""
+    for name in os.listdir(folder):
+        memo = os.path.join(folder, name)
+        with contextlib.suppress(OSError, UnicodeDecodeError):
+            if name.endswith(".tmp"):
+                continue  # another process's memo being written
+            with open(memo) as f:
+                fields = f.read().split(" ", 3)
+            if len(fields) != 4 or not os.path.exists(fields[3]):
+                os.remove(memo)
 
 
 def _default_cache_dir() -> str:

