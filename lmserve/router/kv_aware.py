@@ -47,6 +47,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from itertools import islice, takewhile
 
 from lmserve.prefix_hash import HASH_FUNCTIONS, BlockHash, extend_block_hashes
 from lmserve.router.backends import Backend, by_url
@@ -278,18 +279,13 @@ class KvAware(RoutingLogic):
 
     def _held_blocks(self, url: str, hashes: list[BlockHash], now: float) -> int:
         """How many leading blocks of `hashes` engine `url` holds, by its events or pending."""
-        held = self.index.held.get(url, ())
-        n, total, step = 0, len(hashes), 32
-        while n < total:  # C-level membership passes over chunks of doubling length
-            chunk = list(map(held.__contains__, hashes[n : n + step]))
-            if False not in chunk:
-                n, step = n + len(chunk), 2 * step
-                continue
-            n += chunk.index(False)
-            if not self.pending.holds(url, hashes[n], now):
-                break
-            n += 1
-        return n
+        contains = self.index.held.get(url, frozenset()).__contains__
+        n, total = 0, len(hashes)
+        while True:  # the leading run its events name, in one C-level pass up to a miss
+            n += len(list(takewhile(contains, islice(hashes, n, None) if n else hashes)))
+            if n >= total or not self.pending.holds(url, hashes[n], now):
+                return n
+            n += 1  # sent there and not confirmed yet: held until its TTL
 
     def _home(
         self,

@@ -182,6 +182,22 @@ def test_blocks_just_sent_count_as_held_there_until_their_ttl_passes():
     assert third.reason == "kv_miss"
 
 
+def test_the_held_prefix_runs_through_pending_blocks_and_stops_at_the_first_block_neither_has():
+    index = KVIndex()
+    logic = make_logic(index, pending_ttl_s=5.0, clock=Clock())
+    prompt = list(range(400, 433))  # 8 blocks
+    hashes = block_hashes(prompt, BS, "sha256")
+    index.apply("http://a", payload(stored(prompt)))
+    index.apply("http://a", payload(BlockRemoved([hashes[3], hashes[6]], None)))
+    assert logic._held_blocks("http://a", hashes, 0.0) == 3
+    logic.pending.add("http://a", [hashes[3]], 0.0)  # sent there since, not confirmed yet
+    assert logic._held_blocks("http://a", hashes, 0.0) == 6
+    logic.pending.add("http://a", [hashes[6]], 0.0)
+    assert logic._held_blocks("http://a", hashes, 0.0) == 8
+    assert logic._held_blocks("http://a", hashes, 6.0) == 3  # past the TTL: events alone
+    assert logic._held_blocks("http://z", hashes, 0.0) == 0  # an engine it never heard of
+
+
 def test_a_sent_block_the_engine_stored_and_then_evicted_counts_as_gone_before_its_ttl():
     clock = Clock()
     index = warm_index([1] * 9, {})
