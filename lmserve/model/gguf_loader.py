@@ -147,8 +147,10 @@ def _content_digest(path: str, cache_dir: str | None) -> str:
     with contextlib.suppress(OSError):
         with open(memo) as f:
             line = f.read()
-        if line.startswith(stamp) and len(line.split(" ", 3)[2]) == 64:
-            return line.split(" ", 3)[2]
+        if line.startswith(stamp):  # the same file: its size and mtime, then the digest
+            digest = line.split(" ", 3)[2]
+            if len(digest) == 64:
+                return digest
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 23):
