@@ -144,7 +144,7 @@ def _content_digest(path: str, cache_dir: str | None) -> str:
     folder = os.path.join(cache_dir, ".digests")
     memo = os.path.join(folder, hashlib.sha256(path.encode()).hexdigest()[:32])
     stamp = f"{st.st_size} {st.st_mtime_ns} "
-    with contextlib.suppress(OSError):
+    with contextlib.suppress(OSError, ValueError):  # missing, unreadable or not text: hash
         with open(memo) as f:
             line = f.read()
         if line.startswith(stamp):  # the same file: its size and mtime, then the digest
@@ -170,7 +170,7 @@ def _prune_digests(folder: str) -> None:
     """Remove the memos of files that no longer exist, and unreadable or old-format ones."""
     for name in os.listdir(folder):
         memo = os.path.join(folder, name)
-        with contextlib.suppress(OSError, UnicodeDecodeError):
+        with contextlib.suppress(OSError, ValueError):
             if name.endswith(".tmp"):
                 continue  # another process's memo being written
             with open(memo) as f:

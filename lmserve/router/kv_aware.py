@@ -282,7 +282,7 @@ class KvAware(RoutingLogic):
         contains = self.index.held.get(url, frozenset()).__contains__
         n, total = 0, len(hashes)
         while True:  # the leading run its events name, in one C-level pass up to a miss
-            n += len(list(takewhile(contains, islice(hashes, n, None) if n else hashes)))
+            n += len(list(takewhile(contains, islice(hashes, n, None))))
             if n >= total or not self.pending.holds(url, hashes[n], now):
                 return n
             n += 1  # sent there and not confirmed yet: held until its TTL

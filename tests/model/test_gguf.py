@@ -632,5 +632,11 @@ def test_digest_memos_stay_one_per_path_and_vanished_paths_lose_theirs(q8_gguf, 
     with open(os.path.join(digests, "0" * 32), "w") as f:
         f.write("f" * 64)  # an earlier version's memo: no path, never read now
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10 * 10**9))
-    gguf_cache_key(path, cache)  # a hash: the vanished copy's and the old memo are pruned
+    key = gguf_cache_key(path, cache)  # a hash: the vanished copy's and the old memo are pruned
     assert len(os.listdir(digests)) == 1
+    (memo,) = os.listdir(digests)
+    with open(os.path.join(digests, memo), "wb") as f:
+        f.write(b"\xff\xfe not text")  # a damaged memo: hashed again, and rewritten
+    assert gguf_cache_key(path, cache) == key
+    with open(os.path.join(digests, memo)) as f:
+        assert f.read().split(" ", 3)[3] == os.path.realpath(path)
