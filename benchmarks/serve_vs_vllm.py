@@ -77,14 +77,22 @@ SERVER_HISTOGRAMS = (
 )  # fmt: skip
 
 
+SERVER_COUNTERS = ("num_preemptions",)  # counted per rate (total, 0)
+
+
 def _histogram_totals(port: int) -> dict[str, tuple[float, float]]:
-    """(sum, count) of each SERVER_HISTOGRAMS entry the server exports, summed over labels."""
+    """(sum, count) of each SERVER_HISTOGRAMS entry the server exports, summed over labels,
+    and (total, 0) of each SERVER_COUNTERS entry."""
     from prometheus_client.parser import text_string_to_metric_families
 
     text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=30).text
     totals: dict[str, tuple[float, float]] = {}
     for family in text_string_to_metric_families(text):
         name = family.name.split(":", 1)[-1]
+        if name in SERVER_COUNTERS:
+            total = sum(s.value for s in family.samples if s.name.endswith("_total"))
+            totals[name] = (totals.get(name, (0.0, 0.0))[0] + total, 0.0)
+            continue
         if name not in SERVER_HISTOGRAMS:
             continue
         total, count = totals.get(name, (0.0, 0.0))
@@ -98,11 +106,14 @@ def _histogram_totals(port: int) -> dict[str, tuple[float, float]]:
 
 
 def _server_means_ms(before: dict, after: dict) -> dict[str, float]:
-    """Mean milliseconds of each histogram over the requests between two scrapes."""
+    """Mean milliseconds of each histogram over the requests between two scrapes, and how
+    much each counter grew."""
     means = {}
     for name, (total, count) in after.items():
         total0, count0 = before.get(name, (0.0, 0.0))
-        if count > count0:
+        if name in SERVER_COUNTERS:
+            means[f"server_{name}"] = total - total0
+        elif count > count0:
             means[f"server_mean_{name.removesuffix('_seconds')}_ms"] = round(
                 1000 * (total - total0) / (count - count0), 2
             )

@@ -27,6 +27,7 @@ from lmserve.worker.sampling_inputs import build_sampling_metadata, uses_penalti
 from lmserve.worker.spec_decode_runner import SpecDecodeRunner
 
 logger = logging.getLogger(__name__)
+_GiB = 1 << 30
 
 
 class ModelRunner:
@@ -180,6 +181,9 @@ class ModelRunner:
         hidden = self._forward(flat)  # [num_tokens, hidden_size]
         if self.encoder is not None:
             self._profile_encoder()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            forward_peak = torch.cuda.max_memory_allocated(self.device)
         logits_indices = torch.from_numpy(flat.logits_indices).to(self.device)
         logits = self.model.compute_logits(hidden[logits_indices])  # [num_reqs, vocab]
         metadata = SamplingMetadata(
@@ -193,6 +197,12 @@ class ModelRunner:
         self.sampler(logits, metadata)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+            peak = torch.cuda.max_memory_allocated(self.device)
+            logger.info(
+                "profile step: peak %.2f GiB after the forward, %.2f GiB with logits and "
+                "sampling of %d requests (throwaway cache %.2f GiB)",
+                forward_peak / _GiB, peak / _GiB, num_reqs, cache_bytes / _GiB,
+            )  # fmt: skip
         self.kv_caches = []
         return cache_bytes
 
