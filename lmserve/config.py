@@ -253,7 +253,7 @@ def _load_hf_config(model: str, revision: str | None) -> tuple[str, Any]:
 @dataclass
 class CacheConfig:
     block_size: int = 16  # tokens per KV block
-    gpu_memory_utilization: float = 0.9  # share of GPU memory the engine may use
+    gpu_memory_utilization: float = 0.92  # share of GPU memory the engine may use (vLLM 0.26: 0.92)
     num_gpu_blocks_override: int | None = None  # fixed pool size (tests, debugging)
     cpu_kvcache_space_gib: float = 4.0  # KV pool size when running on the CPU
     enable_prefix_caching: bool = True
