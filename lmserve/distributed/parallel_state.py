@@ -7,9 +7,13 @@ collective is a no-op, so single-device code pays nothing.
 
 from __future__ import annotations
 
+import logging
+import os
+import sys
 import time
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import NoReturn
 from urllib.parse import urlparse
 
 import torch
@@ -115,3 +119,18 @@ def _leave_store(store: dist.Store, group: TensorParallelGroup) -> None:
     deadline = time.monotonic() + _EXIT_TIMEOUT_S
     while store.add(_EXIT_KEY, 0) < group.world_size - 1 and time.monotonic() < deadline:
         time.sleep(0.005)
+
+
+def exit_worker_process(code: int) -> NoReturn:
+    """End a tensor-parallel worker process now, after its own teardown (destroy_tensor_parallel
+    and whatever else it closes), without interpreter finalization: the C++ destructors of
+    torch.distributed's background threads (gloo, the TCP store) may run at exit while a thread
+    is still joinable, and abort the process ("terminate called without an active exception",
+    exit -6) after a clean shutdown. Logs and stdio are flushed first."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)

@@ -163,7 +163,23 @@ class MultiprocExecutor:
 def run_worker(
     config: EngineConfig, rank: int, init_method: str, handle: Any, result_address: str
 ) -> None:
-    """Entry point of one tensor-parallel worker process."""
+    """Entry point of one tensor-parallel worker process. It ends the process itself (see
+    exit_worker_process): 0 after a "shutdown" command, 1 after an error (traceback printed)."""
+    from lmserve.distributed.parallel_state import exit_worker_process
+
+    code = 1
+    try:
+        _run_worker(config, rank, init_method, handle, result_address)
+        code = 0
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        exit_worker_process(code)
+
+
+def _run_worker(
+    config: EngineConfig, rank: int, init_method: str, handle: Any, result_address: str
+) -> None:
     from lmserve.distributed.parallel_state import destroy_tensor_parallel, init_tensor_parallel
     from lmserve.worker.worker import Worker
 
@@ -172,31 +188,36 @@ def run_worker(
         level=envs.LMSERVE_LOGGING_LEVEL, format=f"%(asctime)s %(levelname)s [TP{rank}] %(message)s"
     )
     commands = MessageQueue.create_from_handle(handle, reader_rank=rank)
-    results = zmq.Context().socket(zmq.PUSH)
+    context = zmq.Context()
+    results = context.socket(zmq.PUSH)
     results.connect(result_address)
     encoder = MsgpackEncoder()
 
     def reply(ok: bool, value: Any = None, error: str | None = None) -> None:
         results.send_multipart(encoder.encode(_Result(rank, ok, value, error)), copy=False)
 
-    commands.wait_until_ready()
-    exit_with_parent()
-    world = config.parallel_config.tensor_parallel_size
-    backend = "nccl" if config.device_config.device == "cuda" else "gloo"
     try:
-        worker = Worker(config, local_rank=rank)  # selects the GPU before NCCL starts
-        init_tensor_parallel(world, rank, init_method, backend)
-        worker.load_model()
-    except Exception:
-        reply(False, error=traceback.format_exc())
-        raise
-    reply(True)
-    try:
-        _serve(worker, rank, commands, reply, config.kv_transfer_config is not None)
+        commands.wait_until_ready()
+        exit_with_parent()
+        world = config.parallel_config.tensor_parallel_size
+        backend = "nccl" if config.device_config.device == "cuda" else "gloo"
+        try:
+            worker = Worker(config, local_rank=rank)  # selects the GPU before NCCL starts
+            init_tensor_parallel(world, rank, init_method, backend)
+            worker.load_model()
+        except Exception:
+            reply(False, error=traceback.format_exc())
+            raise
+        reply(True)
+        try:
+            _serve(worker, rank, commands, reply, config.kv_transfer_config is not None)
+        finally:
+            worker.shutdown()
+            destroy_tensor_parallel()
+            commands.close()
     finally:
-        worker.shutdown()
-        destroy_tensor_parallel()
-        commands.close()
+        results.close(linger=5000)  # an error reply still queued goes out before the exit
+        context.term()
 
 
 def _serve(worker: Any, rank: int, commands: MessageQueue, reply, all_ranks_step: bool) -> None:

@@ -36,7 +36,11 @@ def run_model(model_dir: str, steps: list[dict[str, list[int]]]) -> list[dict[st
 
 
 def tp_worker(rank: int, world: int, port: int, model_dir: str, steps, results) -> None:
-    from lmserve.distributed.parallel_state import destroy_tensor_parallel, init_tensor_parallel
+    from lmserve.distributed.parallel_state import (
+        destroy_tensor_parallel,
+        exit_worker_process,
+        init_tensor_parallel,
+    )
 
     torch.set_num_threads(1)
     init_tensor_parallel(world, rank, f"tcp://127.0.0.1:{port}", backend="gloo")
@@ -45,6 +49,9 @@ def tp_worker(rank: int, world: int, port: int, model_dir: str, steps, results) 
         results.put((rank, [{k: v.numpy() for k, v in step.items()} for step in logits]))
     finally:
         destroy_tensor_parallel()
+    results.close()
+    results.join_thread()  # the queue's feeder thread has sent the logits
+    exit_worker_process(0)  # as the engine's TP workers end (run_worker)
 
 
 @pytest.mark.parametrize("arch, overrides", CASES)
