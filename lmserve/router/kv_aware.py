@@ -47,7 +47,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from itertools import islice, takewhile
+from itertools import islice, repeat, takewhile
 
 from lmserve.prefix_hash import HASH_FUNCTIONS, BlockHash, extend_block_hashes
 from lmserve.router.backends import Backend, by_url
@@ -269,23 +269,53 @@ class KvAware(RoutingLogic):
         for layout, hashes in by_layout.items():
             if not hashes:
                 continue
-            for url in (*blocks.get(hashes[0], ()), *sent.get(hashes[0], ())):
-                if url in found or state.layout_of.get(url) != layout:
-                    continue
-                n = self._held_blocks(url, hashes, now)
+            first = blocks.get(hashes[0], {})
+            urls = [
+                url
+                for url in dict.fromkeys((*first, *sent.get(hashes[0], ())))
+                if url not in found and state.layout_of.get(url) == layout
+            ]
+            runs = self._event_runs([u for u in urls if u in first], hashes)
+            for url in urls:
+                n = self._held_blocks(url, hashes, now, runs.get(url, 0))
                 if n:
                     found[url] = n * layout[0]
         return found
 
-    def _held_blocks(self, url: str, hashes: list[BlockHash], now: float) -> int:
-        """How many leading blocks of `hashes` engine `url` holds, by its events or pending."""
+    def _event_runs(self, urls: list[str], hashes: list[BlockHash]) -> dict[str, int]:
+        """How many leading blocks of `hashes` each of `urls` holds by its events, walking the
+        chain once for all of them: one index lookup per block and a C-level subset test,
+        where a walk per engine costs a lookup in each engine's large set per block (a cache
+        miss each: the engines sharing a system prompt are many). One engine left: its own
+        set, in one C-level pass."""
+        runs: dict[str, int] = {}
+        active = set(urls)
+        blocks = self.index.blocks
+        k = 0
+        while len(active) > 1 and k < len(hashes):
+            holders = blocks.get(hashes[k], _NO_HOLDERS).keys()
+            if not holders >= active:
+                gone = active - holders
+                runs.update(zip(gone, repeat(k)))
+                active -= gone
+            k += 1
+        for url in active:  # at most one
+            contains = self.index.held.get(url, frozenset()).__contains__
+            runs[url] = k + len(list(takewhile(contains, islice(hashes, k, None))))
+        return runs
+
+    def _held_blocks(
+        self, url: str, hashes: list[BlockHash], now: float, start: int | None = None
+    ) -> int:
+        """How many leading blocks of `hashes` engine `url` holds, by its events or pending
+        (`start`: its events' leading run, when already known)."""
         contains = self.index.held.get(url, frozenset()).__contains__
-        n, total = 0, len(hashes)
-        while True:  # the leading run its events name, in one C-level pass up to a miss
-            n += len(list(takewhile(contains, islice(hashes, n, None))))
-            if n >= total or not self.pending.holds(url, hashes[n], now):
-                return n
+        total = len(hashes)
+        n = start if start is not None else len(list(takewhile(contains, hashes)))
+        while n < total and self.pending.holds(url, hashes[n], now):
             n += 1  # sent there and not confirmed yet: held until its TTL
+            n += len(list(takewhile(contains, islice(hashes, n, None))))
+        return n
 
     def _home(
         self,
@@ -332,6 +362,9 @@ class KvAware(RoutingLogic):
             return ring.first_of(point, [order.position[b] for b in order.at_most(limit)])
         key_of = order.key_of
         return ring.walk(point, lambda b: key_of[b] <= limit)  # type: ignore[return-value]
+
+
+_NO_HOLDERS: dict[str, object] = {}
 
 
 def _anchor(ids: Sequence[int]) -> bytes:

@@ -390,3 +390,25 @@ def test_a_batch_is_indexed_as_its_events_one_by_one():
         apart.apply("http://a", payload(event))
     assert together.blocks == apart.blocks and together.held == apart.held
     assert confirmed == [h for e in events if isinstance(e, BlockStored) for h in e.block_hashes]
+
+
+def test_one_walk_over_the_chain_finds_each_engines_held_run_as_a_walk_per_engine_would():
+    """_event_runs walks the prompt's blocks once for all engines holding its first block; each
+    engine's run must equal the plain per-engine count, gaps and single survivors included."""
+    import random
+
+    rng = random.Random(7)
+    prompt = list(range(500, 561))  # 15 full blocks
+    hashes = block_hashes(prompt, BS, "sha256")
+    for _ in range(50):
+        index = KVIndex()
+        logic = make_logic(index, clock=Clock())
+        urls = [f"http://e{i}" for i in range(rng.randint(1, 6))]
+        for url in urls:
+            index.apply(url, payload(stored(prompt[: rng.randint(1, len(hashes)) * BS + 1])))
+            gaps = rng.sample(hashes, rng.randint(0, 3))
+            if gaps:
+                index.apply(url, payload(BlockRemoved(gaps, None)))
+        holders = [u for u in urls if index.holds(u, hashes[0])]
+        runs = logic._event_runs(holders, hashes)
+        assert runs == index.match({u: hashes for u in holders})
