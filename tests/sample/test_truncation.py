@@ -130,3 +130,21 @@ def test_min_p_threshold_in_logit_space_matches_probability_rule(min_p):
     apply_min_p(masked, torch.full((16,), min_p))
     assert torch.equal(torch.isfinite(masked), expected_kept)
     assert torch.equal(masked[expected_kept], logits[expected_kept])  # kept logits untouched
+
+
+def test_top_p_over_row_chunks_equals_one_sort_of_the_whole_batch(monkeypatch):
+    """Top-k/top-p sorts TOP_P_ROWS rows at a time (memory); the kept tokens must be those of
+    one sort over every row, including the rows of a short last chunk."""
+    from lmserve.sample import truncation
+
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(37, 500, generator=gen) * 3
+    top_k = torch.randint(0, 600, (37,), generator=gen)
+    top_p = torch.rand(37, generator=gen).clamp(min=0.05)
+    whole, chunked = logits.clone(), logits.clone()
+    monkeypatch.setattr(truncation, "TOP_P_ROWS", 1000)
+    apply_top_k_top_p(whole, top_k, top_p)
+    monkeypatch.setattr(truncation, "TOP_P_ROWS", 8)
+    apply_top_k_top_p(chunked, top_k, top_p)
+    assert torch.equal(whole, chunked)
+    assert (whole == float("-inf")).any()  # something was truncated
