@@ -122,3 +122,25 @@ def test_full_parser_and_lazy_parser_agree_on_serve_flags():
     lazy, full = build_parser(argv).parse_args(argv), build_parser().parse_args(argv)
     assert vars(lazy) == vars(full)
     assert (lazy.port, lazy.max_num_seqs, lazy.enable_prefix_caching) == (9, 3, False)
+
+
+def test_engine_flag_defaults_equal_the_config_defaults():
+    """`lmserve serve`'s flags pass their defaults to EngineConfig explicitly, so a default
+    changed in the config alone would not reach the server (gpu_memory_utilization once did
+    not): every flag named like a config field must default to that field's default."""
+    import dataclasses
+
+    from lmserve import config
+    from lmserve.engine.arg_utils import BOOL_FLAGS, ENGINE_FLAGS
+
+    defaults = {}
+    for cls in (config.ModelConfig, config.CacheConfig, config.SchedulerConfig,
+                config.ParallelConfig, config.DeviceConfig):  # fmt: skip
+        for f in dataclasses.fields(cls):
+            if f.default is not dataclasses.MISSING:
+                defaults.setdefault(f.name, f.default)  # the first (owning) config wins
+    flags = [(dest, default) for _, dest, _, default, _ in ENGINE_FLAGS]
+    flags += [(dest, default) for _, dest, default, _ in BOOL_FLAGS]
+    compared = [(dest, default, defaults[dest]) for dest, default in flags if dest in defaults]
+    assert len(compared) >= 10  # the table and the configs still share most names
+    assert [c for c in compared if c[1] != c[2]] == []

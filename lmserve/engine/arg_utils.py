@@ -83,7 +83,7 @@ ENGINE_FLAGS: list[tuple[str, str, Any, Any, str]] = [
         "--gpu-memory-utilization",
         "gpu_memory_utilization",
         float,
-        0.9,
+        0.92,
         "share of GPU memory the engine may use",
     ),
     ("--num-gpu-blocks-override", "num_gpu_blocks_override", int, None, "fixed KV pool size"),
