@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shlex
 import socket
 import subprocess
@@ -200,6 +201,25 @@ def _model_summary(model_dir: str) -> dict:
     return summary
 
 
+# The KV pool each server reports at start-up: under overload its size decides how many
+# requests run at once and how many are preempted (the 64/s TTFT p99 gap was this).
+KV_POOL_LINES = (
+    re.compile(r"KV cache: \d+ blocks x \d+ tokens = (\d+) tokens"),  # lmserve
+    re.compile(r"GPU KV cache size: ([\d,]+) tokens"),  # vLLM
+)
+
+
+def kv_cache_tokens(log_path: str) -> int | None:
+    """The KV pool in tokens from a server log (None when no line says it)."""
+    with open(log_path, errors="replace") as f:
+        for line in f:
+            for pattern in KV_POOL_LINES:
+                found = pattern.search(line)
+                if found:
+                    return int(found.group(1).replace(",", ""))
+    return None
+
+
 def compare(ours: dict, theirs: dict) -> dict:
     """Per rate and metric: both figures and lmserve's speed relative to vLLM (>1: lmserve
     better; latencies as vLLM's / ours, throughput as ours / vLLM's)."""
@@ -261,6 +281,7 @@ def main() -> None:
             tuple(shlex.split(args.server_args)),
         )
         result["server_args"] = args.server_args
+        result["kv_cache_tokens"] = kv_cache_tokens(args.out + ".server.log")
         result.update(_versions(args.server, args.server_pythonpath))
         result["model_config"] = _model_summary(args.model_dir)
     with open(args.out, "w") as f:
