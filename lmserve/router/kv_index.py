@@ -8,6 +8,11 @@ code) and keeps the exact index the kv-aware routing logic scores with:
     index.match(url_hashes)             per engine: how many leading blocks of a prompt it holds
     index.clear(url)                    an engine restarted or left: it holds nothing
 
+Both forms of vLLM's events are read: tagged arrays (`["BlockStored", hashes, ...]`, what
+lmserve's engines publish) and, as vLLM 0.26 publishes them, maps (`{"type": "BlockStored",
+"block_hashes": ...}`); fields an engine adds after the known ones are ignored, and so are
+events of kinds the index does not know.
+
 Each engine's block size and hash algorithm are learned from its own events (a `BlockStored`
 carries its tokens and parent, so the router recomputes the hash with each algorithm it knows and
 keeps the one that agrees): no setting has to match between engine and router.
@@ -17,12 +22,96 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import msgspec
 
 from lmserve.prefix_hash import HASH_FUNCTIONS, ROOT_PARENT_HASH, BlockHash, hash_block_tokens
 
 _decode = msgspec.msgpack.Decoder().decode
+_encode = msgspec.msgpack.Encoder().encode
+_NO_TOKENS = msgspec.Raw(b"\x90")  # an empty msgpack array
+
+
+# Typed views of the events, for decoding in C. Token ids stay undecoded (msgspec.Raw): the
+# index reads them only to learn an engine's layout from its first BlockStored.
+class _Stored(msgspec.Struct, array_like=True, tag="BlockStored"):
+    block_hashes: list[Any]
+    parent_block_hash: Any = None
+    token_ids: msgspec.Raw = _NO_TOKENS
+    block_size: int = 0
+    lora_id: Any = None
+    medium: Any = None
+
+
+class _Removed(msgspec.Struct, array_like=True, tag="BlockRemoved"):
+    block_hashes: list[Any]
+    medium: Any = None
+
+
+class _Cleared(msgspec.Struct, array_like=True, tag="AllBlocksCleared"):
+    pass
+
+
+class _StoredMap(_Stored, array_like=False, tag_field="type"):
+    pass
+
+
+class _RemovedMap(_Removed, array_like=False, tag_field="type"):
+    pass
+
+
+class _ClearedMap(_Cleared, array_like=False, tag_field="type"):
+    pass
+
+
+class _ArrayBatch(msgspec.Struct, array_like=True):
+    ts: Any
+    events: list[_Stored | _Removed | _Cleared]
+
+
+class _MapBatch(msgspec.Struct, array_like=True):
+    ts: Any
+    events: list[_StoredMap | _RemovedMap | _ClearedMap]
+
+
+_BATCH_DECODERS = (msgspec.msgpack.Decoder(_ArrayBatch), msgspec.msgpack.Decoder(_MapBatch))
+_EVENT_DECODERS = {
+    list: msgspec.msgpack.Decoder(_Stored | _Removed | _Cleared),
+    dict: msgspec.msgpack.Decoder(_StoredMap | _RemovedMap | _ClearedMap),
+}
+_KINDS = frozenset({"BlockStored", "BlockRemoved", "AllBlocksCleared"})
+
+
+def decode_event_batch(payload: bytes) -> tuple[float, list]:
+    """(timestamp, typed events) of one batch `[ts, [event, ...], dp_rank]`. Raises ValueError
+    on a payload that is not one, or on a known event with fields of the wrong type."""
+    for decoder in _BATCH_DECODERS:  # one C pass when every event is of one known form
+        try:
+            batch = decoder.decode(payload)
+        except msgspec.DecodeError:
+            continue
+        return batch.ts, batch.events
+    try:  # mixed forms, or kinds the index does not know: event by event
+        batch = _decode(payload)
+        ts, raw_events = batch[0], batch[1]
+        if not isinstance(raw_events, list):
+            raise TypeError("events are not a list")
+    except (msgspec.DecodeError, TypeError, IndexError, KeyError) as e:
+        raise ValueError(f"not a KV event batch: {e}") from None
+    events = []
+    for event in raw_events:
+        if isinstance(event, dict):
+            kind = event.get("type")
+        else:
+            kind = event[0] if isinstance(event, list) and event else None
+        if kind not in _KINDS:
+            continue  # a kind a newer engine sends: nothing the index keeps
+        try:
+            events.append(_EVENT_DECODERS[type(event)].decode(_encode(event)))
+        except msgspec.DecodeError as e:
+            raise ValueError(f"malformed {kind} event: {e}") from None
+    return ts, events
 
 
 @dataclass(slots=True)
@@ -71,12 +160,8 @@ class KVIndex:
     def apply(self, url: str, payload: bytes) -> BatchStats:
         """Apply one msgpack event batch `[ts, [event, ...], dp_rank]` from engine `url`.
         Raises ValueError on a payload that is not one."""
-        try:
-            batch = _decode(payload)
-            events = batch[1]
-        except (msgspec.DecodeError, TypeError, IndexError, KeyError) as e:
-            raise ValueError(f"not a KV event batch: {e}") from None
-        stats = BatchStats(timestamp=batch[0] if isinstance(batch[0], (int, float)) else 0.0)
+        ts, events = decode_event_batch(payload)
+        stats = BatchStats(timestamp=ts if isinstance(ts, (int, float)) else 0.0)
         # Consecutive events of one kind and medium are applied as one run (vLLM's engines send
         # a BlockRemoved per evicted block): the same index, in the same order, with one
         # _store / _remove call per run instead of one per event.
@@ -84,34 +169,30 @@ class KVIndex:
         run_kind, run_medium = None, None
         layouts = self.layouts
         for event in events:
-            kind = event[0]
-            if kind == "BlockStored":
-                hashes, block_size = event[1], event[4]
-                medium = _medium(event, 6)
-                if run and (run_kind is not kind_stored or run_medium != medium):
-                    self._apply_run(url, run_kind, run, run_medium)
-                    run = []
-                run_kind, run_medium = kind_stored, medium
-                layout = layouts.get(url)
-                if layout is None or layout.hash_algo is None or layout.block_size != block_size:
-                    self._learn_layout(url, hashes, event[2], event[3], block_size)
-                run += hashes
-                stats.stored += len(hashes)
-            elif kind == "BlockRemoved":
-                hashes = event[1]
-                medium = _medium(event, 2)
-                if run and (run_kind is not kind_removed or run_medium != medium):
-                    self._apply_run(url, run_kind, run, run_medium)
-                    run = []
-                run_kind, run_medium = kind_removed, medium
-                run += hashes
-                stats.removed += len(hashes)
-            elif kind == "AllBlocksCleared":
+            if isinstance(event, _Cleared):
                 if run:
                     self._apply_run(url, run_kind, run, run_medium)
                     run = []
                 self.clear(url, forget_layout=False)
                 stats.cleared = True
+                continue
+            kind = kind_stored if isinstance(event, _Stored) else kind_removed
+            hashes, medium = event.block_hashes, event.medium or "GPU"
+            if run and (run_kind is not kind or run_medium != medium):
+                self._apply_run(url, run_kind, run, run_medium)
+                run = []
+            run_kind, run_medium = kind, medium
+            if kind is kind_stored:
+                layout = layouts.get(url)
+                block_size = event.block_size
+                if layout is None or layout.hash_algo is None or layout.block_size != block_size:
+                    self._learn_layout(
+                        url, hashes, event.parent_block_hash, event.token_ids, block_size
+                    )
+                stats.stored += len(hashes)
+            else:
+                stats.removed += len(hashes)
+            run += hashes
         if run:
             self._apply_run(url, run_kind, run, run_medium)
         return stats
@@ -173,13 +254,20 @@ class KVIndex:
         url: str,
         hashes: Sequence[BlockHash],
         parent: BlockHash | None,
-        token_ids: Sequence[int],
+        token_ids: Sequence[int] | msgspec.Raw,
         block_size: int,
     ) -> None:
         layout = self.layout(url)
         if layout.hash_algo is not None and layout.block_size == block_size:
             return
-        if not hashes or len(token_ids) < block_size:
+        if isinstance(token_ids, msgspec.Raw):
+            try:
+                token_ids = _decode(token_ids)
+            except msgspec.DecodeError:
+                return
+        if not hashes or block_size <= 0 or not isinstance(token_ids, list):
+            return
+        if len(token_ids) < block_size:
             return
         first = token_ids[:block_size]
         for algo, fn in HASH_FUNCTIONS.items():
@@ -218,7 +306,3 @@ kind_stored, kind_removed = "BlockStored", "BlockRemoved"  # run kinds of KVInde
 
 def _media_set(media: Media) -> frozenset[str]:
     return frozenset((media,)) if isinstance(media, str) else media
-
-
-def _medium(event: list, i: int) -> str:
-    return (event[i] if len(event) > i else None) or "GPU"

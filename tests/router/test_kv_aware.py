@@ -82,6 +82,47 @@ def test_a_payload_that_is_not_an_event_batch_is_an_error():
         KVIndex().apply("http://a", b"\x01")
 
 
+def vllm_026_stored(tokens: list[int]) -> dict:
+    """A BlockStored as vLLM 0.26 publishes it: a map tagged by "type", with its newer fields."""
+    hashes = block_hashes(tokens, BS)
+    return {
+        "type": "BlockStored", "block_hashes": hashes, "parent_block_hash": None,
+        "token_ids": tokens[: len(hashes) * BS], "block_size": BS, "lora_id": None,
+        "medium": "GPU", "lora_name": None, "extra_keys": None,
+    }  # fmt: skip
+
+
+def test_vllm_026_map_events_index_like_the_tagged_arrays_lmserve_publishes():
+    hashes = block_hashes(PROMPT, BS)
+    maps, arrays = KVIndex(), KVIndex()
+    removed = {"type": "BlockRemoved", "block_hashes": [hashes[2]], "medium": None,
+               "group_idx": 0, "locality": "LOCAL"}  # fmt: skip
+    maps.apply("http://a", msgspec.msgpack.encode([2.0, [vllm_026_stored(PROMPT), removed], None]))
+    arrays.apply("http://a", payload(stored(PROMPT), BlockRemoved([hashes[2]])))
+    assert maps.blocks == arrays.blocks and maps.held == arrays.held
+    layout = maps.layouts["http://a"]
+    assert (layout.block_size, layout.hash_algo) == (BS, "sha256")  # learned from the map
+    assert maps.match({"http://a": hashes}) == {"http://a": 2}
+    cleared = msgspec.msgpack.encode([3.0, [{"type": "AllBlocksCleared"}]])
+    assert maps.apply("http://a", cleared).cleared and len(maps) == 0
+
+
+def test_unknown_event_kinds_and_extra_fields_are_skipped_and_the_rest_applied():
+    hashes = block_hashes(PROMPT, BS)
+    event = ["BlockStored", hashes, None, PROMPT[:16], BS, None, "GPU", "lora", [None] * 4]
+    mixed = [event, ["KVCacheResized", 4096], {"type": "BlockRemoved", "block_hashes": hashes[3:]}]
+    index = KVIndex()
+    stats = index.apply("http://a", msgspec.msgpack.encode([1.0, mixed, 0]))
+    assert (stats.stored, stats.removed) == (4, 1)
+    assert index.match({"http://a": hashes}) == {"http://a": 3}
+
+
+def test_a_known_event_with_fields_of_the_wrong_type_is_an_error():
+    bad = msgspec.msgpack.encode([1.0, [["BlockStored", "not a list", None, [], "16"], ["?"]]])
+    with pytest.raises(ValueError, match="malformed BlockStored"):
+        KVIndex().apply("http://a", bad)
+
+
 # ---- scoring -----------------------------------------------------------------------------------
 class Clock:
     def __init__(self) -> None:
