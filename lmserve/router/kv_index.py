@@ -36,8 +36,8 @@ _NO_TOKENS = msgspec.Raw(b"\x90")  # an empty msgpack array
 # Typed views of the events, for decoding in C. Token ids stay undecoded (msgspec.Raw): the
 # index reads them only to learn an engine's layout from its first BlockStored.
 class _Stored(msgspec.Struct, array_like=True, tag="BlockStored"):
-    block_hashes: list[Any]
-    parent_block_hash: Any = None
+    block_hashes: list[bytes | int]  # vLLM's ExternalBlockHash
+    parent_block_hash: bytes | int | None = None
     token_ids: msgspec.Raw = _NO_TOKENS
     block_size: int = 0
     lora_id: Any = None
@@ -45,7 +45,7 @@ class _Stored(msgspec.Struct, array_like=True, tag="BlockStored"):
 
 
 class _Removed(msgspec.Struct, array_like=True, tag="BlockRemoved"):
-    block_hashes: list[Any]
+    block_hashes: list[bytes | int]
     medium: Any = None
 
 
@@ -271,7 +271,11 @@ class KVIndex:
             return
         first = token_ids[:block_size]
         for algo, fn in HASH_FUNCTIONS.items():
-            if hash_block_tokens(fn, parent or ROOT_PARENT_HASH, first) == hashes[0]:
+            try:
+                found = hash_block_tokens(fn, parent or ROOT_PARENT_HASH, first)
+            except (TypeError, ValueError, OverflowError):  # not token ids, or an int parent
+                return
+            if found == hashes[0]:
                 layout.block_size, layout.hash_algo = block_size, algo
                 self.layout_version += 1
                 return

@@ -121,6 +121,18 @@ def test_a_known_event_with_fields_of_the_wrong_type_is_an_error():
     bad = msgspec.msgpack.encode([1.0, [["BlockStored", "not a list", None, [], "16"], ["?"]]])
     with pytest.raises(ValueError, match="malformed BlockStored"):
         KVIndex().apply("http://a", bad)
+    unhashable = msgspec.msgpack.encode([1.0, [["BlockRemoved", [[1, 2]]]]])
+    with pytest.raises(ValueError, match="BlockRemoved"):
+        KVIndex().apply("http://a", unhashable)
+
+
+def test_token_ids_that_are_not_ids_leave_the_layout_unknown_without_an_error():
+    hashes = block_hashes(PROMPT, BS)
+    odd = ["BlockStored", hashes, None, ["a"] * 16, BS]
+    index = KVIndex()
+    index.apply("http://a", msgspec.msgpack.encode([1.0, [odd]]))
+    assert index.layouts["http://a"].hash_algo is None
+    assert index.holds("http://a", hashes[0])  # the blocks are indexed all the same
 
 
 # ---- scoring -----------------------------------------------------------------------------------
