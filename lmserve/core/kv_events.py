@@ -16,8 +16,8 @@ A BlockStored covers a run of consecutive blocks of one request (its tokens, the
 first block), as vLLM's block pool sends them; a BlockRemoved the blocks evicted together.
 Block hashes are the prefix cache's (sha256 chains from a fixed root: the same on every
 process and machine). ROUTER replay socket: a client sends the 8-byte big-endian sequence
-number to start from; every buffered batch from there comes back as (empty, seq, payload),
-then (empty, seq -1, empty) ends the replay.
+number to start from; every buffered batch from there comes back as (empty, topic, seq,
+payload), then (empty, empty, seq -1, empty) ends the replay: vLLM 0.26's frames.
 """
 
 from __future__ import annotations
@@ -149,8 +149,9 @@ class ZmqEventPublisher:
             identity, start = frames[0], int.from_bytes(frames[-1], "big")
             for seq, payload in list(self._buffer):
                 if seq >= start:
-                    self._replay.send_multipart((identity, b"", seq.to_bytes(8, "big"), payload))
-            self._replay.send_multipart((identity, b"", _END_OF_REPLAY, b""), zmq.NOBLOCK)
+                    frames = (identity, b"", self._topic, seq.to_bytes(8, "big"), payload)
+                    self._replay.send_multipart(frames)
+            self._replay.send_multipart((identity, b"", b"", _END_OF_REPLAY, b""), zmq.NOBLOCK)
 
 
 def make_publisher(config: KVEventsConfig | None) -> ZmqEventPublisher | None:

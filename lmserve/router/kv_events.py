@@ -3,8 +3,8 @@
 One `EventSubscriber` per backend, on the router's event loop (zmq.asyncio):
 
     SUB  tcp://engine:5557   frames (topic, 8-byte big-endian seq, msgpack batch)
-    DEALER tcp://engine:5558 replay: send the first seq wanted; get (empty, seq, batch)...,
-                             then seq -1
+    DEALER tcp://engine:5558 replay: send the first seq wanted; get (empty, [topic,] seq,
+                             batch)..., then seq -1 (seq and batch are the last two frames)
 
 Sequence numbers make the index exact:
   - the first contact replays from 0 (the router may start after the engines filled their

@@ -140,10 +140,12 @@ def test_engine_events_decode_with_plain_msgpack_and_match_the_cache_then_replay
     dealer.send_multipart((b"", (1).to_bytes(8, "big")))  # resend from sequence number 1
     replayed = []
     while dealer.poll(2000):
-        _, seq, payload = dealer.recv_multipart()
+        _, topic, seq, payload = dealer.recv_multipart()  # vLLM 0.26's replay frames
         number = int.from_bytes(seq, "big", signed=True)
         if number == -1:
+            assert topic == b"" and payload == b""
             break
+        assert topic == b"kv"
         replayed.append(number)
     assert replayed == seqs[1:]
     context.destroy(linger=0)
