@@ -107,6 +107,19 @@ def test_vllm_026_map_events_index_like_the_tagged_arrays_lmserve_publishes():
     assert maps.apply("http://a", cleared).cleared and len(maps) == 0
 
 
+def test_a_vllm_026_batch_with_uint64_block_hashes_is_indexed():
+    """vLLM's default block hashes reach the wire as unsigned 64-bit ints, with fields newer
+    than the ones the index reads (group_idx, kv_cache_spec_kind)."""
+    event = {"type": "BlockStored", "block_hashes": [15760518052499183552, 7], "parent_block_hash":
+             None, "token_ids": [151644] * 32, "block_size": 16, "lora_id": None, "medium": "GPU",
+             "lora_name": None, "extra_keys": [None, None], "group_idx": 0,
+             "kv_cache_spec_kind": "full_attention"}  # fmt: skip
+    index = KVIndex()
+    stats = index.apply("http://v", msgspec.msgpack.encode([1789095808.8, [event], 0]))
+    assert stats.stored == 2 and stats.timestamp == 1789095808.8
+    assert index.holds("http://v", 15760518052499183552) and index.holds("http://v", 7)
+
+
 def test_unknown_event_kinds_and_extra_fields_are_skipped_and_the_rest_applied():
     hashes = block_hashes(PROMPT, BS)
     event = ["BlockStored", hashes, None, PROMPT[:16], BS, None, "GPU", "lora", [None] * 4]
