@@ -1,8 +1,8 @@
 """What every engine's KV cache holds, from its KV events: block hash -> engines (and tiers).
 
 The engines publish `BlockStored` / `BlockRemoved` / `AllBlocksCleared` (lmserve/core/kv_events.py,
-vLLM's wire format). This module decodes those payloads with plain msgpack arrays (no engine
-code) and keeps the exact index the kv-aware routing logic scores with:
+vLLM's wire format). This module decodes those payloads with its own msgspec structs (no
+engine code) and keeps the exact index the kv-aware routing logic scores with:
 
     index.apply(url, payload)           one event batch from engine `url`
     index.match(url_hashes)             per engine: how many leading blocks of a prompt it holds
