@@ -54,7 +54,13 @@ from lmserve.router.backends import Backend, by_url
 from lmserve.router.kv_index import KVIndex
 from lmserve.router.load_order import AnchorRing, LoadOrder, PerCandidates, anchor_hash
 from lmserve.router.prefix_trie import PrefixTrie
-from lmserve.router.routing import Decision, PrefixAware, RouteRequest, RoutingLogic
+from lmserve.router.routing import (
+    Decision,
+    PrefixAware,
+    RouteRequest,
+    RoutingLogic,
+    SuppliedHashes,
+)
 
 
 @dataclass
@@ -101,7 +107,6 @@ class PendingBlocks:
 
 Layout = tuple[int, str]  # (block size, hash algorithm)
 PLACEMENT_STRIDE = 4  # blocks between two recorded placements of a conversation
-KNOWN_HASHES_CHECK_EVERY = 1024  # decisions between two checks of a request's known hashes
 
 logger = logging.getLogger(__name__)
 
@@ -156,8 +161,7 @@ class KvAware(RoutingLogic):
         index.on_stored.append(self.pending.confirm)
         self.clock = clock
         self._decisions = 0
-        self.trust_known_hashes = True  # RouteRequest.block_hashes (see _hash_chains)
-        self._known_used = 0
+        self.known_hashes = SuppliedHashes("kv-aware")  # RouteRequest.block_hashes
         self._states = PerCandidates(
             lambda c, watch: CandidateState(c, self.queue_cost, watch), CandidateState.close
         )
@@ -217,9 +221,8 @@ class KvAware(RoutingLogic):
     ) -> dict[Layout, list[BlockHash]]:
         """The prompt's hashes for the blocks a prefix cache could reuse (all but the last
         token), once per distinct layout (block size, hash algorithm) among the candidates.
-        The request's `known` hashes stand in for computing a layout's when they cover it;
-        they are checked against the computed chain on the first decisions and one in
-        KNOWN_HASHES_CHECK_EVERY after: a mismatch stops their use (and is logged)."""
+        The request's `known` hashes stand in for computing a layout's when they cover it
+        (checked now and then against the computed chain: SuppliedHashes)."""
         index = self.index
         if state.layout_version != index.layout_version:
             state.layout_of = {}
@@ -234,27 +237,16 @@ class KvAware(RoutingLogic):
             blocks = (len(ids) - 1) // block_size
             if (
                 known is not None
-                and self.trust_known_hashes
+                and self.known_hashes.trusted
                 and (known[0], known[1]) == (block_size, algo)
                 and len(known[2]) >= blocks
             ):
-                hashes = list(known[2][:blocks])
-                self._known_used += 1
-                if self._known_used <= 8 or self._known_used % KNOWN_HASHES_CHECK_EVERY == 0:
-                    computed: list[BlockHash] = []
-                    extend_block_hashes(
-                        computed, ids[: blocks * block_size], block_size, HASH_FUNCTIONS[algo]
-                    )
-                    if computed != hashes:
-                        logger.warning("kv-aware: the request's block hashes are not the "
-                                       "prompt's; computing them from now on")  # fmt: skip
-                        self.trust_known_hashes = False
-                        hashes = computed
-            else:
-                hashes = []
-                extend_block_hashes(
-                    hashes, ids[: blocks * block_size], block_size, HASH_FUNCTIONS[algo]
+                supplied = list(known[2][:blocks])
+                hashes = self.known_hashes.take(
+                    supplied, _block_hashes, ids, blocks, block_size, algo
                 )
+            else:
+                hashes = _block_hashes(ids, blocks, block_size, algo)
             by_layout[(block_size, algo)] = hashes
         return by_layout
 
@@ -365,6 +357,13 @@ class KvAware(RoutingLogic):
 
 
 _NO_HOLDERS: dict[str, object] = {}
+
+
+def _block_hashes(ids: Sequence[int], blocks: int, block_size: int, algo: str) -> list[BlockHash]:
+    """The engines' hashes of the first `blocks` full blocks of `ids`."""
+    hashes: list[BlockHash] = []
+    extend_block_hashes(hashes, ids[: blocks * block_size], block_size, HASH_FUNCTIONS[algo])
+    return hashes
 
 
 def _anchor(ids: Sequence[int]) -> bytes:

@@ -27,6 +27,7 @@ the same structures built for that one decision: the same choice, at O(candidate
 from __future__ import annotations
 
 import bisect
+import logging
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -54,6 +55,10 @@ class RouteRequest:
     # (block size, hash algorithm, hashes of at least every full block of token_ids[:-1]);
     # the simulator's clients do (the proxy does not). See KvAware.choose.
     block_hashes: tuple[int, str, Sequence[bytes]] | None = None
+    # prefix-aware: the trie's chain hashes of the token ids in `prompt` when the caller has
+    # them already, as (chunk size, hashes of at least every full chunk); the simulator's
+    # clients do (the proxy does not). See PrefixAware.choose.
+    prefix_chain: tuple[int, Sequence[int]] | None = None
 
     def prompt_text_or_ids(self) -> str | Sequence[int]:
         if self.prompt is None and self.lazy_prompt is not None:
@@ -67,6 +72,33 @@ class Decision:
     reason: str  # a label of lmserve_router:routing_decisions_total
     predicted_cached: int | None = None  # prompt tokens the backend should find cached
     prefill_tokens: int = 0  # prompt tokens it must compute (counted as its queue until answered)
+
+
+logger = logging.getLogger(__name__)
+
+
+class SuppliedHashes:
+    """Hashes a request brings instead of the router computing them (the simulator's clients
+    computed them already). They are used while they agree with the computed ones, checked on
+    the first 8 uses and one in `check_every` after; one disagreement stops their use."""
+
+    def __init__(self, what: str, check_every: int = 1024) -> None:
+        self.what = what
+        self.check_every = check_every
+        self.trusted = True
+        self.used = 0
+
+    def take(self, supplied: list, compute: Callable[..., list], *args: object) -> list:
+        """`supplied`, or `compute(*args)` when a check finds them different."""
+        self.used += 1
+        if self.used <= 8 or self.used % self.check_every == 0:
+            computed = compute(*args)
+            if computed != supplied:
+                logger.warning("%s: the request's hashes are not the prompt's; computing them "
+                               "from now on", self.what)  # fmt: skip
+                self.trusted = False
+                return computed
+        return supplied
 
 
 class RoutingLogic(ABC):
@@ -178,9 +210,10 @@ class PrefixAware(RoutingLogic):
         self.trie = trie
         self.balance_margin = balance_margin
         self._least_loaded = LeastLoaded()
+        self.supplied_chains = SuppliedHashes("prefix-aware")  # RouteRequest.prefix_chain
 
     def choose(self, request: RouteRequest, candidates: Sequence[Backend]) -> Decision:
-        hashes = self.trie.chain_hashes(request.prompt_text_or_ids())
+        hashes = self._chain_hashes(request)
         urls = by_url(candidates)
         match = self.trie.match(hashes, usable=urls.__contains__, touch=False)  # inserted below
         least = self._least_loaded.pick(candidates)
@@ -195,6 +228,19 @@ class PrefixAware(RoutingLogic):
                 decision = Decision(best, "prefix_hit")
         self.trie.insert(hashes, decision.backend.url)
         return decision
+
+    def _chain_hashes(self, request: RouteRequest) -> list[int]:
+        """The trie's chain hashes of the prompt: the request's own when it brings them for
+        token ids with the trie's chunk size (see SuppliedHashes), else computed."""
+        prompt = request.prompt_text_or_ids()
+        supplied = request.prefix_chain
+        if supplied is None or not self.supplied_chains.trusted or isinstance(prompt, str):
+            return self.trie.chain_hashes(prompt)
+        size, chain = supplied
+        chunks = len(prompt) // size
+        if size != self.trie.chunk_size or len(chain) < chunks:
+            return self.trie.chain_hashes(prompt)
+        return self.supplied_chains.take(list(chain[:chunks]), self.trie.chain_hashes, prompt)
 
 
 def make_routing_logic(

@@ -144,6 +144,11 @@ class Cluster:
         self._live_sessions = 0
         self._arrivals_done = False
         self.busy_engines = 0
+        self._chain_is_tries = (
+            self.logic.needs_prompt
+            and not self.kv_events
+            and profile.block_size == self.trie.chunk_size
+        )
 
     # ---- the event loop ----------------------------------------------------------------------
     def push(self, t: float, kind: int, a: Any = None, b: Any = None) -> None:
@@ -264,6 +269,12 @@ class Cluster:
             # again, and checks it against its own on its first decisions and now and then
             block_hashes=(self.profile.block_size, self.profile.hash_algo, request.hashes)
             if logic.needs_tokens
+            else None,
+            # without KV events the workload keys blocks by the prefix trie's own chain (its
+            # KEYS_ONLY hashes): with the trie's chunk size those are the chain prefix-aware
+            # computes, so it reads them instead of hashing ~125 chunks again
+            prefix_chain=(self.profile.block_size, request.hashes)
+            if self._chain_is_tries
             else None,
         )
         decision = logic.choose(route_request, self.candidates())

@@ -432,11 +432,11 @@ def test_known_block_hashes_stand_in_for_computing_them_and_a_wrong_one_is_caugh
     known = (BS, "sha256", hashes)
     cands = engines("a", "b", "c")
     decision = logic.choose(RouteRequest(None, token_ids=prompt, block_hashes=known), cands)
-    assert decision.backend.url == "http://a" and logic.trust_known_hashes
+    assert decision.backend.url == "http://a" and logic.known_hashes.trusted
     assert computed == {(BS, "sha256"): hashes[: (len(prompt) - 1) // BS]}
     wrong = (BS, "sha256", [b"x" * 32] * len(hashes))
     decision = logic.choose(RouteRequest(None, token_ids=prompt, block_hashes=wrong), cands)
-    assert decision.backend.url == "http://a" and not logic.trust_known_hashes
+    assert decision.backend.url == "http://a" and not logic.known_hashes.trusted
 
 
 def test_a_batch_is_indexed_as_its_events_one_by_one():

@@ -133,6 +133,27 @@ def test_prefix_aware_leaves_an_overloaded_holder_for_the_least_loaded():
     assert again.reason == "prefix_overloaded" and again.backend is not first.backend
 
 
+def test_prefix_aware_reads_a_supplied_chain_and_stops_trusting_a_wrong_one():
+    """The simulator's requests bring the trie's chain hashes of their token ids (computed as
+    the conversation grew): decisions are those of the computed chain, and a chain that is
+    not the prompt's is caught by a check and never used again."""
+    trie = PrefixTrie(4, 1 << 20)
+    logic = PrefixAware(trie, balance_margin=4)
+    pool = backends()
+    prompt = list(range(100, 142))  # 10 full chunks of 4, and 2 ids
+    chain = trie.chain_hashes(prompt + [7, 7, 7, 7, 7, 7])  # covers more than the prompt
+    first = logic.choose(RouteRequest("m", prompt=prompt, prefix_chain=(4, chain)), pool)
+    again = logic.choose(RouteRequest("m", prompt=prompt, prefix_chain=(4, chain)), pool)
+    assert again.backend is first.backend and again.reason == "prefix_hit"
+    assert logic.supplied_chains.trusted and logic.supplied_chains.used == 2
+    other = list(range(500, 542))
+    wrong = (4, chain)  # the first prompt's chain, sent with another prompt
+    decision = logic.choose(RouteRequest("m", prompt=other, prefix_chain=wrong), pool)
+    assert decision.reason == "prefix_miss"  # the computed chain decided: nothing cached
+    assert not logic.supplied_chains.trusted
+    assert trie.match(trie.chain_hashes(other)).num_chunks == 10  # inserted under its own
+
+
 def test_pool_candidates_are_the_healthy_backends_serving_the_model():
     pool = BackendPool()
     for url in URLS:
