@@ -22,3 +22,14 @@ def test_the_kv_pool_is_read_from_an_lmserve_or_a_vllm_log_and_none_when_absent(
     assert kv_cache_tokens(str(lmserve)) == 448496
     assert kv_cache_tokens(str(vllm)) == 474672
     assert kv_cache_tokens(str(empty)) is None
+
+
+def test_server_figures_per_rate_are_histogram_means_and_counter_growth():
+    from benchmarks.serve_vs_vllm import _server_means_ms
+
+    before = {"request_queue_time_seconds": (2.0, 4.0), "num_preemptions": (3.0, 0.0)}
+    after = {"request_queue_time_seconds": (5.0, 10.0), "num_preemptions": (12.0, 0.0)}
+    assert _server_means_ms(before, after) == {
+        "server_mean_request_queue_time_ms": 500.0,  # (5 - 2) s over 6 requests
+        "server_num_preemptions": 9.0,
+    }
