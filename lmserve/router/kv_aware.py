@@ -45,9 +45,10 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import islice, repeat, takewhile
+from types import MappingProxyType
 
 from lmserve.prefix_hash import HASH_FUNCTIONS, BlockHash, extend_block_hashes
 from lmserve.router.backends import Backend, by_url
@@ -356,7 +357,7 @@ class KvAware(RoutingLogic):
         return ring.walk(point, lambda b: key_of[b] <= limit)  # type: ignore[return-value]
 
 
-_NO_HOLDERS: dict[str, object] = {}
+_NO_HOLDERS: Mapping[str, object] = MappingProxyType({})  # read-only
 
 
 def _block_hashes(ids: Sequence[int], blocks: int, block_size: int, algo: str) -> list[BlockHash]:

@@ -41,12 +41,12 @@ class _Stored(msgspec.Struct, array_like=True, tag="BlockStored"):
     token_ids: msgspec.Raw = _NO_TOKENS
     block_size: int = 0
     lora_id: Any = None
-    medium: Any = None
+    medium: str | None = None  # the tier ("GPU" when absent)
 
 
 class _Removed(msgspec.Struct, array_like=True, tag="BlockRemoved"):
     block_hashes: list[bytes | int]
-    medium: Any = None
+    medium: str | None = None
 
 
 class _Cleared(msgspec.Struct, array_like=True, tag="AllBlocksCleared"):

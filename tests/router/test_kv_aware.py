@@ -137,6 +137,11 @@ def test_a_known_event_with_fields_of_the_wrong_type_is_an_error():
     unhashable = msgspec.msgpack.encode([1.0, [["BlockRemoved", [[1, 2]]]]])
     with pytest.raises(ValueError, match="BlockRemoved"):
         KVIndex().apply("http://a", unhashable)
+    tier = msgspec.msgpack.encode(
+        [1.0, [{"type": "BlockRemoved", "block_hashes": [], "medium": [1]}]]
+    )
+    with pytest.raises(ValueError, match="BlockRemoved"):
+        KVIndex().apply("http://a", tier)
 
 
 def test_token_ids_that_are_not_ids_leave_the_layout_unknown_without_an_error():
