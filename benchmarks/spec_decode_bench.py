@@ -148,11 +148,43 @@ def run_engine(
 
             run["spec_decode"] = difference(after, before).to_dict()
         runs.append(run)
+    if args.profile_dir:
+        for batch in args.batch_sizes:
+            tag = f"{'ngram' if speculative_config else 'baseline'}_batch{batch}"
+            _profile(lambda b=batch: timed(decode, b), args.profile_dir, tag, args.device)
     llm.shutdown()
     gc.collect()
     if args.device.startswith("cuda"):
         torch.cuda.empty_cache()
     return {"runs": runs}
+
+
+def _profile(run, out_dir: str, tag: str, device: str) -> None:
+    """Where one timed pass's time goes: the host (cProfile, by own time) and the kernels
+    (torch.profiler, by self device time and by self CPU time), as text files."""
+    import cProfile
+    import pstats
+
+    import torch
+
+    os.makedirs(out_dir, exist_ok=True)
+    profiler = cProfile.Profile()
+    profiler.enable()
+    run()
+    profiler.disable()
+    with open(os.path.join(out_dir, f"{tag}_cprofile.txt"), "w") as f:
+        pstats.Stats(profiler, stream=f).sort_stats("tottime").print_stats(45)
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.startswith("cuda"):
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        run()
+    averages = prof.key_averages()
+    with open(os.path.join(out_dir, f"{tag}_ops.txt"), "w") as f:
+        for key in ("self_device_time_total", "self_cpu_time_total"):
+            if key == "self_device_time_total" and len(activities) == 1:
+                continue
+            f.write(f"== by {key}\n{averages.table(sort_by=key, row_limit=35)}\n")
 
 
 def _copy(stats):
@@ -271,6 +303,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--enforce-eager", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output-json", default=None)
+    p.add_argument(
+        "--profile-dir", default=None, help="also write host and kernel profiles per batch size"
+    )
     args = p.parse_args()
     if args.device == "auto":
         import torch
