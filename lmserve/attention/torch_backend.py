@@ -22,9 +22,12 @@ def write_kv_cache(
     value: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
     key_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
     value_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
-    slot_mapping: torch.Tensor,  # [num_tokens] int64
+    slot_mapping: torch.Tensor,  # [num_tokens] int64; -1 = a padding token, written nowhere
 ) -> None:
     num_kv_heads, head_dim = key_cache.shape[2], key_cache.shape[3]
+    if slot_mapping.numel() and int(slot_mapping[-1]) < 0:  # padding sits after the real tokens
+        real = slot_mapping >= 0
+        key, value, slot_mapping = key[real], value[real], slot_mapping[real]
     key_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, key)
     value_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, value)
 

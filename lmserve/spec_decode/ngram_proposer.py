@@ -7,15 +7,15 @@ editing a given text, code refactors, quoting a document.
 
     tokens:    a b c d e  a b c  ->  suffix "a b c" (n = 3) occurred at 0..2  ->  drafts "d e ..."
 
-Cost per request: O(len(tokens) * prompt_lookup_max) vectorised numpy comparisons — one pass
-per n-gram length, over all positions at once, never a Python loop over tokens.
+One pass for the whole batch, never a Python loop over requests or tokens: one vectorised
+comparison of every known token with its request's last token finds the candidate ends, and the
+few candidates that survive are extended one token back at a time (at most prompt_lookup_max
+times). Cost per step: O(batch tokens) for the first comparison, O(candidates) after it.
 """
 
 from __future__ import annotations
 
 import numpy as np
-
-_NO_DRAFTS = np.empty(0, dtype=np.int64)
 
 
 class NgramProposer:
@@ -29,28 +29,55 @@ class NgramProposer:
         token_ids: np.ndarray,  # [num_tokens] one request's known tokens (prompt + output)
         num_drafts: int,  # at most this many drafts
     ) -> np.ndarray:  # [<= num_drafts] int64; empty when no n-gram matches
-        num_tokens = len(token_ids)
-        if num_drafts <= 0 or num_tokens <= self.min_n:
-            return _NO_DRAFTS
-        match_len = self._suffix_match_lengths(token_ids)  # [num_tokens - 1]
-        longest = int(match_len.max())
-        if longest < self.min_n:
-            return _NO_DRAFTS
-        end = int(np.argmax(match_len == longest))  # the earliest occurrence ends here
-        return token_ids[end + 1 : end + 1 + num_drafts].astype(np.int64)
+        lengths = np.array([len(token_ids)])
+        return self.propose_batch(token_ids[None, :], lengths, np.array([num_drafts]))[0]
 
-    def _suffix_match_lengths(self, token_ids: np.ndarray) -> np.ndarray:
-        """match_len[i] = how many of tokens[i], tokens[i-1], ... equal the last tokens
-        tokens[-1], tokens[-2], ... (capped at max_n), for every earlier end position i."""
-        num_tokens = len(token_ids)
-        candidates = token_ids[:-1]  # [num_tokens - 1]: the suffix itself is not a match
-        matching = np.ones(num_tokens - 1, dtype=bool)  # still matching after m tokens
-        match_len = np.zeros(num_tokens - 1, dtype=np.int32)
-        for m in range(min(self.max_n, num_tokens - 1)):  # loop over n-gram lengths only
-            equal = np.zeros(num_tokens - 1, dtype=bool)  # [num_tokens - 1]
-            equal[m:] = candidates[: num_tokens - 1 - m] == token_ids[num_tokens - 1 - m]
-            matching &= equal
-            if not matching.any():
+    def propose_batch(
+        self,
+        token_ids: np.ndarray,  # [num_reqs, width] known tokens, left-aligned (rest ignored)
+        num_tokens: np.ndarray,  # [num_reqs] known tokens per request (<= width)
+        num_drafts: np.ndarray,  # [num_reqs] at most this many drafts per request
+    ) -> list[np.ndarray]:  # per request: [<= num_drafts] int64, empty when nothing matches
+        num_reqs = len(num_tokens)
+        drafts = [np.empty(0, dtype=np.int64)] * num_reqs
+        if not num_reqs or int(num_tokens.max()) <= self.min_n:
+            return drafts
+        width = int(num_tokens.max())
+        tokens = token_ids[:, :width]  # [num_reqs, width]
+        req, end, match_len = self._candidates(tokens, num_tokens.astype(np.int64))
+        if not len(req):
+            return drafts
+        # Per request: the longest match (capped at max_n), then its earliest end.
+        longest = np.zeros(num_reqs, dtype=np.int64)
+        np.maximum.at(longest, req, match_len)
+        best = match_len == longest[req]  # candidates are sorted by (request, end)
+        best_reqs, first = np.unique(req[best], return_index=True)
+        best_ends = end[best][first]
+        for r, e in zip(best_reqs.tolist(), best_ends.tolist()):
+            if longest[r] >= self.min_n and num_drafts[r] > 0:
+                stop = min(e + 1 + int(num_drafts[r]), int(num_tokens[r]))
+                drafts[r] = tokens[r, e + 1 : stop].astype(np.int64)
+        return drafts
+
+    def _candidates(
+        self,
+        tokens: np.ndarray,  # [num_reqs, width]
+        num_tokens: np.ndarray,  # [num_reqs] int64
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # [num_candidates] each
+        """(request, end position, match length) of every earlier position whose token equals
+        its request's last token, with how many tokens back (<= max_n) the match runs."""
+        last = num_tokens - 1  # [num_reqs] position of each request's last token
+        rows = np.arange(len(num_tokens))
+        earlier = np.arange(tokens.shape[1])[None, :] < last[:, None]  # [num_reqs, width]
+        hits = (tokens == tokens[rows, last][:, None]) & earlier
+        req, end = np.nonzero(hits)  # row-major: sorted by request, then end
+        match_len = np.ones(len(req), dtype=np.int64)
+        alive = np.arange(len(req))  # candidates still matching after m tokens
+        for m in range(1, self.max_n):
+            alive = alive[end[alive] >= m]  # a match cannot run past the first token
+            r = req[alive]
+            alive = alive[tokens[r, end[alive] - m] == tokens[r, last[r] - m]]
+            if not len(alive):
                 break
-            match_len += matching
-        return match_len
+            match_len[alive] += 1
+        return req, end, match_len

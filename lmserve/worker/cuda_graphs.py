@@ -8,6 +8,12 @@ GPU waits on the CPU. A graph replays all of them with one launch. Two kinds, as
              then every 16th;
              a batch of `n` requests is padded to the next size with requests that have no keys
              and write nowhere (see `DeviceInputs.pad_host`).
+  verify     speculative decoding's verify batches: every request schedules at most 1 + k
+             tokens (its last token and up to k drafts). Full graphs like the decode ones, at
+             the same batch sizes, each holding size x (1 + k) token slots; a batch pads with
+             empty requests, and slots its requests leave unused belong to none (attention
+             skips them). Without them a verify step would take the piecewise graphs below,
+             with one eager attention call per layer.
   piecewise  mixed batches (prompt chunks and decodes) of up to `max_cuda_graph_size` tokens. A
              mixed batch's attention depends on how tokens split into requests, which a graph
              cannot vary, so only the pieces *between* attention calls are captured — at
@@ -32,6 +38,7 @@ import logging
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from lmserve.attention.backend import AttentionBackend, AttentionMetadata, ForwardContext
@@ -141,6 +148,8 @@ class CudaGraphRunner:
         attn_backend: AttentionBackend,
         decode_sizes: list[int],
         piecewise_sizes: list[int],
+        verify_sizes: list[int] = (),
+        verify_query_len: int = 1,
     ) -> None:
         self.model = model
         self.inputs = inputs
@@ -148,15 +157,23 @@ class CudaGraphRunner:
         self.attn_backend = attn_backend
         self.decode_sizes = sorted(decode_sizes)
         self.piecewise_sizes = sorted(piecewise_sizes)
+        self.verify_sizes = sorted(verify_sizes)
+        self.verify_query_len = verify_query_len  # 1 + k: tokens per request of a verify graph
+        if self.verify_sizes and verify_query_len < 2:
+            raise ValueError(f"verify graphs need 2+ tokens per request, not {verify_query_len}")
         # Every captured size must fit the static buffers it reads.
         max_decode = min(inputs.max_num_reqs, inputs.max_num_tokens)
         if self.decode_sizes and self.decode_sizes[-1] > max_decode:
             raise ValueError(f"decode graph size {self.decode_sizes[-1]} > {max_decode}")
+        max_verify = min(inputs.max_num_reqs, inputs.max_num_tokens // verify_query_len)
+        if self.verify_sizes and self.verify_sizes[-1] > max_verify:
+            raise ValueError(f"verify graph size {self.verify_sizes[-1]} > {max_verify}")
         if self.piecewise_sizes and self.piecewise_sizes[-1] > inputs.max_num_tokens:
             raise ValueError(
                 f"piecewise graph size {self.piecewise_sizes[-1]} > {inputs.max_num_tokens}"
             )
         self.full: dict[int, _FullGraph] = {}
+        self.verify: dict[int, _FullGraph] = {}  # by batch size (requests)
         self.piecewise: dict[int, _PiecewiseGraph] = {}
         self.pool = None
 
@@ -166,35 +183,48 @@ class CudaGraphRunner:
         start = time.perf_counter()
         free_before = torch.cuda.mem_get_info()[0]
         self.pool = torch.cuda.graph_pool_handle()
+        for size in reversed(self.verify_sizes):  # the largest token counts first
+            self.verify[size] = self._capture_full(size, self.verify_query_len)
         for size in reversed(self.decode_sizes):
             self.full[size] = self._capture_full(size)
         for size in reversed(self.piecewise_sizes):
             self.piecewise[size] = self._capture_piecewise(size)
         torch.cuda.synchronize()
         used = free_before - torch.cuda.mem_get_info()[0]
+        verify = ""
+        if self.verify:
+            verify = f", {len(self.verify)} verify ({self.verify_query_len} tokens per request, "
+            verify += f"batch sizes {_span(self.verify_sizes)})"
         logger.info(
-            "captured %d full (decode batch sizes %s) and %d piecewise CUDA graph sets "
+            "captured %d full (decode batch sizes %s)%s and %d piecewise CUDA graph sets "
             "(token counts %s) in %.2f s, %.2f GiB",
             len(self.full),
             _span(self.decode_sizes),
+            verify,
             len(self.piecewise),
             _span(self.piecewise_sizes),
             time.perf_counter() - start,
             used / (1 << 30),
         )
 
-    def _run(self, size: int, backend: AttentionBackend, metadata: AttentionMetadata):
+    def _run(self, num_tokens: int, backend: AttentionBackend, metadata: AttentionMetadata):
         ctx = ForwardContext(metadata, self.kv_caches, backend)
-        ids, pos = self.inputs.input_ids.device[:size], self.inputs.positions.device[:size]
-        return self.model(ids, pos, ctx)  # [size, hidden_size]
+        ids = self.inputs.input_ids.device[:num_tokens]
+        pos = self.inputs.positions.device[:num_tokens]
+        return self.model(ids, pos, ctx)  # [num_tokens, hidden_size]
 
-    def _capture_full(self, size: int) -> _FullGraph:
+    def _capture_full(self, size: int, query_len: int = 1) -> _FullGraph:
+        """A whole forward of `size` requests with `query_len` tokens each (1: decode)."""
+        num_tokens = size * query_len
         # The padding inputs are uploaded before capture: a copy inside it would be replayed.
-        metadata = self.inputs.padded_metadata(size, size)
-        self._run(size, self.attn_backend, metadata)  # warm-up: compiles kernels, inits cuBLAS
+        if query_len == 1:
+            metadata = self.inputs.padded_metadata(num_tokens, size)
+        else:
+            metadata = self.inputs.padded_metadata(num_tokens, size, query_len)
+        self._run(num_tokens, self.attn_backend, metadata)  # warm-up: compiles, inits cuBLAS
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            output = self._run(size, self.attn_backend, metadata)
+            output = self._run(num_tokens, self.attn_backend, metadata)
         return _FullGraph(graph, output)
 
     def _capture_piecewise(self, size: int) -> _PiecewiseGraph:
@@ -221,6 +251,11 @@ class CudaGraphRunner:
             if size is not None:
                 self.inputs.stage(flat, size, size)
                 return self.full[size].replay(num_tokens)
+        elif self.verify_sizes and self.fits_verify_graph(flat):
+            size = _bucket(self.verify_sizes, num_reqs)
+            if size is not None:
+                self.inputs.stage(flat, size * self.verify_query_len, size, empty_padding=True)
+                return self.verify[size].replay(num_tokens)
         size = _bucket(self.piecewise_sizes, num_tokens)
         if size is None:
             return None
@@ -228,6 +263,11 @@ class CudaGraphRunner:
         # the pieces are row-wise, so those rows never touch the real ones.
         _, _, metadata = self.inputs.stage(flat, num_tokens, num_reqs)
         return self.piecewise[size].replay(self.attn_backend, metadata, num_tokens)
+
+    def fits_verify_graph(self, flat: FlatInputs) -> bool:
+        """Every request schedules at most `verify_query_len` tokens (a verify step; also a
+        mix of decodes and short prompt chunks, which the graph computes the same way)."""
+        return int(np.diff(flat.query_start_loc).max()) <= self.verify_query_len
 
 
 def _bucket(sizes: list[int], n: int) -> int | None:

@@ -9,7 +9,9 @@ captured for `B` rows reads `input_ids[:B]`, `seq_lens[:B]`, ... from these same
 
 Padding to a graph's size: rows past the real ones are one-token "requests" with `seq_len = 0`
 and slot -1 — the KV write skips them and attention reads no key for them, so they cost almost
-nothing and never touch real rows (every op outside attention is row-wise).
+nothing and never touch real rows (every op outside attention is row-wise). A verify graph
+(speculative decoding: up to 1 + k tokens per request) pads with *empty* requests instead, and
+its spare tokens belong to no request: attention never visits them.
 """
 
 from __future__ import annotations
@@ -78,14 +80,15 @@ class DeviceInputs:
         self._stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
 
     def stage(
-        self, flat: FlatInputs, num_tokens: int, num_reqs: int
+        self, flat: FlatInputs, num_tokens: int, num_reqs: int, empty_padding: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         """Upload `flat`, padded to `num_tokens` tokens and `num_reqs` requests (>= the real
-        counts; equal for an eager forward). Returns device (input_ids, positions, metadata)."""
+        counts; equal for an eager forward). Returns device (input_ids, positions, metadata).
+        `empty_padding`: see `pad_host`."""
         real_tokens, real_reqs = len(flat.input_ids), len(flat.req_rows)
         if self._copied is not None:
             self._copied.synchronize()
-        self._fill_host(flat, real_tokens, real_reqs, num_tokens, num_reqs)
+        self._fill_host(flat, real_tokens, real_reqs, num_tokens, num_reqs, empty_padding)
         input_ids = self.input_ids.upload(num_tokens)
         if flat.input_ids_on_device is not None:  # tokens the host has not seen yet
             index, token_ids = flat.input_ids_on_device
@@ -111,7 +114,13 @@ class DeviceInputs:
         return input_ids, positions, metadata
 
     def _fill_host(
-        self, flat: FlatInputs, real_tokens: int, real_reqs: int, num_tokens: int, num_reqs: int
+        self,
+        flat: FlatInputs,
+        real_tokens: int,
+        real_reqs: int,
+        num_tokens: int,
+        num_reqs: int,
+        empty_padding: bool,
     ) -> None:
         self.input_ids.host_np[:real_tokens] = flat.input_ids
         self.positions.host_np[:real_tokens] = flat.positions
@@ -120,31 +129,50 @@ class DeviceInputs:
         self.seq_lens.host_np[:real_reqs] = flat.seq_lens
         width = flat.block_tables.shape[1]
         self.block_tables.host_np[:real_reqs, :width] = flat.block_tables
-        self.pad_host(real_tokens, real_reqs, num_tokens, num_reqs)
+        self.pad_host(real_tokens, real_reqs, num_tokens, num_reqs, empty_padding)
 
-    def pad_host(self, real_tokens: int, real_reqs: int, num_tokens: int, num_reqs: int) -> None:
+    def pad_host(
+        self,
+        real_tokens: int,
+        real_reqs: int,
+        num_tokens: int,
+        num_reqs: int,
+        empty_padding: bool = False,
+    ) -> None:
         """Padding rows: token 0 at position 0 writing nowhere; each padding request has one
-        query token (the last request also takes any surplus tokens) and no keys."""
+        query token (the last request also takes any surplus tokens) and no keys.
+
+        `empty_padding` (verify graphs): padding requests have no query token, and the spare
+        tokens past the real ones belong to no request. A batch that fills every request slot
+        but not every token slot then leaves its last real request its own tokens."""
         self.input_ids.host_np[real_tokens:num_tokens] = 0
         self.positions.host_np[real_tokens:num_tokens] = 0
         self.slot_mapping.host_np[real_tokens:num_tokens] = -1
-        extra = np.arange(1, num_reqs - real_reqs + 1, dtype=np.int32)
         starts = self.query_start_loc.host_np
-        starts[real_reqs + 1 : num_reqs + 1] = np.minimum(real_tokens + extra, num_tokens)
-        starts[num_reqs] = num_tokens
+        if empty_padding:
+            starts[real_reqs + 1 : num_reqs + 1] = real_tokens
+        else:
+            extra = np.arange(1, num_reqs - real_reqs + 1, dtype=np.int32)
+            starts[real_reqs + 1 : num_reqs + 1] = np.minimum(real_tokens + extra, num_tokens)
+            starts[num_reqs] = num_tokens
         self.seq_lens.host_np[real_reqs:num_reqs] = 0
 
-    def padded_metadata(self, num_tokens: int, num_reqs: int) -> AttentionMetadata:
+    def padded_metadata(
+        self, num_tokens: int, num_reqs: int, query_len: int | None = None
+    ) -> AttentionMetadata:
         """Metadata over the device buffers for an all-padding batch (graph capture and
-        warm-up): nothing is written to the KV cache and no key is read."""
-        self.pad_host(0, 0, num_tokens, num_reqs)
+        warm-up): nothing is written to the KV cache and no key is read. `query_len`: a verify
+        graph's tokens per request (empty padding; the attention kernel's tile is chosen for
+        queries of that length)."""
+        self.pad_host(0, 0, num_tokens, num_reqs, empty_padding=query_len is not None)
         self.query_start_loc.host_np[0] = 0
         for field in (self.input_ids, self.positions, self.slot_mapping):
             field.upload(num_tokens)
         return AttentionMetadata(
             num_reqs=num_reqs,
             num_tokens=num_tokens,
-            max_query_len=num_tokens - num_reqs + 1,  # the last padding request takes the rest
+            # by default the last padding request takes the rest
+            max_query_len=query_len or num_tokens - num_reqs + 1,
             max_seq_len=0,
             slot_mapping=self.slot_mapping.device[:num_tokens],
             query_start_loc=self.query_start_loc.upload(num_reqs + 1),

@@ -154,6 +154,11 @@ class ModelRunner:
         # A decode batch of n requests is n tokens: it must fit the token budget as well.
         max_batch = min(mc.max_cuda_graph_size, sched.max_num_seqs, sched.max_num_batched_tokens)
         max_tokens = min(mc.max_cuda_graph_size, sched.max_num_batched_tokens)
+        verify_sizes, verify_query_len = [], 1
+        if full and self.spec_decode is not None:  # each request: its last token + k drafts
+            verify_query_len = 1 + self.spec_decode.num_spec_tokens
+            max_verify = min(max_batch, max_tokens // verify_query_len)
+            verify_sizes = decode_graph_sizes(max_verify) if max_verify else []
         self.graphs = CudaGraphRunner(
             self.model,
             self.inputs,
@@ -161,6 +166,8 @@ class ModelRunner:
             self.attn_backend,
             decode_sizes=decode_graph_sizes(max_batch) if full else [],
             piecewise_sizes=piecewise_graph_sizes(max_tokens) if piecewise else [],
+            verify_sizes=verify_sizes,
+            verify_query_len=verify_query_len,
         )
         self.graphs.capture()
 

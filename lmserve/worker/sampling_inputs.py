@@ -134,14 +134,16 @@ def _add_logit_bias_and_bans(metadata, batch: InputBatch, rows, num_tokens, devi
             for token_id in ([eos] if eos >= 0 else []) + list(params.stop_token_ids):
                 ban_rows.append(i)
                 ban_ids.append(token_id)
+    # Through pinned memory (host_to_device): `torch.tensor(list, device=cuda)` copies from
+    # pageable memory and waits for the GPU, which stalled every step of a min_tokens request.
     if bias_rows:
         metadata.logit_bias = (
-            torch.tensor(bias_rows, dtype=torch.int64, device=device),
-            torch.tensor(bias_ids, dtype=torch.int64, device=device),
-            torch.tensor(bias_vals, dtype=torch.float32, device=device),
+            host_to_device(np.array(bias_rows, dtype=np.int64), device),
+            host_to_device(np.array(bias_ids, dtype=np.int64), device),
+            host_to_device(np.array(bias_vals, dtype=np.float32), device),
         )
     if ban_rows:
         metadata.banned_tokens = (
-            torch.tensor(ban_rows, dtype=torch.int64, device=device),
-            torch.tensor(ban_ids, dtype=torch.int64, device=device),
+            host_to_device(np.array(ban_rows, dtype=np.int64), device),
+            host_to_device(np.array(ban_ids, dtype=np.int64), device),
         )

@@ -35,7 +35,7 @@ from lmserve.sample.rejection_sampler import RejectionSampler
 from lmserve.spec_decode.draft_proposer import DraftModelProposer
 from lmserve.spec_decode.metadata import SpecDecodeMetadata
 from lmserve.spec_decode.ngram_proposer import NgramProposer
-from lmserve.worker.device_inputs import DeviceInputs
+from lmserve.worker.device_inputs import DeviceInputs, host_to_device
 from lmserve.worker.input_batch import FlatInputs, InputBatch
 from lmserve.worker.sampling_inputs import build_sampling_metadata
 
@@ -135,7 +135,7 @@ class SpecDecodeRunner:
         drafts = [scheduled.get(batch.req_ids[r], []) for r in sample_rows.tolist()]
         last_index = flat.logits_indices[flat.completes_known_tokens]
         spec = SpecDecodeMetadata.build(drafts, last_index, runner.device)
-        logits_indices = torch.from_numpy(spec.logits_indices).to(runner.device)
+        logits_indices = host_to_device(spec.logits_indices, runner.device)  # queued, no wait
         logits = runner.model.compute_logits(hidden[logits_indices])  # [num_rows, vocab]
         # Target row j of a request sees its known tokens plus its drafts 1..j.
         row_batch_rows = np.repeat(sample_rows, spec.row_repeats())  # [num_rows]
@@ -173,11 +173,10 @@ class SpecDecodeRunner:
             return []
         batch = self.runner.input_batch
         num_drafts = self._num_drafts(sample_rows)
-        if self.ngram is not None:
-            return [
-                self.ngram.propose(batch.token_ids[row, : batch.num_tokens[row]], n).tolist()
-                for row, n in zip(sample_rows.tolist(), num_drafts.tolist())
-            ]
+        if self.ngram is not None:  # one pass over the batch
+            num_tokens = batch.num_tokens[sample_rows]
+            tokens = batch.token_ids[sample_rows, : int(num_tokens.max())]  # [n, longest]
+            return [d.tolist() for d in self.ngram.propose_batch(tokens, num_tokens, num_drafts)]
         drafts = self.drafter.propose(batch, sample_rows, num_drafts)  # [n, max drafts]
         return [drafts[i, :n].tolist() for i, n in enumerate(num_drafts.tolist())]
 

@@ -281,6 +281,43 @@ def test_padding_requests_read_no_keys_and_leave_real_rows_exact(pad_len):
     assert relative_error(out[:40], ref_out) < MAX_REL_ERROR[torch.bfloat16]
 
 
+@pytest.mark.parametrize("empty_reqs", [0, 3])
+def test_verify_graph_padding_leaves_real_rows_exact(empty_reqs):
+    """A verify graph's layout: real requests of <= 1 + k query tokens, then empty padding
+    requests, then spare tokens that belong to no request, all under the grid and tile of the
+    graph's size. The real rows equal the unpadded reference; nothing else is read."""
+    import dataclasses
+
+    specs = [(50, 5), (7, 1), (200, 3)]  # (cached, 1 + drafts): full, none, some drafts
+    query, key, value, kv_cache, metadata = make_batch(specs, 32, 8, 128, torch.bfloat16)
+    scale = 1.0 / math.sqrt(128)
+    ref_out = reference(query, key, value, kv_cache, metadata, scale)[0]
+    triton_write_kv_cache(key, value, kv_cache[0], kv_cache[1], metadata.slot_mapping)
+    num_reqs = len(specs) + empty_reqs
+    num_tokens = num_reqs * 5  # the graph's token slots
+    spare = num_tokens - metadata.num_tokens
+    padded_query = torch.cat([query, torch.randn_like(query[:1]).expand(spare, -1, -1)])
+    starts = metadata.query_start_loc_cpu + [metadata.num_tokens] * empty_reqs
+    tables = metadata.block_tables
+    padded = dataclasses.replace(
+        metadata,
+        num_reqs=num_reqs,
+        num_tokens=num_tokens,
+        max_query_len=5,
+        query_start_loc=torch.tensor(starts, dtype=torch.int32, device=DEVICE),
+        seq_lens=torch.tensor(
+            metadata.seq_lens_cpu + [0] * empty_reqs, dtype=torch.int32, device=DEVICE
+        ),
+        block_tables=torch.cat([tables, torch.zeros_like(tables[:1]).expand(empty_reqs, -1)]),
+        query_start_loc_cpu=starts,
+        seq_lens_cpu=metadata.seq_lens_cpu + [0] * empty_reqs,
+    )
+    out = triton_paged_attention(padded_query, kv_cache[0], kv_cache[1], padded, scale)
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+    assert relative_error(out[: metadata.num_tokens], ref_out) < MAX_REL_ERROR[torch.bfloat16]
+
+
 def test_fresh_random_batches_match_reference():
     """Random mixes of decodes, prompts and chunks: the kernel computes the same function on any
     valid input, not only on the hand-picked batches above."""

@@ -51,3 +51,18 @@ def test_matches_a_brute_force_search(seed):
             expected = tokens[starts[0] + n : starts[0] + n + k]
             break
     assert propose(tokens, lo, hi, k) == expected
+
+
+def test_a_batch_proposes_what_each_request_proposes_alone():
+    """One pass over a batch of requests of different lengths (stale tokens past each length,
+    as in the persistent batch) gives every request its own proposal."""
+    rng = np.random.default_rng(7)
+    proposer = NgramProposer(1, 4)
+    lengths = rng.integers(1, 60, size=32)
+    tokens = rng.integers(0, 5, size=(32, 64)).astype(np.int32)  # junk past each length
+    num_drafts = rng.integers(0, 6, size=32)
+    batch = proposer.propose_batch(tokens, lengths, num_drafts)
+    for r in range(32):
+        alone = proposer.propose(tokens[r, : lengths[r]].copy(), int(num_drafts[r]))
+        assert batch[r].tolist() == alone.tolist()
+    assert any(len(d) for d in batch) and not all(len(d) for d in batch)

@@ -88,3 +88,43 @@ def test_bf16_with_graphs_keeps_top5_parity_with_hf(tiny_model_dir, engine_kwarg
         assert scheduler.num_preemptions > 0
     assert scheduler.kv_cache_manager.prefix_cache_stats.hits > 0
     assert _runner(llm).graphs is not None
+
+
+def test_ngram_verify_steps_replay_verify_graphs_and_match_eager_float32(tiny_model_dir):
+    """Speculative decoding with full graphs: verify steps (up to 1 + k tokens per request)
+    replay the verify graphs, and greedy float32 output equals the eager engine's and the
+    engine's without speculation."""
+    from tests.spec_decode.test_spec_decode_e2e import NGRAM, make_prompts
+
+    model_dir = tiny_model_dir("llama")
+    prompts = make_prompts()
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS)
+    inputs = [{"prompt_token_ids": p} for p in prompts]
+
+    def run(**kwargs):
+        llm = LLM(model_dir, dtype="float32", device="cuda", gpu_memory_utilization=0.3, **kwargs)
+        graphs, replays = _runner(llm).graphs, []
+        if graphs is not None:
+            for size, graph in graphs.verify.items():
+                graph.replay = _counted(graph.replay, replays, size)
+        outs = llm.generate(inputs, params, use_tqdm=False)
+        verify_sizes = sorted(graphs.verify) if graphs is not None else []
+        llm.shutdown()
+        gc.collect()
+        torch.cuda.empty_cache()
+        return [list(o.outputs[0].token_ids) for o in outs], verify_sizes, replays
+
+    plain, _, _ = run(enforce_eager=True)
+    eager, _, _ = run(enforce_eager=True, speculative_config=NGRAM)
+    graphed, sizes, replays = run(speculative_config=NGRAM)
+    assert sizes[:4] == [1, 2, 4, 8]
+    assert replays, "no verify step replayed a verify graph"
+    assert graphed == eager == plain
+
+
+def _counted(replay, calls: list, size: int):
+    def wrapper(num_tokens):
+        calls.append((size, num_tokens))
+        return replay(num_tokens)
+
+    return wrapper

@@ -82,6 +82,76 @@ def test_padding_tokens_beyond_padding_requests_go_to_the_last_request():
     assert meta.slot_mapping.tolist()[3:] == [-1] * 5 and meta.seq_lens.tolist() == [3, 0]
 
 
+def test_verify_padding_leaves_every_real_request_its_own_tokens():
+    """A verify graph of 4 requests x 5 token slots: requests pad empty, spare slots belong to
+    no request, even when the real requests fill every request slot."""
+    inputs = DeviceInputs(64, 8, 16, torch.device("cpu"))
+    _, _, meta = inputs.stage(_flat([5, 1, 3], [9, 6, 3]), 20, 4, empty_padding=True)
+    assert meta.query_start_loc.tolist() == [0, 5, 6, 9, 9]
+    assert meta.seq_lens.tolist() == [9, 6, 3, 0] and meta.max_query_len == 5
+    assert meta.slot_mapping.tolist()[9:] == [-1] * 11
+    _, _, meta = inputs.stage(_flat([5, 2, 5, 1], [9, 6, 5, 4]), 20, 4, empty_padding=True)
+    assert meta.query_start_loc.tolist() == [0, 5, 7, 12, 13]  # the last keeps its one token
+    meta = inputs.padded_metadata(20, 4, query_len=5)  # capture: every request empty
+    assert meta.query_start_loc.tolist() == [0] * 5 and meta.max_query_len == 5
+
+
+def test_verify_graphs_larger_than_the_static_buffers_are_refused():
+    from lmserve.worker.cuda_graphs import CudaGraphRunner
+
+    inputs = DeviceInputs(max_num_tokens=40, max_num_reqs=64, max_blocks_per_req=4,
+                          device=torch.device("cpu"))  # fmt: skip
+    with pytest.raises(ValueError, match="verify graph size 16 > 8"):  # 16 x 5 tokens > 40
+        CudaGraphRunner(None, inputs, [], None, [8], [], verify_sizes=[8, 16], verify_query_len=5)
+    with pytest.raises(ValueError, match="2\\+ tokens per request"):
+        CudaGraphRunner(None, inputs, [], None, [8], [], verify_sizes=[8], verify_query_len=1)
+    graphs = CudaGraphRunner(None, inputs, [], None, [8], [], verify_sizes=[8], verify_query_len=5)
+    assert graphs.fits_verify_graph(_flat([5, 1, 3], [9, 6, 3]))
+    assert not graphs.fits_verify_graph(_flat([6, 1], [9, 6]))
+
+
+def test_verify_padding_does_not_change_the_real_rows_of_a_forward(tiny_model_dir):
+    """What a verify graph computes: the real requests' hidden states with the batch padded to
+    the graph's requests and token slots (empty requests, spare tokens in no request) equal an
+    unpadded forward's, bit for bit on CPU."""
+    from lmserve.attention.backend import ForwardContext
+
+    config = EngineConfig.from_kwargs(
+        tiny_model_dir("llama"), dtype="float32", device="cpu", max_num_seqs=8
+    )
+    runner = ModelRunner(config, torch.device("cpu"))
+    runner.load_model()
+    runner.initialize_kv_cache(16)
+    block = runner.block_size
+    q_lens, contexts = [5, 2, 5], [0, 0, 0]  # prompts of 5, 2 and 5 tokens, one block each
+    starts = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
+    req_of_token = np.repeat(np.arange(3), q_lens)
+    positions = np.concatenate([np.arange(q) for q in q_lens]).astype(np.int64)
+    flat = FlatInputs(
+        req_rows=np.arange(3),
+        input_ids=np.random.default_rng(0).integers(5, 100, int(starts[-1])).astype(np.int64),
+        positions=positions,
+        slot_mapping=(req_of_token * block + positions).astype(np.int64),
+        query_start_loc=starts,
+        seq_lens=np.array([c + q for c, q in zip(contexts, q_lens)], dtype=np.int32),
+        block_tables=np.arange(3, dtype=np.int32)[:, None],
+        logits_indices=(starts[1:] - 1).astype(np.int64),
+        completes_known_tokens=np.ones(3, dtype=bool),
+    )
+
+    def forward(num_tokens, num_reqs, empty_padding):
+        ids, pos, meta = runner.inputs.stage(flat, num_tokens, num_reqs, empty_padding)
+        ctx = ForwardContext(meta, runner.kv_caches, runner.attn_backend)
+        with torch.inference_mode():
+            return runner.model(ids, pos, ctx).clone()
+
+    plain = forward(12, 3, False)  # [12, hidden]
+    for num_reqs in (3, 4):  # every request slot filled, then one empty padding request
+        padded = forward(num_reqs * 5, num_reqs, True)
+        assert padded.shape[0] == num_reqs * 5
+        assert torch.equal(padded[:12], plain)
+
+
 def test_profile_inputs_fill_the_budget_with_distinct_slots():
     flat = _profile_inputs(num_tokens=100, num_reqs=7, block_size=16)
     assert len(flat.input_ids) == 100 and len(flat.req_rows) == 7
