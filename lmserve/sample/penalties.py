@@ -26,7 +26,10 @@ def apply_banned_tokens(
     banned_tokens: tuple[torch.Tensor, torch.Tensor],  # (rows [k], token ids [k])
 ) -> None:
     rows, token_ids = banned_tokens
-    logits[rows, token_ids] = float("-inf")
+    # A device tensor of -inf, not a Python float: assigning a host scalar copies it from
+    # pageable memory, which waits for the GPU (a full stall of every min_tokens step).
+    minus_inf = torch.full(rows.shape, float("-inf"), dtype=logits.dtype, device=logits.device)
+    logits.index_put_((rows, token_ids), minus_inf)
 
 
 def token_counts(
