@@ -56,6 +56,8 @@ class RejectionSampler(torch.nn.Module):
         if sampling.grammar_mask is not None:  # structured outputs: rows after each draft
             apply_grammar_mask(target_logits, sampling.grammar_mask)
         processed = apply_logit_edits(target_logits, sampling)  # [num_rows, vocab]
+        if sampling.all_greedy:
+            return _greedy(spec, target_logits, processed, sampling.max_num_logprobs)
         argmax = processed.argmax(dim=-1)  # [num_rows]
         probs = None  # [num_rows, vocab]
         if not sampling.all_greedy:
@@ -74,6 +76,29 @@ class RejectionSampler(torch.nn.Module):
         if sampling.max_num_logprobs is not None:
             logprobs = _logprobs(spec, target_logits, output, sampling.max_num_logprobs)
         return RejectionSamplerOutput(output, num_accepted + 1, logprobs)
+
+
+def _greedy(
+    spec: SpecDecodeMetadata,
+    target_logits: torch.Tensor,  # [num_rows, vocab_size] raw
+    processed: torch.Tensor,  # [num_rows, vocab_size] after bias, bans and penalties
+    num_logprobs: int | None,
+) -> RejectionSamplerOutput:
+    """Every row greedy: an accepted draft equals the target's argmax at its row, so a request
+    emits exactly the argmax at its first 1 + accepted target rows. One gather of the argmax by
+    target row gives both the acceptance test and the output (a third of the general path's
+    kernel launches, which a host-bound verify step pays for)."""
+    picks = processed.argmax(dim=-1)[spec.target_rows]  # [num_reqs, max_k + 1]
+    max_k = spec.draft_token_ids.shape[1]
+    # A padding draft (-1) never equals an argmax: each run stops at its request's drafts.
+    matched = (picks[:, :max_k] == spec.draft_token_ids).to(torch.int64)  # [num_reqs, max_k]
+    num_accepted = matched.cumprod(dim=1).sum(dim=1)  # [num_reqs]
+    cols = torch.arange(max_k + 1, device=picks.device)[None, :]
+    output = torch.where(cols <= num_accepted[:, None], picks, PLACEHOLDER_TOKEN_ID)
+    logprobs = None
+    if num_logprobs is not None:
+        logprobs = _logprobs(spec, target_logits, output, num_logprobs)
+    return RejectionSamplerOutput(output, num_accepted + 1, logprobs)
 
 
 def _draw(

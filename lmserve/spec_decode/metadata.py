@@ -33,6 +33,7 @@ class SpecDecodeMetadata:
     draft_token_ids: torch.Tensor  # [num_reqs, max_k] int64, padded with PLACEHOLDER_TOKEN_ID
     target_rows: torch.Tensor  # [num_reqs, max_k + 1] int64, target row of (request, j)
     num_draft_tokens_dev: torch.Tensor  # [num_reqs] int64, on the device
+    logits_indices_dev: torch.Tensor  # [num_rows] int64, logits_indices on the device
 
     def __post_init__(self) -> None:
         num_reqs = len(self.num_draft_tokens)
@@ -74,14 +75,20 @@ class SpecDecodeMetadata:
         )  # row-major boolean assignment fills each request's drafts in order
         j = np.arange(max_k + 1)[None, :]
         target_rows = row_start[:, None] + np.minimum(j, num_draft[:, None])  # [num_reqs, max_k+1]
-
+        logits_indices = np.repeat(first, num_rows) + offsets  # [num_rows]
+        # One host->device copy for the four arrays (each copy is a launch and a pinned
+        # buffer, on a verify step whose host time is not hidden behind the GPU).
+        parts = (drafts, target_rows, num_draft, logits_indices)
+        packed = host_to_device(np.concatenate([a.ravel() for a in parts]), device)
+        views = torch.split(packed, [a.size for a in parts])
         return cls(
             num_draft_tokens=num_draft,
-            logits_indices=np.repeat(first, num_rows) + offsets,
+            logits_indices=logits_indices,
             row_start=row_start,
-            draft_token_ids=host_to_device(drafts, device),
-            target_rows=host_to_device(target_rows, device),
-            num_draft_tokens_dev=host_to_device(num_draft, device),
+            draft_token_ids=views[0].view(drafts.shape),
+            target_rows=views[1].view(target_rows.shape),
+            num_draft_tokens_dev=views[2],
+            logits_indices_dev=views[3],
         )
 
     def row_repeats(self) -> np.ndarray:  # [num_reqs] target rows per request (k_i + 1)

@@ -35,7 +35,7 @@ from lmserve.sample.rejection_sampler import RejectionSampler
 from lmserve.spec_decode.draft_proposer import DraftModelProposer
 from lmserve.spec_decode.metadata import SpecDecodeMetadata
 from lmserve.spec_decode.ngram_proposer import NgramProposer
-from lmserve.worker.device_inputs import DeviceInputs, host_to_device
+from lmserve.worker.device_inputs import DeviceInputs
 from lmserve.worker.input_batch import FlatInputs, InputBatch
 from lmserve.worker.sampling_inputs import build_sampling_metadata
 
@@ -135,8 +135,7 @@ class SpecDecodeRunner:
         drafts = [scheduled.get(batch.req_ids[r], []) for r in sample_rows.tolist()]
         last_index = flat.logits_indices[flat.completes_known_tokens]
         spec = SpecDecodeMetadata.build(drafts, last_index, runner.device)
-        logits_indices = host_to_device(spec.logits_indices, runner.device)  # queued, no wait
-        logits = runner.model.compute_logits(hidden[logits_indices])  # [num_rows, vocab]
+        logits = runner.model.compute_logits(hidden[spec.logits_indices_dev])  # [num_rows, vocab]
         # Target row j of a request sees its known tokens plus its drafts 1..j.
         row_batch_rows = np.repeat(sample_rows, spec.row_repeats())  # [num_rows]
         num_tokens = batch.num_tokens[row_batch_rows] + spec.row_offsets()

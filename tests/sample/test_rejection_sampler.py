@@ -72,6 +72,30 @@ def test_greedy_first_draft_rejected_emits_one_token():
     assert out.output_token_ids.tolist() == [[1, PAD, PAD]]
 
 
+@pytest.mark.parametrize("seed", range(5))
+def test_all_greedy_batches_emit_what_the_general_path_emits(seed):
+    """The all-greedy shortcut (one gather of the argmax by target row) against the general
+    path, which a batch takes as soon as one row samples: same tokens, counts and padding."""
+    gen = torch.Generator().manual_seed(seed)
+    vocab, ks = 50, torch.randint(0, 5, (7,), generator=gen).tolist()
+    logits = torch.randn(sum(ks) + len(ks), vocab, generator=gen)
+    argmax, drafts, row = logits.argmax(dim=-1).tolist(), [], 0
+    for k in ks:  # draft j of a request is checked at its row j: mostly right, sometimes not
+        good = torch.rand(k, generator=gen) < 0.8
+        drafts.append(
+            [argmax[row + j] if good[j] else (argmax[row + j] + 1) % vocab for j in range(k)]
+        )
+        row += k + 1
+    spec = spec_metadata(drafts)
+    greedy = RejectionSampler()(spec, logits.clone(), sampling([0.0] * spec.num_rows))
+    general_sampling = sampling([0.0] * spec.num_rows)
+    general_sampling.all_greedy = False  # zero temperatures through the general path
+    general = RejectionSampler()(spec, logits.clone(), general_sampling)
+    assert greedy.output_token_ids.tolist() == general.output_token_ids.tolist()
+    assert greedy.num_output_tokens.tolist() == general.num_output_tokens.tolist()
+    assert greedy.num_output_tokens.max() > 1  # some drafts were accepted
+
+
 def test_greedy_applies_penalties_before_the_argmax():
     # Row 0 prefers 5 (logit 5) over 6 (logit 4.5); a logit bias of -1 on 5 flips it to 6.
     spec = spec_metadata([[6]])
