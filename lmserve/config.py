@@ -584,6 +584,7 @@ def _user_dict(
 
 
 KV_EVENT_PUBLISHERS = ("zmq", "null")
+KV_EVENT_FORMATS = ("array", "map")
 
 
 @dataclass
@@ -598,6 +599,10 @@ class KVEventsConfig:
     buffer_steps: int = 10_000  # batches kept for replay
     hwm: int = 100_000  # the PUB socket's send high-water mark
     topic: str = ""
+    # lmserve's own key: "array" = events as tagged arrays (["BlockStored", hashes, ...], the
+    # positional layout indexers have long read); "map" = vLLM 0.26's maps ({"type":
+    # "BlockStored", "block_hashes": ...}), for indexers that read only what vLLM sends today.
+    event_format: str = "array"
 
     def __post_init__(self) -> None:
         section = "kv_events_config"
@@ -618,6 +623,8 @@ class KVEventsConfig:
         _require_int(section, "hwm", self.hwm)
         if not isinstance(self.topic, str):
             _fail(section, "topic", self.topic, "must be a string")
+        if self.event_format not in KV_EVENT_FORMATS:
+            _fail(section, "event_format", self.event_format, f"must be one of {KV_EVENT_FORMATS}")
 
     @classmethod
     def from_user(cls, value: Any) -> KVEventsConfig | None:

@@ -12,6 +12,10 @@ PUB socket, one message per engine step that changed the cache:
                lora_id, medium]
             | ["BlockRemoved", [block_hash, ...], medium]
             | ["AllBlocksCleared"]
+With `"event_format": "map"` each event is instead a map in vLLM 0.26's layout:
+    {"type": "BlockStored", "block_hashes": [...], "parent_block_hash": ..., "token_ids": [...],
+     "block_size": ..., "lora_id": nil, "medium": ..., "lora_name": nil}
+    {"type": "BlockRemoved", "block_hashes": [...], "medium": ...}   {"type": "AllBlocksCleared"}
 A BlockStored covers a run of consecutive blocks of one request (its tokens, the parent of its
 first block), as vLLM's block pool sends them; a BlockRemoved the blocks evicted together.
 Block hashes are the prefix cache's (sha256 chains from a fixed root: the same on every
@@ -86,6 +90,39 @@ def stored_runs(
     return events
 
 
+class _StoredMap(msgspec.Struct, tag="BlockStored", omit_defaults=True):
+    """vLLM 0.26's BlockStored (a map; its later optional fields omitted when unset)."""
+
+    block_hashes: list[bytes]
+    parent_block_hash: bytes | None
+    token_ids: list[int]
+    block_size: int
+    lora_id: int | None
+    medium: str | None
+    lora_name: str | None
+
+
+class _RemovedMap(msgspec.Struct, tag="BlockRemoved", omit_defaults=True):
+    block_hashes: list[bytes]
+    medium: str | None
+
+
+class _ClearedMap(msgspec.Struct, tag="AllBlocksCleared", omit_defaults=True):
+    pass
+
+
+def as_map_event(event: KVCacheEvent) -> _StoredMap | _RemovedMap | _ClearedMap:
+    """The same event in vLLM 0.26's map layout."""
+    if isinstance(event, BlockStored):
+        return _StoredMap(
+            event.block_hashes, event.parent_block_hash, event.token_ids, event.block_size,
+            event.lora_id, event.medium, None,
+        )  # fmt: skip
+    if isinstance(event, BlockRemoved):
+        return _RemovedMap(event.block_hashes, event.medium)
+    return _ClearedMap()
+
+
 class KVEventBatch(msgspec.Struct, array_like=True):
     ts: float
     events: list[KVCacheEvent]
@@ -133,6 +170,8 @@ class ZmqEventPublisher:
                 continue
             if batch is None:
                 return
+            if self.config.event_format == "map":
+                batch = KVEventBatch(batch.ts, [as_map_event(e) for e in batch.events])
             payload = self._encoder.encode(batch)
             seq = self._seq.to_bytes(8, "big")
             self._pub.send_multipart((self._topic, seq, payload))

@@ -89,6 +89,7 @@ def test_events_off_records_nothing():
         ({"buffer_steps": 0}, "buffer_steps=0"),
         ({"enable_kv_cache_events": "yes"}, "true or false"),
         ({"enable": True}, "unknown key(s) ['enable']"),
+        ({"event_format": "json"}, "event_format='json'"),
     ],
 )
 def test_bad_config_names_the_field(value, message):
@@ -98,13 +99,28 @@ def test_bad_config_names_the_field(value, message):
 
 
 # ---- a real engine -----------------------------------------------------------------------------
-def test_engine_events_decode_with_plain_msgpack_and_match_the_cache_then_replay(tiny_model_dir):
+STORED_FIELDS = [
+    "block_hashes",
+    "parent_block_hash",
+    "token_ids",
+    "block_size",
+    "lora_id",
+    "medium",
+]
+
+
+@pytest.mark.parametrize("event_format", ["array", "map"])
+def test_engine_events_decode_with_plain_msgpack_and_match_the_cache_then_replay(
+    tiny_model_dir, event_format
+):
+    """Both wire layouts: tagged arrays (the default), and vLLM 0.26's maps."""
     pub, replay = free_port(), free_port()
     config = {
         "enable_kv_cache_events": True,
         "endpoint": f"tcp://127.0.0.1:{pub}",
         "replay_endpoint": f"tcp://127.0.0.1:{replay}",
         "topic": "kv",
+        "event_format": event_format,
     }
     llm = LLM(tiny_model_dir("llama"), device="cpu", dtype="float32", kv_events_config=config)
     context = zmq.Context()
@@ -124,13 +140,20 @@ def test_engine_events_decode_with_plain_msgpack_and_match_the_cache_then_replay
         ts, events, _rank = msgpack.unpackb(payload)
         assert isinstance(ts, float)
         for event in events:
-            if event[0] == "BlockStored":
-                hashes, _parent, tokens, block_size, _lora, medium = event[1:]
-                assert block_size == 16 and medium == "GPU"
-                assert len(tokens) == block_size * len(hashes)  # a run: all its blocks' tokens
-                held.update(hashes)
-            elif event[0] == "BlockRemoved":
-                held.difference_update(event[1])
+            if event_format == "map":  # vLLM 0.26: {"type": ..., field: value, ...}
+                assert isinstance(event, dict)
+                kind, fields = event["type"], event
+            else:
+                assert isinstance(event, list)
+                names = {"BlockStored": STORED_FIELDS, "BlockRemoved": ["block_hashes", "medium"]}
+                kind, fields = event[0], dict(zip(names.get(event[0], []), event[1:]))
+            if kind == "BlockStored":
+                assert fields["block_size"] == 16 and fields["medium"] == "GPU"
+                # a run: all its blocks' tokens
+                assert len(fields["token_ids"]) == 16 * len(fields["block_hashes"])
+                held.update(fields["block_hashes"])
+            elif kind == "BlockRemoved":
+                held.difference_update(fields["block_hashes"])
     assert seqs == list(range(len(seqs))) and seqs
     kv = llm.llm_engine.engine_core.engine_core.scheduler.kv_cache_manager
     assert held == set(kv.cached_blocks)

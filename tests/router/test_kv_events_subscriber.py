@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 
+import pytest
 import zmq.asyncio
 
 from lmserve.config import KVEventsConfig
@@ -19,13 +20,16 @@ from tests.router.test_kv_aware import BS, payload, stored
 URL = "http://engine"
 
 
-def publisher(buffer_steps: int = 100) -> tuple[ZmqEventPublisher, EventEndpoints]:
+def publisher(
+    buffer_steps: int = 100, event_format: str = "array"
+) -> tuple[ZmqEventPublisher, EventEndpoints]:
     pub, replay = free_port(), free_port()
     config = KVEventsConfig(
         enable_kv_cache_events=True,
         endpoint=f"tcp://127.0.0.1:{pub}",
         replay_endpoint=f"tcp://127.0.0.1:{replay}",
         buffer_steps=buffer_steps,
+        event_format=event_format,
     )
     return ZmqEventPublisher(config), EventEndpoints(config.endpoint, config.replay_endpoint)
 
@@ -63,8 +67,10 @@ def counter(metrics: RouterMetrics, name: str) -> float:
     return metrics.registry.get_sample_value(name, {"backend": URL}) or 0.0
 
 
-def test_a_router_started_after_the_engine_catches_up_from_the_replay_socket():
-    pub, endpoints = publisher()
+@pytest.mark.parametrize("event_format", ["array", "map"])
+def test_a_router_started_after_the_engine_catches_up_from_the_replay_socket(event_format):
+    """Replayed and live batches, in either wire layout an engine publishes."""
+    pub, endpoints = publisher(event_format=event_format)
     try:
         publish(pub, 0, 5)  # before anyone subscribed: a PUB socket drops these
 
