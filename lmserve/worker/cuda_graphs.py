@@ -217,10 +217,8 @@ class CudaGraphRunner:
         """A whole forward of `size` requests with `query_len` tokens each (1: decode)."""
         num_tokens = size * query_len
         # The padding inputs are uploaded before capture: a copy inside it would be replayed.
-        if query_len == 1:
-            metadata = self.inputs.padded_metadata(num_tokens, size)
-        else:
-            metadata = self.inputs.padded_metadata(num_tokens, size, query_len)
+        verify_len = query_len if query_len > 1 else None
+        metadata = self.inputs.padded_metadata(num_tokens, size, verify_len)
         self._run(num_tokens, self.attn_backend, metadata)  # warm-up: compiles, inits cuBLAS
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
