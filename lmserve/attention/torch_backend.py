@@ -22,12 +22,9 @@ def write_kv_cache(
     value: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
     key_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
     value_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
-    slot_mapping: torch.Tensor,  # [num_tokens] int64; -1 = a padding token, written nowhere
+    slot_mapping: torch.Tensor,  # [num_tokens] int64
 ) -> None:
     num_kv_heads, head_dim = key_cache.shape[2], key_cache.shape[3]
-    if slot_mapping.numel() and int(slot_mapping[-1]) < 0:  # padding sits after the real tokens
-        real = slot_mapping >= 0
-        key, value, slot_mapping = key[real], value[real], slot_mapping[real]
     key_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, key)
     value_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, value)
 
@@ -94,7 +91,9 @@ class TorchAttentionBackend(AttentionBackend):
         if rope is not None:
             query = apply_rope_tables(query, *plan.rope)
             key = apply_rope_tables(key, *plan.rope)
-        write_kv_cache(key, value, key_cache, value_cache, metadata.slot_mapping)
+        # Tokens past the last request's (a verify graph's spare slots) are written nowhere.
+        n = metadata.query_start_loc_cpu[-1]
+        write_kv_cache(key[:n], value[:n], key_cache, value_cache, metadata.slot_mapping[:n])
         if plan.whole and out is None:  # one request: no output buffer to scatter into
             return _attend_single(query, key_cache, value_cache, plan.singles[0], scale)
         output = torch.empty_like(query) if out is None else out  # [num_tokens, heads, hd]
