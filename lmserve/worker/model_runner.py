@@ -158,7 +158,7 @@ class ModelRunner:
         if full and self.spec_decode is not None:  # each request: its last token + k drafts
             verify_query_len = 1 + self.spec_decode.num_spec_tokens
             max_verify = min(max_batch, max_tokens // verify_query_len)
-            verify_sizes = decode_graph_sizes(max_verify) if max_verify else []
+            verify_sizes = decode_graph_sizes(max_verify)  # [] when not even one fits
         self.graphs = CudaGraphRunner(
             self.model,
             self.inputs,
