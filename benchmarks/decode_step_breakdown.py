@@ -2,8 +2,10 @@
 graphs, async scheduling) measures:
 
   step_us          wall time per decoded token, end to end (`batch1_decode_tok_s`)
-  graph_us         GPU time of one replay of the batch-1 decode graph (the forward), alone
-  tail_us          GPU time of the eager tail: LM head and greedy sampling, alone
+  graph_us         GPU time of one replay of the batch-1 decode graph (the forward, and the LM
+                   head when the graph holds it), alone
+  tail_us          GPU time of the eager tail: the LM head unless the graph holds it, and greedy
+                   sampling, alone
   host_busy_us     host time per engine step outside the wait for the device
   host_wait_us     host time per engine step blocked on the step's device->host copy
 
@@ -83,7 +85,9 @@ def breakdown(path: str) -> dict:
     hidden = graph.output[:1]  # [1, hidden_size]
 
     def tail():
-        return greedy_argmax(runner.model.compute_logits(hidden))  # [1, vocab] -> [1]
+        if graph.logits is not None:
+            return greedy_argmax(graph.logits[:1])  # [1, vocab] -> [1]
+        return greedy_argmax(runner.model.compute_logits(hidden))
 
     with torch.inference_mode():
         row["tail_us"] = round(_gpu_us(tail), 1)

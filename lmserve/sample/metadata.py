@@ -43,7 +43,8 @@ class SamplingMetadata:
     #            (rows [k] int64, token ids [k] int64, bias values [k] float32)
 
     # Tokens banned this step (EOS and stop ids of rows still below min_tokens), as coordinates.
-    banned_tokens: tuple[torch.Tensor, torch.Tensor] | None = None  # (rows [k], token ids [k])
+    # (rows [k], token ids [k], -inf [k] float32): the logits set to -inf
+    banned_tokens: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     # Logprobs: the largest `logprobs` asked for in the batch; None = nobody asked.
     max_num_logprobs: int | None = None

@@ -23,13 +23,12 @@ def apply_logit_bias(
 
 def apply_banned_tokens(
     logits: torch.Tensor,  # [num_reqs, vocab_size] float32, edited in place
-    banned_tokens: tuple[torch.Tensor, torch.Tensor],  # (rows [k], token ids [k])
+    banned_tokens: tuple[torch.Tensor, torch.Tensor, torch.Tensor],  # (rows, ids, -inf) [k] each
 ) -> None:
-    rows, token_ids = banned_tokens
+    rows, token_ids, minus_inf = banned_tokens
     # A device tensor of -inf, not a Python float: assigning a host scalar copies it from
     # pageable memory, which waits for the GPU (a full stall of every min_tokens step).
-    minus_inf = torch.full(rows.shape, float("-inf"), dtype=logits.dtype, device=logits.device)
-    logits.index_put_((rows, token_ids), minus_inf)
+    logits.index_put_((rows, token_ids), minus_inf.to(logits.dtype))
 
 
 def token_counts(

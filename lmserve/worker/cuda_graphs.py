@@ -7,7 +7,9 @@ GPU waits on the CPU. A graph replays all of them with one launch. Two kinds, as
              attention included, is captured at bucketed batch sizes 1, 2, 4, 8, 16, ..., 256,
              then every 16th;
              a batch of `n` requests is padded to the next size with requests that have no keys
-             and write nowhere (see `DeviceInputs.pad_host`).
+             and write nowhere (see `DeviceInputs.pad_host`). The smallest sizes (up to
+             `decode_logits_max`) run the LM head in the graph too: at batch 1-8 its eager
+             launch from Python cost more host time per step than the head's GPU time.
   verify     speculative decoding's verify batches: every request schedules at most 1 + k
              tokens (its last token and up to k drafts). Full graphs like the decode ones, at
              the same batch sizes, each holding size x (1 + k) token slots; a batch pads with
@@ -79,9 +81,12 @@ class _AttentionCall:
 
 
 class _FullGraph:
-    def __init__(self, graph: torch.cuda.CUDAGraph, output: torch.Tensor) -> None:
+    def __init__(
+        self, graph: torch.cuda.CUDAGraph, output: torch.Tensor, logits: torch.Tensor | None
+    ) -> None:
         self.graph = graph
         self.output = output  # [size, hidden_size]
+        self.logits = logits  # [size, vocab] float32, or None: the graph has no LM head
 
     def replay(self, num_tokens: int) -> torch.Tensor:  # [num_tokens, hidden_size]
         self.graph.replay()
@@ -150,7 +155,10 @@ class CudaGraphRunner:
         piecewise_sizes: list[int],
         verify_sizes: list[int] = (),
         verify_query_len: int = 1,
+        decode_logits_max: int = 0,
     ) -> None:
+        """`decode_logits_max`: decode graphs of up to this many requests also compute the
+        logits (`model.compute_logits`), which `forward` then returns."""
         self.model = model
         self.inputs = inputs
         self.kv_caches = kv_caches
@@ -159,6 +167,7 @@ class CudaGraphRunner:
         self.piecewise_sizes = sorted(piecewise_sizes)
         self.verify_sizes = sorted(verify_sizes)
         self.verify_query_len = verify_query_len  # 1 + k: tokens per request of a verify graph
+        self.decode_logits_max = decode_logits_max
         if self.verify_sizes and verify_query_len < 2:
             raise ValueError(f"verify graphs need 2+ tokens per request, not {verify_query_len}")
         # Every captured size must fit the static buffers it reads.
@@ -186,7 +195,7 @@ class CudaGraphRunner:
         for size in reversed(self.verify_sizes):  # the largest token counts first
             self.verify[size] = self._capture_full(size, self.verify_query_len)
         for size in reversed(self.decode_sizes):
-            self.full[size] = self._capture_full(size)
+            self.full[size] = self._capture_full(size, logits=size <= self.decode_logits_max)
         for size in reversed(self.piecewise_sizes):
             self.piecewise[size] = self._capture_piecewise(size)
         torch.cuda.synchronize()
@@ -213,17 +222,23 @@ class CudaGraphRunner:
         pos = self.inputs.positions.device[:num_tokens]
         return self.model(ids, pos, ctx)  # [num_tokens, hidden_size]
 
-    def _capture_full(self, size: int, query_len: int = 1) -> _FullGraph:
-        """A whole forward of `size` requests with `query_len` tokens each (1: decode)."""
+    def _capture_full(self, size: int, query_len: int = 1, logits: bool = False) -> _FullGraph:
+        """A whole forward of `size` requests with `query_len` tokens each (1: decode), and the
+        logits of every token if `logits`."""
         num_tokens = size * query_len
         # The padding inputs are uploaded before capture: a copy inside it would be replayed.
         verify_len = query_len if query_len > 1 else None
         metadata = self.inputs.padded_metadata(num_tokens, size, verify_len)
-        self._run(num_tokens, self.attn_backend, metadata)  # warm-up: compiles, inits cuBLAS
+
+        def forward() -> tuple[torch.Tensor, torch.Tensor | None]:
+            hidden = self._run(num_tokens, self.attn_backend, metadata)
+            return hidden, self.model.compute_logits(hidden) if logits else None
+
+        forward()  # warm-up: compiles, inits cuBLAS
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            output = self._run(num_tokens, self.attn_backend, metadata)
-        return _FullGraph(graph, output)
+            output, out_logits = forward()
+        return _FullGraph(graph, output, out_logits)
 
     def _capture_piecewise(self, size: int) -> _PiecewiseGraph:
         metadata = self.inputs.padded_metadata(size, min(size, self.inputs.max_num_reqs))
@@ -240,27 +255,30 @@ class CudaGraphRunner:
         return _PiecewiseGraph(splitter.graphs, splitter.calls, output)
 
     # ---- replay -------------------------------------------------------------------------------
-    def forward(self, flat: FlatInputs) -> torch.Tensor | None:
+    def forward(self, flat: FlatInputs) -> tuple[torch.Tensor, torch.Tensor | None] | None:
         """Run the step's forward from a graph, or return None when no graph fits (then the
-        caller runs eagerly). [num_tokens, hidden_size]"""
+        caller runs eagerly). Returns the hidden states [num_tokens, hidden_size] and, from a
+        decode graph that has an LM head, the logits [num_tokens, vocab] (else None)."""
         num_tokens, num_reqs = len(flat.input_ids), len(flat.req_rows)
         if num_tokens == num_reqs:  # decode only
             size = _bucket(self.decode_sizes, num_reqs)
             if size is not None:
-                self.inputs.stage(flat, size, size)
-                return self.full[size].replay(num_tokens)
+                self.inputs.upload(flat, size, size)
+                graph = self.full[size]
+                hidden = graph.replay(num_tokens)
+                return hidden, None if graph.logits is None else graph.logits[:num_tokens]
         elif self.verify_sizes and self.fits_verify_graph(flat):
             size = _bucket(self.verify_sizes, num_reqs)
             if size is not None:
-                self.inputs.stage(flat, size * self.verify_query_len, size, empty_padding=True)
-                return self.verify[size].replay(num_tokens)
+                self.inputs.upload(flat, size * self.verify_query_len, size, empty_padding=True)
+                return self.verify[size].replay(num_tokens), None
         size = _bucket(self.piecewise_sizes, num_tokens)
         if size is None:
             return None
         # Tokens past num_tokens in the static buffers are stale but valid ids and positions:
         # the pieces are row-wise, so those rows never touch the real ones.
         _, _, metadata = self.inputs.stage(flat, num_tokens, num_reqs)
-        return self.piecewise[size].replay(self.attn_backend, metadata, num_tokens)
+        return self.piecewise[size].replay(self.attn_backend, metadata, num_tokens), None
 
     def fits_verify_graph(self, flat: FlatInputs) -> bool:
         """Every request schedules at most `verify_query_len` tokens (a verify step; also a

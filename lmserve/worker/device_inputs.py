@@ -85,6 +85,26 @@ class DeviceInputs:
         """Upload `flat`, padded to `num_tokens` tokens and `num_reqs` requests (>= the real
         counts; equal for an eager forward). Returns device (input_ids, positions, metadata).
         `empty_padding`: see `pad_host`."""
+        self.upload(flat, num_tokens, num_reqs, empty_padding)
+        metadata = AttentionMetadata(
+            num_reqs=num_reqs,
+            num_tokens=num_tokens,
+            max_query_len=int(np.diff(flat.query_start_loc).max()),
+            max_seq_len=int(flat.seq_lens.max()),
+            slot_mapping=self.slot_mapping.device[:num_tokens],
+            query_start_loc=self.query_start_loc.device[: num_reqs + 1],
+            seq_lens=self.seq_lens.device[:num_reqs],
+            block_tables=self.block_tables.device[:num_reqs, : flat.block_tables.shape[1]],
+            query_start_loc_cpu=self.query_start_loc.host_np[: num_reqs + 1].tolist(),
+            seq_lens_cpu=self.seq_lens.host_np[:num_reqs].tolist(),
+        )
+        return self.input_ids.device[:num_tokens], self.positions.device[:num_tokens], metadata
+
+    def upload(
+        self, flat: FlatInputs, num_tokens: int, num_reqs: int, empty_padding: bool = False
+    ) -> None:
+        """`stage` without the metadata: what a full CUDA graph's replay needs (it reads the
+        device buffers, and its metadata was fixed at capture)."""
         real_tokens, real_reqs = len(flat.input_ids), len(flat.req_rows)
         if self._copied is not None:
             self._copied.synchronize()
@@ -96,22 +116,13 @@ class DeviceInputs:
                 input_ids[: len(token_ids)].copy_(token_ids)
             else:
                 input_ids.index_copy_(0, index, token_ids)
-        positions = self.positions.upload(num_tokens)
-        metadata = AttentionMetadata(
-            num_reqs=num_reqs,
-            num_tokens=num_tokens,
-            max_query_len=int(np.diff(flat.query_start_loc).max()),
-            max_seq_len=int(flat.seq_lens.max()),
-            slot_mapping=self.slot_mapping.upload(num_tokens),
-            query_start_loc=self.query_start_loc.upload(num_reqs + 1),
-            seq_lens=self.seq_lens.upload(num_reqs),
-            block_tables=self.block_tables.upload(num_reqs)[:, : flat.block_tables.shape[1]],
-            query_start_loc_cpu=self.query_start_loc.host_np[: num_reqs + 1].tolist(),
-            seq_lens_cpu=self.seq_lens.host_np[:num_reqs].tolist(),
-        )
+        for field in (self.positions, self.slot_mapping):
+            field.upload(num_tokens)
+        self.query_start_loc.upload(num_reqs + 1)
+        self.seq_lens.upload(num_reqs)
+        self.block_tables.upload(num_reqs)
         if self._copied is not None:
             self._copied.record(self._stream)
-        return input_ids, positions, metadata
 
     def _fill_host(
         self,

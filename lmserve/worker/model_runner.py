@@ -13,6 +13,7 @@ from lmserve.config import EngineConfig
 from lmserve.core.messages import LogprobsLists
 from lmserve.core.sched_output import ModelRunnerOutput, SchedulerOutput, StructuredOutputBatch
 from lmserve.kv_transfer.base import KVConnectorBase, KVConnectorMetadata, KVConnectorOutput
+from lmserve.model.layers.gemv import GEMV_MAX_ROWS
 from lmserve.model.loader import get_kv_cache_spec, load_model
 from lmserve.sample.grammar import build_grammar_mask
 from lmserve.sample.logprobs import LogprobsTensors, compute_logprobs_tensors
@@ -23,7 +24,11 @@ from lmserve.worker.cuda_graphs import CudaGraphRunner, decode_graph_sizes, piec
 from lmserve.worker.device_inputs import DeviceInputs, host_to_device
 from lmserve.worker.encoder_runner import EncoderRunner, ImageRows
 from lmserve.worker.input_batch import FlatInputs, InputBatch
-from lmserve.worker.sampling_inputs import build_sampling_metadata, uses_penalties
+from lmserve.worker.sampling_inputs import (
+    RepeatedInputs,
+    build_sampling_metadata,
+    uses_penalties,
+)
 from lmserve.worker.spec_decode_runner import SpecDecodeRunner
 
 logger = logging.getLogger(__name__)
@@ -55,6 +60,7 @@ class ModelRunner:
         self.keyed_race = device.type == "cuda" and triton_installed() and envs.LMSERVE_KEYED_RACE
         self.attn_backend = get_attention_backend(device.type)
         self.sampler = Sampler()
+        self.repeated_inputs = RepeatedInputs(device)  # sampling inputs alike from step to step
         self.vocab_size = model_config.vocab_size
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.model: torch.nn.Module | None = None
@@ -168,8 +174,19 @@ class ModelRunner:
             piecewise_sizes=piecewise_graph_sizes(max_tokens) if piecewise else [],
             verify_sizes=verify_sizes,
             verify_query_len=verify_query_len,
+            decode_logits_max=self._decode_logits_max() if full else 0,
         )
         self.graphs.capture()
+
+    def _decode_logits_max(self) -> int:
+        """Decode graphs of up to this many requests also run the LM head: at small batch its
+        eager launch cost the host more than the GPU work (a Triton GEMV launched from Python
+        every step). Not with speculative decoding (its steps take logits at chosen rows, and a
+        decode graph's head would be wasted work) nor tensor parallelism (the head gathers
+        across ranks)."""
+        if self.spec_decode is not None or self.config.parallel_config.tensor_parallel_size > 1:
+            return 0
+        return GEMV_MAX_ROWS
 
     @torch.inference_mode()
     def profile_run(self) -> int:
@@ -185,7 +202,7 @@ class ModelRunner:
         num_blocks = int(flat.block_tables.max()) + 1
         self.initialize_kv_cache(num_blocks)
         cache_bytes = num_blocks * self.kv_cache_bytes_per_block()
-        hidden = self._forward(flat)  # [num_tokens, hidden_size]
+        hidden, _ = self._forward(flat)  # [num_tokens, hidden_size]
         if self.encoder is not None:
             self._profile_encoder()
         if self.device.type == "cuda":
@@ -261,7 +278,7 @@ class ModelRunner:
         image_rows = None
         if self.encoder is not None and self.encoder.has_work:
             image_rows = self.encoder.gather(flat, self.input_batch)
-        hidden = self._forward(flat, image_rows)  # [num_tokens, hidden_size]
+        hidden, graph_logits = self._forward(flat, image_rows)  # [num_tokens, hidden_size]
         if self.spec_decode is not None:  # verify drafts, then propose the next ones
             output = self.spec_decode.sample_and_propose(scheduler_output, flat, hidden)
             output.encoder_seconds = encoder_seconds
@@ -274,7 +291,9 @@ class ModelRunner:
         if len(sample_rows):
             # Queued behind the forward, no host stall: the host builds the sampling inputs
             # while the GPU runs; the step's one sync is the sampled tokens' copy back.
-            if len(sample_rows) == len(hidden):  # decode only: one row per request
+            if graph_logits is not None and len(sample_rows) == len(hidden):
+                logits = graph_logits  # decode only; the graph ran the LM head too
+            elif len(sample_rows) == len(hidden):  # decode only: one row per request
                 logits = self.model.compute_logits(hidden)  # [num_sampling, vocab]
             else:
                 logits_indices = host_to_device(flat.logits_indices[sampling], self.device)
@@ -283,7 +302,7 @@ class ModelRunner:
                 self._last_sampled.write_to(self.input_batch)  # penalties read every token
             metadata = build_sampling_metadata(
                 self.input_batch, sample_rows, self.vocab_size, self.device,
-                keyed_race=self.keyed_race,
+                keyed_race=self.keyed_race, repeated=self.repeated_inputs,
             )  # fmt: skip
         prompt_logprobs = self.compute_prompt_logprobs(flat, hidden)
         step = self._new_step(flat, prompt_logprobs)
@@ -327,20 +346,22 @@ class ModelRunner:
 
     def _forward(
         self, flat: FlatInputs, image_rows: ImageRows | None = None
-    ) -> torch.Tensor:  # [num_tokens, hidden_size]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """A captured CUDA graph when one fits the step, else an eager forward. A step that
-        reads image embeddings runs eagerly (the graphs start from token ids)."""
+        reads image embeddings runs eagerly (the graphs start from token ids). Returns the
+        hidden states [num_tokens, hidden_size] and, when the graph computed them too (small
+        decode batches), every token's logits [num_tokens, vocab] float32, else None."""
         if self.graphs is not None and image_rows is None:
-            hidden = self.graphs.forward(flat)
-            if hidden is not None:
-                return hidden
+            replayed = self.graphs.forward(flat)
+            if replayed is not None:
+                return replayed
         num_tokens, num_reqs = len(flat.input_ids), len(flat.req_rows)
         input_ids, positions, metadata = self.inputs.stage(flat, num_tokens, num_reqs)
         ctx = ForwardContext(metadata, self.kv_caches, self.attn_backend, self.kv_connector)
         if image_rows is None:
-            return self.model(input_ids, positions, ctx)
+            return self.model(input_ids, positions, ctx), None
         inputs_embeds = self.encoder.merge(input_ids, image_rows)  # [num_tokens, hidden_size]
-        return self.model(input_ids, positions, ctx, inputs_embeds)
+        return self.model(input_ids, positions, ctx, inputs_embeds), None
 
     def compute_prompt_logprobs(
         self, flat: FlatInputs, hidden: torch.Tensor

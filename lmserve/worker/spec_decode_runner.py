@@ -37,7 +37,7 @@ from lmserve.spec_decode.metadata import SpecDecodeMetadata
 from lmserve.spec_decode.ngram_proposer import NgramProposer
 from lmserve.worker.device_inputs import DeviceInputs
 from lmserve.worker.input_batch import FlatInputs, InputBatch
-from lmserve.worker.sampling_inputs import build_sampling_metadata
+from lmserve.worker.sampling_inputs import RepeatedInputs, build_sampling_metadata
 
 
 class TargetRunner(Protocol):
@@ -51,6 +51,7 @@ class TargetRunner(Protocol):
     input_batch: InputBatch
     inputs: DeviceInputs
     attn_backend: AttentionBackend
+    repeated_inputs: RepeatedInputs
     model: Any  # the target model: compute_logits(hidden) -> logits
 
     def compute_prompt_logprobs(
@@ -140,8 +141,9 @@ class SpecDecodeRunner:
         row_batch_rows = np.repeat(sample_rows, spec.row_repeats())  # [num_rows]
         num_tokens = batch.num_tokens[row_batch_rows] + spec.row_offsets()
         metadata = build_sampling_metadata(
-            batch, row_batch_rows, runner.vocab_size, runner.device, num_tokens
-        )
+            batch, row_batch_rows, runner.vocab_size, runner.device, num_tokens,
+            repeated=runner.repeated_inputs,
+        )  # fmt: skip
         if scheduler_output.structured_output is not None:  # rows after each draft, too
             req_ids = [batch.req_ids[r] for r in sample_rows.tolist()]
             metadata.grammar_mask = build_grammar_mask(

@@ -76,6 +76,7 @@ def make_metadata(
             (
                 torch.tensor([r for r, _ in banned], dtype=torch.int64),
                 torch.tensor([t for _, t in banned], dtype=torch.int64),
+                torch.full((len(banned),), float("-inf")),
             )
             if banned
             else None

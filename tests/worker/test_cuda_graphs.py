@@ -128,3 +128,39 @@ def _counted(replay, calls: list, size: int):
         return replay(num_tokens)
 
     return wrapper
+
+
+def test_small_decode_graphs_hold_the_lm_head_and_give_the_eager_heads_bits(tiny_model_dir):
+    """Decode graphs of up to GEMV_MAX_ROWS requests run the LM head too: their logits are the
+    bits of the eager head on the graph's hidden states, larger graphs have none, and a
+    bf16 engine whose small decode steps take them keeps the top-5 rule against HF."""
+    from lmserve.model.layers.gemv import GEMV_MAX_ROWS
+
+    model_dir = tiny_model_dir("llama")
+    llm = LLM(model_dir, dtype="bfloat16", device="cuda", gpu_memory_utilization=0.3,
+              max_num_seqs=16)  # fmt: skip
+    runner = _runner(llm)
+    graphs = runner.graphs
+    assert {s for s, g in graphs.full.items() if g.logits is not None} == {
+        s for s in graphs.full if s <= GEMV_MAX_ROWS
+    }
+    prompts = make_prompts()[:3]
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, logprobs=5)
+    heads = []
+    compute_logits = runner.model.compute_logits
+    runner.model.compute_logits = lambda h: heads.append(len(h)) or compute_logits(h)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    runner.model.compute_logits = compute_logits
+    # Eager heads ran only for the prefill steps: every decode step took the graph's logits.
+    assert len(heads) < MAX_TOKENS
+    with torch.inference_mode():
+        for size in (1, 4):
+            graph = graphs.full[size]
+            graph.replay(size)
+            assert torch.equal(graph.logits, compute_logits(graph.output))
+    hf = list(zip(*hf_greedy_with_top_k(model_dir, prompts, torch.bfloat16, MAX_TOKENS)))
+    for out, (hf_tokens, hf_top5) in zip(outs, hf):
+        completion = out.outputs[0]
+        ours_top5 = [set(lp) for lp in completion.logprobs]
+        assert top5_rule_holds(completion.token_ids, ours_top5, hf_tokens, hf_top5)
+    llm.shutdown()

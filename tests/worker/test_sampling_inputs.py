@@ -8,7 +8,7 @@ import torch
 from lmserve.core.sched_output import NewRequestData
 from lmserve.sampling_params import SamplingParams
 from lmserve.worker.input_batch import InputBatch
-from lmserve.worker.sampling_inputs import build_sampling_metadata
+from lmserve.worker.sampling_inputs import RepeatedInputs, build_sampling_metadata
 
 VOCAB = 100
 CPU = torch.device("cpu")
@@ -60,8 +60,34 @@ def test_min_tokens_bans_eos_and_stop_ids_until_reached():
         ([1], [4, 5, 6], SamplingParams(min_tokens=3, stop_token_ids=[7])),
     )
     md = build_sampling_metadata(batch, np.array([0, 1]), VOCAB, CPU)
-    rows, ids = md.banned_tokens
+    rows, ids, values = md.banned_tokens
     assert sorted(zip(rows.tolist(), ids.tolist())) == [(0, 2), (0, 7)]  # row 1 has 3 outputs
+    assert values.tolist() == [float("-inf")] * 2
+
+
+def test_a_ban_that_repeats_reuses_its_device_tensors_and_a_changed_one_does_not():
+    batch = make_batch(
+        ([1], [4], SamplingParams(min_tokens=3, stop_token_ids=[7])),
+        ([1], [4], SamplingParams(min_tokens=3, stop_token_ids=[8])),
+    )
+    repeated = RepeatedInputs(CPU)
+    first = build_sampling_metadata(batch, np.array([0, 1]), VOCAB, CPU, repeated=repeated)
+    again = build_sampling_metadata(batch, np.array([0, 1]), VOCAB, CPU, repeated=repeated)
+    assert all(a is b for a, b in zip(first.banned_tokens, again.banned_tokens))
+    # Row 1 alone: a different ban, built afresh and right.
+    other = build_sampling_metadata(batch, np.array([1]), VOCAB, CPU, repeated=repeated)
+    assert other.banned_tokens[0] is not first.banned_tokens[0]
+    assert sorted(other.banned_tokens[1].tolist()) == [2, 8]
+    assert other.banned_tokens[0].tolist() == [0, 0]
+
+
+def test_repeated_inputs_tell_equal_bytes_of_other_dtypes_or_shapes_apart():
+    repeated = RepeatedInputs(CPU)
+    (a,) = repeated.get("k", np.zeros(2, dtype=np.int64))
+    (b,) = repeated.get("k", np.zeros(4, dtype=np.int32))  # the same 16 zero bytes
+    (c,) = repeated.get("k", np.zeros((2, 2), dtype=np.int32))
+    assert (a.dtype, b.dtype, tuple(c.shape)) == (torch.int64, torch.int32, (2, 2))
+    assert repeated.zeros(3).tolist() == [0.0] * 3
 
 
 def test_logit_bias_coordinates_and_max_logprobs():

@@ -210,11 +210,15 @@ def linear(
     x: torch.Tensor,  # [M, K] (or any [..., K] when the GEMV does not apply)
     weight: torch.Tensor,  # [N, K]
     bias: torch.Tensor | None = None,  # [N]
+    out_dtype: torch.dtype | None = None,  # None: x's dtype
 ) -> torch.Tensor:  # [M, N]
-    """`F.linear`, through the GEMV kernel for a few rows on CUDA (`use_gemv`)."""
+    """`F.linear`, through the GEMV kernel for a few rows on CUDA (`use_gemv`). `out_dtype`:
+    the result rounded to x's dtype, then converted (`F.linear(...).to(out_dtype)`), which the
+    GEMV does in its store (an LM head's float32 logits without a conversion kernel)."""
     if use_gemv(x, weight):
-        return gemv_linear(x, weight, bias)
-    return F.linear(x, weight, bias)
+        return _gemv(x, weight, bias, None, gated=False, out_dtype=out_dtype)
+    y = F.linear(x, weight, bias)
+    return y if out_dtype is None else y.to(out_dtype)
 
 
 def gemv_linear(
@@ -249,26 +253,35 @@ def _split_k_tickets(device: torch.device) -> torch.Tensor:  # [_MAX_ROW_BLOCKS]
     return ticket_counters(device, "gemv_split_k", _MAX_ROW_BLOCKS)
 
 
-def _gemv(x, weight, bias, config: GemvConfig | None, gated: bool) -> torch.Tensor:
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Launch:
+    """What a launch of `gemv_kernel` needs beyond its tensors, for one weight shape."""
+
+    config: GemvConfig
+    grid: tuple[int, int]  # (row blocks, splits)
+    k_blocks_per_split: int
+    even_k: bool
+    prefetch_tiles: int
+
+
+def _gemv(
+    x, weight, bias, config: GemvConfig | None, gated: bool, out_dtype: torch.dtype | None = None
+) -> torch.Tensor:
     m, k = x.shape
     n = weight.shape[0] // 2 if gated else weight.shape[0]  # outputs
     assert gemv_supports(x, weight), (x.shape, x.dtype, weight.shape, weight.dtype)
     assert bias is None or (bias.shape == weight.shape[:1] and bias.is_contiguous())
-    if config is None:
-        config = _pick_config(x, weight.shape[0], k, gated)
-    k_blocks = _cdiv(k, config.block_k)
-    k_blocks_per_split = _cdiv(k_blocks, config.split_k)
-    split_k = _cdiv(k_blocks, k_blocks_per_split)  # no empty split, whatever the config says
-    row_blocks = _cdiv(n, config.block_n)
-    if row_blocks > _MAX_ROW_BLOCKS:  # more row blocks than tickets: enough programs anyway
-        split_k, k_blocks_per_split = 1, k_blocks
-    out = torch.empty((m, n), dtype=x.dtype, device=x.device)  # [M, N]
+    num_sms = _num_sms(x.device.index) if x.is_cuda else 132  # CPU: TRITON_INTERPRET=1
+    launch = _launch(weight.shape[0], k, num_sms, x.element_size(), gated, config)
+    split_k = launch.grid[1]
+    out = torch.empty((m, n), dtype=out_dtype or x.dtype, device=x.device)  # [M, N]
     partials = tickets = out  # not read without split-K
     if split_k > 1:
         width = 2 * n if gated else n
         partials = torch.empty((split_k, m, width), dtype=torch.float32, device=x.device)
         tickets = _split_k_tickets(x.device)
-    _kernels()[(row_blocks, split_k)](
+    config = launch.config
+    _kernels()[launch.grid](
         x,
         weight,
         bias if bias is not None else weight,  # not read without HAS_BIAS
@@ -278,15 +291,15 @@ def _gemv(x, weight, bias, config: GemvConfig | None, gated: bool) -> torch.Tens
         m,
         n,
         k // 8,
-        k_blocks_per_split,
+        launch.k_blocks_per_split,
         BLOCK_M=_BLOCK_M,
         BLOCK_N=config.block_n,
         BLOCK_K=config.block_k,
         SPLIT_K=split_k,
-        EVEN_K=k % config.block_k == 0,
+        EVEN_K=launch.even_k,
         HAS_BIAS=bias is not None,
         GATED=gated,
-        PREFETCH_TILES=min(config.num_stages - 1, k_blocks_per_split),
+        PREFETCH_TILES=launch.prefetch_tiles,
         num_warps=config.num_warps,
         num_stages=config.num_stages,
         **pdl_launch_options(x),
@@ -294,9 +307,29 @@ def _gemv(x, weight, bias, config: GemvConfig | None, gated: bool) -> torch.Tens
     return out
 
 
-def _pick_config(x: torch.Tensor, weight_rows: int, k: int, gated: bool) -> GemvConfig:
-    num_sms = _num_sms(x.device.index) if x.is_cuda else 132  # CPU: TRITON_INTERPRET=1
-    return gemv_config(x.shape[0], weight_rows, k, num_sms, x.element_size(), gated)
+@functools.lru_cache(maxsize=4096)
+def _launch(
+    weight_rows: int, k: int, num_sms: int, elem_bytes: int, gated: bool, config: GemvConfig | None
+) -> _Launch:
+    """The launch shape for a weight of `weight_rows` x `k` (`config` None: `gemv_config`'s
+    pick), worked out once per shape: the LM head runs eagerly every decode step, and this
+    arithmetic cost more host time than the launch itself."""
+    n = weight_rows // 2 if gated else weight_rows
+    if config is None:
+        config = gemv_config(1, weight_rows, k, num_sms, elem_bytes, gated)
+    k_blocks = _cdiv(k, config.block_k)
+    k_blocks_per_split = _cdiv(k_blocks, config.split_k)
+    split_k = _cdiv(k_blocks, k_blocks_per_split)  # no empty split, whatever the config says
+    row_blocks = _cdiv(n, config.block_n)
+    if row_blocks > _MAX_ROW_BLOCKS:  # more row blocks than tickets: enough programs anyway
+        split_k, k_blocks_per_split = 1, k_blocks
+    return _Launch(
+        config=config,
+        grid=(row_blocks, split_k),
+        k_blocks_per_split=k_blocks_per_split,
+        even_k=k % config.block_k == 0,
+        prefetch_tiles=min(config.num_stages - 1, k_blocks_per_split),
+    )
 
 
 @functools.cache
@@ -321,7 +354,7 @@ def _kernels():
         x_ptr,  # [M, K] contiguous
         w_ptr,  # [N, K] contiguous; GATED: [2N, K], gate rows then up rows
         bias_ptr,  # [N] (GATED: [2N]), read only with HAS_BIAS
-        out_ptr,  # [M, N] in x's dtype
+        out_ptr,  # [M, N]: x's dtype, or wider (values rounded to x's dtype first)
         partials_ptr,  # SPLIT_K > 1: float32 partial sums [SPLIT_K, M, N] (GATED: [.., 2N])
         counters_ptr,  # SPLIT_K > 1: int32 [cdiv(N, BLOCK_N)], zero at rest
         M,
@@ -409,13 +442,14 @@ def _kernels():
             if GATED:
                 up_bias = tl.load(bias_ptr + N + rows, mask=rows < N, other=0.0)
                 acc_up += up_bias.to(tl.float32)[None, :]
-        dtype = out_ptr.dtype.element_ty
+        dtype = x_ptr.dtype.element_ty
         if GATED:  # the roundings of the unfused path: gate_up to the dtype, silu, product
             gate = acc.to(dtype).to(tl.float32)
             act = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
             out = (act * acc_up.to(dtype).to(tl.float32)).to(dtype)
         else:
             out = acc.to(dtype)
+        out = out.to(out_ptr.dtype.element_ty)  # a no-op unless a wider output was asked for
         tl.store(out_ptr + ms[:, None] * N + rows[None, :], out, mask=out_mask)
 
     return gemv_kernel
