@@ -83,16 +83,11 @@ class LMHead(nn.Module):
                 self.partition.rows, hidden_size, weight_loader=self.partition.weight_loader
             )
 
-    def forward(
-        self, hidden_states: torch.Tensor, out_dtype: torch.dtype | None = None
-    ) -> torch.Tensor:  # [n, hidden] -> [n, vocab]
-        """`out_dtype`: logits rounded to the hidden states' dtype, then converted to it."""
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:  # [n, hidden] -> [n, vocab]
         if self.packed is None:
-            logits = linear(hidden_states, self.weight, out_dtype=out_dtype)
+            logits = linear(hidden_states, self.weight)
         else:  # float32, its best logits exact (see Int8Weight.logits)
             logits = self.packed.logits(hidden_states)
-            if out_dtype is not None:
-                logits = logits.to(out_dtype)
         tp = self.partition.tp
         if tp.world_size == 1:
             return logits

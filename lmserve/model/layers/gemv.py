@@ -210,15 +210,11 @@ def linear(
     x: torch.Tensor,  # [M, K] (or any [..., K] when the GEMV does not apply)
     weight: torch.Tensor,  # [N, K]
     bias: torch.Tensor | None = None,  # [N]
-    out_dtype: torch.dtype | None = None,  # None: x's dtype
 ) -> torch.Tensor:  # [M, N]
-    """`F.linear`, through the GEMV kernel for a few rows on CUDA (`use_gemv`). `out_dtype`:
-    the result rounded to x's dtype, then converted (`F.linear(...).to(out_dtype)`), which the
-    GEMV does in its store (an LM head's float32 logits without a conversion kernel)."""
+    """`F.linear`, through the GEMV kernel for a few rows on CUDA (`use_gemv`)."""
     if use_gemv(x, weight):
-        return _gemv(x, weight, bias, None, gated=False, out_dtype=out_dtype)
-    y = F.linear(x, weight, bias)
-    return y if out_dtype is None else y.to(out_dtype)
+        return gemv_linear(x, weight, bias)
+    return F.linear(x, weight, bias)
 
 
 def gemv_linear(
@@ -264,9 +260,7 @@ class _Launch:
     prefetch_tiles: int
 
 
-def _gemv(
-    x, weight, bias, config: GemvConfig | None, gated: bool, out_dtype: torch.dtype | None = None
-) -> torch.Tensor:
+def _gemv(x, weight, bias, config: GemvConfig | None, gated: bool) -> torch.Tensor:
     m, k = x.shape
     n = weight.shape[0] // 2 if gated else weight.shape[0]  # outputs
     assert gemv_supports(x, weight), (x.shape, x.dtype, weight.shape, weight.dtype)
@@ -274,7 +268,7 @@ def _gemv(
     num_sms = _num_sms(x.device.index) if x.is_cuda else 132  # CPU: TRITON_INTERPRET=1
     launch = _launch(weight.shape[0], k, num_sms, x.element_size(), gated, config)
     split_k = launch.grid[1]
-    out = torch.empty((m, n), dtype=out_dtype or x.dtype, device=x.device)  # [M, N]
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)  # [M, N]
     partials = tickets = out  # not read without split-K
     if split_k > 1:
         width = 2 * n if gated else n
@@ -354,7 +348,7 @@ def _kernels():
         x_ptr,  # [M, K] contiguous
         w_ptr,  # [N, K] contiguous; GATED: [2N, K], gate rows then up rows
         bias_ptr,  # [N] (GATED: [2N]), read only with HAS_BIAS
-        out_ptr,  # [M, N]: x's dtype, or wider (values rounded to x's dtype first)
+        out_ptr,  # [M, N] in x's dtype
         partials_ptr,  # SPLIT_K > 1: float32 partial sums [SPLIT_K, M, N] (GATED: [.., 2N])
         counters_ptr,  # SPLIT_K > 1: int32 [cdiv(N, BLOCK_N)], zero at rest
         M,
@@ -442,14 +436,13 @@ def _kernels():
             if GATED:
                 up_bias = tl.load(bias_ptr + N + rows, mask=rows < N, other=0.0)
                 acc_up += up_bias.to(tl.float32)[None, :]
-        dtype = x_ptr.dtype.element_ty
+        dtype = out_ptr.dtype.element_ty
         if GATED:  # the roundings of the unfused path: gate_up to the dtype, silu, product
             gate = acc.to(dtype).to(tl.float32)
             act = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
             out = (act * acc_up.to(dtype).to(tl.float32)).to(dtype)
         else:
             out = acc.to(dtype)
-        out = out.to(out_ptr.dtype.element_ty)  # a no-op unless a wider output was asked for
         tl.store(out_ptr + ms[:, None] * N + rows[None, :], out, mask=out_mask)
 
     return gemv_kernel

@@ -230,9 +230,7 @@ class LlamaForCausalLM(nn.Module):
         return self.model.embed_tokens(input_ids)  # [num_tokens] -> [num_tokens, hidden_size]
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        # [n, hidden_size] -> [n, vocab_size] float32 (rounded to the model's dtype first, as
-        # HF's `.float()` of the head's output)
-        return self.lm_head(hidden_states, torch.float32)
+        return self.lm_head(hidden_states).float()  # [n, hidden_size] -> [n, vocab_size] float32
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Copy HF-named checkpoint tensors into the parameters; returns the names of parameters
