@@ -82,6 +82,11 @@ ENVIRONMENT_VARIABLES: dict[str, tuple[Callable[[], Any], str]] = {
         _bool("LMSERVE_DISABLE_GEMV", False),
         "1: every linear layer goes to cuBLAS (F.linear), never to the Triton GEMV for 1-8 rows",
     ),
+    "LMSERVE_GRAPH_LM_HEAD": (
+        _bool("LMSERVE_GRAPH_LM_HEAD", True),
+        "1: decode CUDA graphs of 1-8 requests run the LM head too (no eager head launch per "
+        "step); 0: the head runs eagerly after the graph, as before",
+    ),
     "LMSERVE_DISABLE_PDL": (
         _bool("LMSERVE_DISABLE_PDL", False),
         "1: launch lmserve's Triton kernels without programmatic dependent launch "

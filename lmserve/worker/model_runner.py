@@ -186,7 +186,7 @@ class ModelRunner:
         across ranks)."""
         if self.spec_decode is not None or self.config.parallel_config.tensor_parallel_size > 1:
             return 0
-        return GEMV_MAX_ROWS
+        return GEMV_MAX_ROWS if envs.LMSERVE_GRAPH_LM_HEAD else 0
 
     @torch.inference_mode()
     def profile_run(self) -> int:
