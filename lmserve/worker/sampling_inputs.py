@@ -16,10 +16,11 @@ from lmserve.worker.input_batch import InputBatch
 
 class RepeatedInputs:
     """Device tensors of sampling inputs that repeat from step to step, reused while their
-    content stays the same: a request's min_tokens ban or logit bias holds for many steps, and
-    an all-greedy batch of n rows always gets the same zeros. Each reuse saves a host->device
-    copy (a pinned staging buffer and a launch, ~20-40 us of host time a step at batch 1).
-    One entry per kind: the latest content."""
+    content stays the same: the same rows keep their temperatures, top-k/p, min-p and
+    penalties, a request's min_tokens ban or logit bias holds for many steps, and an
+    all-greedy batch of n rows always gets the same zeros. Each reuse saves a host->device
+    copy: a pinned staging buffer, the copy's launch and, on the host, their Python. One entry
+    per kind: the latest content. The tensors are read, never written, by the sampler."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
@@ -61,12 +62,19 @@ def build_sampling_metadata(
 
     repeated = repeated or RepeatedInputs(device)
 
+    def per_row(kind: str, array: np.ndarray) -> torch.Tensor:
+        """A per-row sampling parameter: the same rows ask for the same values step after
+        step, so the last step's device copy usually serves."""
+        return repeated.get(kind, array)[0]
+
     temperature = batch.temperature[rows]
     random_rows = temperature > 0
     row_pos = {int(r): i for i, r in enumerate(rows)}
     metadata = SamplingMetadata(
         # All greedy: no row reads it.
-        temperature=to_dev(temperature) if random_rows.any() else repeated.zeros(len(rows)),
+        temperature=(
+            per_row("temperature", temperature) if random_rows.any() else repeated.zeros(len(rows))
+        ),
         all_greedy=not random_rows.any(),
         all_random=bool(random_rows.all()),
         # The keyed race draws from (seed, position) and reads no generator.
@@ -79,16 +87,17 @@ def build_sampling_metadata(
     if random_rows.any():
         top_k, top_p, min_p = batch.top_k[rows], batch.top_p[rows], batch.min_p[rows]
         if (top_k > 0).any():
-            metadata.top_k = to_dev(np.where(top_k > 0, np.minimum(top_k, vocab_size), vocab_size))
+            top_k = np.where(top_k > 0, np.minimum(top_k, vocab_size), vocab_size)
+            metadata.top_k = per_row("top_k", top_k)
         if (top_p < 1).any():
-            metadata.top_p = to_dev(top_p)
+            metadata.top_p = per_row("top_p", top_p)
         if (min_p > 0).any():
-            metadata.min_p = to_dev(min_p)
+            metadata.min_p = per_row("min_p", min_p)
     if num_tokens is None:
         num_tokens = batch.num_tokens[rows]
     if keyed_race and random_rows.any():
         metadata.race_keys = to_dev(race_keys(batch, rows, num_tokens))
-    _add_penalties(metadata, batch, rows, num_tokens, vocab_size, to_dev)
+    _add_penalties(metadata, batch, rows, num_tokens, vocab_size, to_dev, per_row)
     _add_logit_bias_and_bans(metadata, batch, rows, num_tokens, repeated)
     num_logprobs = batch.num_logprobs[rows]
     if (num_logprobs >= 0).any():
@@ -118,15 +127,14 @@ def uses_penalties(batch: InputBatch, rows: np.ndarray) -> bool:
     )
 
 
-def _add_penalties(metadata, batch: InputBatch, rows, num_tokens, vocab_size: int, to_dev) -> None:
+def _add_penalties(
+    metadata, batch: InputBatch, rows, num_tokens, vocab_size: int, to_dev, per_row
+) -> None:
     if not uses_penalties(batch, rows):
         return
-    presence = batch.presence_penalty[rows]
-    frequency = batch.frequency_penalty[rows]
-    repetition = batch.repetition_penalty[rows]
-    metadata.presence_penalties = to_dev(presence)
-    metadata.frequency_penalties = to_dev(frequency)
-    metadata.repetition_penalties = to_dev(repetition)
+    metadata.presence_penalties = per_row("presence", batch.presence_penalty[rows])
+    metadata.frequency_penalties = per_row("frequency", batch.frequency_penalty[rows])
+    metadata.repetition_penalties = per_row("repetition", batch.repetition_penalty[rows])
     num_prompt = batch.num_prompt_tokens[rows]  # [num_reqs]
     max_prompt, max_output = int(num_prompt.max()), int((num_tokens - num_prompt).max())
     tokens = batch.token_ids[rows].astype(np.int64)  # [num_reqs, max_model_len + 1]

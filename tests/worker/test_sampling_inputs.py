@@ -131,3 +131,19 @@ def test_keyed_race_keys_are_each_seeded_rows_seed_and_the_drawn_tokens_position
         build_sampling_metadata(greedy, np.array([0]), VOCAB, CPU, keyed_race=True).race_keys
         is None
     )
+
+
+def test_per_row_parameters_that_repeat_reuse_their_device_tensors():
+    batch = make_batch(
+        ([1], [], SamplingParams(temperature=0.7, top_p=0.9, top_k=5, presence_penalty=0.5)),
+        ([1], [], SamplingParams(temperature=1.0, min_p=0.1)),
+    )
+    repeated = RepeatedInputs(CPU)
+    first = build_sampling_metadata(batch, np.array([0, 1]), VOCAB, CPU, repeated=repeated)
+    again = build_sampling_metadata(batch, np.array([0, 1]), VOCAB, CPU, repeated=repeated)
+    for name in ("temperature", "top_k", "top_p", "min_p", "presence_penalties"):
+        assert getattr(again, name) is getattr(first, name), name
+    swapped = build_sampling_metadata(batch, np.array([1, 0]), VOCAB, CPU, repeated=repeated)
+    assert swapped.temperature is not first.temperature
+    assert swapped.temperature.tolist() == [1.0, np.float32(0.7)]
+    assert swapped.top_k.tolist() == [VOCAB, 5]
