@@ -26,3 +26,23 @@ def test_model_load_log_reports_the_real_weight_size(tiny_model_dir, caplog):
     line = next(r.getMessage() for r in caplog.records if "model loaded" in r.getMessage())
     assert f"{worker.model_runner.weight_bytes() / 2**20:.2f} MiB of weights on cpu" in line
     assert torch.device("cpu") == worker.device
+
+
+def test_decode_graphs_hold_the_lm_head_only_without_speculation_or_tensor_parallelism(
+    monkeypatch,
+):
+    from types import SimpleNamespace
+
+    from lmserve.model.layers.gemv import GEMV_MAX_ROWS
+    from lmserve.worker.model_runner import ModelRunner
+
+    def runner(spec=None, tp=1):
+        parallel = SimpleNamespace(tensor_parallel_size=tp)
+        return SimpleNamespace(spec_decode=spec, config=SimpleNamespace(parallel_config=parallel))
+
+    largest = ModelRunner._decode_logits_max
+    assert largest(runner()) == GEMV_MAX_ROWS
+    assert largest(runner(spec=object())) == 0
+    assert largest(runner(tp=2)) == 0
+    monkeypatch.setenv("LMSERVE_GRAPH_LM_HEAD", "0")
+    assert largest(runner()) == 0
