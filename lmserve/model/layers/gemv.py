@@ -224,7 +224,8 @@ def gemv_linear(
     config: GemvConfig | None = None,  # None: `gemv_config`'s pick (benchmarks pass their own)
 ) -> torch.Tensor:  # [M, N] in x's dtype
     """x @ weight.T + bias on x's device, which must be the current CUDA device (Triton launches
-    there); under TRITON_INTERPRET=1 CPU tensors work too."""
+    there); under TRITON_INTERPRET=1 CPU tensors work too, in fp16 (the interpreter emulates
+    bf16 wrongly: its results are garbage)."""
     return _gemv(x, weight, bias, config, gated=False)
 
 
