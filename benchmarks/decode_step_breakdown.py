@@ -13,6 +13,7 @@ If host_wait_us is near zero the host is the bound (the device idles between ste
 most of step_us, the device is. Dummy weights at real shapes, bf16. Prints a table, writes JSON.
 
     python benchmarks/decode_step_breakdown.py --shapes 0.5b,8b --out breakdown.json
+    python benchmarks/decode_step_breakdown.py --shapes 135m    # the default model's shape
 """
 
 from __future__ import annotations
