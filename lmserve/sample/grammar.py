@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from lmserve.worker.device_inputs import host_to_device
+
 
 @dataclass(slots=True)
 class GrammarMask:
@@ -102,8 +104,9 @@ def build_grammar_mask(
         host = host.copy()
     # Every mask row goes over as is; any reordering (the scheduler's order is not the
     # batch's) is a gather on the device, not a copy of the rows on the host.
-    bitmask = _to_device(host, device)  # [num_mask_rows, num_words]
-    index = _to_device(np.array([logits_rows, mask_rows], dtype=np.int64), device)  # [2, n]
+    # Through pinned memory: a pageable copy could wait for the forward still running.
+    bitmask = host_to_device(host, device)  # [num_mask_rows, num_words]
+    index = host_to_device(np.array([logits_rows, mask_rows], dtype=np.int64), device)  # [2, n]
     if mask_rows != list(range(len(host))):
         bitmask = bitmask.index_select(0, index[1])  # [n, num_words]
     return GrammarMask(rows=index[0], bitmask=bitmask)
@@ -130,15 +133,6 @@ def _matching_rows(
         logits_rows.extend(range(first, first + count))
         mask_rows.extend(range(start, start + count))
     return logits_rows, mask_rows
-
-
-def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
-    """On CUDA through pinned memory: a copy from pageable memory may wait for the stream
-    (the forward still running) before the host can go on; a pinned one is only queued."""
-    tensor = torch.from_numpy(array)
-    if device.type != "cuda":
-        return tensor
-    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 def _host_bitmask(structured_output) -> np.ndarray:  # [num_mask_rows, num_words] int32
