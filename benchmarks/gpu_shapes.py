@@ -39,17 +39,15 @@ QWEN25_05B = dict(
     architectures=["Qwen2ForCausalLM"],
 )
 SMOLLM2_135M = dict(  # the default model's shape (lmserve/model/default_model.py)
+    LLAMA3_8B,
     hidden_size=576,
     intermediate_size=1536,
     num_hidden_layers=30,
     num_attention_heads=9,
     num_key_value_heads=3,
     vocab_size=49152,
-    max_position_embeddings=8192,
-    rms_norm_eps=1e-5,
     rope_theta=100000.0,
     tie_word_embeddings=True,
-    architectures=["LlamaForCausalLM"],
 )
 # name: (HF config class name, config, bf16 bytes read per decoded token: weights, in GB)
 SHAPES = {

@@ -291,10 +291,11 @@ class ModelRunner:
         if len(sample_rows):
             # Queued behind the forward, no host stall: the host builds the sampling inputs
             # while the GPU runs; the step's one sync is the sampled tokens' copy back.
-            if graph_logits is not None and len(sample_rows) == len(hidden):
-                logits = graph_logits  # decode only; the graph ran the LM head too
-            elif len(sample_rows) == len(hidden):  # decode only: one row per request
-                logits = self.model.compute_logits(hidden)  # [num_sampling, vocab]
+            if len(sample_rows) == len(hidden):  # decode only: one row per request
+                # [num_sampling, vocab]; a small decode graph has run the LM head already
+                logits = graph_logits
+                if logits is None:
+                    logits = self.model.compute_logits(hidden)
             else:
                 logits_indices = host_to_device(flat.logits_indices[sampling], self.device)
                 logits = self.model.compute_logits(hidden[logits_indices])
