@@ -87,6 +87,11 @@ ENVIRONMENT_VARIABLES: dict[str, tuple[Callable[[], Any], str]] = {
         "1: decode CUDA graphs of 1-8 requests run the LM head too (no eager head launch per "
         "step); 0: the head runs eagerly after the graph, as before",
     ),
+    "LMSERVE_SHARED_PREFIX_ATTENTION": (
+        _bool("LMSERVE_SHARED_PREFIX_ATTENTION", True),
+        "1: decode steps of 8+ requests that all start with the same KV blocks read that prefix "
+        "once for the batch (cascade attention, Triton backend); 0: once per request",
+    ),
     "LMSERVE_DISABLE_PDL": (
         _bool("LMSERVE_DISABLE_PDL", False),
         "1: launch lmserve's Triton kernels without programmatic dependent launch "

@@ -43,6 +43,11 @@ class AttentionMetadata:
     seq_lens_cpu: list[int]  # [num_reqs]
     # What the backend derives once per forward (in its first layer) and reuses in the rest.
     backend_state: Any = None
+    # Decode-only batches whose requests all start with the same KV blocks: a [1] int32 device
+    # scalar holding that prefix's length in tokens (a multiple of block_size; 0 = none), for
+    # backends with `supports_shared_prefix` (lmserve/attention/shared_prefix.py). None: the
+    # plain path. A device scalar, so a CUDA graph captured with it serves any prefix length.
+    shared_prefix: torch.Tensor | None = None
 
 
 class AttentionBackend(ABC):
@@ -54,6 +59,9 @@ class AttentionBackend(ABC):
     # or host ints other than num_reqs/num_tokens/max_query_len), so a whole decode forward,
     # attention included, can be captured in a CUDA graph and replayed with new inputs.
     supports_full_cuda_graph: bool = False
+    # True when a decode-only forward reads a prefix that every request holds in the same blocks
+    # once for the batch when `metadata.shared_prefix` is set (cascade attention).
+    supports_shared_prefix: bool = False
 
     @abstractmethod
     def forward(

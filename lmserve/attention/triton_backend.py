@@ -48,6 +48,7 @@ import functools
 import torch
 
 from lmserve.attention.backend import AttentionBackend, AttentionMetadata
+from lmserve.attention.shared_prefix import shared_prefix_decode
 from lmserve.triton_utils import pdl_launch_options, ticket_counters
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -506,6 +507,10 @@ def triton_paged_attention(
     assert key_cache.stride() == value_cache.stride()
     assert metadata.block_tables.stride(1) == 1
     block_d = max(16, _next_power_of_2(head_dim))
+    if metadata.shared_prefix is not None and metadata.max_query_len == 1:
+        sm_count = _sm_count(query.device.index or 0) if query.is_cuda else 1
+        shared_prefix_decode(query, key_cache, value_cache, metadata, scale, output, sm_count)
+        return output
     if num_kv_splits is None:
         num_kv_splits = _num_kv_splits(metadata, num_kv_heads, query.device)
     if metadata.max_query_len == 1 and num_kv_splits > 1:
@@ -681,6 +686,7 @@ class TritonAttentionBackend(AttentionBackend):
 
     name = "triton"
     supports_full_cuda_graph = True
+    supports_shared_prefix = True
 
     def forward(
         self, query, key, value, kv_cache, metadata: AttentionMetadata, scale, out=None, rope=None

@@ -42,6 +42,7 @@ logger = logging.getLogger(__name__)
 BUNDLE_DIR = Path(__file__).parent / "bundles"
 # Every module of lmserve that defines @triton.jit kernels (a test keeps this list complete).
 KERNEL_MODULES = (
+    "lmserve.attention.shared_prefix",
     "lmserve.attention.triton_backend",
     "lmserve.model.layers.fused_ops",
     "lmserve.model.layers.gemv",

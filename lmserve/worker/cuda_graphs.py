@@ -10,6 +10,11 @@ GPU waits on the CPU. A graph replays all of them with one launch. Two kinds, as
              and write nowhere (see `DeviceInputs.pad_host`). The smallest sizes (up to
              `decode_logits_max`) run the LM head in the graph too: at batch 1-8 its eager
              launch from Python cost more host time per step than the head's GPU time.
+  shared     decode-only batches of 8+ requests that all start with the same KV blocks (a
+             shared system prompt, the n samples of a prompt): full graphs like the decode ones,
+             at power-of-two sizes, whose attention reads that prefix once for the batch
+             (lmserve/attention/shared_prefix.py). Its length is a device input, so one graph
+             serves every prefix length.
   verify     speculative decoding's verify batches: every request schedules at most 1 + k
              tokens (its last token and up to k drafts). Full graphs like the decode ones, at
              the same batch sizes, each holding size x (1 + k) token slots; a batch pads with
@@ -156,9 +161,11 @@ class CudaGraphRunner:
         verify_sizes: list[int] = (),
         verify_query_len: int = 1,
         decode_logits_max: int = 0,
+        shared_prefix_sizes: list[int] = (),
     ) -> None:
         """`decode_logits_max`: decode graphs of up to this many requests also compute the
-        logits (`model.compute_logits`), which `forward` then returns."""
+        logits (`model.compute_logits`), which `forward` then returns. `shared_prefix_sizes`:
+        batch sizes of the shared-prefix decode graphs (steps with `flat.shared_prefix_len`)."""
         self.model = model
         self.inputs = inputs
         self.kv_caches = kv_caches
@@ -168,12 +175,14 @@ class CudaGraphRunner:
         self.verify_sizes = sorted(verify_sizes)
         self.verify_query_len = verify_query_len  # 1 + k: tokens per request of a verify graph
         self.decode_logits_max = decode_logits_max
+        self.shared_prefix_sizes = sorted(shared_prefix_sizes)
         if self.verify_sizes and verify_query_len < 2:
             raise ValueError(f"verify graphs need 2+ tokens per request, not {verify_query_len}")
         # Every captured size must fit the static buffers it reads.
         max_decode = min(inputs.max_num_reqs, inputs.max_num_tokens)
-        if self.decode_sizes and self.decode_sizes[-1] > max_decode:
-            raise ValueError(f"decode graph size {self.decode_sizes[-1]} > {max_decode}")
+        for sizes in (self.decode_sizes, self.shared_prefix_sizes):
+            if sizes and sizes[-1] > max_decode:
+                raise ValueError(f"decode graph size {sizes[-1]} > {max_decode}")
         max_verify = min(inputs.max_num_reqs, inputs.max_num_tokens // verify_query_len)
         if self.verify_sizes and self.verify_sizes[-1] > max_verify:
             raise ValueError(f"verify graph size {self.verify_sizes[-1]} > {max_verify}")
@@ -183,6 +192,7 @@ class CudaGraphRunner:
             )
         self.full: dict[int, _FullGraph] = {}
         self.verify: dict[int, _FullGraph] = {}  # by batch size (requests)
+        self.shared: dict[int, _FullGraph] = {}  # shared-prefix decode graphs, by batch size
         self.piecewise: dict[int, _PiecewiseGraph] = {}
         self.pool = None
 
@@ -196,20 +206,23 @@ class CudaGraphRunner:
             self.verify[size] = self._capture_full(size, self.verify_query_len)
         for size in reversed(self.decode_sizes):
             self.full[size] = self._capture_full(size, logits=size <= self.decode_logits_max)
+        for size in reversed(self.shared_prefix_sizes):
+            logits = size <= self.decode_logits_max
+            self.shared[size] = self._capture_full(size, logits=logits, shared_prefix=True)
         for size in reversed(self.piecewise_sizes):
             self.piecewise[size] = self._capture_piecewise(size)
         torch.cuda.synchronize()
         used = free_before - torch.cuda.mem_get_info()[0]
-        verify = ""
+        extra = f", {len(self.shared)} shared-prefix decode" if self.shared else ""
         if self.verify:
-            verify = f", {len(self.verify)} verify ({self.verify_query_len} tokens per request, "
-            verify += f"batch sizes {_span(self.verify_sizes)})"
+            extra += f", {len(self.verify)} verify ({self.verify_query_len} tokens per request, "
+            extra += f"batch sizes {_span(self.verify_sizes)})"
         logger.info(
             "captured %d full (decode batch sizes %s)%s and %d piecewise CUDA graph sets "
             "(token counts %s) in %.2f s, %.2f GiB",
             len(self.full),
             _span(self.decode_sizes),
-            verify,
+            extra,
             len(self.piecewise),
             _span(self.piecewise_sizes),
             time.perf_counter() - start,
@@ -222,13 +235,15 @@ class CudaGraphRunner:
         pos = self.inputs.positions.device[:num_tokens]
         return self.model(ids, pos, ctx)  # [num_tokens, hidden_size]
 
-    def _capture_full(self, size: int, query_len: int = 1, logits: bool = False) -> _FullGraph:
+    def _capture_full(
+        self, size: int, query_len: int = 1, logits: bool = False, shared_prefix: bool = False
+    ) -> _FullGraph:
         """A whole forward of `size` requests with `query_len` tokens each (1: decode), and the
-        logits of every token if `logits`."""
+        logits of every token if `logits`; with shared-prefix attention if `shared_prefix`."""
         num_tokens = size * query_len
         # The padding inputs are uploaded before capture: a copy inside it would be replayed.
         verify_len = query_len if query_len > 1 else None
-        metadata = self.inputs.padded_metadata(num_tokens, size, verify_len)
+        metadata = self.inputs.padded_metadata(num_tokens, size, verify_len, shared_prefix)
 
         def forward() -> tuple[torch.Tensor, torch.Tensor | None]:
             hidden = self._run(num_tokens, self.attn_backend, metadata)
@@ -261,10 +276,13 @@ class CudaGraphRunner:
         decode graph that has an LM head, the logits [num_tokens, vocab] (else None)."""
         num_tokens, num_reqs = len(flat.input_ids), len(flat.req_rows)
         if num_tokens == num_reqs:  # decode only
-            size = _bucket(self.decode_sizes, num_reqs)
+            graphs, sizes = self.full, self.decode_sizes
+            if flat.shared_prefix_len and self.shared_prefix_sizes:
+                graphs, sizes = self.shared, self.shared_prefix_sizes
+            size = _bucket(sizes, num_reqs)
             if size is not None:
                 self.inputs.upload(flat, size, size)
-                graph = self.full[size]
+                graph = graphs[size]
                 hidden = graph.replay(num_tokens)
                 return hidden, None if graph.logits is None else graph.logits[:num_tokens]
         elif self.verify_sizes and self.fits_verify_graph(flat):

@@ -74,6 +74,9 @@ class DeviceInputs:
         # [max_num_reqs, max_blocks_per_req]; columns past a step's widest row keep stale ids,
         # which attention never reads (it stops at seq_len).
         self.block_tables = _Staged((max_num_reqs, max_blocks_per_req), torch.int32, device)
+        # [1]: the shared prefix's length for shared-prefix decode attention; uploaded only by
+        # steps that use it (others never read it).
+        self.shared_prefix = _Staged((1,), torch.int32, device)
         # The pinned buffers are rewritten every step: wait until the previous step's copies
         # have left them (a step with no sampling never synchronises with the device).
         self._copied = torch.cuda.Event() if device.type == "cuda" else None
@@ -97,6 +100,7 @@ class DeviceInputs:
             block_tables=self.block_tables.device[:num_reqs, : flat.block_tables.shape[1]],
             query_start_loc_cpu=self.query_start_loc.host_np[: num_reqs + 1].tolist(),
             seq_lens_cpu=self.seq_lens.host_np[:num_reqs].tolist(),
+            shared_prefix=self.shared_prefix.device if flat.shared_prefix_len else None,
         )
         return self.input_ids.device[:num_tokens], self.positions.device[:num_tokens], metadata
 
@@ -121,6 +125,9 @@ class DeviceInputs:
         self.query_start_loc.upload(num_reqs + 1)
         self.seq_lens.upload(num_reqs)
         self.block_tables.upload(num_reqs)
+        if flat.shared_prefix_len:
+            self.shared_prefix.host_np[0] = flat.shared_prefix_len
+            self.shared_prefix.upload(1)
         if self._copied is not None:
             self._copied.record(self._stream)
 
@@ -169,14 +176,21 @@ class DeviceInputs:
         self.seq_lens.host_np[real_reqs:num_reqs] = 0
 
     def padded_metadata(
-        self, num_tokens: int, num_reqs: int, query_len: int | None = None
+        self,
+        num_tokens: int,
+        num_reqs: int,
+        query_len: int | None = None,
+        shared_prefix: bool = False,
     ) -> AttentionMetadata:
         """Metadata over the device buffers for an all-padding batch (graph capture and
         warm-up): nothing is written to the KV cache and no key is read. `query_len`: a verify
         graph's tokens per request (empty padding; the attention kernel's tile is chosen for
-        queries of that length)."""
+        queries of that length). `shared_prefix`: a decode graph with shared-prefix attention
+        (captured with a prefix of 0; replays read the step's)."""
         self.pad_host(0, 0, num_tokens, num_reqs, empty_padding=query_len is not None)
         self.query_start_loc.host_np[0] = 0
+        self.shared_prefix.host_np[0] = 0
+        self.shared_prefix.upload(1)
         for field in (self.input_ids, self.positions, self.slot_mapping):
             field.upload(num_tokens)
         return AttentionMetadata(
@@ -191,4 +205,5 @@ class DeviceInputs:
             block_tables=self.block_tables.upload(num_reqs)[:, :1],
             query_start_loc_cpu=self.query_start_loc.host_np[: num_reqs + 1].tolist(),
             seq_lens_cpu=self.seq_lens.host_np[:num_reqs].tolist(),
+            shared_prefix=self.shared_prefix.device if shared_prefix else None,
         )

@@ -33,6 +33,9 @@ class FlatInputs:
     # previous step sampled and the host has not seen yet (`input_ids` holds junk there);
     # indices None = the first n inputs.
     input_ids_on_device: tuple[torch.Tensor | None, torch.Tensor] | None = None
+    # Decode-only steps: tokens at the start of every request's keys held in the same blocks
+    # (lmserve/attention/shared_prefix.py); 0 = none, or not looked for.
+    shared_prefix_len: int = 0
 
 
 class InputBatch:

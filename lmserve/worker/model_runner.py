@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from lmserve import envs
-from lmserve.attention import ForwardContext, get_attention_backend
+from lmserve.attention import ForwardContext, get_attention_backend, shared_prefix
 from lmserve.config import EngineConfig
 from lmserve.core.messages import LogprobsLists
 from lmserve.core.sched_output import ModelRunnerOutput, SchedulerOutput, StructuredOutputBatch
@@ -59,6 +59,9 @@ class ModelRunner:
         # Random rows race in one launch, keyed by (seed, position): sample/triton_race.py.
         self.keyed_race = device.type == "cuda" and triton_installed() and envs.LMSERVE_KEYED_RACE
         self.attn_backend = get_attention_backend(device.type)
+        self.shared_prefix_attention = (
+            self.attn_backend.supports_shared_prefix and envs.LMSERVE_SHARED_PREFIX_ATTENTION
+        )
         self.sampler = Sampler()
         self.repeated_inputs = RepeatedInputs(device)  # sampling inputs alike from step to step
         self.vocab_size = model_config.vocab_size
@@ -175,8 +178,27 @@ class ModelRunner:
             verify_sizes=verify_sizes,
             verify_query_len=verify_query_len,
             decode_logits_max=self._decode_logits_max() if full else 0,
+            shared_prefix_sizes=self._shared_prefix_graph_sizes(max_batch) if full else [],
         )
         self.graphs.capture()
+
+    def _shared_prefix_graph_sizes(self, max_batch: int) -> list[int]:
+        """Powers of two from shared_prefix.MIN_REQS, and the largest decode size, so every
+        decode batch a graph fits fits a shared-prefix one."""
+        if not self.shared_prefix_attention or max_batch < shared_prefix.MIN_REQS:
+            return []
+        sizes = [s for s in decode_graph_sizes(max_batch) if s >= shared_prefix.MIN_REQS]
+        return [s for s in sizes if s & (s - 1) == 0 or s == sizes[-1]]
+
+    def _shared_prefix_len(self, flat: FlatInputs) -> int:
+        """The prefix every request of a decode-only step holds in the same blocks (0: none
+        worth the shared-prefix kernels, or not a decode-only step)."""
+        num_reqs = len(flat.req_rows)
+        if not self.shared_prefix_attention or num_reqs < shared_prefix.MIN_REQS:
+            return 0
+        if len(flat.input_ids) != num_reqs:
+            return 0
+        return shared_prefix.shared_prefix_len(flat.block_tables, flat.seq_lens, self.block_size)
 
     def _decode_logits_max(self) -> int:
         """Decode graphs of up to this many requests also run the LM head: at small batch its
@@ -275,6 +297,7 @@ class ModelRunner:
             self.spec_decode.write_drafts(scheduler_output)
         flat = self.input_batch.prepare_inputs(scheduler_output.num_scheduled_tokens)
         flat.input_ids_on_device = self._tokens_in_flight(flat)
+        flat.shared_prefix_len = self._shared_prefix_len(flat)
         image_rows = None
         if self.encoder is not None and self.encoder.has_work:
             image_rows = self.encoder.gather(flat, self.input_batch)
