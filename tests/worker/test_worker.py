@@ -50,8 +50,9 @@ def test_decode_graphs_hold_the_lm_head_only_without_speculation_or_tensor_paral
 
 def test_shared_prefix_attention_is_looked_for_in_decode_steps_of_enough_requests():
     """The runner asks for the shared prefix only in decode-only steps of MIN_REQS+ requests
-    with a backend that has the kernels; its graphs come at powers of two and the largest
-    decode size, so any decode batch that fits a graph fits a shared-prefix one."""
+    with a backend that has the kernels, and uses it when it pays; its graphs come at powers
+    of two and the largest decode size, so any decode batch that fits a graph fits a
+    shared-prefix one."""
     from types import SimpleNamespace
 
     import numpy as np
@@ -60,28 +61,29 @@ def test_shared_prefix_attention_is_looked_for_in_decode_steps_of_enough_request
     from lmserve.worker.input_batch import FlatInputs
     from lmserve.worker.model_runner import ModelRunner
 
-    def flat(num_reqs, tokens_per_req=1):
+    def flat(num_reqs, tokens_per_req=1, seq_len=1700):
         n = num_reqs * tokens_per_req
-        tables = np.tile(np.arange(40, dtype=np.int32), (num_reqs, 1))
+        tables = np.tile(np.arange(120, dtype=np.int32), (num_reqs, 1))
         return FlatInputs(
             req_rows=np.arange(num_reqs), input_ids=np.zeros(n, np.int64),
             positions=np.zeros(n, np.int64), slot_mapping=np.zeros(n, np.int64),
             query_start_loc=np.arange(0, n + 1, tokens_per_req, dtype=np.int32),
-            seq_lens=np.full(num_reqs, 600, np.int32), block_tables=tables,
+            seq_lens=np.full(num_reqs, seq_len, np.int32), block_tables=tables,
             logits_indices=np.zeros(num_reqs, np.int64),
             completes_known_tokens=np.ones(num_reqs, bool),
         )  # fmt: skip
 
     runner = SimpleNamespace(shared_prefix_attention=True, block_size=16)
     found = ModelRunner._shared_prefix_len
-    assert found(runner, flat(MIN_REQS)) == 37 * 16  # 600 // 16 whole blocks
+    assert found(runner, flat(MIN_REQS)) == 106 * 16  # 1,700 // 16 whole blocks
     assert found(runner, flat(MIN_REQS - 1)) == 0
+    assert found(runner, flat(MIN_REQS, seq_len=600)) == 0  # too little to re-read
     assert found(runner, flat(MIN_REQS, tokens_per_req=2)) == 0  # not decode-only
     assert found(SimpleNamespace(shared_prefix_attention=False, block_size=16), flat(16)) == 0
     sizes = ModelRunner._shared_prefix_graph_sizes
-    assert sizes(runner, 512) == [8, 16, 32, 64, 128, 256, 512]
-    assert sizes(runner, 200) == [8, 16, 32, 64, 128, 200]
-    assert sizes(runner, 4) == []
+    assert sizes(runner, 512) == [16, 32, 64, 128, 256, 512]
+    assert sizes(runner, 200) == [16, 32, 64, 128, 200]
+    assert sizes(runner, 8) == []
 
 
 def test_staged_metadata_carries_the_shared_prefix_only_when_the_step_has_one():
