@@ -89,8 +89,9 @@ ENVIRONMENT_VARIABLES: dict[str, tuple[Callable[[], Any], str]] = {
     ),
     "LMSERVE_SHARED_PREFIX_ATTENTION": (
         _bool("LMSERVE_SHARED_PREFIX_ATTENTION", True),
-        "1: decode steps of 8+ requests that all start with the same KV blocks read that prefix "
-        "once for the batch (cascade attention, Triton backend); 0: once per request",
+        "1: decode steps of 16+ requests that all start with the same KV blocks read that prefix "
+        "once per tile of requests (cascade attention, Triton backend), where measured to pay; 0: once "
+        "per request",
     ),
     "LMSERVE_DISABLE_PDL": (
         _bool("LMSERVE_DISABLE_PDL", False),

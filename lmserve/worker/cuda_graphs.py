@@ -10,7 +10,7 @@ GPU waits on the CPU. A graph replays all of them with one launch. Two kinds, as
              and write nowhere (see `DeviceInputs.pad_host`). The smallest sizes (up to
              `decode_logits_max`) run the LM head in the graph too: at batch 1-8 its eager
              launch from Python cost more host time per step than the head's GPU time.
-  shared     decode-only batches of 8+ requests that all start with the same KV blocks (a
+  shared     decode-only batches of 16+ requests that all start with the same KV blocks (a
              shared system prompt, the n samples of a prompt): full graphs like the decode ones,
              at power-of-two sizes, whose attention reads that prefix once for the batch
              (lmserve/attention/shared_prefix.py). Its length is a device input, so one graph

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import math
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -22,6 +20,7 @@ from lmserve.attention.shared_prefix import (
     pays_off,
     shared_prefix_len,
 )
+from tests.interpreted import run_kernel_tests_interpreted
 
 BS = 16
 
@@ -166,15 +165,8 @@ INTERPRETED = DEVICE == "cpu"
     reason="the kernel tests run here directly (or triton is missing)",
 )
 def test_kernel_tests_pass_in_tritons_interpreter():
-    """Without CUDA: this file's kernel tests in a fresh interpreter-mode process (the setting
-    must precede Triton's import, which other tests of this session may have done)."""
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    run = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-        env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
-    assert "15 passed" in run.stdout, run.stdout[-2000:]
+    """Without CUDA: this file's kernel tests in Triton's interpreter, in a fresh process."""
+    run_kernel_tests_interpreted(__file__, "15 passed")
 
 
 # Under the interpreter float32 and float16 are exact enough; bf16 runs on the GPU only.

@@ -7,11 +7,11 @@ Runs on CUDA, or on the CPU through Triton's interpreter (slow per program: fewe
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
+
+from tests.interpreted import run_kernel_tests_interpreted
 
 pytest.importorskip("triton")
 
@@ -26,15 +26,8 @@ needs_kernel = pytest.mark.skipif(
 
 @pytest.mark.skipif(CUDA or INTERPRETED, reason="the kernel tests run here directly")
 def test_kernel_tests_pass_in_tritons_interpreter():
-    """Without CUDA: this file's kernel tests in a fresh interpreter-mode process (the setting
-    must precede Triton's import, which other tests of this session may have done)."""
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    run = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-        env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
-    assert "5 passed" in run.stdout, run.stdout[-2000:]
+    """Without CUDA: this file's kernel tests in Triton's interpreter, in a fresh process."""
+    run_kernel_tests_interpreted(__file__, "5 passed")
 
 
 def race(probs, seeds, positions, chunk=8):
