@@ -1,7 +1,8 @@
 """Candidates for uncached prefill attention on the GPU, against our paged kernel: cuDNN's SDPA
 (PyTorch's `CUDNN_ATTENTION` backend), FlashAttention-2 inside PyTorch (SDPA and
 `torch.nn.attention.varlen.varlen_attn` where the torch has it), and a contiguous Triton kernel
-that reads K/V from the projection's output instead of the paged cache.
+that reads K/V from the projection's output instead of the paged cache, and the same per-head
+tiles reading the paged cache (what the backend would ship).
 
     python benchmarks/prefill_attention_candidates.py --out $OUT/candidates.json
 
@@ -117,6 +118,104 @@ def _contiguous_kernel():
     return kernel
 
 
+def _paged_per_head_kernel():
+    """The contiguous kernel's per-head tiles, but K/V read from the paged cache through the
+    block table, with cached context before the queries (what lmserve's backend must do)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def kernel(
+        out_ptr, q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, cu_ptr, seq_lens_ptr,
+        qk_scale, num_reqs, stride_qt, stride_qh, stride_ot, stride_oh, stride_cb, stride_cs,
+        stride_ch, stride_bt, block_size,
+        GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
+    ):  # fmt: skip
+        tile = tl.num_programs(0) - 1 - tl.program_id(0)
+        head = tl.program_id(1)
+        lo = 0
+        hi = num_reqs
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if tl.load(cu_ptr + mid) // BLOCK_M + mid <= tile:
+                lo = mid + 1
+            else:
+                hi = mid
+        req = lo - 1
+        start = tl.load(cu_ptr + req).to(tl.int64)
+        q_len = tl.load(cu_ptr + req + 1) - start
+        first_q = (tile - (start // BLOCK_M + req)) * BLOCK_M
+        if first_q >= q_len:
+            return
+        context = tl.load(seq_lens_ptr + req) - q_len
+        rows = first_q + tl.arange(0, BLOCK_M)
+        dims = tl.arange(0, D)
+        q = tl.load(
+            q_ptr + (start + rows)[:, None] * stride_qt + head * stride_qh + dims[None, :],
+            mask=rows[:, None] < q_len, other=0.0,
+        )  # fmt: skip
+        kv_off_head = (head // GROUP) * stride_ch
+        table = block_tables_ptr + req.to(tl.int64) * stride_bt
+        m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
+        cols = tl.arange(0, BLOCK_N)
+        q_pos = context + rows
+        interior = (context + first_q + 1) // BLOCK_N * BLOCK_N
+        for s in range(0, interior, BLOCK_N):
+            keys = s + cols
+            blocks = tl.load(table + keys // block_size).to(tl.int64)
+            off = blocks * stride_cb + (keys % block_size) * stride_cs + kv_off_head
+            k = tl.load(k_cache_ptr + off[None, :] + dims[:, None])  # [D, BLOCK_N]
+            v = tl.load(v_cache_ptr + off[:, None] + dims[None, :])  # [BLOCK_N, D]
+            qk = tl.dot(q, k)
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+            p = tl.math.exp2(qk * qk_scale - m_new[:, None])
+            alpha = tl.math.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None]
+            acc = tl.dot(p.to(v.dtype), v, acc)
+            m_i = m_new
+        end = context + tl.minimum(first_q + BLOCK_M, q_len)
+        for s in range(interior, end, BLOCK_N):
+            keys = s + cols
+            valid = keys < end
+            blocks = tl.load(table + keys // block_size, mask=valid, other=0).to(tl.int64)
+            off = blocks * stride_cb + (keys % block_size) * stride_cs + kv_off_head
+            k = tl.load(k_cache_ptr + off[None, :] + dims[:, None], mask=valid[None, :], other=0.0)
+            v = tl.load(v_cache_ptr + off[:, None] + dims[None, :], mask=valid[:, None], other=0.0)
+            qk = tl.dot(q, k) * qk_scale
+            qk = tl.where((keys[None, :] <= q_pos[:, None]) & valid[None, :], qk, -1.0e30)
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            p = tl.math.exp2(qk - m_new[:, None])
+            alpha = tl.math.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None]
+            acc = tl.dot(p.to(v.dtype), v, acc)
+            m_i = m_new
+        out = acc / l_i[:, None]
+        tl.store(
+            out_ptr + (start + rows)[:, None] * stride_ot + head * stride_oh + dims[None, :],
+            out.to(out_ptr.dtype.element_ty), mask=rows[:, None] < q_len,
+        )  # fmt: skip
+
+    return kernel
+
+
+def paged_per_head_attention(q, key_cache, value_cache, metadata, scale, out, tile, kernel):
+    bm, bn, warps, stages = tile
+    grid = (q.shape[0] // bm + metadata.num_reqs, q.shape[1])
+    kernel[grid](
+        out, q, key_cache, value_cache, metadata.block_tables, metadata.query_start_loc,
+        metadata.seq_lens, scale * 1.4426950408889634, metadata.num_reqs, q.stride(0),
+        q.stride(1), out.stride(0), out.stride(1), key_cache.stride(0), key_cache.stride(1),
+        key_cache.stride(2), metadata.block_tables.stride(0), key_cache.shape[1],
+        GROUP=q.shape[1] // key_cache.shape[2], BLOCK_M=bm, BLOCK_N=bn, D=q.shape[2],
+        num_warps=warps, num_stages=stages,
+    )  # fmt: skip
+    return out
+
+
 def contiguous_attention(q, k, v, cu, num_reqs, scale, out, tile, kernel):
     bm, bn, warps, stages = tile
     grid = (q.shape[0] // bm + num_reqs, q.shape[1])
@@ -156,17 +255,28 @@ def sdpa_parts(q, k, v, lens, backend, scale, gqa: bool):
 
 
 def varlen_fn(q, k, v, cu, max_len, scale):
+    """torch's varlen_attn, causal: its keywords differ across torch versions."""
+    import inspect
+
     from torch.nn.attention.varlen import varlen_attn
 
+    params = inspect.signature(varlen_attn).parameters
+    kw = {"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)}
+    if "enable_gqa" in params:
+        kw["enable_gqa"] = True
+    else:  # expand K/V to the query heads
+        group = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    if "scale" in params:
+        kw["scale"] = scale
+
     def run():
-        return varlen_attn(
-            q, k, v, cu, cu, max_len, max_len, is_causal=True, scale=scale, enable_gqa=True
-        )
+        return varlen_attn(q, k, v, cu, cu, max_len, max_len, **kw)
 
     return run
 
 
-def run_case(name, lens, kernel) -> dict:
+def run_case(name, lens, kernel, paged_kernel) -> dict:
     from torch.nn.attention import SDPBackend
 
     specs = [(0, n) for n in lens]
@@ -195,6 +305,22 @@ def run_case(name, lens, kernel) -> dict:
             }
         except Exception as e:
             row[f"contig{list(tile)}"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+    for tile in CONTIG_TILES:
+        out = torch.empty_like(query)
+        try:
+            paged_per_head_attention(query, *kv_cache, metadata, scale, out, tile, paged_kernel)
+            us = bench_us(
+                lambda t=tile, o=out: paged_per_head_attention(
+                    query, *kv_cache, metadata, scale, o, t, paged_kernel
+                )
+            )
+            row[f"paged_head{list(tile)}"] = {
+                "us": us,
+                "tflops": flops / us / 1e6,
+                "rel": rel(out, ref),
+            }
+        except Exception as e:
+            row[f"paged_head{list(tile)}"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
     for label, backend, gqa in (
         ("cudnn_gqa", SDPBackend.CUDNN_ATTENTION, True),
         ("cudnn_expanded", SDPBackend.CUDNN_ATTENTION, False),
@@ -257,7 +383,7 @@ def main() -> None:
     args = parser.parse_args()
     import triton
 
-    kernel = _contiguous_kernel()
+    kernel, paged_kernel = _contiguous_kernel(), _paged_per_head_kernel()
     result = {
         "device": torch.cuda.get_device_name(0),
         "torch": torch.__version__,
@@ -268,7 +394,7 @@ def main() -> None:
         "cases": [],
     }
     for name, lens in CASES.items():
-        result["cases"].append(run_case(name, lens, kernel))
+        result["cases"].append(run_case(name, lens, kernel, paged_kernel))
         with open(args.out, "w") as f:
             json.dump(result, f, indent=2)
     print(json.dumps(result["cudnn_new_shapes"]))
