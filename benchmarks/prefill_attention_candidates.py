@@ -21,6 +21,8 @@ import sys
 import time
 
 import torch
+import triton
+import triton.language as tl
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
@@ -38,30 +40,35 @@ CONTIG_TILES = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (128, 128, 8
                 (64, 64, 4, 3), (128, 32, 4, 3), (64, 128, 4, 2)]  # fmt: skip
 
 
-def _contiguous_kernel():
-    import triton
-    import triton.language as tl
+@triton.jit
+def _tile_request(cu_ptr, num_reqs, BLOCK_M: tl.constexpr):
+    """(request, its first token, its query length, the tile's first query) of this program's
+    tile, last tile first: the last i with cu[i] // BLOCK_M + i <= tile."""
+    tile = tl.num_programs(0) - 1 - tl.program_id(0)
+    lo = 0
+    hi = num_reqs
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if tl.load(cu_ptr + mid) // BLOCK_M + mid <= tile:
+            lo = mid + 1
+        else:
+            hi = mid
+    req = lo - 1
+    start = tl.load(cu_ptr + req).to(tl.int64)
+    q_len = tl.load(cu_ptr + req + 1) - start
+    first_q = (tile - (start // BLOCK_M + req)) * BLOCK_M
+    return req, start, q_len, first_q
 
+
+def _contiguous_kernel():
     @triton.jit
     def kernel(
         out_ptr, q_ptr, k_ptr, v_ptr, cu_ptr, qk_scale, num_reqs,
         stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
         GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
     ):  # fmt: skip
-        tile = tl.num_programs(0) - 1 - tl.program_id(0)
         head = tl.program_id(1)
-        lo = 0
-        hi = num_reqs
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if tl.load(cu_ptr + mid) // BLOCK_M + mid <= tile:
-                lo = mid + 1
-            else:
-                hi = mid
-        req = lo - 1
-        start = tl.load(cu_ptr + req).to(tl.int64)
-        q_len = tl.load(cu_ptr + req + 1) - start
-        first_q = (tile - (start // BLOCK_M + req)) * BLOCK_M
+        req, start, q_len, first_q = _tile_request(cu_ptr, num_reqs, BLOCK_M)
         if first_q >= q_len:
             return
         rows = first_q + tl.arange(0, BLOCK_M)
@@ -121,8 +128,6 @@ def _contiguous_kernel():
 def _paged_per_head_kernel():
     """The contiguous kernel's per-head tiles, but K/V read from the paged cache through the
     block table, with cached context before the queries (what lmserve's backend must do)."""
-    import triton
-    import triton.language as tl
 
     @triton.jit
     def kernel(
@@ -131,20 +136,8 @@ def _paged_per_head_kernel():
         stride_ch, stride_bt, block_size,
         GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
     ):  # fmt: skip
-        tile = tl.num_programs(0) - 1 - tl.program_id(0)
         head = tl.program_id(1)
-        lo = 0
-        hi = num_reqs
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if tl.load(cu_ptr + mid) // BLOCK_M + mid <= tile:
-                lo = mid + 1
-            else:
-                hi = mid
-        req = lo - 1
-        start = tl.load(cu_ptr + req).to(tl.int64)
-        q_len = tl.load(cu_ptr + req + 1) - start
-        first_q = (tile - (start // BLOCK_M + req)) * BLOCK_M
+        req, start, q_len, first_q = _tile_request(cu_ptr, num_reqs, BLOCK_M)
         if first_q >= q_len:
             return
         context = tl.load(seq_lens_ptr + req) - q_len
@@ -381,8 +374,6 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="prefill_attention_candidates.json")
     args = parser.parse_args()
-    import triton
-
     kernel, paged_kernel = _contiguous_kernel(), _paged_per_head_kernel()
     result = {
         "device": torch.cuda.get_device_name(0),
