@@ -60,6 +60,17 @@ def _tile_request(cu_ptr, num_reqs, BLOCK_M: tl.constexpr):
     return req, start, q_len, first_q
 
 
+@triton.jit
+def _softmax_update(qk, qk_scale, v, m_i, l_i, acc):
+    """One key tile of online softmax: unscaled scores qk [BLOCK_M, BLOCK_N] (masked ones
+    -1e30), values v [BLOCK_N, D]; returns the new (max, sum, accumulator), log2 domain."""
+    m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+    p = tl.math.exp2(qk * qk_scale - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+    return m_new, l_i * alpha + tl.sum(p, 1), acc
+
+
 def _contiguous_kernel():
     @triton.jit
     def kernel(
@@ -89,14 +100,7 @@ def _contiguous_kernel():
             keys = s + cols
             k = tl.load(k_base + keys[None, :] * stride_kt + dims[:, None])  # [D, BLOCK_N]
             v = tl.load(v_base + keys[:, None] * stride_vt + dims[None, :])  # [BLOCK_N, D]
-            qk = tl.dot(q, k)
-            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-            p = tl.math.exp2(qk * qk_scale - m_new[:, None])
-            alpha = tl.math.exp2(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None]
-            acc = tl.dot(p.to(v.dtype), v, acc)
-            m_i = m_new
+            m_i, l_i, acc = _softmax_update(tl.dot(q, k), qk_scale, v, m_i, l_i, acc)
         end = tl.minimum(first_q + BLOCK_M, q_len)
         for s in range(interior, end, BLOCK_N):
             keys = s + cols
@@ -107,15 +111,8 @@ def _contiguous_kernel():
             v = tl.load(
                 v_base + keys[:, None] * stride_vt + dims[None, :], mask=valid[:, None], other=0.0
             )
-            qk = tl.dot(q, k) * qk_scale
-            qk = tl.where((keys[None, :] <= rows[:, None]) & valid[None, :], qk, -1.0e30)
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
-            p = tl.math.exp2(qk - m_new[:, None])
-            alpha = tl.math.exp2(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None]
-            acc = tl.dot(p.to(v.dtype), v, acc)
-            m_i = m_new
+            qk = tl.where((keys[None, :] <= rows[:, None]) & valid[None, :], tl.dot(q, k), -1.0e30)
+            m_i, l_i, acc = _softmax_update(qk, qk_scale, v, m_i, l_i, acc)
         out = acc / l_i[:, None]
         tl.store(
             out_ptr + (start + rows)[:, None] * stride_ot + head * stride_oh + dims[None, :],
@@ -161,14 +158,7 @@ def _paged_per_head_kernel():
             off = blocks * stride_cb + (keys % block_size) * stride_cs + kv_off_head
             k = tl.load(k_cache_ptr + off[None, :] + dims[:, None])  # [D, BLOCK_N]
             v = tl.load(v_cache_ptr + off[:, None] + dims[None, :])  # [BLOCK_N, D]
-            qk = tl.dot(q, k)
-            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-            p = tl.math.exp2(qk * qk_scale - m_new[:, None])
-            alpha = tl.math.exp2(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None]
-            acc = tl.dot(p.to(v.dtype), v, acc)
-            m_i = m_new
+            m_i, l_i, acc = _softmax_update(tl.dot(q, k), qk_scale, v, m_i, l_i, acc)
         end = context + tl.minimum(first_q + BLOCK_M, q_len)
         for s in range(interior, end, BLOCK_N):
             keys = s + cols
@@ -177,15 +167,8 @@ def _paged_per_head_kernel():
             off = blocks * stride_cb + (keys % block_size) * stride_cs + kv_off_head
             k = tl.load(k_cache_ptr + off[None, :] + dims[:, None], mask=valid[None, :], other=0.0)
             v = tl.load(v_cache_ptr + off[:, None] + dims[None, :], mask=valid[:, None], other=0.0)
-            qk = tl.dot(q, k) * qk_scale
-            qk = tl.where((keys[None, :] <= q_pos[:, None]) & valid[None, :], qk, -1.0e30)
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
-            p = tl.math.exp2(qk - m_new[:, None])
-            alpha = tl.math.exp2(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None]
-            acc = tl.dot(p.to(v.dtype), v, acc)
-            m_i = m_new
+            qk = tl.where((keys[None, :] <= q_pos[:, None]) & valid[None, :], tl.dot(q, k), -1.0e30)
+            m_i, l_i, acc = _softmax_update(qk, qk_scale, v, m_i, l_i, acc)
         out = acc / l_i[:, None]
         tl.store(
             out_ptr + (start + rows)[:, None] * stride_ot + head * stride_oh + dims[None, :],
